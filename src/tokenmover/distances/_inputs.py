@@ -1,0 +1,131 @@
+"""Input checks and chunking shared by every distance.
+
+Every distance takes policy and reference *logits* of shape (..., V) (any float dtype; math in
+float32, or float64 for float64 inputs), an optional boolean mask of shape (...), and returns one
+value per position, shape (...), zero where the mask is False.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+# Default positions per chunk: keep a (chunk, V) float32 temporary near 64 MiB.
+_CHUNK_ELEMENTS = 1 << 24
+
+
+@dataclass
+class FlatInputs:
+    """Logits flattened to (N, V), mask to (N,), and the leading shape to restore."""
+
+    policy: torch.Tensor  # (N, V)
+    ref: torch.Tensor  # (N, V)
+    mask: torch.Tensor | None  # (N,) bool, or None = all positions
+    lead_shape: torch.Size
+    num_tokens: int
+
+
+def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """float64 if any input is float64 (tests, references), else float32."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def flatten_inputs(
+    policy_logits: torch.Tensor, ref_logits: torch.Tensor, mask: torch.Tensor | None
+) -> FlatInputs:
+    """Check shapes/dtypes/mask and flatten leading dimensions (views, no copies)."""
+    for name, t in (("policy_logits", policy_logits), ("ref_logits", ref_logits)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"{name} must be float16/bfloat16/float32/float64 logits, got {t.dtype}")
+        if t.dim() < 1 or t.shape[-1] < 1:
+            raise ValueError(f"{name} must have shape (..., V) with V >= 1, got {tuple(t.shape)}")
+    if policy_logits.shape[-1] != ref_logits.shape[-1]:
+        raise ValueError(
+            f"vocabulary size mismatch: policy_logits has V={policy_logits.shape[-1]}, "
+            f"ref_logits has V={ref_logits.shape[-1]}"
+        )
+    if policy_logits.shape != ref_logits.shape:
+        raise ValueError(
+            f"shape mismatch: policy_logits {tuple(policy_logits.shape)} vs ref_logits {tuple(ref_logits.shape)}"
+        )
+    if policy_logits.device != ref_logits.device:
+        raise ValueError(f"policy_logits on {policy_logits.device} but ref_logits on {ref_logits.device}")
+    lead = policy_logits.shape[:-1]
+    v = policy_logits.shape[-1]
+    flat_mask = None
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor):
+            raise ValueError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
+        if mask.shape != lead:
+            raise ValueError(f"mask must have shape {tuple(lead)} (the logits' leading shape), got {tuple(mask.shape)}")
+        if mask.dtype != torch.bool:
+            if mask.dtype.is_floating_point or mask.dtype.is_complex:
+                raise ValueError(f"mask must be boolean (or 0/1 integers), got {mask.dtype}")
+            if bool(((mask != 0) & (mask != 1)).any()):
+                raise ValueError("integer mask must hold only 0 and 1")
+            mask = mask.bool()
+        flat_mask = mask.reshape(-1).to(policy_logits.device)
+        if flat_mask.numel() > 0 and not bool(flat_mask.any()):
+            raise ValueError("mask selects no positions (all False): nothing to compute")
+    n = int(torch.Size(lead).numel())
+    if n == 0:
+        raise ValueError("no positions: the logits' leading dimensions are empty")
+    return FlatInputs(
+        policy=policy_logits.reshape(n, v),
+        ref=ref_logits.reshape(n, v),
+        mask=flat_mask,
+        lead_shape=lead,
+        num_tokens=v,
+    )
+
+
+def default_chunk_size(num_tokens: int) -> int:
+    return max(1, _CHUNK_ELEMENTS // max(1, num_tokens))
+
+
+def iter_chunks(n: int, chunk_size: int | None, num_tokens: int) -> Iterator[slice]:
+    if chunk_size is None:
+        chunk_size = default_chunk_size(num_tokens)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    for start in range(0, n, chunk_size):
+        yield slice(start, min(n, start + chunk_size))
+
+
+def check_logits_finite(x: torch.Tensor, name: str, active: torch.Tensor | None) -> None:
+    """Raise if an active row holds NaN or +Inf, or is all -Inf (no probability mass).
+
+    ``-inf`` entries are allowed: they are tokens of probability zero (masked vocabulary).
+    One reduction pass (the row max) over the chunk.
+    """
+    row_max = x.amax(dim=-1)  # (n,) NaN propagates
+    bad = torch.isnan(row_max) | torch.isinf(row_max)
+    if active is not None:
+        bad &= active
+    if bool(bad.any()):
+        row = int(torch.nonzero(bad)[0])
+        value = float(row_max[row])
+        no_mass = value == float("-inf")
+        what = "only -Inf (no probability mass)" if no_mass else "NaN or +Inf"
+        raise ValueError(f"{name} has {what} at {int(bad.sum())} position(s) (first: chunk row {row})")
+
+
+def describe_bad_rows(flags: torch.Tensor, offset: int) -> str:
+    """Message for the CPU kernel's per-row flags (1: policy, 2: reference)."""
+    rows = torch.nonzero(flags).reshape(-1)
+    first = int(rows[0])
+    name = "policy_logits" if int(flags[first]) == 1 else "ref_logits"
+    return (
+        f"{name} has NaN or +Inf, or a row of only -Inf (no probability mass), at {rows.numel()} "
+        f"position(s) (first: position {offset + first})"
+    )
+
+
+def restore(values: torch.Tensor, inputs: FlatInputs) -> torch.Tensor:
+    return values.reshape(inputs.lead_shape)

@@ -1,0 +1,108 @@
+"""One entry point for every distance: ``tokenmover.distance(policy_logits, ref_logits, method=...)``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from tokenmover.distances import exact as _exact
+from tokenmover.distances import kl as _kl
+from tokenmover.distances import tree as _tree
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registered distance: its function, what it needs, and one line of help."""
+
+    fn: Callable[..., torch.Tensor]
+    needs: tuple[str, ...]  # keyword arguments of distance() the method requires ("structure", ...)
+    accepts: tuple[str, ...]  # optional keyword arguments it takes
+    differentiable: bool
+    help: str
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register_method(name: str, method: Method) -> None:
+    """Add a method to :func:`distance` (and to everything built on it, e.g. the regularizer)."""
+    if name in METHODS:
+        raise ValueError(f"method {name!r} is already registered")
+    METHODS[name] = method
+
+
+_TREE_HELP = "exact W1 under a tree metric (a tree, a forest: averaged trees, or chains); needs structure="
+register_method("tree", Method(_tree.tree_wasserstein, ("structure",), ("backend",), True, _TREE_HELP))
+register_method("forest", Method(_tree.tree_wasserstein, ("structure",), ("backend",), True, _TREE_HELP))
+register_method(
+    "sliced",
+    Method(
+        _tree.tree_wasserstein,
+        ("structure",),
+        ("backend",),
+        True,
+        "sliced W1 on fixed support: average 1-D W1 over the chains of build_chains(); needs structure=",
+    ),
+)
+register_method(
+    "exact",
+    Method(
+        _exact.exact_wasserstein,
+        (),
+        ("cost", "points", "max_tokens", "num_iter_max"),
+        False,
+        "exact W1 by network simplex (POT), small V only, no gradient; needs cost= or points=",
+    ),
+)
+register_method("kl", Method(_kl.kl, (), (), True, "full KL(policy || reference)"))
+register_method("reverse_kl", Method(_kl.reverse_kl, (), (), True, "full KL(reference || policy)"))
+register_method("js", Method(_kl.js, (), (), True, "Jensen-Shannon divergence (nats)"))
+register_method("k1", Method(_kl.k1, ("tokens",), (), True, "sampled-token KL estimator log pi - log pi_ref"))
+register_method("k2", Method(_kl.k2, ("tokens",), (), True, "sampled-token KL estimator (log ratio)^2 / 2"))
+register_method("k3", Method(_kl.k3, ("tokens",), (), True, "sampled-token KL estimator exp(r) - r - 1 (TRL GRPO)"))
+
+
+def distance(
+    policy_logits: torch.Tensor,
+    ref_logits: torch.Tensor,
+    method: str = "tree",
+    *,
+    mask: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    **kwargs,
+) -> torch.Tensor:
+    """Per-position distance between the policy's and the reference's next-token distributions.
+
+    Args:
+        policy_logits: (..., V) logits of the policy (float16/bfloat16/float32/float64).
+        ref_logits: (..., V) logits of the reference, same shape.
+        method: one of ``tokenmover.METHODS`` (see ``available_methods()``). Default ``"tree"``.
+        mask: optional (...) boolean; False positions get 0 and no gradient.
+        chunk_size: positions processed at a time; peak extra memory is O(chunk_size * V).
+        **kwargs: what the method needs or accepts: ``structure`` (tree/forest/sliced),
+            ``tokens`` (k1/k2/k3: sampled ids, shape (...)), ``cost`` or ``points`` (exact),
+            ``backend`` ("auto" | "numba" | "torch" for tree methods), ...
+
+    Returns:
+        (...) tensor: float32 (float64 for float64 logits), differentiable w.r.t. the logits
+        for every method except ``exact``.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of: {', '.join(sorted(METHODS))}")
+    spec = METHODS[method]
+    missing = [k for k in spec.needs if kwargs.get(k) is None]
+    if missing:
+        raise ValueError(f"method {method!r} needs {', '.join(f'{k}=' for k in missing)} ({spec.help})")
+    unknown = set(kwargs) - set(spec.needs) - set(spec.accepts)
+    if unknown:
+        raise ValueError(f"method {method!r} does not take {sorted(unknown)}; it takes {sorted(spec.needs + spec.accepts)}")
+    if method == "exact":
+        return spec.fn(policy_logits, ref_logits, mask=mask, **kwargs)
+    return spec.fn(policy_logits, ref_logits, mask=mask, chunk_size=chunk_size, **kwargs)
+
+
+def available_methods() -> dict[str, str]:
+    """Method name -> one line of help."""
+    return {name: m.help for name, m in sorted(METHODS.items())}

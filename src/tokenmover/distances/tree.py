@@ -1,0 +1,215 @@
+"""Tree / forest / sliced Wasserstein between next-token distributions given as logits.
+
+For a structure of K members (trees or chains, see :mod:`tokenmover.structures`) with member
+weights ``a_k``, and ``p = softmax(x)``, ``q = softmax(y)``:
+
+    W(p, q) = sum_k a_k sum_{e in T_k} w_e |sum_{i in [start_e, end_e)} (p - q)[perm_k[i]]|
+
+each term being the exact W1 under one member's tree metric (for a forest, the average of exact
+tree distances). Cost O(K (V + E)) per position, forward and backward; nothing of size (V, V).
+
+The gradient is computed in the forward pass (Liger-Kernel's trick) and kept, in the logits'
+dtype, until backward scales it by the incoming gradient:
+
+    dW/dd = sum_k a_k sum_{e in T_k, v in e} w_e sign(mass_e)       (subgradient 0 at mass 0)
+    dW/dx = p * (g - <p, g>),   dW/dy = -q * (g - <q, g>)
+
+Backends: ``"numba"`` (fused CPU kernel, float64 accumulation), ``"torch"`` (vectorised, any
+device; cumsum in the compute dtype), ``"auto"`` (numba on CPU, torch elsewhere).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tokenmover.distances._inputs import (
+    check_logits_finite,
+    compute_dtype,
+    describe_bad_rows,
+    flatten_inputs,
+    iter_chunks,
+    restore,
+)
+from tokenmover.kernels import tree_cpu
+from tokenmover.structures.transport_structure import PackedStructure, TransportStructure
+
+BACKENDS = ("auto", "numba", "torch")
+
+
+def _resolve_backend(backend: str, device: torch.device) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    if backend == "auto":
+        return "numba" if device.type == "cpu" and tree_cpu.HAVE_NUMBA else "torch"
+    if backend == "numba" and device.type != "cpu":
+        raise ValueError(f"backend='numba' runs on CPU tensors only, got device {device}")
+    if backend == "numba" and not tree_cpu.HAVE_NUMBA:
+        raise ValueError("backend='numba' needs the numba package (pip install numba)")
+    return backend
+
+
+def _fused_numba(x, y, active, packed: PackedStructure, want_gx: bool, want_gy: bool):
+    """Values and gradients for one chunk: torch softmax, then the fused CPU kernel."""
+    dtype = compute_dtype(x, y)
+    p = torch.softmax(x.detach().to(dtype), dim=-1).contiguous()  # (n, V), becomes dW/dx in place
+    q = torch.softmax(y.detach().to(dtype), dim=-1).contiguous()  # (n, V), becomes dW/dy in place
+    n = p.shape[0]
+    out = torch.empty(n, dtype=dtype)
+    bad = torch.zeros(n, dtype=torch.int8)
+    act = torch.ones(n, dtype=torch.bool) if active is None else active.contiguous()
+    tree_cpu.tree_rows(
+        p.numpy(),
+        q.numpy(),
+        act.numpy(),
+        packed.perms.numpy(),
+        packed.token_weights.numpy(),
+        packed.edge_starts.numpy(),
+        packed.edge_ends.numpy(),
+        packed.edge_weights.numpy(),
+        packed.member_offsets.numpy(),
+        packed.prefix_members.numpy(),
+        packed.prefix_weights.numpy(),
+        want_gx,
+        want_gy,
+        out.numpy(),
+        bad.numpy(),
+    )
+    if active is not None and not bool(active.all()):
+        # inactive rows were skipped by the kernel: their probabilities are not gradients
+        if want_gx:
+            p[~active] = 0.0
+        if want_gy:
+            q[~active] = 0.0
+    return out, (p if want_gx else None), (q if want_gy else None), bad
+
+
+def _fused_torch(x, y, active, packed: PackedStructure, want_gx: bool, want_gy: bool):
+    """Values and gradients for one chunk, vectorised torch (any device)."""
+    dtype = compute_dtype(x, y)
+    n, v = x.shape
+    out = torch.zeros(n, dtype=dtype, device=x.device)
+    gx = torch.zeros(n, v, dtype=dtype, device=x.device) if want_gx else None
+    gy = torch.zeros(n, v, dtype=dtype, device=x.device) if want_gy else None
+    rows = None if active is None or bool(active.all()) else torch.nonzero(active).reshape(-1)
+    xs = x.detach() if rows is None else x.detach().index_select(0, rows)  # (m, V)
+    ys = y.detach() if rows is None else y.detach().index_select(0, rows)
+    p = torch.softmax(xs.to(dtype), dim=-1)  # (m, V)
+    q = torch.softmax(ys.to(dtype), dim=-1)
+    d = p - q
+    tw = packed.token_weights.to(dtype)  # (V,)
+    values = (d.abs() * tw).sum(-1)  # (m,)
+    need_grad = want_gx or want_gy
+    g = d.sign() * tw if need_grad else None  # (m, V)
+    m = d.shape[0]
+    offsets = packed.member_offsets.tolist()
+    prefix_index = torch.cumsum(packed.prefix_members.to(torch.int64), 0).tolist()
+    for k in range(packed.perms.shape[0]):
+        if bool(packed.prefix_members[k]):
+            # chain: W_k = sum_j w_j |C[j]|, gradient = reverse cumulative sum of w_j sign(C[j])
+            w = packed.prefix_weights[prefix_index[k] - 1, 1:].to(dtype)  # (V,)
+            perm = packed.perms[k]
+            c = torch.cumsum(d.index_select(1, perm), dim=1)  # (m, V): C[1..V]
+            values += (c.abs() * w).sum(-1)
+            if need_grad:
+                s = c.sign() * w
+                g.index_add_(1, perm, s.flip(1).cumsum(1).flip(1))
+            continue
+        lo, hi = offsets[k], offsets[k + 1]
+        if lo == hi:
+            continue
+        starts, ends = packed.edge_starts[lo:hi], packed.edge_ends[lo:hi]
+        w = packed.edge_weights[lo:hi].to(dtype)  # (E_k,)
+        perm = packed.perms[k]
+        c = torch.zeros(m, v + 1, dtype=dtype, device=x.device)  # (m, V + 1) prefix sums
+        torch.cumsum(d.index_select(1, perm), dim=1, out=c[:, 1:])
+        mass = c.index_select(1, ends) - c.index_select(1, starts)  # (m, E_k)
+        values += (mass.abs() * w).sum(-1)
+        if need_grad:
+            s = mass.sign() * w  # (m, E_k)
+            diff = torch.zeros(m, v + 1, dtype=dtype, device=x.device)
+            diff.index_add_(1, starts, s).index_add_(1, ends, -s)
+            g.index_add_(1, perm, torch.cumsum(diff[:, :v], dim=1))
+    if rows is None:
+        out = values
+    else:
+        out.index_copy_(0, rows, values)
+    if want_gx:
+        gxs = p * (g - (p * g).sum(-1, keepdim=True))
+        gx = gxs if rows is None else gx.index_copy_(0, rows, gxs)
+    if want_gy:
+        gys = -q * (g - (q * g).sum(-1, keepdim=True))
+        gy = gys if rows is None else gy.index_copy_(0, rows, gys)
+    return out, gx, gy, None
+
+
+class _TreeWassersteinFunction(torch.autograd.Function):
+    """Autograd wrapper: forward computes value and gradient, backward scales the gradient."""
+
+    @staticmethod
+    def forward(ctx, x, y, active, packed, backend, row_offset):  # noqa: D102
+        want_gx, want_gy = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if backend == "numba":
+            out, gx, gy, bad = _fused_numba(x, y, active, packed, want_gx, want_gy)
+            if bool(bad.any()):
+                raise ValueError(describe_bad_rows(bad, row_offset))
+        else:
+            check_logits_finite(x, "policy_logits", active)
+            check_logits_finite(y, "ref_logits", active)
+            out, gx, gy, _ = _fused_torch(x, y, active, packed, want_gx, want_gy)
+        ctx.save_for_backward(
+            gx.to(x.dtype) if gx is not None else None, gy.to(y.dtype) if gy is not None else None
+        )
+        return out.to(torch.float64 if out.dtype == torch.float64 else torch.float32)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):  # noqa: D102
+        gx, gy = ctx.saved_tensors
+        grad_x = grad_out[:, None].to(gx.dtype) * gx if gx is not None else None
+        grad_y = grad_out[:, None].to(gy.dtype) * gy if gy is not None else None
+        return grad_x, grad_y, None, None, None, None
+
+
+def tree_wasserstein(
+    policy_logits: torch.Tensor,
+    ref_logits: torch.Tensor,
+    structure: TransportStructure,
+    *,
+    mask: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Exact tree-metric W1 per position (averaged over the structure's members).
+
+    Args:
+        policy_logits, ref_logits: (..., V) logits, any float dtype.
+        structure: a tree, forest or chains over the same V tokens.
+        mask: optional (...) boolean; False positions get 0 and no gradient.
+        chunk_size: positions per chunk (default keeps a (chunk, V) float32 near 64 MiB).
+        backend: ``"auto"`` | ``"numba"`` | ``"torch"``.
+
+    Returns:
+        (...) float32 (float64 for float64 inputs); differentiable w.r.t. both logits.
+    """
+    if not isinstance(structure, TransportStructure):
+        raise ValueError(f"structure must be a TransportStructure, got {type(structure).__name__}")
+    inputs = flatten_inputs(policy_logits, ref_logits, mask)
+    if structure.num_tokens != inputs.num_tokens:
+        raise ValueError(
+            f"vocabulary size mismatch: the structure is over V={structure.num_tokens} tokens, "
+            f"the logits have V={inputs.num_tokens}"
+        )
+    device = inputs.policy.device
+    resolved = _resolve_backend(backend, device)
+    weight_dtype = torch.float64 if resolved == "numba" else compute_dtype(inputs.policy, inputs.ref)
+    packed = structure.packed(device, weight_dtype)
+    pieces = []
+    n = inputs.policy.shape[0]
+    for sl in iter_chunks(n, chunk_size, inputs.num_tokens):
+        active = None if inputs.mask is None else inputs.mask[sl]
+        pieces.append(
+            _TreeWassersteinFunction.apply(
+                inputs.policy[sl], inputs.ref[sl], active, packed, resolved, sl.start
+            )
+        )
+    return restore(torch.cat(pieces) if len(pieces) > 1 else pieces[0], inputs)

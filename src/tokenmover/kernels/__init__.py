@@ -1,0 +1,1 @@
+"""Compute kernels: a fused numba CPU kernel; GPU kernels live beside it with torch fallbacks."""

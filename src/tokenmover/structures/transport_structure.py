@@ -1,0 +1,341 @@
+"""One representation for trees, forests and chains over a vocabulary.
+
+A *member* (one tree, or one chain) over a vocabulary of ``V`` tokens is
+
+- ``perm`` (V,): ``perm[i]`` is the token id at position ``i`` of the member's leaf order
+  (DFS order of a tree, sort order of a chain);
+- edges ``e = 0..E-1`` given as half-open ranges ``[start_e, end_e)`` of that order, with
+  non-negative weights ``w_e``.
+
+The ranges of one member must be *laminar* (any two are disjoint or nested): then they are the
+subtrees of a rooted tree whose leaves are the tokens, and for distributions ``p``, ``q``
+
+    W_T(p, q) = sum_e w_e * |sum_{i in [start_e, end_e)} (p - q)[perm[i]]|
+
+is the exact 1-Wasserstein distance under the tree metric
+``d_T(u, v) = sum of w_e over the edges whose range holds exactly one of u, v``.
+A chain (sorted 1-D projection with gaps ``g_i``) is the tree with edges ``[0, i + 1)``,
+weights ``g_i``; ``W_T`` is then the 1-D W1 of the projected distributions.
+
+A structure stacks ``K >= 1`` members with member weights ``a_k`` (default ``1/K``) and its
+distance is ``sum_k a_k W_{T_k}``: a forest of trees, or sliced Wasserstein with K chains.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class PackedStructure:
+    """The arrays the distance kernels read, derived once from a :class:`TransportStructure`.
+
+    Edges of range length 1 ("singleton" edges: a token hanging from its parent) are folded into
+    ``token_weights`` in token-id order, so their mass ``|p_v - q_v|`` is computed directly rather
+    than as a difference of two nearly equal prefix sums (which cancels in float32).
+    """
+
+    num_tokens: int
+    perms: torch.Tensor  # (K, V) int64
+    token_weights: torch.Tensor  # (V,) sum over members of a_k * singleton-edge weights, by token id
+    edge_starts: torch.Tensor  # (E',) int64, non-singleton edges only
+    edge_ends: torch.Tensor  # (E',) int64
+    edge_weights: torch.Tensor  # (E',) member weight already multiplied in
+    member_offsets: torch.Tensor  # (K + 1,) int64: member k owns edges [off[k], off[k+1])
+    # Members whose every non-singleton edge is a prefix [0, end) (chains) take a faster path:
+    # their weights are dense by end position, and they own no entries of the edge arrays.
+    prefix_members: torch.Tensor  # (K,) bool
+    prefix_weights: torch.Tensor  # (K_prefix, V + 1): weight of the edge [0, j) at column j
+
+
+@dataclass
+class TransportStructure:
+    """K stacked trees/chains over V tokens (see module docstring for the math).
+
+    Attributes:
+        num_tokens: V.
+        perms: (K, V) int64, each row a permutation of ``0..V-1``.
+        edge_starts, edge_ends: (E,) int64 ranges ``[start, end)`` in the owning member's order.
+        edge_weights: (E,) float64, finite and ``>= 0``.
+        member_offsets: (K + 1,) int64; member ``k`` owns edges ``member_offsets[k]:member_offsets[k+1]``.
+        member_weights: (K,) float64, finite and ``> 0``; the distance is ``sum_k a_k W_{T_k}``.
+        kind: ``"tree"``, ``"chains"``, ``"forest"`` or any label a builder chooses.
+        metadata: free-form JSON-serialisable facts (builder parameters, timings, seeds).
+    """
+
+    num_tokens: int
+    perms: torch.Tensor
+    edge_starts: torch.Tensor
+    edge_ends: torch.Tensor
+    edge_weights: torch.Tensor
+    member_offsets: torch.Tensor
+    member_weights: torch.Tensor
+    kind: str = "tree"
+    metadata: dict[str, Any] = field(default_factory=dict)
+    _packed_cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_tree(
+        cls,
+        perm: Sequence[int] | np.ndarray | torch.Tensor,
+        starts: Sequence[int] | np.ndarray | torch.Tensor,
+        ends: Sequence[int] | np.ndarray | torch.Tensor,
+        weights: Sequence[float] | np.ndarray | torch.Tensor,
+        *,
+        kind: str = "tree",
+        metadata: dict[str, Any] | None = None,
+        validate: bool = True,
+    ) -> "TransportStructure":
+        """One member from a leaf order and its edge ranges/weights."""
+        perm_t = torch.as_tensor(np.asarray(perm), dtype=torch.int64).reshape(1, -1)  # (1, V)
+        starts_t = torch.as_tensor(np.asarray(starts), dtype=torch.int64).reshape(-1)  # (E,)
+        ends_t = torch.as_tensor(np.asarray(ends), dtype=torch.int64).reshape(-1)  # (E,)
+        weights_t = torch.as_tensor(np.asarray(weights), dtype=torch.float64).reshape(-1)  # (E,)
+        structure = cls(
+            num_tokens=int(perm_t.shape[1]),
+            perms=perm_t,
+            edge_starts=starts_t,
+            edge_ends=ends_t,
+            edge_weights=weights_t,
+            member_offsets=torch.tensor([0, starts_t.numel()], dtype=torch.int64),
+            member_weights=torch.ones(1, dtype=torch.float64),
+            kind=kind,
+            metadata=dict(metadata or {}),
+        )
+        if validate:
+            structure.validate()
+        return structure
+
+    @classmethod
+    def stack(
+        cls,
+        members: Sequence["TransportStructure"],
+        *,
+        member_weights: Sequence[float] | None = None,
+        kind: str = "forest",
+        metadata: dict[str, Any] | None = None,
+    ) -> "TransportStructure":
+        """A forest: the members of every structure given, each weighted ``1/K`` unless told.
+
+        ``member_weights`` gives one weight per member of the result (after flattening).
+        """
+        if len(members) == 0:
+            raise ValueError("stack() needs at least one structure")
+        sizes = {m.num_tokens for m in members}
+        if len(sizes) != 1:
+            raise ValueError(f"cannot stack structures over different vocabulary sizes: {sorted(sizes)}")
+        perms = torch.cat([m.perms for m in members], dim=0)  # (K, V)
+        offsets = [0]
+        for m in members:
+            for k in range(m.num_members):
+                offsets.append(offsets[-1] + int(m.member_offsets[k + 1] - m.member_offsets[k]))
+        k_total = perms.shape[0]
+        if member_weights is None:
+            weights = torch.full((k_total,), 1.0 / k_total, dtype=torch.float64)
+        else:
+            weights = torch.as_tensor(member_weights, dtype=torch.float64).reshape(-1)
+            if weights.numel() != k_total:
+                raise ValueError(f"member_weights has {weights.numel()} entries for {k_total} members")
+        structure = cls(
+            num_tokens=sizes.pop(),
+            perms=perms,
+            edge_starts=torch.cat([m.edge_starts for m in members]),
+            edge_ends=torch.cat([m.edge_ends for m in members]),
+            edge_weights=torch.cat([m.edge_weights for m in members]),
+            member_offsets=torch.tensor(offsets, dtype=torch.int64),
+            member_weights=weights,
+            kind=kind,
+            metadata=dict(metadata or {}),
+        )
+        structure.validate()
+        return structure
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def num_members(self) -> int:
+        return int(self.perms.shape[0])
+
+    @property
+    def num_edges(self) -> int:
+        return int(self.edge_starts.numel())
+
+    def member(self, k: int) -> "TransportStructure":
+        """Member ``k`` alone, as a one-member structure (weight 1)."""
+        lo, hi = int(self.member_offsets[k]), int(self.member_offsets[k + 1])
+        return TransportStructure(
+            num_tokens=self.num_tokens,
+            perms=self.perms[k : k + 1].clone(),
+            edge_starts=self.edge_starts[lo:hi].clone(),
+            edge_ends=self.edge_ends[lo:hi].clone(),
+            edge_weights=self.edge_weights[lo:hi].clone(),
+            member_offsets=torch.tensor([0, hi - lo], dtype=torch.int64),
+            member_weights=torch.ones(1, dtype=torch.float64),
+            kind=self.kind,
+            metadata=dict(self.metadata),
+        )
+
+    def with_edge_weights(self, edge_weights: torch.Tensor | np.ndarray) -> "TransportStructure":
+        """The same ranges with new (e.g. calibrated) edge weights."""
+        new = torch.as_tensor(np.asarray(edge_weights), dtype=torch.float64).reshape(-1)
+        if new.numel() != self.num_edges:
+            raise ValueError(f"expected {self.num_edges} edge weights, got {new.numel()}")
+        structure = TransportStructure(
+            num_tokens=self.num_tokens,
+            perms=self.perms,
+            edge_starts=self.edge_starts,
+            edge_ends=self.edge_ends,
+            edge_weights=new,
+            member_offsets=self.member_offsets,
+            member_weights=self.member_weights,
+            kind=self.kind,
+            metadata=dict(self.metadata),
+        )
+        structure.validate()
+        return structure
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the problem unless the structure is well formed.
+
+        Checks: every row of ``perms`` is a complete permutation of ``0..V-1``; every range
+        satisfies ``0 <= start < end <= V``; each member's ranges are laminar (nested or
+        disjoint); edge and member weights are finite, edge weights ``>= 0``, member weights ``> 0``;
+        offsets are consistent.
+        """
+        v = self.num_tokens
+        if v < 1:
+            raise ValueError(f"a structure needs at least one token, got num_tokens={v}")
+        if self.perms.dim() != 2 or self.perms.shape[1] != v:
+            raise ValueError(f"perms must have shape (K, {v}), got {tuple(self.perms.shape)}")
+        k = self.perms.shape[0]
+        expected = torch.arange(v, dtype=torch.int64)
+        for i in range(k):
+            if not torch.equal(torch.sort(self.perms[i]).values, expected):
+                raise ValueError(
+                    f"member {i}: perm is not a permutation of 0..{v - 1} (missing or repeated token ids)"
+                )
+        n_edges = self.edge_starts.numel()
+        if self.edge_ends.numel() != n_edges or self.edge_weights.numel() != n_edges:
+            raise ValueError(
+                "edge_starts, edge_ends and edge_weights must have the same length, got "
+                f"{self.edge_starts.numel()}, {self.edge_ends.numel()}, {self.edge_weights.numel()}"
+            )
+        offsets = self.member_offsets
+        if offsets.numel() != k + 1 or int(offsets[0]) != 0 or int(offsets[-1]) != n_edges:
+            raise ValueError(f"member_offsets must run from 0 to {n_edges} with {k + 1} entries")
+        if bool((offsets[1:] < offsets[:-1]).any()):
+            raise ValueError("member_offsets must be non-decreasing")
+        if self.member_weights.numel() != k:
+            raise ValueError(f"member_weights needs {k} entries, got {self.member_weights.numel()}")
+        if not bool(torch.isfinite(self.member_weights).all()) or bool((self.member_weights <= 0).any()):
+            raise ValueError("member_weights must be finite and > 0")
+        if not bool(torch.isfinite(self.edge_weights).all()):
+            raise ValueError("edge weights must be finite (found NaN or Inf)")
+        if bool((self.edge_weights < 0).any()):
+            raise ValueError(f"edge weights must be >= 0, min is {float(self.edge_weights.min()):g}")
+        if n_edges and (bool((self.edge_starts < 0).any()) or bool((self.edge_ends > v).any())):
+            raise ValueError(f"edge ranges must lie in [0, {v}]")
+        if bool((self.edge_starts >= self.edge_ends).any()):
+            bad = int(torch.nonzero(self.edge_starts >= self.edge_ends)[0])
+            raise ValueError(
+                f"edge {bad} has an empty range [{int(self.edge_starts[bad])}, {int(self.edge_ends[bad])})"
+            )
+        for i in range(k):
+            lo, hi = int(offsets[i]), int(offsets[i + 1])
+            _check_laminar(self.edge_starts[lo:hi].numpy(), self.edge_ends[lo:hi].numpy(), member=i)
+
+    # ------------------------------------------------------------------ kernels' view
+    def packed(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> PackedStructure:
+        """The kernel arrays on ``device`` with weights in ``dtype`` (cached)."""
+        key = (str(torch.device(device)), dtype)
+        if key not in self._packed_cache:
+            self._packed_cache[key] = self._pack(torch.device(device), dtype)
+        return self._packed_cache[key]
+
+    def _pack(self, device: torch.device, dtype: torch.dtype) -> PackedStructure:
+        v = self.num_tokens
+        token_weights = torch.zeros(v, dtype=torch.float64)  # (V,)
+        starts, ends, weights, offsets = [], [], [], [0]
+        prefix_members, prefix_weights = [], []
+        for k in range(self.num_members):
+            lo, hi = int(self.member_offsets[k]), int(self.member_offsets[k + 1])
+            s, e = self.edge_starts[lo:hi], self.edge_ends[lo:hi]
+            w = self.edge_weights[lo:hi] * self.member_weights[k]
+            single = (e - s) == 1
+            token_weights.index_add_(0, self.perms[k][s[single]], w[single])
+            keep = ~single & (w > 0)
+            is_prefix = bool(keep.any()) and bool((s[keep] == 0).all())
+            prefix_members.append(is_prefix)
+            if is_prefix:
+                prefix_weights.append(torch.zeros(v + 1, dtype=torch.float64).index_add_(0, e[keep], w[keep]))
+                keep = torch.zeros_like(keep)
+            starts.append(s[keep])
+            ends.append(e[keep])
+            weights.append(w[keep])
+            offsets.append(offsets[-1] + int(keep.sum()))
+        return PackedStructure(
+            num_tokens=v,
+            perms=self.perms.to(device),
+            token_weights=token_weights.to(device=device, dtype=dtype),
+            edge_starts=torch.cat(starts).to(device),
+            edge_ends=torch.cat(ends).to(device),
+            edge_weights=torch.cat(weights).to(device=device, dtype=dtype),
+            member_offsets=torch.tensor(offsets, dtype=torch.int64, device=device),
+            prefix_members=torch.tensor(prefix_members, dtype=torch.bool, device=device),
+            prefix_weights=(
+                torch.stack(prefix_weights) if prefix_weights else torch.zeros(0, v + 1, dtype=torch.float64)
+            ).to(device=device, dtype=dtype),
+        )
+
+    # ------------------------------------------------------------------ reference math
+    def cost_matrix(self, member: int = 0) -> torch.Tensor:
+        """The (V, V) float64 tree-metric cost ``d_{T_k}(u, v)`` of one member (small V only: tests).
+
+        ``W_{T_k}(p, q) = ot.emd2(p, q, cost_matrix(k))``. A structure's distance is
+        ``sum_k a_k W_{T_k}``, the average of exact tree distances, which is at most W1 under the
+        averaged metric ``sum_k a_k d_{T_k}``.
+        """
+        v = self.num_tokens
+        if v > 5000:
+            raise ValueError(f"cost_matrix() is a dense (V, V) reference; refusing V={v} > 5000")
+        if not 0 <= member < self.num_members:
+            raise ValueError(f"member must lie in [0, {self.num_members}), got {member}")
+        lo, hi = int(self.member_offsets[member]), int(self.member_offsets[member + 1])
+        pos = torch.empty(v, dtype=torch.int64)
+        pos[self.perms[member]] = torch.arange(v)  # pos[token] = position in the member's order
+        inside = (pos[None, :] >= self.edge_starts[lo:hi, None]) & (
+            pos[None, :] < self.edge_ends[lo:hi, None]
+        )  # (E_k, V)
+        b = inside.to(torch.float64)
+        w = self.edge_weights[lo:hi]
+        a = b.T @ w  # (V,): distance of each token to the root
+        return (a[:, None] + a[None, :] - 2.0 * (b.T * w) @ b).clamp_min_(0.0)
+
+    def __repr__(self) -> str:
+        return (
+            f"TransportStructure(kind={self.kind!r}, num_tokens={self.num_tokens}, "
+            f"members={self.num_members}, edges={self.num_edges})"
+        )
+
+
+def _check_laminar(starts: np.ndarray, ends: np.ndarray, member: int) -> None:
+    """Raise unless the ranges are pairwise nested or disjoint (O(E log E) stack sweep)."""
+    if starts.size == 0 or not starts.any():  # no edges, or all prefixes [0, e): always nested
+        return
+    order = np.lexsort((-ends, starts))  # by start, then longest first
+    s_sorted, e_sorted = starts[order], ends[order]
+    stack_ends: list[int] = []
+    for s, e in zip(s_sorted.tolist(), e_sorted.tolist()):
+        while stack_ends and stack_ends[-1] <= s:
+            stack_ends.pop()
+        if stack_ends and e > stack_ends[-1]:
+            raise ValueError(
+                f"member {member}: edge range [{s}, {e}) crosses an enclosing range ending at "
+                f"{stack_ends[-1]}; ranges of one tree must be nested or disjoint"
+            )
+        stack_ends.append(e)
