@@ -1,0 +1,43 @@
+import numpy as np
+import ot
+import pytest
+import torch
+
+from tokenmover import distance
+from tests.conftest import random_logits
+
+
+def test_support_restricted_solve_equals_full_emd2():
+    rng = np.random.default_rng(0)
+    points = rng.standard_normal((150, 4))
+    x, y = random_logits(3, 150, seed=1), random_logits(3, 150, seed=2)
+    p = torch.softmax(x, -1).numpy()
+    q = torch.softmax(y, -1).numpy()
+    cost = ot.dist(points, points, metric="euclidean")
+    expected = [ot.emd2(p[i], q[i], cost, numItermax=10_000_000) for i in range(3)]
+    assert np.allclose(distance(x, y, "exact", points=points).numpy(), expected, rtol=1e-9)
+    assert np.allclose(distance(x, y, "exact", cost=cost).numpy(), expected, rtol=1e-9)
+
+
+def test_exact_is_zero_for_equal_inputs_and_masked_rows():
+    points = np.random.default_rng(1).standard_normal((20, 2))
+    x = random_logits(3, 20, seed=3)
+    values = distance(x, x.clone(), "exact", points=points)
+    assert torch.all(values == 0)
+    y = random_logits(3, 20, seed=4)
+    masked = distance(x, y, "exact", points=points, mask=torch.tensor([True, False, True]))
+    assert masked[1] == 0 and masked[0] > 0
+
+
+def test_exact_refuses_large_vocabularies_and_bad_metrics():
+    x, y = random_logits(1, 50), random_logits(1, 50, seed=1)
+    with pytest.raises(ValueError, match="max_tokens=10"):
+        distance(x, y, "exact", points=np.zeros((50, 2)), max_tokens=10)
+    with pytest.raises(ValueError, match="exactly one ground metric"):
+        distance(x, y, "exact", points=np.zeros((50, 2)), cost=np.zeros((50, 50)))
+    with pytest.raises(ValueError, match=r"cost must have shape \(50, 50\)"):
+        distance(x, y, "exact", cost=np.zeros((49, 49)))
+    with pytest.raises(ValueError, match=r"points must have shape \(50, d\)"):
+        distance(x, y, "exact", points=np.zeros((40, 2)))
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        distance(x, y, "exact", cost=-np.ones((50, 50)))
