@@ -15,7 +15,9 @@ dtype, until backward scales it by the incoming gradient:
     dW/dx = p * (g - <p, g>),   dW/dy = -q * (g - <q, g>)
 
 Backends: ``"numba"`` (fused CPU kernel, float64 accumulation), ``"torch"`` (vectorised, any
-device; cumsum in the compute dtype), ``"auto"`` (numba on CPU, torch elsewhere).
+device; cumsum in the compute dtype), ``"triton"`` (fused GPU kernel, float32 accumulation, see
+:mod:`tokenmover.kernels.tree_triton`), ``"auto"`` (numba on CPU, triton on CUDA when importable,
+torch otherwise).
 """
 
 from __future__ import annotations
@@ -30,17 +32,21 @@ from tokenmover.distances._inputs import (
     iter_chunks,
     restore,
 )
-from tokenmover.kernels import tree_cpu
+from tokenmover.kernels import tree_cpu, tree_triton
 from tokenmover.structures.transport_structure import PackedStructure, TransportStructure
 
-BACKENDS = ("auto", "numba", "torch")
+BACKENDS = ("auto", "numba", "torch", "triton")
 
 
 def _resolve_backend(backend: str, device: torch.device) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
     if backend == "auto":
-        return "numba" if device.type == "cpu" and tree_cpu.HAVE_NUMBA else "torch"
+        if device.type == "cpu" and tree_cpu.HAVE_NUMBA:
+            return "numba"
+        return "triton" if device.type == "cuda" and tree_triton.HAVE_TRITON else "torch"
+    if backend == "triton" and not tree_triton.available(device):
+        raise ValueError(tree_triton.unavailable_reason(device))
     if backend == "numba" and device.type != "cpu":
         raise ValueError(f"backend='numba' runs on CPU tensors only, got device {device}")
     if backend == "numba" and not tree_cpu.HAVE_NUMBA:
@@ -186,7 +192,7 @@ def tree_wasserstein(
         structure: a tree, forest or chains over the same V tokens.
         mask: optional (...) boolean; False positions get 0 and no gradient.
         chunk_size: positions per chunk (default keeps a (chunk, V) float32 near 64 MiB).
-        backend: ``"auto"`` | ``"numba"`` | ``"torch"``.
+        backend: ``"auto"`` | ``"numba"`` | ``"torch"`` | ``"triton"``.
 
     Returns:
         (...) float32 (float64 for float64 inputs); differentiable w.r.t. both logits.
@@ -201,6 +207,11 @@ def tree_wasserstein(
         )
     device = inputs.policy.device
     resolved = _resolve_backend(backend, device)
+    if resolved == "triton":
+        values = tree_triton.tree_wasserstein_triton(
+            inputs.policy, inputs.ref, inputs.mask, structure, chunk_size=chunk_size
+        )
+        return restore(values, inputs)
     weight_dtype = torch.float64 if resolved == "numba" else compute_dtype(inputs.policy, inputs.ref)
     packed = structure.packed(device, weight_dtype)
     pieces = []

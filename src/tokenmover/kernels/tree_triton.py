@@ -1,0 +1,263 @@
+"""GPU path (Triton) for tree/forest/sliced Wasserstein from logits: host side.
+
+``tree_wasserstein_triton(policy, ref, mask, structure)`` computes, for (N, V) logits,
+
+    W_r = sum_k a_k W_{T_k}(softmax(policy_r), softmax(ref_r))
+
+and its gradients with one fused kernel (:mod:`tokenmover.kernels.tree_triton_jit`): softmax of
+both rows, the member-order prefix sums, the weighted absolute edge masses and the gradient to
+both logits, all in one launch over a persistent grid. The gradients are written once, in the
+logits' dtype (bf16 in -> bf16 gradient), during the forward pass and scaled in place by the
+incoming gradient in backward (Liger-Kernel's trick): no (N, V) float32 tensor is ever made.
+Accumulation is float32 (float64 for float64 logits). The only extra memory is a per-program
+workspace of ``programs x (V + 3 (V + 1))`` accumulators (the last three only for structures with
+tree members), capped by ``max_workspace_bytes``.
+
+The kernel reads the structure's packed arrays (:meth:`TransportStructure.packed`) converted to
+int32 indices once per (structure, device, dtype) and cached.
+
+Availability: needs the ``triton`` package and a CUDA tensor, or ``TRITON_INTERPRET=1`` in the
+environment (Triton's CPU interpreter, used by the tests; slow).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+from tokenmover.distances._inputs import describe_bad_rows, iter_chunks
+from tokenmover.structures.transport_structure import PackedStructure, TransportStructure
+
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+
+# Tile sizes: positions per tile (member passes, softmax) and edges per tile.
+GPU_BLOCK = 1024
+GPU_EBLOCK = 256
+GPU_WARPS = 8
+INTERPRET_BLOCK = 64
+INTERPRET_EBLOCK = 16
+PROGRAMS_PER_SM = 4
+MAX_WORKSPACE_BYTES = 512 << 20
+
+
+def interpret_mode() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def available(device: torch.device | str) -> bool:
+    """Whether the Triton backend can run on ``device`` here."""
+    device = torch.device(device)
+    if not HAVE_TRITON:
+        return False
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and interpret_mode()
+
+
+def unavailable_reason(device: torch.device | str) -> str:
+    if not HAVE_TRITON:
+        return "backend='triton' needs the triton package (pip install triton)"
+    return (
+        f"backend='triton' runs on CUDA tensors (or on CPU under TRITON_INTERPRET=1), got device {device}"
+    )
+
+
+@dataclass(frozen=True)
+class TritonStructure:
+    """Packed structure with int32 indices, as the kernel reads it."""
+
+    num_tokens: int
+    num_members: int
+    has_tree: bool  # any member with general (non-prefix) edges
+    perms: torch.Tensor  # (K, V) int32
+    token_weights: torch.Tensor  # (V,)
+    edge_starts: torch.Tensor  # (E',) int32
+    edge_ends: torch.Tensor  # (E',) int32
+    edge_weights: torch.Tensor  # (E',)
+    member_offsets: torch.Tensor  # (K + 1,) int32
+    member_kind: torch.Tensor  # (K,) int32: row of prefix_weights for a chain, -1 for a tree
+    prefix_weights: torch.Tensor  # (K_prefix, V + 1), at least one row
+
+
+_CACHE: dict[tuple[int, str, torch.dtype], TritonStructure] = {}
+
+
+def _forget(key_id: int) -> None:
+    for key in [k for k in _CACHE if k[0] == key_id]:
+        del _CACHE[key]
+
+
+def pack_for_triton(structure: TransportStructure, device: torch.device, dtype: torch.dtype) -> TritonStructure:
+    """The kernel's view of ``structure`` on ``device`` with weights in ``dtype`` (cached)."""
+    key = (id(structure), str(device), dtype)
+    if key not in _CACHE:
+        packed = structure.packed(device, dtype)
+        _CACHE[key] = _convert(packed, device, dtype)
+        if not any(k[0] == id(structure) for k in list(_CACHE)[:-1]):
+            weakref.finalize(structure, _forget, id(structure))
+    return _CACHE[key]
+
+
+def _convert(packed: PackedStructure, device: torch.device, dtype: torch.dtype) -> TritonStructure:
+    v = packed.num_tokens
+    if v >= 2**31 - 1 or packed.edge_starts.numel() >= 2**31:
+        raise ValueError(f"the Triton kernel indexes with int32: V={v} is too large")
+    is_prefix = packed.prefix_members.to("cpu")
+    kind = torch.full((is_prefix.numel(),), -1, dtype=torch.int32)
+    kind[is_prefix] = torch.arange(int(is_prefix.sum()), dtype=torch.int32)
+    prefix_weights = packed.prefix_weights
+    if prefix_weights.shape[0] == 0:  # the kernel needs a valid pointer
+        prefix_weights = torch.zeros(1, v + 1, dtype=dtype, device=device)
+    return TritonStructure(
+        num_tokens=v,
+        num_members=int(packed.perms.shape[0]),
+        has_tree=bool((~is_prefix).any()) and packed.edge_starts.numel() > 0,
+        perms=packed.perms.to(device=device, dtype=torch.int32).contiguous(),
+        token_weights=packed.token_weights.to(device=device, dtype=dtype).contiguous(),
+        edge_starts=_nonempty(packed.edge_starts.to(device=device, dtype=torch.int32)),
+        edge_ends=_nonempty(packed.edge_ends.to(device=device, dtype=torch.int32)),
+        edge_weights=_nonempty(packed.edge_weights.to(device=device, dtype=dtype)),
+        member_offsets=packed.member_offsets.to(device=device, dtype=torch.int32).contiguous(),
+        member_kind=kind.to(device),
+        prefix_weights=prefix_weights.to(device=device, dtype=dtype).contiguous(),
+    )
+
+
+def _nonempty(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous() if t.numel() else torch.zeros(1, dtype=t.dtype, device=t.device)
+
+
+def _num_programs(n_rows: int, v: int, has_tree: bool, acc_bytes: int, device: torch.device,
+                  num_programs: int | None, max_workspace_bytes: int) -> int:
+    if num_programs is None:
+        if device.type == "cuda":
+            sms = torch.cuda.get_device_properties(device).multi_processor_count
+            num_programs = sms * PROGRAMS_PER_SM
+        else:
+            num_programs = 4
+        per_program = acc_bytes * (v + (3 * (v + 1) if has_tree else 0))
+        num_programs = min(num_programs, max(1, max_workspace_bytes // per_program))
+    return max(1, min(n_rows, num_programs))
+
+
+def tree_rows(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    active: torch.Tensor | None,
+    ts: TritonStructure,
+    want_gx: bool,
+    want_gy: bool,
+    *,
+    block: int | None = None,
+    num_programs: int | None = None,
+    max_workspace_bytes: int = MAX_WORKSPACE_BYTES,
+):
+    """Run the fused kernel on (n, V) logits. Returns (values (n,), gx, gy, bad flags (n,) int8).
+
+    ``values`` are in the accumulation dtype (float32, float64 for float64 logits); ``gx``/``gy``
+    have the logits' dtype (``None`` when not wanted); ``bad[r]`` is 1 (policy) or 2 (reference)
+    for rows with NaN/+Inf or no probability mass.
+    """
+    from tokenmover.kernels import tree_triton_jit as jit  # noqa: PLC0415 (imports triton lazily)
+    import triton.language as tl  # noqa: PLC0415
+
+    n, v = x.shape
+    device = x.device
+    acc = torch.float64 if (x.dtype == torch.float64 or y.dtype == torch.float64) else torch.float32
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    y = y if y.stride(-1) == 1 else y.contiguous()
+    interpret = device.type == "cpu"
+    if block is None:
+        block = INTERPRET_BLOCK if interpret else GPU_BLOCK
+    eblock = INTERPRET_EBLOCK if interpret else GPU_EBLOCK
+    acc_bytes = 8 if acc == torch.float64 else 4
+    programs = _num_programs(n, v, ts.has_tree, acc_bytes, device, num_programs, max_workspace_bytes)
+    want_grad = want_gx or want_gy
+    out = torch.empty(n, dtype=acc, device=device)
+    bad = torch.zeros(n, dtype=torch.int8, device=device)
+    gx = torch.empty_like(x, memory_format=torch.contiguous_format) if want_gx else None
+    gy = torch.empty_like(y, memory_format=torch.contiguous_format) if want_gy else None
+    dummy = torch.zeros(1, dtype=acc, device=device)
+    g_ws = torch.empty(programs, v, dtype=acc, device=device) if want_grad else dummy
+    if ts.has_tree:
+        c_ws = torch.empty(programs, v + 1, dtype=acc, device=device)
+        p_ws = torch.empty(programs, v + 1, dtype=acc, device=device) if want_grad else dummy
+        diff_ws = torch.zeros(programs, v + 1, dtype=acc, device=device) if want_grad else dummy
+    else:
+        c_ws = p_ws = diff_ws = dummy
+    act = active.to(torch.int8).contiguous() if active is not None else bad
+    extra = {} if interpret else {"num_warps": GPU_WARPS}
+    jit.tree_rows_kernel[(programs,)](
+        x, y, x.stride(0), y.stride(0),
+        act,
+        out, bad,
+        gx if want_gx else dummy, gy if want_gy else dummy,
+        gx.stride(0) if want_gx else 0, gy.stride(0) if want_gy else 0,
+        ts.perms, ts.token_weights, ts.edge_starts, ts.edge_ends, ts.edge_weights,
+        ts.member_offsets, ts.member_kind, ts.prefix_weights,
+        g_ws, c_ws, p_ws, diff_ws,
+        n, v, ts.num_members,
+        HAS_MASK=active is not None, WANT_GX=want_gx, WANT_GY=want_gy, HAS_TREE=ts.has_tree,
+        ACC=tl.float64 if acc == torch.float64 else tl.float32, BLOCK=block, EBLOCK=eblock,
+        **extra,
+    )
+    return out, gx, gy, bad
+
+
+class _TritonTreeFunction(torch.autograd.Function):
+    """Forward computes values and gradients in one kernel; backward scales the gradients in place.
+
+    The saved gradients are consumed by backward (scaled in place): a second backward through
+    the same graph (``retain_graph=True``) raises autograd's in-place modification error.
+    """
+
+    @staticmethod
+    def forward(ctx, x, y, active, ts, row_offset, options):  # noqa: D102
+        want_gx, want_gy = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        out, gx, gy, bad = tree_rows(x.detach(), y.detach(), active, ts, want_gx, want_gy, **options)
+        if bool(bad.any()):
+            raise ValueError(describe_bad_rows(bad.cpu(), row_offset))
+        ctx.save_for_backward(gx, gy)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):  # noqa: D102
+        gx, gy = ctx.saved_tensors
+        grad_x = gx.mul_(grad_out[:, None].to(gx.dtype)) if gx is not None else None
+        grad_y = gy.mul_(grad_out[:, None].to(gy.dtype)) if gy is not None else None
+        return grad_x, grad_y, None, None, None, None
+
+
+def tree_wasserstein_triton(
+    policy: torch.Tensor,
+    ref: torch.Tensor,
+    mask: torch.Tensor | None,
+    structure: TransportStructure,
+    *,
+    chunk_size: int | None = None,
+    block: int | None = None,
+    num_programs: int | None = None,
+) -> torch.Tensor:
+    """Per-row distance of flattened (N, V) logits; (N,) float32 (float64 for float64 logits).
+
+    ``chunk_size`` (rows per launch) defaults to all rows: the kernel's memory does not grow
+    with the number of rows, only the gradients (N, V in the logits' dtype) do.
+    """
+    device = policy.device
+    if not available(device):
+        raise ValueError(unavailable_reason(device))
+    acc = torch.float64 if torch.float64 in (policy.dtype, ref.dtype) else torch.float32
+    ts = pack_for_triton(structure, device, acc)
+    options = {"block": block, "num_programs": num_programs}
+    n = policy.shape[0]
+    pieces = []
+    for sl in iter_chunks(n, chunk_size if chunk_size is not None else n, policy.shape[1]):
+        active = None if mask is None else mask[sl]
+        pieces.append(_TritonTreeFunction.apply(policy[sl], ref[sl], active, ts, sl.start, options))
+    return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
