@@ -13,3 +13,7 @@ __all__ = [
     "kmeans",
     "random_directions",
 ]
+
+from tokenmover.structures.mst_tree import build_mst_tree, knn_graph
+
+__all__ += ["build_mst_tree", "knn_graph"]

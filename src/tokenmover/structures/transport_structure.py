@@ -198,6 +198,20 @@ class TransportStructure:
         structure.validate()
         return structure
 
+    # ------------------------------------------------------------------ artifacts
+    def save_pretrained(self, folder, *, name: str = "structure", vocab_fingerprint: str | None = None):
+        """Save as ``folder/NAME.safetensors`` + ``NAME.json`` (see :mod:`tokenmover.structures.io`)."""
+        from tokenmover.structures.io import save_structure
+
+        return save_structure(self, folder, name=name, vocab_fingerprint=vocab_fingerprint)
+
+    @classmethod
+    def from_pretrained(cls, folder, *, name: str = "structure", tokenizer=None, num_tokens: int | None = None):
+        """Load a saved structure; refuses corrupted files and another tokenizer's vocabulary."""
+        from tokenmover.structures.io import load_structure
+
+        return load_structure(folder, name=name, tokenizer=tokenizer, num_tokens=num_tokens)
+
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
         """Raise ``ValueError`` naming the problem unless the structure is well formed.

@@ -1,0 +1,43 @@
+"""Build-once word2vec geometries, cached under :func:`tokenmover.assets.default_cache_dir`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from tokenmover.geometry.fingerprint import vocab_fingerprint
+from tokenmover.geometry.vocab_geometry import VocabGeometry
+
+
+def cached_word2vec_geometry(tokenizer, corpus: str = "shakespeare", dim: int = 64, model=None,
+                             cache_dir: str | Path | None = None, *, seed: int = 0, progress: bool = True,
+                             **w2v_kwargs) -> VocabGeometry:
+    """The word2vec geometry of ``tokenizer`` on ``corpus`` (a name or a text file path, see
+    :mod:`tokenmover.geometry.corpora`): built on the first call, loaded from
+    ``<cache_dir>/geometries/w2v-<key>`` afterwards (``cache_dir`` defaults to the library's cache).
+
+    The key hashes the vocabulary fingerprint, the corpus, ``dim``, ``seed``, the model's name and
+    embedding shape (if given) and the other word2vec arguments.
+    """
+    from tokenmover.assets import default_cache_dir
+    from tokenmover.geometry.corpora import corpus_key, corpus_lines
+
+    model_key = None
+    if model is not None:
+        emb = model.get_input_embeddings().weight
+        model_key = [getattr(model.config, "name_or_path", type(model).__name__), list(emb.shape)]
+        model_key[0] = Path(model_key[0]).name if Path(str(model_key[0])).is_absolute() else model_key[0]
+    spec = {"fp": vocab_fingerprint(tokenizer), "corpus": corpus_key(corpus), "dim": dim, "seed": seed,
+            "model": model_key, "kw": sorted(w2v_kwargs.items())}
+    key = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    folder = Path(cache_dir or default_cache_dir()) / "geometries" / f"w2v-{key}"
+    if (folder / "geometry.json").is_file():
+        return VocabGeometry.from_pretrained(folder, tokenizer=tokenizer)
+    geometry = VocabGeometry.word2vec(corpus_lines(corpus), tokenizer, dim=dim, seed=seed, model=model,
+                                      progress=progress, corpus_name=corpus, **w2v_kwargs)
+    tmp = folder.with_name(folder.name + ".tmp")
+    geometry.save_pretrained(tmp)
+    if not folder.exists():
+        tmp.replace(folder)
+    return geometry

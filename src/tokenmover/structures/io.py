@@ -1,0 +1,177 @@
+"""Artifacts on disk: tensors in safetensors, facts in JSON, tied together by a SHA-256 checksum.
+
+An artifact named ``NAME`` in folder ``DIR`` is two files:
+
+- ``DIR/NAME.safetensors``: the tensors, bit for bit;
+- ``DIR/NAME.json``: ``{"format", "version", "sha256" (of the safetensors file), ...facts}``.
+
+Loading recomputes the checksum and refuses (``ValueError``) a missing, truncated, edited or
+mismatched file, so a corrupted artifact never turns into wrong distances. This module holds the
+shared helpers and the :class:`~tokenmover.structures.TransportStructure` artifact; geometries use
+the same helpers (:mod:`tokenmover.geometry.io`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tokenmover.structures.transport_structure import TransportStructure
+
+STRUCTURE_FORMAT = "tokenmover.structure"
+STRUCTURE_VERSION = 1
+_STRUCTURE_TENSORS = (
+    "perms",
+    "edge_starts",
+    "edge_ends",
+    "edge_weights",
+    "member_offsets",
+    "member_weights",
+)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with tuples as lists and numpy/torch scalars as Python numbers (JSON round trip)."""
+    return json.loads(json.dumps(value, default=_json_default))
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"metadata value of type {type(obj).__name__} is not JSON-serialisable")
+
+
+def write_artifact(folder: str | Path, name: str, tensors: dict[str, torch.Tensor], facts: dict) -> Path:
+    """Write ``NAME.safetensors`` and ``NAME.json`` (with the checksum) into ``folder``."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensor_path = folder / f"{name}.safetensors"
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tensor_path))
+    record = dict(facts)
+    record["sha256"] = file_sha256(tensor_path)
+    json_path = folder / f"{name}.json"
+    json_path.write_text(json.dumps(record, indent=2, default=_json_default) + "\n", encoding="utf-8")
+    return folder
+
+
+def read_artifact(folder: str | Path, name: str, *, fmt: str, version: int) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read and verify an artifact; ``ValueError`` naming the problem if anything is off."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    json_path, tensor_path = folder / f"{name}.json", folder / f"{name}.safetensors"
+    if not json_path.is_file() or not tensor_path.is_file():
+        raise ValueError(f"no {fmt} artifact in {folder}: expected {json_path.name} and {tensor_path.name}")
+    try:
+        facts = json.loads(json_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"corrupted artifact: {json_path} is not valid JSON ({err})") from err
+    if not isinstance(facts, dict) or facts.get("format") != fmt:
+        raise ValueError(f"{json_path} is not a {fmt} artifact (format={facts.get('format')!r})")
+    if facts.get("version") != version:
+        raise ValueError(f"{json_path}: unsupported {fmt} version {facts.get('version')!r} (this code reads {version})")
+    actual = file_sha256(tensor_path)
+    if actual != facts.get("sha256"):
+        raise ValueError(
+            f"corrupted artifact: {tensor_path} has SHA-256 {actual[:16]}..., but {json_path.name} "
+            f"records {str(facts.get('sha256'))[:16]}...; the file was modified or truncated"
+        )
+    try:
+        tensors = load_file(str(tensor_path))
+    except Exception as err:  # safetensors raises its own error types
+        raise ValueError(f"corrupted artifact: cannot read {tensor_path} ({err})") from err
+    return tensors, facts
+
+
+def save_structure(
+    structure: TransportStructure,
+    folder: str | Path,
+    *,
+    name: str = "structure",
+    vocab_fingerprint: str | None = None,
+) -> Path:
+    """Save ``structure`` as ``folder/NAME.{safetensors,json}``.
+
+    ``vocab_fingerprint`` (default: ``structure.metadata["vocab_fingerprint"]`` if present) is
+    stored so that loading can refuse a different tokenizer.
+    """
+    tensors = {key: getattr(structure, key) for key in _STRUCTURE_TENSORS}
+    fingerprint = vocab_fingerprint or structure.metadata.get("vocab_fingerprint")
+    facts = {
+        "format": STRUCTURE_FORMAT,
+        "version": STRUCTURE_VERSION,
+        "kind": structure.kind,
+        "num_tokens": structure.num_tokens,
+        "num_members": structure.num_members,
+        "num_edges": structure.num_edges,
+        "vocab_fingerprint": fingerprint,
+        "metadata": json_safe(structure.metadata),
+    }
+    return write_artifact(folder, name, tensors, facts)
+
+
+def load_structure(
+    folder: str | Path,
+    *,
+    name: str = "structure",
+    tokenizer=None,
+    vocab_fingerprint: str | None = None,
+    num_tokens: int | None = None,
+) -> TransportStructure:
+    """Load and verify a structure saved by :func:`save_structure`.
+
+    Refuses (``ValueError``): a checksum mismatch, missing tensors, a vocabulary fingerprint that
+    differs from ``tokenizer``'s (or from ``vocab_fingerprint``), a size other than
+    ``num_tokens``, and anything :meth:`TransportStructure.validate` rejects.
+    """
+    from tokenmover.geometry.fingerprint import check_fingerprint
+
+    tensors, facts = read_artifact(folder, name, fmt=STRUCTURE_FORMAT, version=STRUCTURE_VERSION)
+    missing = [key for key in _STRUCTURE_TENSORS if key not in tensors]
+    if missing:
+        raise ValueError(f"corrupted structure artifact in {folder}: missing tensors {missing}")
+    stored = facts.get("vocab_fingerprint")
+    if vocab_fingerprint is not None and stored is not None and vocab_fingerprint != stored:
+        raise ValueError(
+            f"structure in {folder} was built for vocabulary fingerprint {stored}, expected {vocab_fingerprint}"
+        )
+    check_fingerprint(stored, tokenizer, what=f"the structure in {folder}")
+    v = int(tensors["perms"].shape[1]) if tensors["perms"].dim() == 2 else -1
+    if v != facts.get("num_tokens"):
+        raise ValueError(f"corrupted structure artifact: perms cover {v} tokens, JSON says {facts.get('num_tokens')}")
+    if num_tokens is not None and v != num_tokens:
+        raise ValueError(f"structure in {folder} covers V={v} tokens, but V={num_tokens} was expected")
+    if tokenizer is not None and stored is None and v < len(tokenizer):
+        raise ValueError(f"structure in {folder} covers V={v} tokens, fewer than the tokenizer's {len(tokenizer)}")
+    structure = TransportStructure(
+        num_tokens=v,
+        perms=tensors["perms"],
+        edge_starts=tensors["edge_starts"],
+        edge_ends=tensors["edge_ends"],
+        edge_weights=tensors["edge_weights"],
+        member_offsets=tensors["member_offsets"],
+        member_weights=tensors["member_weights"],
+        kind=str(facts.get("kind", "tree")),
+        metadata=dict(facts.get("metadata") or {}),
+    )
+    try:
+        structure.validate()
+    except ValueError as err:
+        raise ValueError(f"corrupted structure artifact in {folder}: {err}") from err
+    return structure
