@@ -1,0 +1,1 @@
+"""Benchmarks shipped with the package (``tokenmover bench``): synthetic vocabulary, timing, tables."""
