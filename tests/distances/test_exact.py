@@ -3,8 +3,8 @@ import ot
 import pytest
 import torch
 
-from tokenmover import distance
 from tests.conftest import random_logits
+from tokenmover import distance
 
 
 def test_support_restricted_solve_equals_full_emd2():

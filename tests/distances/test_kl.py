@@ -6,8 +6,8 @@ import torch
 from scipy.spatial.distance import jensenshannon
 from scipy.special import rel_entr
 
-from tokenmover import distance
 from tests.conftest import random_logits
+from tokenmover import distance
 
 
 def probs(x):

@@ -6,8 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from tokenmover import build_chains, build_cluster_tree, distance
 from tests.conftest import random_tree
+from tokenmover import build_chains, build_cluster_tree, distance
 
 V = 24
 POINTS = torch.randn(V, 3, generator=torch.Generator().manual_seed(0))

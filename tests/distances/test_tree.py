@@ -5,9 +5,9 @@ import ot
 import pytest
 import torch
 
+from tests.conftest import random_logits, random_tree
 from tokenmover import build_chains, build_cluster_forest, build_cluster_tree, distance
 from tokenmover.structures import TransportStructure
-from tests.conftest import random_logits, random_tree
 
 BACKENDS = ["numba", "torch"]
 
@@ -63,7 +63,7 @@ def test_gradcheck_float64_both_inputs(backend, rng):
         x = random_logits(3, 9, seed=7).requires_grad_()
         y = random_logits(3, 9, seed=8).requires_grad_()
         assert torch.autograd.gradcheck(
-            lambda a, b: distance(a, b, "tree", structure=structure, backend=backend), (x, y), atol=1e-7
+            lambda a, b, s=structure: distance(a, b, "tree", structure=s, backend=backend), (x, y), atol=1e-7
         )
 
 

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from tokenmover.structures import TransportStructure
 from tests.conftest import random_tree
+from tokenmover.structures import TransportStructure
 
 
 def small_tree() -> TransportStructure:

@@ -21,9 +21,9 @@ from __future__ import annotations
 import json
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -55,7 +55,7 @@ class BenchConfig:
     external: bool = True
 
     @classmethod
-    def quick(cls, **overrides) -> "BenchConfig":
+    def quick(cls, **overrides) -> BenchConfig:
         # dense POT / GeomLoss baselines only at V = 1,000 (at 5,000 they take minutes per position)
         base = dict(sizes=QUICK_SIZES, positions=256, repeats=3, external_positions=1, dense_limit_bytes=1e7)
         base.update(overrides)

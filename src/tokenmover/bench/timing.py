@@ -13,8 +13,8 @@ import os
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -37,7 +37,7 @@ class _RssSampler:
             self.peak = max(self.peak, _rss_bytes())
             time.sleep(0.0005)
 
-    def __enter__(self) -> "_RssSampler":
+    def __enter__(self) -> _RssSampler:
         self.start = _rss_bytes()
         self.peak = self.start
         self._thread.start()

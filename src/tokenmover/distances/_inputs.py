@@ -7,8 +7,8 @@ value per position, shape (...), zero where the mask is False.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 

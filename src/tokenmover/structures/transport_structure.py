@@ -23,8 +23,9 @@ distance is ``sum_k a_k W_{T_k}``: a forest of trees, or sliced Wasserstein with
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -90,7 +91,7 @@ class TransportStructure:
         kind: str = "tree",
         metadata: dict[str, Any] | None = None,
         validate: bool = True,
-    ) -> "TransportStructure":
+    ) -> TransportStructure:
         """One member from a leaf order and its edge ranges/weights."""
         perm_t = torch.as_tensor(np.asarray(perm), dtype=torch.int64).reshape(1, -1)  # (1, V)
         starts_t = torch.as_tensor(np.asarray(starts), dtype=torch.int64).reshape(-1)  # (E,)
@@ -114,12 +115,12 @@ class TransportStructure:
     @classmethod
     def stack(
         cls,
-        members: Sequence["TransportStructure"],
+        members: Sequence[TransportStructure],
         *,
         member_weights: Sequence[float] | None = None,
         kind: str = "forest",
         metadata: dict[str, Any] | None = None,
-    ) -> "TransportStructure":
+    ) -> TransportStructure:
         """A forest: the members of every structure given, each weighted ``1/K`` unless told.
 
         ``member_weights`` gives one weight per member of the result (after flattening).
@@ -164,7 +165,7 @@ class TransportStructure:
     def num_edges(self) -> int:
         return int(self.edge_starts.numel())
 
-    def member(self, k: int) -> "TransportStructure":
+    def member(self, k: int) -> TransportStructure:
         """Member ``k`` alone, as a one-member structure (weight 1)."""
         lo, hi = int(self.member_offsets[k]), int(self.member_offsets[k + 1])
         return TransportStructure(
@@ -179,7 +180,7 @@ class TransportStructure:
             metadata=dict(self.metadata),
         )
 
-    def with_edge_weights(self, edge_weights: torch.Tensor | np.ndarray) -> "TransportStructure":
+    def with_edge_weights(self, edge_weights: torch.Tensor | np.ndarray) -> TransportStructure:
         """The same ranges with new (e.g. calibrated) edge weights."""
         new = torch.as_tensor(np.asarray(edge_weights), dtype=torch.float64).reshape(-1)
         if new.numel() != self.num_edges:
