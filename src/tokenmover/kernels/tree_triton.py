@@ -163,8 +163,9 @@ def tree_rows(
     have the logits' dtype (``None`` when not wanted); ``bad[r]`` is 1 (policy) or 2 (reference)
     for rows with NaN/+Inf or no probability mass.
     """
-    from tokenmover.kernels import tree_triton_jit as jit  # noqa: PLC0415 (imports triton lazily)
     import triton.language as tl  # noqa: PLC0415
+
+    from tokenmover.kernels import tree_triton_jit as jit  # noqa: PLC0415 (imports triton lazily)
 
     n, v = x.shape
     device = x.device

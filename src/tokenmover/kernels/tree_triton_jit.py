@@ -51,15 +51,12 @@ def _row_lse(row_ptr, V, ACC: tl.constexpr, BLOCK: tl.constexpr):
         x = tl.load(row_ptr + idx, mask=idx < V, other=float("-inf")).to(ACC)
         nonfinite += ((x != x) | (x == float("inf"))).to(tl.int32)
         new_max = tl.maximum(run_max, x)
-        live = new_max != float("-inf")
-        scaled = run_sum * tl.exp(tl.where(live, run_max - new_max, 0.0)) + tl.exp(
-            tl.where(live, x - new_max, float("-inf"))
-        )
-        run_sum = tl.where(live, scaled, run_sum)
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # avoids -inf - -inf
+        run_sum = run_sum * tl.exp(run_max - shift) + tl.exp(x - shift)
         run_max = new_max
     row_max = tl.max(run_max, 0)
-    live = run_max != float("-inf")
-    total = tl.sum(tl.where(live, run_sum * tl.exp(tl.where(live, run_max - row_max, 0.0)), 0.0), 0)
+    shift = tl.where(row_max == float("-inf"), 0.0, row_max)
+    total = tl.sum(run_sum * tl.exp(run_max - shift), 0)
     lse = row_max + tl.log(total)
     bad = (tl.sum(nonfinite, 0) > 0) | (row_max == float("-inf"))
     return lse, bad
@@ -235,9 +232,10 @@ def tree_rows_kernel(
     c_row = c_ws + ws * (V + 1)
     p_row = p_ws + ws * (V + 1)
     diff_row = diff_ws + ws * (V + 1)
-    if HAS_TREE:
+    if HAS_TREE:  # prefix sums start at 0; the kernel only ever writes entries 1..V
         tl.store(c_row, _zero(ACC, BLOCK))
-        tl.store(p_row, _zero(ACC, BLOCK))
+        if WANT_GRAD:
+            tl.store(p_row, _zero(ACC, BLOCK))
     for row in range(pid, n_rows, n_programs):
         r = tl.cast(row, tl.int64)
         x_row = x_ptr + r * stride_x

@@ -1,0 +1,198 @@
+"""The Triton kernel (CPU interpreter, TRITON_INTERPRET=1) against the numba and torch backends.
+
+Relative errors are ``max |a - b| / max |b|`` over a batch. Checked here:
+float64 logits: values and both gradients within 1e-12 of the numba kernel (float64 everywhere);
+float32 logits: within 1e-5; bfloat16/float16 logits: values within 1e-5 of a float64 reference
+on the same rounded logits, gradients within 2e-2 (they are returned in the logits' dtype:
+one rounding of 2^-8 plus the bf16 product with the incoming gradient).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: it reads the flag then
+pytest.importorskip("triton", reason="the triton package is not installed: the GPU backend cannot be tested")
+
+from tests.conftest import random_logits, random_tree  # noqa: E402
+from tokenmover import build_chains, build_cluster_forest, build_cluster_tree, distance  # noqa: E402
+from tokenmover.distances import tree as tree_module  # noqa: E402
+from tokenmover.kernels import tree_triton  # noqa: E402
+from tokenmover.structures import TransportStructure  # noqa: E402
+
+if not tree_triton.interpret_mode():
+    pytest.skip("TRITON_INTERPRET is set to 0: these CPU tests need Triton's interpreter", allow_module_level=True)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
+
+
+def values_and_grads(x, y, structure, backend, weights, **kw):
+    """Values and the gradients of sum_r weights_r W_r to both logits."""
+    x = x.detach().clone().requires_grad_()
+    y = y.detach().clone().requires_grad_()
+    values = distance(x, y, "tree", structure=structure, backend=backend, **kw)
+    (values.double() * weights).sum().backward()
+    return values.detach(), x.grad, y.grad
+
+
+def points(v, d=4, seed=0):
+    return torch.randn(v, d, generator=torch.Generator().manual_seed(seed))
+
+
+def structures(v):
+    pts = points(v)
+    return {
+        "cluster_tree": build_cluster_tree(pts, branching=3, leaf_size=6),
+        "chains": build_chains(pts, 3),
+        "forest": build_cluster_forest(pts, 2, branching=4, leaf_size=5),
+        "tree_and_chains": TransportStructure.stack([build_cluster_tree(pts, branching=3, leaf_size=4), build_chains(pts, 2)]),
+    }
+
+
+@pytest.mark.parametrize("num_tokens", [1, 2, 63, 200])
+def test_float64_matches_numba_on_random_trees(num_tokens):
+    rng = np.random.default_rng(num_tokens)
+    tree = TransportStructure.stack([random_tree(num_tokens, rng), random_tree(num_tokens, rng)])
+    x, y = random_logits(5, num_tokens, seed=1), random_logits(5, num_tokens, seed=2)
+    w = torch.randn(5, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    got = values_and_grads(x, y, tree, "triton", w)
+    ref = values_and_grads(x, y, tree, "numba", w)
+    assert got[0].dtype == torch.float64
+    for a, b in zip(got, ref):
+        assert rel_err(a, b) < 1e-12
+
+
+@pytest.mark.parametrize("kind", ["cluster_tree", "chains", "forest", "tree_and_chains"])
+def test_float64_and_float32_match_numba_on_built_structures(kind):
+    structure = structures(300)[kind]  # 300 tokens: 5 tiles of 64, the last one partial
+    w = torch.randn(6, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    x64, y64 = random_logits(6, 300, seed=5), random_logits(6, 300, seed=6)
+    ref = values_and_grads(x64, y64, structure, "numba", w)
+    got64 = values_and_grads(x64, y64, structure, "triton", w)
+    for a, b in zip(got64, ref):
+        assert rel_err(a, b) < 1e-12
+    x32, y32 = x64.float(), y64.float()
+    ref32 = values_and_grads(x32.double(), y32.double(), structure, "numba", w)
+    got32 = values_and_grads(x32, y32, structure, "triton", w)
+    torch32 = values_and_grads(x32, y32, structure, "torch", w)
+    assert got32[0].dtype == torch.float32 and got32[1].dtype == torch.float32
+    for a, b, c in zip(got32, ref32, torch32):
+        assert rel_err(a, b) < 1e-5
+        assert rel_err(a, c) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_logits_accumulate_in_float32(dtype):
+    structure = structures(200)["tree_and_chains"]
+    x, y = random_logits(4, 200, seed=7, dtype=dtype), random_logits(4, 200, seed=8, dtype=dtype)
+    w = torch.rand(4, dtype=torch.float64, generator=torch.Generator().manual_seed(9)) + 0.5
+    values, gx, gy = values_and_grads(x, y, structure, "triton", w)
+    ref = values_and_grads(x.double(), y.double(), structure, "numba", w)
+    assert values.dtype == torch.float32
+    assert gx.dtype == dtype and gy.dtype == dtype
+    assert rel_err(values, ref[0]) < 1e-5
+    assert rel_err(gx, ref[1]) < 2e-2
+    assert rel_err(gy, ref[2]) < 2e-2
+
+
+def test_many_rows_per_program_and_chunks_reuse_workspaces():
+    """5 rows on 2 programs: the per-program workspaces (difference array included) are reused."""
+    structure = structures(150)["forest"]
+    x, y = random_logits(5, 150, seed=10), random_logits(5, 150, seed=11)
+    w = torch.ones(5, dtype=torch.float64)
+    ref = values_and_grads(x, y, structure, "numba", w)
+    for kw in ({"num_programs": 2}, {"num_programs": 1, "block": 32}):
+        xs, ys = x.clone().requires_grad_(), y.clone().requires_grad_()
+        vals = tree_triton.tree_wasserstein_triton(xs, ys, None, structure, **kw)
+        vals.sum().backward()
+        for a, b in zip((vals, xs.grad, ys.grad), ref):
+            assert rel_err(a, b) < 1e-12
+    chunked = values_and_grads(x, y, structure, "triton", w, chunk_size=2)
+    for a, b in zip(chunked, ref):
+        assert rel_err(a, b) < 1e-12
+
+
+def test_mask_zeroes_values_and_gradients_even_with_garbage_rows():
+    structure = structures(100)["cluster_tree"]
+    x = random_logits(6, 100, seed=12).reshape(2, 3, 100)
+    y = random_logits(6, 100, seed=13).reshape(2, 3, 100)
+    mask = torch.tensor([[True, False, True], [False, True, True]])
+    x[~mask] = float("nan")  # padding positions may hold anything
+    xs, ys = x.clone().requires_grad_(), y.clone().requires_grad_()
+    values = distance(xs, ys, "tree", structure=structure, backend="triton", mask=mask)
+    values.sum().backward()
+    assert values.shape == (2, 3)
+    assert torch.all(values[~mask] == 0)
+    assert torch.all(xs.grad[~mask] == 0) and torch.all(ys.grad[~mask] == 0)
+    ref = distance(x[mask], y[mask], "tree", structure=structure, backend="numba")
+    assert rel_err(values[mask], ref) < 1e-12
+
+
+def test_policy_gradient_only_matches_numba():
+    """The RL case: the reference is frozen, only the policy's gradient is computed."""
+    structure = structures(120)["chains"]
+    x, y = random_logits(3, 120, seed=14), random_logits(3, 120, seed=15)
+    xs = x.clone().requires_grad_()
+    distance(xs, y, "sliced", structure=structure, backend="triton").sum().backward()
+    xr = x.clone().requires_grad_()
+    distance(xr, y, "sliced", structure=structure, backend="numba").sum().backward()
+    assert rel_err(xs.grad, xr.grad) < 1e-12
+
+
+def test_no_grad_forward_matches_and_ignores_minus_inf_tokens():
+    structure = structures(80)["tree_and_chains"]
+    x, y = random_logits(3, 80, seed=16), random_logits(3, 80, seed=17)
+    x[:, :10] = float("-inf")  # masked vocabulary: probability 0
+    with torch.no_grad():
+        got = distance(x, y, "tree", structure=structure, backend="triton")
+    ref = distance(x, y, "tree", structure=structure, backend="numba")
+    assert rel_err(got, ref) < 1e-12
+
+
+@pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")  # the interpreter's numpy on bad rows
+@pytest.mark.parametrize(
+    ("which", "value", "name"),
+    [("policy", float("nan"), "policy_logits"), ("ref", float("inf"), "ref_logits"), ("ref", float("-inf"), "ref_logits")],
+)
+def test_bad_rows_raise_value_error_naming_the_input(which, value, name):
+    structure = structures(40)["cluster_tree"]
+    x, y = random_logits(3, 40, seed=18), random_logits(3, 40, seed=19)
+    target = x if which == "policy" else y
+    if value == float("-inf"):
+        target[1] = value  # a whole row of -inf: no probability mass
+    else:
+        target[1, 7] = value
+    with pytest.raises(ValueError, match=name):
+        distance(x, y, "tree", structure=structure, backend="triton")
+
+
+def test_second_backward_through_the_same_graph_raises():
+    """Backward scales the saved gradient in place (no extra (N, V) copy), so it runs once."""
+    structure = structures(30)["cluster_tree"]
+    x = random_logits(2, 30, seed=20).requires_grad_()
+    values = distance(x, random_logits(2, 30, seed=21), "tree", structure=structure, backend="triton")
+    values.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError):
+        values.sum().backward()
+
+
+def test_backend_resolution(monkeypatch):
+    cpu = torch.device("cpu")
+    assert tree_module._resolve_backend("auto", cpu) == "numba"  # CPU keeps numba
+    assert tree_module._resolve_backend("triton", cpu) == "triton"  # interpreter allowed
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="CUDA"):
+        tree_module._resolve_backend("triton", cpu)
+    monkeypatch.setattr(tree_triton, "HAVE_TRITON", False)
+    with pytest.raises(ValueError, match="pip install triton"):
+        tree_module._resolve_backend("triton", cpu)
+    if torch.cuda.is_available():  # pragma: no cover - GPU machines only
+        monkeypatch.setattr(tree_triton, "HAVE_TRITON", True)
+        assert tree_module._resolve_backend("auto", torch.device("cuda")) == "triton"
