@@ -1,0 +1,103 @@
+"""Prompts: where they come from, and the deterministic order in which steps consume them.
+
+Sources (first one given wins): a ``datasets`` dataset, a ``.txt`` file (one prompt per line,
+blank lines skipped), a ``.jsonl`` file (one object per line, text under ``prompt_field``), or an
+inline list.
+
+Order: epoch ``e`` visits the prompts in ``randperm(n, seed + e)``; step ``s`` takes the global
+prompts ``s * P .. (s + 1) * P - 1`` of the concatenated epochs (``P = prompts_per_step``). The
+data position is therefore a function of the step alone, which is what makes resuming exact and
+makes 1 and several processes see the same global batch (process ``r`` of ``W`` takes the
+contiguous slice ``r * P / W .. (r + 1) * P / W - 1`` of it).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+
+def load_prompts(config) -> list[str]:
+    """The prompt texts named by a :class:`~tokenmover.rl.config.GRPOConfig`."""
+    if config.dataset_name:
+        prompts = _from_dataset(config.dataset_name, config.dataset_config, config.dataset_split, config.prompt_field)
+    elif config.prompts_file:
+        prompts = _from_file(Path(config.prompts_file), config.prompt_field)
+    else:
+        prompts = list(config.prompts)
+    if not prompts:
+        raise ValueError("no prompts: set prompts, prompts_file or dataset_name")
+    bad = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
+    if bad:
+        raise ValueError(f"prompts must be strings; entry {bad[0]} is {type(prompts[bad[0]]).__name__}")
+    return prompts
+
+
+def _from_file(path: Path, field: str) -> list[str]:
+    if not path.is_file():
+        raise ValueError(f"prompts_file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        prompts = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
+            if not isinstance(row, dict) or field not in row:
+                raise ValueError(f"{path}:{lineno}: expected an object with a {field!r} field")
+            prompts.append(row[field])
+        return prompts
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _from_dataset(name: str, config_name: str | None, split: str, field: str) -> list[str]:
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError("dataset_name needs the `datasets` package: pip install datasets") from None
+    if Path(name).is_dir():
+        ds = datasets.load_from_disk(name)
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds[split]
+    else:
+        ds = datasets.load_dataset(name, config_name, split=split)
+    if field not in ds.column_names:
+        raise ValueError(f"dataset {name!r} has no column {field!r}; it has {ds.column_names}")
+    return list(ds[field])
+
+
+class PromptOrder:
+    """Which prompts a step uses (see module docstring); stateless given the step."""
+
+    def __init__(self, num_prompts: int, prompts_per_step: int, seed: int) -> None:
+        if num_prompts < 1:
+            raise ValueError("no prompts")
+        self.num_prompts = num_prompts
+        self.prompts_per_step = prompts_per_step
+        self.seed = seed
+        self._epochs: dict[int, list[int]] = {}
+
+    def _epoch(self, e: int) -> list[int]:
+        if e not in self._epochs:
+            gen = torch.Generator().manual_seed(self.seed + e)
+            self._epochs = {e: torch.randperm(self.num_prompts, generator=gen).tolist()}
+        return self._epochs[e]
+
+    def global_indices(self, step: int) -> list[int]:
+        """Prompt indices of step ``step`` (0-based), length ``prompts_per_step``."""
+        out = []
+        for position in range(step * self.prompts_per_step, (step + 1) * self.prompts_per_step):
+            epoch, offset = divmod(position, self.num_prompts)
+            out.append(self._epoch(epoch)[offset])
+        return out
+
+    def position(self, step: int) -> dict[str, int]:
+        """Data position after ``step`` steps: prompts consumed, epoch and offset (for checkpoints)."""
+        consumed = step * self.prompts_per_step
+        epoch, offset = divmod(consumed, self.num_prompts)
+        return {"prompts_consumed": consumed, "epoch": epoch, "offset_in_epoch": offset}
