@@ -1,0 +1,306 @@
+"""GPU benchmark of the full-vocabulary regularizers: correctness against float64, then fwd+bwd time
+and peak memory at N = 8,192 positions of bf16 logits for V in {50,257; 151,936; 262,144}.
+
+Rows (the policy's logits require grad, the reference's do not, as in RL fine-tuning):
+  kl eager          plain PyTorch KL(p || q): log_softmax in float32, sum p (log p - log q)
+  kl compile        the same function under torch.compile
+  k3 (TRL)          TRL GRPO's per-token k3 at the sampled token (float32 logsumexp + gather)
+  tree / forest / sliced   tokenmover.distance(..., backend="triton") on a cluster tree, a forest
+                    of 4 trees, 16 chains, built here from random clustered points
+  tree (torch)      the vectorised torch backend, for comparison (skipped when time runs short)
+  sinkhorn top-64   tokenmover's "sinkhorn" method, when it is registered
+plus the bytes floor: reading both bf16 logit rows and writing the bf16 gradient once, at the copy
+bandwidth measured here.
+
+Run:  python benchmarks/gpu.py --out DIR              (CUDA; ~3-5 minutes on an H100/H200)
+      python benchmarks/gpu.py --device cpu --small   (smoke test under TRITON_INTERPRET=1)
+Needs only torch and triton (and numpy, which tokenmover's structures use); numba/POT/geomloss
+are never imported. Writes DIR/gpu_benchmark.json and prints the tables. Exit code 1 when a
+correctness check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+PROBLEMS: list[str] = []
+
+
+def _parse() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="folder for the JSON")
+    ap.add_argument("--device", default="cuda", help="cuda (default) or cpu (Triton interpreter)")
+    ap.add_argument("--small", action="store_true", help="tiny sizes: a smoke test of the script")
+    ap.add_argument("--vocab", type=int, nargs="*", default=None, help="vocabulary sizes")
+    ap.add_argument("--rows", type=int, default=None, help="positions N (default 8192; 8 with --small)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed repeats per row (median)")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile KL row")
+    ap.add_argument("--budget-s", type=float, default=270.0, help="skip optional rows past this time")
+    return ap.parse_args()
+
+
+ARGS = _parse()
+if ARGS.device == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+
+import torch  # noqa: E402
+
+try:
+    import tokenmover  # noqa: F401
+except ImportError:  # running from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from tokenmover import METHODS, TransportStructure, build_chains, build_cluster_tree, distance  # noqa: E402
+from tokenmover.kernels import tree_triton  # noqa: E402
+
+T_START = time.perf_counter()
+
+
+# ----------------------------------------------------------------------------- the baselines
+def kl_plain(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Full KL(softmax x || softmax y) per row, float32 math (float64 for float64 logits)."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    lp = torch.log_softmax(x.to(acc), -1)  # (N, V)
+    lq = torch.log_softmax(y.to(acc), -1)
+    return (lp.exp() * (lp - lq)).sum(-1)
+
+
+def k3_trl(x: torch.Tensor, y: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """TRL GRPO: per-token log-probs of the sampled tokens, then exp(r) - r - 1, r = ref - policy."""
+    idx = tokens[:, None]
+    logp = (x.float().gather(1, idx) - torch.logsumexp(x.float(), -1, keepdim=True)).squeeze(1)
+    logq = (y.float().gather(1, idx) - torch.logsumexp(y.float(), -1, keepdim=True)).squeeze(1)
+    r = logq - logp
+    return torch.exp(r) - r - 1
+
+
+# ----------------------------------------------------------------------------- helpers
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def clustered_points(v: int, d: int, device: torch.device, seed: int = 0) -> torch.Tensor:
+    """V random points around V/256 centres (a stand-in for a clustered embedding), on CPU."""
+    gen = torch.Generator().manual_seed(seed)
+    centres = torch.randn(max(2, v // 256), d, generator=gen)
+    labels = torch.randint(centres.shape[0], (v,), generator=gen)
+    return centres[labels] + 0.3 * torch.randn(v, d, generator=gen)
+
+
+def build_structures(v: int, small: bool) -> dict[str, TransportStructure]:
+    t0 = time.perf_counter()
+    pts = clustered_points(v, 8 if small else 32, torch.device("cpu"))
+    kw = {"branching": 4, "leaf_size": 8} if small else {"branching": 8, "leaf_size": 32}
+    trees = [build_cluster_tree(pts, seed=s, **kw) for s in range(4)]
+    out = {
+        "tree": trees[0],
+        "forest": TransportStructure.stack(trees, kind="forest"),
+        "sliced": build_chains(pts, 4 if small else 16),
+        "_points": pts,
+    }
+    print(f"  structures for V={v}: {time.perf_counter() - t0:.1f} s", flush=True)
+    return out
+
+
+def fwd_bwd_stats(fn, x, y, device, repeats: int, warmup: int = 1) -> dict:
+    """Median wall time of fn(x, y).sum().backward() and the peak extra memory it allocates."""
+    def step():
+        x.grad = None
+        fn(x, y).sum().backward()
+
+    try:
+        for _ in range(warmup):
+            step()
+        sync(device)
+        times = []
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            base = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        for _ in range(repeats):
+            sync(device)
+            t0 = time.perf_counter()
+            step()
+            sync(device)
+            times.append(time.perf_counter() - t0)
+        peak = torch.cuda.max_memory_allocated(device) - base if device.type == "cuda" else None
+        x.grad = None
+        return {"ms": 1e3 * statistics.median(times), "peak_extra_gib": None if peak is None else peak / 2**30}
+    except torch.cuda.OutOfMemoryError:
+        x.grad = None
+        torch.cuda.empty_cache()
+        return {"ms": None, "peak_extra_gib": None, "error": "out of memory"}
+
+
+def copy_bandwidth(device: torch.device, nbytes: int) -> float:
+    """Bytes per second of a device-to-device copy (read + write counted)."""
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
+    dst = torch.empty_like(src)
+    for _ in range(2):
+        dst.copy_(src)
+    sync(device)
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return 2 * nbytes / statistics.median(times)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b|."""
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
+
+
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| over the whole batch."""
+    a, b = a.detach().double(), b.detach().double()
+    return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b).clamp_min(1e-300))
+
+
+# ----------------------------------------------------------------------------- correctness
+def check_correctness(structures: dict, v: int, device: torch.device, n: int) -> list[dict]:
+    """Triton on bf16 and float32 logits against the torch backend in float64 on the same logits."""
+    rows = []
+    gen = torch.Generator(device=device).manual_seed(1)
+    x = (3 * torch.randn(n, v, generator=gen, device=device)).to(torch.bfloat16)
+    y = (x.float() + torch.randn(n, v, generator=gen, device=device)).to(torch.bfloat16)
+    for name in ("tree", "forest", "sliced"):
+        s = structures[name]
+        x64 = x.detach().double().requires_grad_()
+        ref = distance(x64, y.double(), "tree", structure=s, backend="torch")
+        ref.sum().backward()
+        # gradient tolerance in relative L2: an edge whose mass is within float32 rounding of 0
+        # may take the other sign than in float64 (both are valid subgradients)
+        for dtype, tol_v, tol_g in ((torch.bfloat16, 1e-4, 2e-2), (torch.float32, 1e-4, 2e-2)):
+            xt = x.detach().to(dtype).clone().requires_grad_()
+            got = distance(xt, y.to(dtype), "tree", structure=s, backend="triton")
+            got.sum().backward()
+            ev, eg, eg_max = rel_err(got, ref), rel_l2(xt.grad, x64.grad), rel_err(xt.grad, x64.grad)
+            ok = ev < tol_v and eg < tol_g
+            rows.append({"V": v, "structure": name, "logits": str(dtype).replace("torch.", ""),
+                         "rel_err_value": ev, "rel_err_grad": eg, "rel_err_grad_max": eg_max, "ok": ok})
+            if not ok:
+                PROBLEMS.append(f"{name} {dtype} V={v}: value {ev:.2e} grad {eg:.2e}")
+    xk = x.float().requires_grad_()
+    xk64 = x.double().requires_grad_()
+    kl32, kl64 = kl_plain(xk, y), kl_plain(xk64, y.double())
+    rows.append({"V": v, "structure": "kl (eager fp32)", "logits": "bfloat16",
+                 "rel_err_value": rel_err(kl32, kl64), "rel_err_grad": None, "ok": True})
+    return rows
+
+
+# ----------------------------------------------------------------------------- main
+def main() -> int:
+    device = torch.device(ARGS.device)
+    small = ARGS.small
+    vocab = ARGS.vocab or ([300, 1000] if small else [50_257, 151_936, 262_144])
+    n = ARGS.rows or (8 if small else 8192)
+    repeats = ARGS.repeats or (1 if small else 5)
+    if not tree_triton.available(device):
+        print(f"cannot run: {tree_triton.unavailable_reason(device)}")
+        return 2
+    info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton interpreter)",
+            "torch": torch.__version__, "triton": __import__("triton").__version__, "N": n, "repeats": repeats,
+            "note": "" if device.type == "cuda" else "CPU interpreter: timings are meaningless, this is a smoke test"}
+    print(json.dumps(info), flush=True)
+    bw = copy_bandwidth(device, (1 << 30) if device.type == "cuda" else (1 << 22))
+    info["copy_bandwidth_GBps"] = bw / 1e9
+    print(f"measured copy bandwidth: {bw / 1e9:.0f} GB/s", flush=True)
+    compiled_kl = None
+    if not ARGS.no_compile and device.type == "cuda":
+        compiled_kl = torch.compile(kl_plain, dynamic=False)
+    correctness, timings = [], []
+    for v in vocab:
+        print(f"V = {v}", flush=True)
+        structures = build_structures(v, small)
+        correctness += check_correctness(structures, v, device, n=4 if small else 16)
+        gen = torch.Generator(device=device).manual_seed(0)
+        x = (3 * torch.randn(n, v, generator=gen, device=device)).to(torch.bfloat16).requires_grad_()
+        y = (x.detach().float() + torch.randn(n, v, generator=gen, device=device)).to(torch.bfloat16)
+        tokens = torch.randint(v, (n,), generator=gen, device=device)
+        floor_s = (3 * n * v * 2) / bw
+        rows = [("kl eager", kl_plain), ("k3 (TRL)", lambda a, b, t=tokens: k3_trl(a, b, t))]
+        if compiled_kl is not None:
+            rows.insert(1, ("kl compile", compiled_kl))
+        for name in ("tree", "forest", "sliced"):
+            s = structures[name]
+            rows.append((f"{name} (triton)", lambda a, b, s=s: distance(a, b, "tree", structure=s, backend="triton")))
+        tree = structures["tree"]
+        rows.append(("tree (torch)", lambda a, b, s=tree: distance(a, b, "tree", structure=s, backend="torch")))
+        if "sinkhorn" in METHODS:
+            spec = METHODS["sinkhorn"]
+            kw = {"points": structures["_points"].to(device)}
+            if "k" in spec.accepts:
+                kw["k"] = 64
+            rows.append(("sinkhorn top-64", lambda a, b, kw=kw: distance(a, b, "sinkhorn", **kw)))
+        for name, fn in rows:
+            optional = name in ("tree (torch)", "sinkhorn top-64")
+            if optional and time.perf_counter() - T_START > ARGS.budget_s:
+                timings.append({"V": v, "method": name, "ms": None, "error": "skipped: time budget"})
+                continue
+            try:
+                stats = fwd_bwd_stats(fn, x, y, device, repeats=1 if optional else repeats)
+            except Exception as exc:  # a row that fails must not hide the others
+                stats = {"ms": None, "peak_extra_gib": None, "error": f"{type(exc).__name__}: {exc}"[:200]}
+            stats.update({"V": v, "method": name, "x_floor": None if stats.get("ms") is None
+                          else stats["ms"] / (1e3 * floor_s)})
+            timings.append(stats)
+            print(f"  {name:18s} {_fmt(stats)}", flush=True)
+        timings.append({"V": v, "method": "bytes floor", "ms": 1e3 * floor_s, "peak_extra_gib": None, "x_floor": 1.0})
+        del x, y
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    print_tables(correctness, timings, vocab)
+    ARGS.out.mkdir(parents=True, exist_ok=True)
+    out = ARGS.out / ("gpu_benchmark_small.json" if small else "gpu_benchmark.json")
+    out.write_text(json.dumps({"info": info, "correctness": correctness, "timings": timings,
+                               "problems": PROBLEMS, "seconds": time.perf_counter() - T_START}, indent=1))
+    print(f"wrote {out} ({time.perf_counter() - T_START:.0f} s)")
+    if PROBLEMS:
+        print("CORRECTNESS PROBLEMS:\n  " + "\n  ".join(PROBLEMS))
+        return 1
+    return 0
+
+
+def _fmt(stats: dict) -> str:
+    if stats.get("ms") is None:
+        return stats.get("error", "n/a")
+    mem = stats.get("peak_extra_gib")
+    mem_s = "" if mem is None else f"  peak +{mem:.2f} GiB"
+    return f"{stats['ms']:9.2f} ms{mem_s}"
+
+
+def print_tables(correctness: list[dict], timings: list[dict], vocab: list[int]) -> None:
+    print("\nCorrectness against the float64 torch backend on the same logits: value max|a-b|/max|b|,")
+    print("gradient to the policy logits ||a-b||/||b|| (and max|a-b|/max|b|)")
+    print(f"{'V':>8} {'structure':16} {'logits':9} {'value':>10} {'grad L2':>10} {'grad max':>10}  ok")
+    for r in correctness:
+        g = "" if r["rel_err_grad"] is None else f"{r['rel_err_grad']:.2e}"
+        gm = "" if r.get("rel_err_grad_max") is None else f"{r['rel_err_grad_max']:.2e}"
+        print(f"{r['V']:>8} {r['structure']:16} {r['logits']:9} {r['rel_err_value']:>10.2e} {g:>10} {gm:>10}  {r['ok']}")
+    methods = list(dict.fromkeys(t["method"] for t in timings))
+    print("\nfwd+bwd time (median ms) / peak extra memory (GiB) / x bytes floor")
+    print(f"{'method':18}" + "".join(f"{v:>32}" for v in vocab))
+    for m in methods:
+        cells = []
+        for v in vocab:
+            t = next((t for t in timings if t["V"] == v and t["method"] == m), None)
+            if t is None or t.get("ms") is None:
+                cells.append(f"{(t or {}).get('error', '-')[:30]:>32}")
+                continue
+            mem = "" if t.get("peak_extra_gib") is None else f"{t['peak_extra_gib']:.2f}"
+            cells.append(f"{t['ms']:>12.2f} {mem:>9} {t['x_floor']:>8.1f}x")
+        print(f"{m:18}" + "".join(cells))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
