@@ -407,6 +407,7 @@ class GRPOTrainer:
         end = cfg.max_steps if max_steps is None else min(cfg.max_steps, self.step + max_steps)
         log = MetricsLog(self.output_dir, cfg.report_to, acc, resume_step=self._resume_step,
                          tracker_config=cfg.to_dict())
+        self._write_run_info()
         bar = None
         if self.show_progress:
             from tqdm.auto import tqdm
@@ -434,6 +435,20 @@ class GRPOTrainer:
                 bar.close()
             log.close()
         return self.history
+
+    def _write_run_info(self) -> None:
+        """``output_dir/run.json``: how the run was set up (processes, device, V, config)."""
+        acc = self.accelerator
+        if not acc.is_main_process:
+            return
+        import tokenmover
+
+        info = {"tokenmover_version": tokenmover.__version__, "num_processes": acc.num_processes,
+                "distributed_type": str(acc.distributed_type), "device": str(acc.device),
+                "vocab_size": self.vocab_size, "num_prompts": len(self.prompts), "start_step": self.step,
+                "regularizer": repr(self.regularizer), "config": self.config.to_dict()}
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        (self.output_dir / "run.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint_dir(self, step: int) -> Path:
