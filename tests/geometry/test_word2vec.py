@@ -1,0 +1,79 @@
+import numpy as np
+import pytest
+import torch
+
+from tokenmover.geometry import VocabGeometry, cached_word2vec_geometry
+
+
+def test_word2vec_places_every_token_by_pieces(toy_tokenizer, toy_corpus):
+    geom = VocabGeometry.word2vec(toy_corpus, toy_tokenizer, dim=8, seed=0, workers=1, epochs=5,
+                                  min_count=2, progress=False)
+    facts = geom.metadata["word2vec"]
+    assert geom.num_tokens == len(toy_tokenizer) and geom.dim == 8
+    placed = facts["unseen_placement"]
+    assert facts["trained_tokens"] + sum(placed.values()) == len(toy_tokenizer)
+    assert facts["unseen_rule"] == "pieces"
+    ids = toy_tokenizer.index
+    # "catdog" never occurs: it is the mean of its longest trained pieces "cat" and "dog"
+    expected = (geom.points[ids["cat"]] + geom.points[ids["dog"]]) / 2
+    assert torch.allclose(geom.points[ids["catdog"]], expected, atol=1e-6)
+    # "<PAD>" has no trained piece: the mean of trained vectors
+    assert placed["mean"] >= 1
+    trained = [i for t, i in ids.items() if t in {"the", "a", "red", "blue", "cat", "dog", "car", "bus", "eats", "drives"}]
+    assert torch.allclose(geom.points[ids["<PAD>"]], geom.points[trained].mean(0), atol=1e-5)
+
+
+def test_word2vec_learns_the_toy_classes(toy_tokenizer, toy_corpus):
+    geom = VocabGeometry.word2vec(toy_corpus, toy_tokenizer, dim=8, seed=1, workers=1, epochs=20,
+                                  min_count=2, window=2, sg=1, progress=False)
+    ids = toy_tokenizer.index
+    # words of one class (same slot, same neighbours) are nearer each other than words of two classes
+    within = geom.pair_distances([ids["cat"], ids["car"], ids["red"]], [ids["dog"], ids["bus"], ids["blue"]])
+    across = geom.pair_distances([ids["cat"], ids["cat"], ids["car"], ids["dog"]],
+                                 [ids["car"], ids["red"], ids["red"], ids["bus"]])
+    assert within.mean() < 0.8 * across.mean()
+
+
+def test_word2vec_is_deterministic_with_one_worker(toy_tokenizer, toy_corpus):
+    kw = dict(dim=8, seed=3, workers=1, epochs=2, min_count=2, progress=False)
+    a = VocabGeometry.word2vec(toy_corpus, toy_tokenizer, **kw)
+    b = VocabGeometry.word2vec(toy_corpus, toy_tokenizer, **kw)
+    assert torch.equal(a.points, b.points)
+
+
+def test_word2vec_linear_map_from_model(toy_tokenizer, toy_corpus, tiny_llama):
+    model = tiny_llama(len(toy_tokenizer) + 3)
+    geom = VocabGeometry.word2vec(toy_corpus, toy_tokenizer, dim=8, seed=0, workers=1, epochs=3,
+                                  min_count=2, model=model, progress=False)
+    facts = geom.metadata["word2vec"]
+    assert geom.num_tokens == len(toy_tokenizer) + 3 and facts["padding_rows"] == 3
+    assert facts["unseen_rule"] == "linear_map"
+    assert facts["unseen_placement"]["linear_map"] == geom.num_tokens - facts["trained_tokens"]
+    # placed rows are an affine function of the model's embedding rows
+    from sklearn.linear_model import Ridge
+
+    emb = model.get_input_embeddings().weight.detach().numpy()
+    trained = np.array(sorted({toy_tokenizer.index[t] for t in "the a red blue cat dog car bus eats drives".split()}))
+    ridge = Ridge(alpha=facts["linear_map"]["ridge_alpha"]).fit(emb[trained], geom.points[trained].numpy())
+    np.testing.assert_allclose(geom.points[-1].numpy(), ridge.predict(emb[-1:])[0], atol=1e-4)
+
+
+def test_empty_corpus_is_refused(toy_tokenizer):
+    with pytest.raises(ValueError, match="corpus is empty"):
+        VocabGeometry.word2vec(["", "   "], toy_tokenizer, dim=4, progress=False)
+
+
+def test_cached_word2vec_builds_once(toy_tokenizer, toy_corpus, tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(toy_corpus))
+    kw = dict(dim=6, cache_dir=tmp_path / "cache", progress=False, workers=1, min_count=2, epochs=2)
+    first = cached_word2vec_geometry(toy_tokenizer, corpus=str(corpus), **kw)
+    folders = list((tmp_path / "cache" / "geometries").iterdir())
+    assert len(folders) == 1
+    mtime = (folders[0] / "geometry.safetensors").stat().st_mtime_ns
+    second = cached_word2vec_geometry(toy_tokenizer, corpus=str(corpus), **kw)
+    assert torch.equal(first.points, second.points)
+    assert (folders[0] / "geometry.safetensors").stat().st_mtime_ns == mtime
+    assert second.metadata["word2vec"] == first.metadata["word2vec"]
+    other = cached_word2vec_geometry(toy_tokenizer, corpus=str(corpus), **{**kw, "dim": 4})
+    assert other.dim == 4 and len(list((tmp_path / "cache" / "geometries").iterdir())) == 2
