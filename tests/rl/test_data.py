@@ -1,0 +1,53 @@
+"""Prompt sources and the step -> prompts order (deterministic, epoch-complete, split over processes)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tokenmover.rl.config import GRPOConfig
+from tokenmover.rl.data import PromptOrder, load_prompts
+
+
+def test_text_and_jsonl_files_and_inline(tmp_path):
+    txt = tmp_path / "p.txt"
+    txt.write_text("first prompt\n\n  second prompt  \n")
+    assert load_prompts(GRPOConfig(prompts_file=str(txt))) == ["first prompt", "second prompt"]
+    jl = tmp_path / "p.jsonl"
+    jl.write_text(json.dumps({"question": "a?"}) + "\n\n" + json.dumps({"question": "b?"}) + "\n")
+    assert load_prompts(GRPOConfig(prompts_file=str(jl), prompt_field="question")) == ["a?", "b?"]
+    assert load_prompts(GRPOConfig(prompts=["x", "y"])) == ["x", "y"]
+
+
+def test_datasets_dataset_from_disk(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    folder = tmp_path / "ds"
+    datasets.Dataset.from_dict({"prompt": ["p1", "p2", "p3"]}).save_to_disk(str(folder))
+    assert load_prompts(GRPOConfig(dataset_name=str(folder))) == ["p1", "p2", "p3"]
+    with pytest.raises(ValueError, match="no column 'text'"):
+        load_prompts(GRPOConfig(dataset_name=str(folder), prompt_field="text"))
+
+
+def test_bad_prompt_sources(tmp_path):
+    with pytest.raises(ValueError, match="no prompts"):
+        load_prompts(GRPOConfig())
+    with pytest.raises(ValueError, match="does not exist"):
+        load_prompts(GRPOConfig(prompts_file=str(tmp_path / "none.txt")))
+    jl = tmp_path / "bad.jsonl"
+    jl.write_text('{"prompt": "ok"}\n{not json}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:2: not valid JSON"):
+        load_prompts(GRPOConfig(prompts_file=str(jl)))
+    jl.write_text('{"text": "no prompt field"}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:1: expected an object with a 'prompt' field"):
+        load_prompts(GRPOConfig(prompts_file=str(jl)))
+
+
+def test_order_is_a_function_of_the_step_and_covers_each_epoch():
+    order = PromptOrder(num_prompts=5, prompts_per_step=2, seed=3)
+    seq = [i for step in range(10) for i in order.global_indices(step)]  # 20 = 4 epochs of 5
+    for epoch in range(4):
+        assert sorted(seq[5 * epoch:5 * epoch + 5]) == list(range(5))
+    fresh = PromptOrder(num_prompts=5, prompts_per_step=2, seed=3)
+    assert fresh.global_indices(7) == order.global_indices(7)  # no hidden state: resuming is exact
+    assert order.position(3) == {"prompts_consumed": 6, "epoch": 1, "offset_in_epoch": 1}
