@@ -401,10 +401,17 @@ class GRPOTrainer:
         self.last_rollout = r
         return row
 
-    def train(self, max_steps: int | None = None) -> list[dict]:
-        """Run until ``config.max_steps`` (or stop after ``max_steps`` more steps); returns the history."""
+    def train(self, max_steps: int | None = None, *, deadline: float | None = None) -> list[dict]:
+        """Run until ``config.max_steps``; returns the history.
+
+        Args:
+            max_steps: stop after this many more steps (default: run to ``config.max_steps``).
+            deadline: a ``time.perf_counter()`` value; after the first step of this call, a step is not
+                started when the previous step's duration says it would end after the deadline.
+        """
         cfg, acc = self.config, self.accelerator
         end = cfg.max_steps if max_steps is None else min(cfg.max_steps, self.step + max_steps)
+        start = self.step
         log = MetricsLog(self.output_dir, cfg.report_to, acc, resume_step=self._resume_step,
                          tracker_config=cfg.to_dict())
         self._write_run_info()
@@ -416,6 +423,9 @@ class GRPOTrainer:
                        dynamic_ncols=True)
         try:
             while self.step < end:
+                if deadline is not None and self.step > start:
+                    if time.perf_counter() + self.history[-1]["step_time"] >= deadline:
+                        break
                 row = self.train_step()
                 self.history.append(row)
                 log.log(row, row["step"])
