@@ -1,0 +1,145 @@
+"""The shared machinery: chunked logits from hidden states, the logit head, the regularizer from a config."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import tokenmover
+from tokenmover.geometry import VocabGeometry
+from tokenmover.integrations.trl.transport import (
+    LogitHead,
+    build_regularizer,
+    transport_from_hidden,
+)
+from tokenmover.regularizer import Regularizer
+from tokenmover.rl.models import tiny_model
+from tokenmover.structures import build_cluster_tree
+
+D, V = 6, 40
+
+
+def _heads(dtype=torch.float64):
+    torch.manual_seed(0)
+    policy = nn.Linear(D, V, bias=False).to(dtype)
+    ref = nn.Linear(D + 2, V, bias=True).to(dtype)
+    return policy, ref
+
+
+def _structure():
+    return build_cluster_tree(torch.randn(V, 5, generator=torch.Generator().manual_seed(3)), branching=3, leaf_size=4)
+
+
+@pytest.mark.parametrize("method", ["tree", "kl", "k3"])
+def test_transport_from_hidden_matches_distance_on_full_logits(method):
+    policy, ref = _heads()
+    structure = _structure()
+    kwargs = {"structure": structure} if method == "tree" else {}
+    reg = Regularizer(method, **kwargs)
+    h_pol = torch.randn(11, D, dtype=torch.float64, requires_grad=True)
+    h_ref = torch.randn(11, D + 2, dtype=torch.float64)
+    tokens = torch.randint(0, V, (11,))
+    pol_head = LogitHead(policy, temperature=0.7)
+    ref_head = LogitHead(ref, temperature=0.7)
+    term = transport_from_hidden(h_pol, h_ref, pol_head, ref_head, reg, tokens=tokens, chunk_size=3,
+                                 want_entropy=True, want_policy_token_logps=True)
+    term.penalty.sum().backward()
+    grad_chunked = h_pol.grad.clone()
+
+    h_pol.grad = None
+    full_pol = policy(h_pol) / 0.7
+    full_ref = (ref(h_ref) / 0.7).detach()
+    tok_kw = {"tokens": tokens} if method == "k3" else {}
+    expected = tokenmover.distance(full_pol, full_ref, method, **kwargs, **tok_kw)
+    expected.sum().backward()
+    torch.testing.assert_close(term.penalty, expected.detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad_chunked, h_pol.grad, rtol=1e-9, atol=1e-12)
+    logp_ref = torch.log_softmax(full_ref, -1)
+    logp_pol = torch.log_softmax(full_pol.detach(), -1)
+    torch.testing.assert_close(term.ref_token_logps, logp_ref[torch.arange(11), tokens].float(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(term.policy_token_logps, logp_pol[torch.arange(11), tokens].float(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(term.policy_entropy, -(logp_pol.exp() * logp_pol).sum(-1).float(), rtol=1e-5, atol=1e-6)
+
+
+def test_transport_from_hidden_empty_selection_is_a_connected_zero():
+    policy, ref = _heads(torch.float32)
+    h = torch.randn(0, D, requires_grad=True)
+    term = transport_from_hidden(h, torch.randn(0, D + 2), LogitHead(policy), LogitHead(ref), Regularizer("kl"))
+    assert term.penalty.shape == (0,)
+    term.penalty.sum().backward()  # must not raise
+
+
+def test_transport_from_hidden_refuses_mismatched_rows_and_missing_tokens():
+    policy, ref = _heads(torch.float32)
+    with pytest.raises(ValueError, match="same N"):
+        transport_from_hidden(torch.randn(3, D), torch.randn(4, D + 2), LogitHead(policy), LogitHead(ref),
+                              Regularizer("kl"))
+    with pytest.raises(ValueError, match="needs the completion token ids"):
+        transport_from_hidden(torch.randn(3, D), torch.randn(3, D + 2), LogitHead(policy), LogitHead(ref),
+                              Regularizer("k3"))
+
+
+def test_logit_head_applies_scale_softcap_and_temperature():
+    head = nn.Linear(D, V)
+    h = torch.randn(5, D)
+    logit_head = LogitHead(head, scale=0.5, softcap=3.0, temperature=2.0)
+    raw = head(h)
+    expected = 3.0 * torch.tanh(raw * 0.5 / 3.0) / 2.0
+    torch.testing.assert_close(logit_head(h), expected)
+
+
+def test_logit_head_reads_the_config_like_trl():
+    model = tiny_model(V, 16, 1)
+    model.config.final_logit_softcapping = 30.0
+    model.config.logit_scale = 0.25
+    head = LogitHead.from_model(model, temperature=0.9)
+    assert (head.scale, head.softcap, head.temperature) == (0.25, 30.0, 0.9)
+    assert head.lm_head is model.get_output_embeddings()
+
+
+def _args(**overrides):
+    values = dict(transport_method="tree", transport_structure=None, transport_geometry="embeddings",
+                  transport_structure_kind="tree", transport_backend="auto", seed=0)
+    values.update(overrides)
+    return SimpleNamespace(**values)
+
+
+def test_build_regularizer_builds_a_tree_from_the_model_embeddings():
+    model = tiny_model(V, 16, 1)
+    reg = build_regularizer(_args(), model)
+    assert reg.method == "tree" and reg.num_tokens == V
+    expected = VocabGeometry.from_model(model, "input").build_structure("tree", seed=0)
+    assert torch.equal(reg.structure.perms, expected.perms)
+    assert torch.equal(reg.structure.edge_weights, expected.edge_weights)
+
+
+def test_build_regularizer_refuses_another_vocabulary_size(tmp_path):
+    model = tiny_model(V, 16, 1)
+    small = build_cluster_tree(np.random.default_rng(0).normal(size=(V - 3, 4)))
+    with pytest.raises(ValueError, match=f"vocabulary size mismatch.*V={V - 3}.*V={V}"):
+        build_regularizer(_args(), model, structure=small)
+    small.save_pretrained(tmp_path / "structure")
+    with pytest.raises(ValueError, match="vocabulary size mismatch"):
+        build_regularizer(_args(transport_structure=str(tmp_path / "structure")), model)
+    VocabGeometry.from_array(torch.randn(V + 5, 4)).save_pretrained(tmp_path / "geometry")
+    with pytest.raises(ValueError, match=f"vocabulary size mismatch.*V={V + 5}"):
+        build_regularizer(_args(transport_geometry=str(tmp_path / "geometry")), model)
+    with pytest.raises(ValueError, match="neither 'embeddings'"):
+        build_regularizer(_args(transport_geometry=str(tmp_path / "missing")), model)
+
+
+def test_build_regularizer_loads_a_saved_structure(tmp_path):
+    model = tiny_model(V, 16, 1)
+    structure = VocabGeometry.from_model(model, "input").build_structure("forest", n_trees=2)
+    structure.save_pretrained(tmp_path / "s")
+    reg = build_regularizer(_args(transport_method="forest", transport_structure=str(tmp_path / "s")), model)
+    assert torch.equal(reg.structure.perms, structure.perms)
+
+
+def test_build_regularizer_without_structure_for_kl():
+    reg = build_regularizer(_args(transport_method="js"), tiny_model(V, 16, 1))
+    assert reg.method == "js" and reg.structure is None
