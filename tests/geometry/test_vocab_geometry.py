@@ -101,3 +101,21 @@ def test_nearest_neighbours():
     x = np.array([[0.0, 0.0], [1.0, 0.0], [10.0, 0.0], [1.1, 0.0]])
     ids, dist = VocabGeometry.from_array(x, metric="euclidean").nearest([1], k=2)
     assert ids.tolist() == [[3, 0]] and dist[0].tolist() == pytest.approx([0.1, 1.0])
+
+
+def test_all_but_the_top_removes_mean_and_top_directions():
+    from sklearn.decomposition import PCA
+
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(500, 6)) * np.array([8.0, 4.0, 1.0, 1.0, 0.5, 0.5]) + 3.0
+    geom = VocabGeometry.from_array(x, metric="euclidean").all_but_the_top(2)
+    y = geom.points.double().numpy()
+    top = PCA(2).fit(x).components_  # (2, d)
+    np.testing.assert_allclose(y.mean(0), 0.0, atol=1e-4)
+    np.testing.assert_allclose(y @ top.T, 0.0, atol=1e-3)
+    # what is left is exactly the centred data minus its projection on the top directions
+    xc = x - x.mean(0)
+    np.testing.assert_allclose(y, xc - (xc @ top.T) @ top, atol=1e-4)
+    assert geom.metadata["postprocessing"] == [{"step": "all_but_the_top", "n_components": 2}]
+    with pytest.raises(ValueError, match="n_components"):
+        geom.all_but_the_top(6)

@@ -194,6 +194,25 @@ class VocabGeometry:
         kept = float(evals[-dim:].sum() / evals.sum().clamp_min(1e-300))
         return self._derived((xc @ top).float(), {"step": "pca", "dim": dim, "variance_kept": round(kept, 4)})
 
+    def all_but_the_top(self, n_components: int = 2) -> VocabGeometry:
+        """Centre the points and remove their top ``n_components`` principal directions.
+
+        "All-but-the-top" (Mu & Viswanath, ICLR 2018): ``x <- (x - mean) - sum_{i<D} <x - mean, u_i> u_i``.
+        Language-model embeddings share a common mean and a few dominant directions (frequency,
+        position) that swamp word similarity; removing them before L2 normalisation lifts
+        SmolLM2's synonym ROC-AUC from 0.63 to 0.90 (docs/results/geometry_eval.md).
+        ``n_components=0`` only centres.
+        """
+        if not 0 <= n_components < self.dim:
+            raise ValueError(f"n_components must lie in [0, {self.dim}), got {n_components}")
+        x = self.points.double()
+        xc = x - x.mean(0, keepdim=True)  # (V, d)
+        if n_components:
+            _, evecs = torch.linalg.eigh(xc.T @ xc)  # ascending eigenvalues
+            top = evecs[:, -n_components:]  # (d, D)
+            xc = xc - (xc @ top) @ top.T
+        return self._derived(xc.float(), {"step": "all_but_the_top", "n_components": n_components})
+
     def principal_directions(self, n: int) -> np.ndarray:
         """Top ``n`` principal directions of the ground points, shape (d, n) float64."""
         x = self.ground_points().double()

@@ -1,0 +1,92 @@
+"""Real offline assets (SmolLM2, GPT-2's tokenizer, Shakespeare, WordNet): slow, run with -m slow."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from tokenmover.assets import load_smollm2
+
+    return load_smollm2()
+
+
+def test_from_model_on_smollm2(smollm2):
+    from tokenmover.geometry import VocabGeometry, vocab_fingerprint
+
+    model, tokenizer = smollm2
+    geom = VocabGeometry.from_model(model, "input", tokenizer=tokenizer)
+    assert geom.num_tokens == 49152 and geom.dim == 576 and geom.metadata["padding_rows"] == 0
+    assert geom.metadata["tied_embeddings"] and geom.vocab_fingerprint == vocab_fingerprint(tokenizer)
+    out = VocabGeometry.from_model(model, "output", tokenizer=tokenizer)
+    assert torch.equal(out.points, geom.points)  # tied
+
+
+def test_word2vec_slice_and_synonyms_with_gpt2_tokenizer(tmp_path):
+    from tokenmover.assets import load_gpt2_tokenizer, shakespeare_lines
+    from tokenmover.geometry import VocabGeometry
+    from tokenmover.geometry.quality import evaluate, wordnet_synonym_pairs
+
+    tokenizer = load_gpt2_tokenizer()
+    texts = list(itertools.islice(shakespeare_lines(), 20_000))
+    geom = VocabGeometry.word2vec(texts, tokenizer, dim=32, seed=0, epochs=3, progress=False)
+    facts = geom.metadata["word2vec"]
+    assert geom.num_tokens == 50257
+    assert facts["trained_tokens"] + sum(facts["unseen_placement"].values()) == 50257
+    pairs = wordnet_synonym_pairs(tokenizer, words=["happy", "big", "fast", "king", "sad", "love", "fight"])
+    assert len(pairs["pairs"]) > 5
+    report = evaluate(geom, {"tree": geom.build_structure("tree")}, pairs["pairs"], n_random=500)
+    assert 0.0 <= report["ground"]["roc_auc"] <= 1.0 and report["tree"]["distortion"]["median_ratio"] >= 1.0
+    geom.save_pretrained(tmp_path)
+    assert torch.equal(VocabGeometry.from_pretrained(tmp_path, tokenizer=tokenizer).points, geom.points)
+
+
+def test_calibrated_tree_matches_exact_w1_on_real_pairs(smollm2):
+    """A small version of experiments/geometry_calibration.py: held-out Spearman and error."""
+    import ot
+
+    from tokenmover.geometry import VocabGeometry
+    from tokenmover.structures.calibration import calibrate, edge_features, fit_scores
+
+    model, tokenizer = smollm2
+    geom = VocabGeometry.from_model(model, "input", tokenizer=tokenizer)
+    texts = ["To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer",
+             "The capital of France is Paris, and the capital of Italy is Rome. Many people visit",
+             "Once upon a time there was a little girl who lived in a village near the forest",
+             "def add(a, b):\n    return a + b\n\nprint(add(2, 3))  # prints five and then"]
+    ids = tokenizer(texts, add_special_tokens=False, padding=False)["input_ids"]
+    with torch.no_grad():
+        dists = [torch.softmax(model(torch.tensor([s])).logits[0, 3:].float(), -1) for s in ids]
+    rows = torch.cat(dists)  # (N, V)
+    rng = np.random.default_rng(0)
+    x = geom.ground_points().double().numpy()
+
+    def pair_set(lo, hi, n):
+        p = np.zeros((n, 49152))
+        q = np.zeros((n, 49152))
+        for i in range(n):
+            a, b = rng.integers(lo, hi, 2)
+            for out, r in ((p, a), (q, b)):
+                top = torch.topk(rows[r], 16)
+                out[i, top.indices.numpy()] = (top.values / top.values.sum()).double().numpy()
+        y = []
+        for a, b in zip(p, q):
+            s = np.union1d(np.nonzero(a)[0], np.nonzero(b)[0])
+            cost = np.linalg.norm(x[s][:, None] - x[s][None], axis=-1)
+            y.append(ot.emd2(a[s], b[s], cost, numItermax=10_000_000))
+        return p, q, np.array(y)
+
+    half = rows.shape[0] // 2
+    p_tr, q_tr, y_tr = pair_set(0, half, 150)
+    p_te, q_te, y_te = pair_set(half, rows.shape[0], 100)
+    tree = geom.build_structure("tree")
+    cal = calibrate(tree, p_tr, q_tr, y_tr)
+    before = fit_scores(edge_features(tree, p_te, q_te) @ tree.edge_weights.numpy(), y_te)
+    after = fit_scores(edge_features(cal.structure, p_te, q_te) @ cal.structure.edge_weights.numpy(), y_te)
+    assert after["spearman"] >= 0.9 and after["median_rel_err"] <= 0.15
+    assert before["median_rel_err"] > after["median_rel_err"]
