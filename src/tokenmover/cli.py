@@ -13,6 +13,7 @@ import sys
 # module path -> sub-command(s) it registers
 SUBCOMMAND_MODULES = [
     "tokenmover.bench.cli",
+    "tokenmover.rl.cli",
 ]
 
 
