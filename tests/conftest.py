@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
+
+# Triton decides at import time whether its own @jit helpers (tl.cumsum's combine functions, ...)
+# are interpreted; transformers/TRL may import triton while other test modules are collected, so
+# the flag is set here, before any of them, for the Triton kernel tests on a machine without CUDA.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from tokenmover.structures import TransportStructure
 
