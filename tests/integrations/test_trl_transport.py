@@ -34,8 +34,9 @@ def _structure():
     return build_cluster_tree(torch.randn(V, 5, generator=torch.Generator().manual_seed(3)), branching=3, leaf_size=4)
 
 
+@pytest.mark.parametrize("chunk_size", [3, None])  # 3: several checkpointed chunks; None: one plain chunk
 @pytest.mark.parametrize("method", ["tree", "kl", "k3"])
-def test_transport_from_hidden_matches_distance_on_full_logits(method):
+def test_transport_from_hidden_matches_distance_on_full_logits(method, chunk_size):
     policy, ref = _heads()
     structure = _structure()
     kwargs = {"structure": structure} if method == "tree" else {}
@@ -45,7 +46,7 @@ def test_transport_from_hidden_matches_distance_on_full_logits(method):
     tokens = torch.randint(0, V, (11,))
     pol_head = LogitHead(policy, temperature=0.7)
     ref_head = LogitHead(ref, temperature=0.7)
-    term = transport_from_hidden(h_pol, h_ref, pol_head, ref_head, reg, tokens=tokens, chunk_size=3,
+    term = transport_from_hidden(h_pol, h_ref, pol_head, ref_head, reg, tokens=tokens, chunk_size=chunk_size,
                                  want_entropy=True, want_policy_token_logps=True)
     term.penalty.sum().backward()
     grad_chunked = h_pol.grad.clone()

@@ -161,6 +161,11 @@ class TransportGRPOTrainer(GRPOTrainer):
         present = [k for k in _MULTIMODAL_KEYS if inputs.get(k) is not None]
         if present:
             raise ValueError(f"the transport term supports text-only models; this batch has {present}")
+        if REF_HIDDEN_KEY not in inputs:
+            raise ValueError(
+                f"the batch has no {REF_HIDDEN_KEY!r}: it was not produced by TransportGRPOTrainer's "
+                "_generate_and_score_completions (the reference's hidden states are stored there)"
+            )
         self._capture_logps = True
         try:
             with HiddenCapture(backbone(model, self.accelerator)) as captured:

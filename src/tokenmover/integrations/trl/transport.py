@@ -9,8 +9,9 @@ for completion positions t in chunks of C,
     logits_t = softcap(scale * lm_head(h_t)) / temperature          (C, V), policy and reference
     D_t      = distance(softmax(policy logits_t), softmax(ref logits_t))
 
-under :func:`torch.utils.checkpoint.checkpoint` when a gradient is needed, so the backward pass
-recomputes each chunk's logits instead of keeping them: peak extra memory is O(C * V) whatever N is.
+under :func:`torch.utils.checkpoint.checkpoint` when a gradient is needed and there is more than
+one chunk, so the backward pass recomputes each chunk's logits instead of keeping them all: peak
+extra memory is O(C * V) whatever N is.
 ``scale`` / ``softcap`` follow the model config exactly as TRL's fused head reads them.
 """
 
@@ -245,7 +246,7 @@ def transport_from_hidden(
 
     Returns:
         :class:`TransportTerm`. Each chunk's (C, V) logits exist only inside the chunk; with a
-        gradient they are recomputed in the backward pass (activation checkpointing).
+        gradient and several chunks they are recomputed in the backward pass (activation checkpointing).
     """
     if policy_hidden.dim() != 2 or ref_hidden.dim() != 2 or policy_hidden.shape[0] != ref_hidden.shape[0]:
         raise ValueError(
@@ -262,7 +263,9 @@ def transport_from_hidden(
     ref_hidden = ref_hidden.detach()
     vocab_size = int(policy_head.lm_head.weight.shape[0])
     chunk_size = chunk_size or default_chunk_size(vocab_size)
-    use_checkpoint = torch.is_grad_enabled() and policy_hidden.requires_grad
+    # Recompute in backward only when there are several chunks: one chunk's logits are the memory
+    # bound anyway, and recomputing them would double the projection and distance work.
+    use_checkpoint = torch.is_grad_enabled() and policy_hidden.requires_grad and n > chunk_size
 
     def one_chunk(h_pol, h_ref, tok):
         logits = policy_head(h_pol)  # (C, V)
