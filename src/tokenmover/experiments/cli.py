@@ -1,0 +1,39 @@
+"""``tokenmover experiment NAME [--quick]``: re-run one experiment and write its report."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+from tokenmover.experiments import EXPERIMENTS
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "experiment",
+        help="run an experiment that tests the seed's claims on SmolLM2 (writes docs/results/NAME/)",
+        description="Experiments: " + ", ".join(EXPERIMENTS) + ". Each writes report.md, results.json "
+                    "and PNG plots into --out-dir (default docs/results/NAME).",
+    )
+    parser.add_argument("name", choices=EXPERIMENTS)
+    parser.add_argument("--quick", action="store_true", help="the small configuration (minutes on 2 CPU cores)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out-dir", default=None, help="default: docs/results/NAME")
+    parser.set_defaults(func=main)
+    return parser
+
+
+def main(args) -> int:
+    module = importlib.import_module(f"tokenmover.experiments.{args.name}")
+    out = args.out_dir or f"docs/results/{args.name}"
+    path = module.run(quick=args.quick, out_dir=out, seed=args.seed)
+    print(f"report: {path}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    p = argparse.ArgumentParser(prog="tokenmover")
+    sub = p.add_subparsers(required=True)
+    add_parser(sub)
+    a = p.parse_args()
+    raise SystemExit(a.func(a))
