@@ -126,7 +126,7 @@ def _plot(d: dict, names: list[str], path: Path) -> None:
             for name in names:
                 ys = [d["results"][f"{scenario}|{dname}|{delta}|{name}"]["max_grad"] for delta in DELTAS]
                 ax.semilogy(DELTAS, np.maximum(np.array(ys, dtype=float), 1e-12), marker="o", ms=3, label=name)
-            for name, b in d["bounds"].items():
+            for b in d["bounds"].values():
                 ax.axhline(b, color="gray", lw=0.6, ls=":")
             ax.set_title(f"{scenario} prob. of sampled token -> 0, {dname} logits")
             ax.set_xlabel("delta (nats pushed down)")

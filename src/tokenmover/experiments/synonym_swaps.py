@@ -72,7 +72,7 @@ def find_contexts(model, tokenizer, syn: dict[int, list[int]], *, n_contexts: in
     pool = keys.numpy()
     found = {"logits": [], "w": [], "s": [], "r": [], "text": []}
     texts = common.shakespeare_texts(6 * n_contexts, seed=seed)
-    for text_id, (logits, ids) in enumerate(common.reference_positions(model, tokenizer, texts)):
+    for logits, ids in common.reference_positions(model, tokenizer, texts):
         q = torch.softmax(logits.double(), -1)  # (L, V)
         cand = q[:, keys]  # (L, K)
         best_p, best_k = cand.max(1)
