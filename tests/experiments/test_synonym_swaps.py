@@ -54,3 +54,28 @@ def test_kl_family_cannot_tell_synonym_from_random_but_tree_can():
     syn, rand = pen["g/tree"]
     assert syn[0] < 0.1 * rand[0]
     assert q.shape[-1] == v
+
+
+def test_one_atom_move_costs_moved_mass_times_distance_for_tree_and_exact():
+    import ot
+
+    import tokenmover
+    from tokenmover.geometry.vocab_geometry import VocabGeometry
+
+    gen = torch.Generator().manual_seed(3)
+    v = 24
+    geom = VocabGeometry.from_array(torch.randn(v, 3, generator=gen), metric="euclidean")
+    tree = tokenmover.build_cluster_tree(geom.ground_points(), branching=3, leaf_size=3)
+    q = torch.softmax(torch.randn(5, v, generator=gen, dtype=torch.float64), -1)
+    w, s, r = torch.tensor([0, 1, 2, 3, 4]), torch.tensor([5, 6, 7, 8, 9]), torch.tensor([10, 11, 12, 13, 14])
+    fns = common.penalty_fns({"g/tree": tree}, {})
+    pen = synonym_swaps.swap_penalties(torch.log(q), w, s, r, 0.4, fns, chunk=2, geometries={"g": geom})
+    cost_t = tree.cost_matrix(0).double()
+    cost_g = torch.cdist(geom.ground_points().double(), geom.ground_points().double())
+    for i in range(5):
+        m = 0.4 * q[i, w[i]].item()
+        assert pen["g/tree"][0][i] == pytest.approx(m * cost_t[w[i], s[i]].item(), rel=1e-8)
+        assert pen["g/tree"][1][i] == pytest.approx(m * cost_t[w[i], r[i]].item(), rel=1e-8)
+        p = synonym_swaps.shift_mass(q[i:i + 1], w[i:i + 1], s[i:i + 1], 0.4)[0]
+        ref = ot.emd2(p.numpy(), q[i].numpy(), cost_g.numpy(), numItermax=1_000_000)
+        assert pen["g/exact"][0][i] == pytest.approx(ref, rel=1e-6)

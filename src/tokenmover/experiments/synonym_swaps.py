@@ -56,6 +56,17 @@ def rank_matched_token(q_row: torch.Tensor, target: int, pool: np.ndarray, exclu
     return int(rng.choice(near))
 
 
+def clean_pairs(pairs: np.ndarray, tokenizer, min_letters: int = 3) -> np.ndarray:
+    """Pairs whose two tokens decode to alphabetic words of >= ``min_letters`` letters that differ
+    beyond case (drops ``a``/``A``, ``x``/``ex``-style WordNet artefacts)."""
+    keep = []
+    for a, b in np.asarray(pairs).reshape(-1, 2):
+        wa, wb = tokenizer.decode([int(a)]).strip(), tokenizer.decode([int(b)]).strip()
+        if wa.isalpha() and wb.isalpha() and min(len(wa), len(wb)) >= min_letters and wa.lower() != wb.lower():
+            keep.append((a, b))
+    return np.asarray(keep, dtype=np.int64).reshape(-1, 2)
+
+
 def synonym_map(pairs: np.ndarray) -> dict[int, list[int]]:
     out: dict[int, list[int]] = {}
     for a, b in np.asarray(pairs).reshape(-1, 2):
@@ -101,8 +112,13 @@ def find_contexts(model, tokenizer, syn: dict[int, list[int]], *, n_contexts: in
     return out
 
 
-def swap_penalties(ref_logits: torch.Tensor, w, s, r, share: float, fns: dict, chunk: int = 32) -> dict:
-    """Per-context penalties of the synonym and the random move: name -> (syn (n,), rand (n,))."""
+def swap_penalties(ref_logits: torch.Tensor, w, s, r, share: float, fns: dict, chunk: int = 32,
+                   geometries: dict | None = None) -> dict:
+    """Per-context penalties of the synonym and the random move: name -> (syn (n,), rand (n,)).
+
+    With ``geometries``, adds ``"<name>/exact"``: the exact W1 under the ground metric, which for a
+    one-atom move is ``share * q_w * d(w, receiver)``.
+    """
     q = torch.softmax(ref_logits.double(), -1)  # (n, V)
     y = torch.log(q)  # (n, V) reference logits (normalised)
     out = {}
@@ -115,6 +131,9 @@ def swap_penalties(ref_logits: torch.Tensor, w, s, r, share: float, fns: dict, c
                      for i in range(0, q.shape[0], chunk)]
             vals.append(torch.cat(parts).numpy())
         out[name] = (vals[0], vals[1])
+    moved = share * q[torch.arange(q.shape[0]), w]  # (n,)
+    for gname, geom in (geometries or {}).items():
+        out[f"{gname}/exact"] = ((moved * geom.pair_distances(w, s)).numpy(), (moved * geom.pair_distances(w, r)).numpy())
     return out
 
 
@@ -136,7 +155,7 @@ def run(*, quick: bool = False, out_dir: str | Path = "docs/results/synonym_swap
     common.say("loading SmolLM2-135M-Instruct and WordNet synonym pairs")
     model, tokenizer = load_smollm2()
     model = model.float()
-    pairs = wordnet_synonym_pairs(tokenizer, leading_space="both")["pairs"]
+    pairs = clean_pairs(wordnet_synonym_pairs(tokenizer, leading_space="both")["pairs"], tokenizer)
     syn = synonym_map(pairs)
     common.say(f"{len(pairs)} single-token synonym pairs; finding contexts")
     ctx = find_contexts(model, tokenizer, syn, n_contexts=plan["n_contexts"], seed=seed)
@@ -148,7 +167,7 @@ def run(*, quick: bool = False, out_dir: str | Path = "docs/results/synonym_swap
     results = {}
     for share in plan["shares"]:
         common.say(f"share {share}: {len(fns)} penalties")
-        pen = swap_penalties(ctx["logits"], ctx["w"], ctx["s"], ctx["r"], share, fns)
+        pen = swap_penalties(ctx["logits"], ctx["w"], ctx["s"], ctx["r"], share, fns, geometries=geoms)
         rows = {}
         for name, (a, b) in pen.items():
             est, lo, hi = common.bootstrap_ci(common.ratio_of_means, a, b, n_boot=plan["n_boot"], seed=seed)
@@ -162,6 +181,11 @@ def run(*, quick: bool = False, out_dir: str | Path = "docs/results/synonym_swap
         "plan": plan | {"seed": seed, "quick": quick}, "n_contexts": n, "n_synonym_pairs": int(len(pairs)),
         "mean_q_w": float(q[rows_idx, ctx["w"]].mean()), "mean_q_s": float(q[rows_idx, ctx["s"]].mean()),
         "mean_q_r": float(q[rows_idx, ctx["r"]].mean()),
+        "ground_distance": {g: {"d_ws_mean": float(geom.pair_distances(ctx["w"], ctx["s"]).mean()),
+                                "d_wr_mean": float(geom.pair_distances(ctx["w"], ctx["r"]).mean()),
+                                "frac_synonym_closer": float((geom.pair_distances(ctx["w"], ctx["s"])
+                                                              < geom.pair_distances(ctx["w"], ctx["r"])).float().mean())}
+                            for g, geom in geoms.items()},
         "examples": [{"context": t[-80:], "w": a, "s": b, "r": c} for t, (a, b, c) in
                      zip(ctx["text"][:12], ctx["words"][:12])],
         "results": results, "seconds": time.perf_counter() - t0, "environment": common.environment_note(),
@@ -220,6 +244,13 @@ def _markdown(d: dict, quick: bool) -> str:
                  v["median_ratio_per_context"], v["mean_synonym"], v["mean_random"]] for k, v in res["rows"].items()]
         lines += [common.md_table(["penalty", "ratio syn/rand", "95% CI", "frac. syn cheaper",
                                    "median per-context ratio", "mean syn", "mean rand"], rows), ""]
+    lines += ["## The ground metric on these triples", "",
+              "For a one-atom move the exact W1 under a metric is `moved mass * d(w, receiver)`, so every "
+              "W1-type ratio above is a (mass-weighted) ratio of distances d(w, s) / d(w, r) in the "
+              "geometry or in its tree approximation; `<geometry>/exact` is that value for the ground metric.", "",
+              common.md_table(["geometry", "mean d(w, s)", "mean d(w, r)", "frac. d(w,s) < d(w,r)"],
+                              [[g, v["d_ws_mean"], v["d_wr_mean"], v["frac_synonym_closer"]]
+                               for g, v in d["ground_distance"].items()]), ""]
     lines += ["## Example contexts", ""]
     lines += [common.md_table(["context (end)", "w", "synonym s", "random r"],
                               [[e["context"].replace("\n", " "), e["w"], e["s"], e["r"]] for e in d["examples"]]), ""]
