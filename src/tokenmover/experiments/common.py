@@ -46,11 +46,11 @@ def has_sinkhorn() -> bool:
     return "sinkhorn" in tokenmover.METHODS
 
 
-def penalty_fns(structures: dict, geometries: dict, *, sinkhorn_k: int = 64) -> dict[str, Callable]:
+def penalty_fns(structures: dict, geometries: dict, *, sinkhorn: bool = True, sinkhorn_k: int = 64) -> dict[str, Callable]:
     """Name -> ``f(policy_logits, ref_logits, tokens) -> (n,)`` for every penalty of the study.
 
     ``structures``: ``{"<geometry>/<kind>": TransportStructure}``; ``geometries``: name -> VocabGeometry
-    (used by top-k Sinkhorn when it is registered).
+    (used by top-k Sinkhorn when it is registered and ``sinkhorn`` is True; its defaults otherwise).
     """
     fns: dict[str, Callable] = {
         "kl": lambda x, y, t: tokenmover.distance(x, y, "kl"),
@@ -61,7 +61,7 @@ def penalty_fns(structures: dict, geometries: dict, *, sinkhorn_k: int = 64) -> 
     for name, structure in structures.items():
         kind = name.split("/")[-1]
         fns[name] = (lambda s, k: lambda x, y, t: tokenmover.distance(x, y, k, structure=s))(structure, kind)
-    if has_sinkhorn():
+    if sinkhorn and has_sinkhorn():
         for gname, geom in geometries.items():
             pts = geom.ground_points()
             fns[f"{gname}/sinkhorn"] = (lambda p: lambda x, y, t: tokenmover.distance(

@@ -65,8 +65,8 @@ def gradient_stats(fn, x: torch.Tensor, y: torch.Tensor, tokens: torch.Tensor) -
 
 
 PLANS = {
-    "quick": {"n_positions": 32, "geometries": ["word2vec"], "n_trees": 2},
-    "full": {"n_positions": 128, "geometries": ["embeddings", "word2vec"], "n_trees": 4},
+    "quick": {"n_positions": 32, "geometries": ["word2vec"], "n_trees": 2, "sinkhorn": False},
+    "full": {"n_positions": 128, "geometries": ["embeddings", "word2vec"], "n_trees": 4, "sinkhorn": True},
 }
 
 
@@ -86,7 +86,7 @@ def run(*, quick: bool = False, out_dir: str | Path = "docs/results/near_zero", 
     tokens = torch.multinomial(torch.softmax(y, -1), 1, generator=gen).reshape(-1)  # (n,)
     geoms = common.load_geometries(model, tokenizer, plan["geometries"])
     structures = common.build_structures(geoms, seed=seed, n_trees=plan["n_trees"])
-    fns = common.penalty_fns(structures, geoms)
+    fns = common.penalty_fns(structures, geoms, sinkhorn=plan["sinkhorn"])
     bounds = {name: common.diameter_bound(s) for name, s in structures.items()}
     p_norm = torch.softmax(y, -1).norm(dim=-1)  # (n,)
     results = {}

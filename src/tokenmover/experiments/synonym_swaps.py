@@ -139,9 +139,9 @@ def swap_penalties(ref_logits: torch.Tensor, w, s, r, share: float, fns: dict, c
 
 PLANS = {
     "quick": {"n_contexts": 96, "shares": [0.5], "geometries": ["embeddings", "word2vec"], "n_boot": 1000,
-              "n_trees": 2},
+              "n_trees": 2, "sinkhorn": False},
     "full": {"n_contexts": 400, "shares": [0.25, 0.5, 0.9], "geometries": ["embeddings", "word2vec"],
-             "n_boot": 2000, "n_trees": 4},
+             "n_boot": 2000, "n_trees": 4, "sinkhorn": True},
 }
 
 
@@ -163,7 +163,7 @@ def run(*, quick: bool = False, out_dir: str | Path = "docs/results/synonym_swap
     common.say(f"{n} contexts; building geometries and structures")
     geoms = common.load_geometries(model, tokenizer, plan["geometries"])
     structures = common.build_structures(geoms, seed=seed, n_trees=plan["n_trees"])
-    fns = common.penalty_fns(structures, geoms)
+    fns = common.penalty_fns(structures, geoms, sinkhorn=plan["sinkhorn"])
     results = {}
     for share in plan["shares"]:
         common.say(f"share {share}: {len(fns)} penalties")
