@@ -5,9 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytest.importorskip("trl")
-
-from tokenmover.rl.models import tiny_model, tiny_tokenizer  # noqa: E402
+from tokenmover.rl.models import tiny_model, tiny_tokenizer
 
 VOCAB = 64
 PROMPTS = ["w3 w4 w5", "w6 w7 w8", "w9 w10 w11", "w12 w13 w14"]

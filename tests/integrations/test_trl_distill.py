@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+
+pytest.importorskip("trl")
 import torch
 from conftest import PROMPTS, VOCAB, changed, cpu_kwargs, parameters_snapshot
 from datasets import Dataset

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+
+pytest.importorskip("trl")
 import torch
 from conftest import PROMPTS, VOCAB, changed, cpu_kwargs, even_word_reward, parameters_snapshot, perturb_
 from datasets import Dataset
