@@ -57,7 +57,10 @@ def edge_features(structure: TransportStructure, p, q):
     """The (n, E) sparse matrix ``Z`` with ``W_T(p_i, q_i) = Z[i] @ structure.edge_weights``.
 
     ``p``, ``q``: (n, V) probability rows (dense array/tensor or scipy sparse). Cost per pair is
-    O(E log s) with ``s`` the support size of ``p - q``; nothing of size (V, V).
+    O(E log s) with ``s`` the support size of ``p - q``; nothing of size (V, V). Memory is one
+    entry per (pair, edge with non-zero mass): small for trees (a sparse ``p - q`` only reaches
+    the edges above its support), but close to ``K V`` per pair for chains, whose prefix edges
+    almost all carry mass -- calibrate chains on a few hundred pairs at most.
     """
     import scipy.sparse as sp
 
