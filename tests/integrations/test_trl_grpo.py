@@ -51,9 +51,11 @@ def _full_logits(model, batch):
         return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, -t - 1 : -1]
 
 
-@pytest.mark.parametrize("method", ["tree", "kl"])
-def test_trains_with_transport_and_beta_zero_keeps_the_reference(tiny_dir, tokenizer, tmp_path, method):
-    trainer = _trainer(tiny_dir, tokenizer, tmp_path, beta=0.0, transport_coef=0.1, transport_method=method)
+@pytest.mark.parametrize(("method", "accumulation"), [("tree", 1), ("kl", 2)])
+def test_trains_with_transport_and_beta_zero_keeps_the_reference(tiny_dir, tokenizer, tmp_path, method, accumulation):
+    # accumulation 2: the generation batch (with the reference states) is shuffled and split in two
+    trainer = _trainer(tiny_dir, tokenizer, tmp_path, beta=0.0, transport_coef=0.1, transport_method=method,
+                       gradient_accumulation_steps=accumulation)
     assert trainer.ref_model is not None, "beta=0 with a transport term must still load the reference"
     assert trainer.beta == 0.0 and trainer.args.beta == 0.0
     before = parameters_snapshot(trainer.model)
@@ -61,6 +63,7 @@ def test_trains_with_transport_and_beta_zero_keeps_the_reference(tiny_dir, token
     assert changed(before, trainer.model), "no parameter moved"
     logged = [h for h in trainer.state.log_history if "transport/distance" in h]
     assert len(logged) == 2 and all("transport/k3" in h for h in logged)
+    assert logged[-1]["transport/distance"] > 0  # the policy has moved away from the reference
     assert all("kl" not in h for h in logged)  # TRL's k3 is off at beta=0, ours is logged instead
 
 
