@@ -109,12 +109,12 @@ class TransportGRPOTrainer(GRPOTrainer):
 
     # ------------------------------------------------------------------------------------ reference
     def _ref_backbone(self):
-        """(backbone, adapter context or None): the reference's backbone module."""
+        """(backbone, None or a factory of the context that turns the policy's PEFT adapter into the reference)."""
         if self.ref_model is not None:
             return backbone(self.ref_model, self.accelerator), None
         unwrapped = self.accelerator.unwrap_model(self.model)
-        adapter = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
-        return backbone(self.model, self.accelerator), adapter
+        name = "ref" if "ref" in unwrapped.peft_config else None
+        return backbone(self.model, self.accelerator), lambda: use_adapter(unwrapped, adapter_name=name)
 
     @torch.no_grad()
     def _backbone_hidden(self, body, input_ids, attention_mask, num_completion_tokens, adapter=None):
@@ -124,7 +124,7 @@ class TransportGRPOTrainer(GRPOTrainer):
         for start in range(0, input_ids.shape[0], batch):
             rows = slice(start, start + batch)
             if adapter is not None:
-                with adapter:
+                with adapter():
                     out = body(input_ids=input_ids[rows], attention_mask=attention_mask[rows], use_cache=False)
             else:
                 out = body(input_ids=input_ids[rows], attention_mask=attention_mask[rows], use_cache=False)
