@@ -9,6 +9,7 @@ import torch
 
 from tokenmover.distances import exact as _exact
 from tokenmover.distances import kl as _kl
+from tokenmover.distances import sinkhorn as _sinkhorn
 from tokenmover.distances import tree as _tree
 
 
@@ -54,6 +55,18 @@ register_method(
         ("cost", "points", "max_tokens", "num_iter_max"),
         False,
         "exact W1 by network simplex (POT), small V only, no gradient; needs cost= or points=",
+    ),
+)
+register_method(
+    "sinkhorn",
+    Method(
+        _sinkhorn.sinkhorn_wasserstein,
+        (),
+        ("points", "geometry", "k", "epsilon", "objective", "tail", "dust_cost", "metric", "grad", "tol",
+         "max_iter", "scaling", "stats"),
+        True,
+        "entropic OT on the union of both top-k supports, tail mass kept (Sinkhorn divergence by "
+        "default); needs points= (V, d) or geometry=",
     ),
 )
 register_method("kl", Method(_kl.kl, (), (), True, "full KL(policy || reference)"))
