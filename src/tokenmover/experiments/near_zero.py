@@ -11,7 +11,8 @@ it (seeded). Two scenarios push one logit down by ``delta`` nats (``delta`` in `
 
 For every penalty ``D`` and dtype (float32, bfloat16 logits), the gradient ``grad_x D`` with
 respect to the policy logits is taken per position; reported: median and max L2 norm over
-positions, and the number of positions with a non-finite value or gradient.
+positions (the norm in float64, so that a finite gradient never reads as inf), and the number of
+positions with a non-finite value or gradient entry.
 
 Bound: for W1 under a metric of diameter ``diam`` (tree/forest/chains: ``2 max_u A(u)``, see
 :func:`~tokenmover.experiments.common.diameter_bound`), the gradient in probability space is a
@@ -50,7 +51,7 @@ def gradient_stats(fn, x: torch.Tensor, y: torch.Tensor, tokens: torch.Tensor) -
     x = x.detach().requires_grad_(True)
     vals = fn(x, y.detach(), tokens)  # (n,)
     vals.sum().backward()
-    g = x.grad.float()  # (n, V)
+    g = x.grad.double()  # (n, V) float64 so that the norm itself cannot overflow
     norms = g.norm(dim=-1)  # (n,)
     bad = (~torch.isfinite(vals.detach())) | (~torch.isfinite(g).all(-1))  # (n,)
     fin = norms[torch.isfinite(norms)]
