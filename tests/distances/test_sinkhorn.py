@@ -303,3 +303,14 @@ def test_bad_inputs_raise():
         sinkhorn_wasserstein(x, y, pts, mask=torch.zeros(3, dtype=torch.bool))
     with pytest.raises(ValueError, match="does not take"):
         distance(x, y, "sinkhorn", points=pts, structure=None)
+
+
+def test_vocab_geometry_is_accepted():
+    geometry = pytest.importorskip("tokenmover.geometry")
+    if not hasattr(geometry, "VocabGeometry"):
+        pytest.skip("tokenmover.geometry.VocabGeometry is not built yet")
+    pts, x, y = _problem(v=30, seed=17)
+    geo = geometry.VocabGeometry.from_array(pts.float(), metric="l2_euclidean")
+    out = distance(x.float(), y.float(), "sinkhorn", geometry=geo, k=4, epsilon=0.3)
+    unit = pts.float() / pts.float().norm(dim=1, keepdim=True)
+    torch.testing.assert_close(out, sinkhorn_wasserstein(x.float(), y.float(), unit, k=4, epsilon=0.3))
