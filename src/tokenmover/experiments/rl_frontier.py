@@ -87,7 +87,8 @@ def run(*, quick: bool = False, out_dir: str | Path = "docs/results/rl_frontier"
     base, tokenizer = load_smollm2()
     base = base.float()
     geoms = common.load_geometries(base, tokenizer, ["word2vec"])
-    structures = common.build_structures(geoms, ("tree", "forest"), seed=seed)
+    kinds = tuple(k for k in ("tree", "forest") if k in plan["methods"])
+    structures = common.build_structures(geoms, kinds, seed=seed)
     ref = copy.deepcopy(base).eval()
     runs = []
     for reward in plan["rewards"]:
