@@ -44,7 +44,7 @@ def test_word2vec_is_deterministic_with_one_worker(toy_tokenizer, toy_corpus):
 def test_word2vec_linear_map_from_model(toy_tokenizer, toy_corpus, tiny_llama):
     model = tiny_llama(len(toy_tokenizer) + 3)
     geom = VocabGeometry.word2vec(toy_corpus, toy_tokenizer, dim=8, seed=0, workers=1, epochs=3,
-                                  min_count=2, model=model, progress=False)
+                                  min_count=2, model=model, progress=False, unseen_rule="linear_map")
     facts = geom.metadata["word2vec"]
     assert geom.num_tokens == len(toy_tokenizer) + 3 and facts["padding_rows"] == 3
     assert facts["unseen_rule"] == "linear_map"
@@ -56,6 +56,15 @@ def test_word2vec_linear_map_from_model(toy_tokenizer, toy_corpus, tiny_llama):
     trained = np.array(sorted({toy_tokenizer.index[t] for t in "the a red blue cat dog car bus eats drives".split()}))
     ridge = Ridge(alpha=facts["linear_map"]["ridge_alpha"]).fit(emb[trained], geom.points[trained].numpy())
     np.testing.assert_allclose(geom.points[-1].numpy(), ridge.predict(emb[-1:])[0], atol=1e-4)
+
+
+def test_auto_rule_drops_a_map_worse_than_the_mean(toy_tokenizer, toy_corpus, tiny_llama):
+    """A random model's embeddings cannot predict word2vec vectors (R^2 <= 0): pieces are used."""
+    geom = VocabGeometry.word2vec(toy_corpus, toy_tokenizer, dim=8, seed=0, workers=1, epochs=3,
+                                  min_count=2, model=tiny_llama(len(toy_tokenizer)), progress=False)
+    facts = geom.metadata["word2vec"]
+    assert facts["linear_map"]["heldout_r2"] <= 0
+    assert facts["unseen_rule"] == "pieces" and facts["unseen_placement"]["linear_map"] == 0
 
 
 def test_empty_corpus_is_refused(toy_tokenizer):

@@ -104,12 +104,19 @@ def train_word2vec(
     num_tokens: int | None = None,
     max_sequence_tokens: int = 1000,
     progress: bool = True,
+    unseen_rule: str = "auto",
 ) -> tuple[np.ndarray, dict]:
     """Train word2vec on ``texts`` tokenized by ``tokenizer``; returns (points (V, dim) float32, facts).
 
     ``V`` is ``num_tokens`` if given, else the model's embedding rows if a model is given, else
     ``len(tokenizer)``. See the module docstring for the placement of untrained tokens.
+    ``unseen_rule``: ``"auto"`` (default: the linear map when a model is given *and* its 5-fold
+    held-out R^2 is > 0, else pieces), ``"linear_map"`` (needs a model) or ``"pieces"``.
     """
+    if unseen_rule not in ("auto", "linear_map", "pieces"):
+        raise ValueError(f"unseen_rule must be 'auto', 'linear_map' or 'pieces', got {unseen_rule!r}")
+    if unseen_rule == "linear_map" and model is None:
+        raise ValueError("unseen_rule='linear_map' needs a model")
     from gensim.models import Word2Vec
     from gensim.models.callbacks import CallbackAny2Vec
     from tqdm.auto import tqdm
@@ -178,20 +185,22 @@ def train_word2vec(
         "params": {"dim": dim, "window": window, "min_count": min_count, "epochs": epochs, "sg": sg,
                        "negative": negative, "sample": sample, "seed": seed, "workers": workers},
     }
-    if model_embedding is not None and todo.size:
-        from sklearn.linear_model import RidgeCV
+    use_map = model_embedding is not None and todo.size and unseen_rule != "pieces"
+    if use_map:
+        from sklearn.linear_model import Ridge, RidgeCV
+        from sklearn.model_selection import cross_val_score
 
         ridge = RidgeCV(alphas=(0.1, 1.0, 10.0, 100.0, 1000.0), cv=5)
         ridge.fit(model_embedding[trained_ids], trained_vectors)
-        from sklearn.linear_model import Ridge
-        from sklearn.model_selection import cross_val_score
-
         r2 = cross_val_score(Ridge(alpha=float(ridge.alpha_)), model_embedding[trained_ids], trained_vectors,
                              cv=5, scoring="r2").mean()
+        facts["linear_map"] = {"ridge_alpha": float(ridge.alpha_), "heldout_r2": round(float(r2), 4)}
+        # a map that predicts worse than the mean vector (R^2 <= 0) would scatter the placed tokens
+        use_map = unseen_rule == "linear_map" or r2 > 0
+    if use_map:
         points[todo] = ridge.predict(model_embedding[todo]).astype(np.float32)
         facts["unseen_rule"] = "linear_map"
         facts["unseen_placement"] = {"linear_map": int(todo.size), "pieces": 0, "mean": 0}
-        facts["linear_map"] = {"ridge_alpha": float(ridge.alpha_), "heldout_r2": round(float(r2), 4)}
     elif todo.size:
         strings = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
         trained_strings = {strings[i]: row for row, i in enumerate(trained_ids.tolist()) if strings[i]}
