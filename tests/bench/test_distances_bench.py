@@ -9,7 +9,7 @@ def test_tiny_benchmark_writes_every_row_and_ratio(tmp_path):
     result = run_benchmark(config, log=lambda _: None)
     methods = {r["method"] for r in result["rows"]}
     for name in ["kl (plain torch)", "kl", "k3", "tree", "forest (4 trees)", "sliced (16 dirs)",
-                 "POT emd2 (exact, fwd only)", "POT sliced (16 dirs, fwd+bwd)"]:
+                 "sinkhorn (top-32)", "POT emd2 (exact, fwd only)", "POT sliced (16 dirs, fwd+bwd)"]:
         assert name in methods
     kl_row = next(r for r in result["rows"] if r["method"] == "kl (plain torch)")
     assert kl_row["x_kl"] == 1.0
