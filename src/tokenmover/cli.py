@@ -14,6 +14,7 @@ import sys
 SUBCOMMAND_MODULES = [
     "tokenmover.bench.cli",
     "tokenmover.rl.cli",
+    "tokenmover.geometry.cli",
 ]
 
 
