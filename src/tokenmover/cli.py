@@ -15,6 +15,7 @@ SUBCOMMAND_MODULES = [
     "tokenmover.bench.cli",
     "tokenmover.rl.cli",
     "tokenmover.geometry.cli",
+    "tokenmover.experiments.cli",
 ]
 
 
