@@ -42,7 +42,7 @@ def _inputs(shape=(3, 5), dtype=torch.float64, seed=1):
 def _method_kwargs(method, structures, points):
     if "structure" in METHODS[method].needs:
         return {"structure": structures[method] if method in structures else structures["tree"]}
-    if method == "exact" or "points" in METHODS[method].needs:
+    if "points" in METHODS[method].needs or "points" in METHODS[method].accepts:  # exact, sinkhorn
         return {"points": points}
     return {}
 

@@ -26,9 +26,9 @@ from tokenmover.distances._inputs import (
     check_logits_finite,
     compute_dtype,
     flatten_inputs,
-    iter_chunks,
     restore,
 )
+from tokenmover.distances._rowwise import autograd_chunk, rowwise_chunked
 
 
 def _xlogy_term(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
@@ -54,12 +54,10 @@ def _xlogy_term_safe(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
 
 
 def _chunked(inputs: FlatInputs, chunk_size: int | None, per_chunk) -> torch.Tensor:
+    """Per-row values of ``per_chunk(x, y, rows)`` with checks, masking and one autograd node."""
     dtype = compute_dtype(inputs.policy, inputs.ref)
-    pieces = []
-    n = inputs.policy.shape[0]
-    for sl in iter_chunks(n, chunk_size, inputs.num_tokens):
-        x, y = inputs.policy[sl], inputs.ref[sl]
-        active = None if inputs.mask is None else inputs.mask[sl]
+
+    def values_fn(x, y, rows, active):
         check_logits_finite(x.detach(), "policy_logits", active)
         check_logits_finite(y.detach(), "ref_logits", active)
         if active is not None and not bool(active.all()):
@@ -67,11 +65,13 @@ def _chunked(inputs: FlatInputs, chunk_size: int | None, per_chunk) -> torch.Ten
             keep = active[:, None]
             x = torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
             y = torch.where(keep, y, torch.zeros((), dtype=y.dtype, device=y.device))
-        vals = per_chunk(x.to(dtype), y.to(dtype), sl)
+        vals = per_chunk(x.to(dtype), y.to(dtype), rows)
         if active is not None:
             vals = torch.where(active, vals, torch.zeros((), dtype=vals.dtype, device=vals.device))
-        pieces.append(vals)
-    return restore(torch.cat(pieces) if len(pieces) > 1 else pieces[0], inputs)
+        return vals
+
+    values = rowwise_chunked(inputs.policy, inputs.ref, inputs.mask, autograd_chunk(values_fn), chunk_size)
+    return restore(values, inputs)
 
 
 def kl(policy_logits, ref_logits, *, mask=None, chunk_size=None) -> torch.Tensor:

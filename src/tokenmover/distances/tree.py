@@ -9,7 +9,8 @@ each term being the exact W1 under one member's tree metric (for a forest, the a
 tree distances). Cost O(K (V + E)) per position, forward and backward; nothing of size (V, V).
 
 The gradient is computed in the forward pass (Liger-Kernel's trick) and kept, in the logits'
-dtype, until backward scales it by the incoming gradient:
+dtype, until backward scales it by the incoming gradient (one autograd node for all chunks,
+:mod:`tokenmover.distances._rowwise`):
 
     dW/dd = sum_k a_k sum_{e in T_k, v in e} w_e sign(mass_e)       (subgradient 0 at mass 0)
     dW/dx = p * (g - <p, g>),   dW/dy = -q * (g - <q, g>)
@@ -29,9 +30,9 @@ from tokenmover.distances._inputs import (
     compute_dtype,
     describe_bad_rows,
     flatten_inputs,
-    iter_chunks,
     restore,
 )
+from tokenmover.distances._rowwise import rowwise_chunked
 from tokenmover.kernels import tree_cpu, tree_triton
 from tokenmover.structures.transport_structure import PackedStructure, TransportStructure
 
@@ -148,12 +149,10 @@ def _fused_torch(x, y, active, packed: PackedStructure, want_gx: bool, want_gy: 
     return out, gx, gy, None
 
 
-class _TreeWassersteinFunction(torch.autograd.Function):
-    """Autograd wrapper: forward computes value and gradient, backward scales the gradient."""
+def _chunk_fn(packed: PackedStructure, backend: str):
+    """The per-chunk value-and-gradient function of :func:`tokenmover.distances._rowwise.rowwise_chunked`."""
 
-    @staticmethod
-    def forward(ctx, x, y, active, packed, backend, row_offset):  # noqa: D102
-        want_gx, want_gy = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    def chunk_fn(x, y, active, want_gx, want_gy, row_offset):
         if backend == "numba":
             out, gx, gy, bad = _fused_numba(x, y, active, packed, want_gx, want_gy)
             if bool(bad.any()):
@@ -162,18 +161,9 @@ class _TreeWassersteinFunction(torch.autograd.Function):
             check_logits_finite(x, "policy_logits", active)
             check_logits_finite(y, "ref_logits", active)
             out, gx, gy, _ = _fused_torch(x, y, active, packed, want_gx, want_gy)
-        ctx.save_for_backward(
-            gx.to(x.dtype) if gx is not None else None, gy.to(y.dtype) if gy is not None else None
-        )
-        return out.to(torch.float64 if out.dtype == torch.float64 else torch.float32)
+        return out, gx, gy
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):  # noqa: D102
-        gx, gy = ctx.saved_tensors
-        grad_x = grad_out[:, None].to(gx.dtype) * gx if gx is not None else None
-        grad_y = grad_out[:, None].to(gy.dtype) * gy if gy is not None else None
-        return grad_x, grad_y, None, None, None, None
+    return chunk_fn
 
 
 def tree_wasserstein(
@@ -214,13 +204,5 @@ def tree_wasserstein(
         return restore(values, inputs)
     weight_dtype = torch.float64 if resolved == "numba" else compute_dtype(inputs.policy, inputs.ref)
     packed = structure.packed(device, weight_dtype)
-    pieces = []
-    n = inputs.policy.shape[0]
-    for sl in iter_chunks(n, chunk_size, inputs.num_tokens):
-        active = None if inputs.mask is None else inputs.mask[sl]
-        pieces.append(
-            _TreeWassersteinFunction.apply(
-                inputs.policy[sl], inputs.ref[sl], active, packed, resolved, sl.start
-            )
-        )
-    return restore(torch.cat(pieces) if len(pieces) > 1 else pieces[0], inputs)
+    values = rowwise_chunked(inputs.policy, inputs.ref, inputs.mask, _chunk_fn(packed, resolved), chunk_size)
+    return restore(values, inputs)
