@@ -35,7 +35,7 @@ def add_parser(subparsers) -> None:
         "PNG report. About 20 min on 2 CPU cores (--quick: about 5 min).",
     )
     demo.add_argument("--quick", action="store_true", help="fewer, shorter steps (about 5 minutes on 2 cores)")
-    demo.add_argument("--output-dir", default="docs/results/demo", help="where the report, CSVs and PNG go")
+    demo.add_argument("--output-dir", default="outputs/demo", help="where the report, CSVs and PNG go (default outputs/demo)")
     demo.add_argument("--steps", type=int, default=None, help="override the number of steps per run")
     demo.add_argument("--beta", type=float, default=None, help="override the regularizer weight of both runs")
     demo.add_argument("--seed", type=int, default=0, help="seed of both runs")

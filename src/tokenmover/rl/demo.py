@@ -96,7 +96,7 @@ def sample_fixed(model, tokenizer, prompts: list[str], seeds=SAMPLE_SEEDS, max_n
     return out
 
 
-def run_demo(*, quick: bool = False, output_dir: str | Path = "docs/results/demo", steps: int | None = None,
+def run_demo(*, quick: bool = False, output_dir: str | Path = "outputs/demo", steps: int | None = None,
              beta: float | None = None, seed: int = 0) -> Path:
     """Run the demo and write ``report.md``, ``demo.png``, ``demo.json`` and per-run CSVs; returns the report path.
 
