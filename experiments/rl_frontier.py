@@ -1,16 +1,8 @@
-"""Thin wrapper: `python experiments/rl_frontier.py [--quick]` = `tokenmover experiment rl_frontier [--quick]`."""
+"""Thin wrapper: `python experiments/rl_frontier.py [--quick] [--seed S] [--out-dir D]` = `tokenmover experiment rl_frontier ...`."""
 
 import sys
 
-from tokenmover.experiments.cli import main
+from tokenmover.cli import main
 
 if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out-dir", default=None)
-    args = parser.parse_args()
-    args.name = "rl_frontier"
-    sys.exit(main(args))
+    sys.exit(main(["experiment", "rl_frontier", *sys.argv[1:]]))
