@@ -306,18 +306,19 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5.5))
+    fig, ax = plt.subplots(figsize=(11, 5.5))
     methods = []
     for r in result["rows"]:
         if r["method"] not in methods:
             methods.append(r["method"])
-    for name in methods:
+    colors = plt.cm.tab20.colors
+    for i, name in enumerate(methods):
         pts = [(r["vocab_size"], r["ms_per_1k_positions"]) for r in result["rows"]
                if r["method"] == name and r["ms_per_1k_positions"] is not None]
         if pts:
             xs, ys = zip(*pts)
             style = "--" if name.startswith(("POT", "GeomLoss")) else "-"
-            ax.plot(xs, ys, style, marker="o", label=name)
+            ax.plot(xs, ys, style, marker="o", label=name, color=colors[i % len(colors)])
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("vocabulary size V")
@@ -325,7 +326,7 @@ def plot(result: dict, path: Path) -> None:
     env = result["environment"]
     ax.set_title(f"tokenmover distances vs V ({env['device']}, {env['cpu_threads']} threads)")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
