@@ -134,8 +134,13 @@ def _external(config: BenchConfig, points: torch.Tensor, x: torch.Tensor, y: tor
         import ot
     except ImportError:  # pragma: no cover - POT is a dependency
         return [("POT (all)", None, "POT not installed")]
-    p_all = torch.softmax(x.double().cpu(), -1)  # (N, V)
-    q_all = torch.softmax(y.double().cpu(), -1)
+    # only the first external_positions rows are ever solved: convert just those (at V = 262,144 the
+    # whole (N, V) in float64 would be 2 GB per copy)
+    n_ext = min(config.external_positions, x.shape[0])
+    x_cpu = x[:n_ext].detach().double().cpu()  # (n_ext, V)
+    y_cpu = y[:n_ext].detach().double().cpu()
+    p_all = torch.softmax(x_cpu, -1)
+    q_all = torch.softmax(y_cpu, -1)
     pts64 = points.double().cpu()
     if dense_ok:
         cost = ot.dist(pts64.numpy(), pts64.numpy(), metric="euclidean")  # (V, V)
@@ -149,9 +154,6 @@ def _external(config: BenchConfig, points: torch.Tensor, x: torch.Tensor, y: tor
         out += [("POT emd2 (exact, fwd only)", emd, ""), ("POT sinkhorn2 (eps=0.05, fwd only)", sinkhorn, "")]
     else:
         out += [("POT emd2 (exact, fwd only)", None, reason), ("POT sinkhorn2 (eps=0.05, fwd only)", None, reason)]
-
-    x_cpu = x.detach().double().cpu()
-    y_cpu = y.detach().double().cpu()
 
     def pot_sliced(i: int) -> None:
         xi = x_cpu[i].clone().requires_grad_()
