@@ -119,6 +119,52 @@ def test_many_rows_per_program_and_chunks_reuse_workspaces():
         assert rel_err(a, b) < 1e-12
 
 
+@pytest.mark.parametrize("algorithm", ["levels", "scatter"])
+@pytest.mark.parametrize("kind", ["random_trees", "cluster_tree", "forest"])
+def test_both_tree_kernels_match_numba(kind, algorithm):
+    """Trees and forests run on either kernel; both agree with numba in float64 (with a mask)."""
+    rng = np.random.default_rng(22)
+    structure = (
+        TransportStructure.stack([random_tree(90, rng), random_tree(90, rng)])
+        if kind == "random_trees"
+        else structures(90)[kind]
+    )
+    x, y = random_logits(7, 90, seed=23), random_logits(7, 90, seed=24)
+    mask = torch.tensor([True, True, False, True, True, True, False])
+    w = torch.randn(7, dtype=torch.float64, generator=torch.Generator().manual_seed(25))
+    xs, ys = x.clone().requires_grad_(), y.clone().requires_grad_()
+    vals = tree_triton.tree_wasserstein_triton(xs, ys, mask, structure, algorithm=algorithm, num_programs=3)
+    (vals * w).sum().backward()
+    ref = values_and_grads(x, y, structure, "numba", w * mask)
+    assert rel_err(vals, ref[0] * mask) < 1e-12
+    assert rel_err(xs.grad, ref[1]) < 1e-12 and rel_err(ys.grad, ref[2]) < 1e-12
+
+
+def test_levels_kernel_applies_to_trees_only():
+    """Chains (prefix members) and trees deeper than MAX_LEVELS run on the scatter kernel."""
+    cpu = torch.device("cpu")
+    chains = structures(50)["chains"]
+    assert tree_triton.pack_for_triton(chains, cpu, torch.float64).levels is None
+    x, y = random_logits(2, 50, seed=26), random_logits(2, 50, seed=27)
+    with pytest.raises(ValueError, match="algorithm='levels' needs"):
+        tree_triton.tree_wasserstein_triton(x, y, None, chains, algorithm="levels")
+    with pytest.raises(ValueError, match="algorithm must be one of"):
+        tree_triton.tree_wasserstein_triton(x, y, None, chains, algorithm="fused")
+    v = tree_triton.MAX_LEVELS + 10  # a caterpillar: ranges [i, V) nested V - 1 deep
+    starts = torch.tensor([*range(1, v - 1), *range(v)])
+    ends = torch.tensor([v] * (v - 2) + list(range(1, v + 1)))
+    deep = TransportStructure(
+        num_tokens=v, perms=torch.randperm(v, generator=torch.Generator().manual_seed(28))[None],
+        edge_starts=starts, edge_ends=ends, edge_weights=torch.rand(starts.numel(), dtype=torch.float64),
+        member_offsets=torch.tensor([0, starts.numel()]), member_weights=torch.ones(1, dtype=torch.float64),
+    )
+    deep.validate()
+    assert tree_triton.pack_for_triton(deep, cpu, torch.float64).levels is None
+    xd, yd = random_logits(2, v, seed=29), random_logits(2, v, seed=30)
+    got = distance(xd, yd, "tree", structure=deep, backend="triton")  # auto: the scatter kernel
+    assert rel_err(got, distance(xd, yd, "tree", structure=deep, backend="numba")) < 1e-12
+
+
 def test_mask_zeroes_values_and_gradients_even_with_garbage_rows():
     structure = structures(100)["cluster_tree"]
     x = random_logits(6, 100, seed=12).reshape(2, 3, 100)

@@ -13,8 +13,18 @@ Accumulation is float32 (float64 for float64 logits). The only extra memory is a
 workspace of ``programs x (V + 3 (V + 1))`` accumulators (the last three only for structures with
 tree members), capped by ``max_workspace_bytes``.
 
-The kernel reads the structure's packed arrays (:meth:`TransportStructure.packed`) converted to
-int32 indices once per (structure, device, dtype) and cached.
+Two kernels, picked by ``algorithm``:
+
+- ``"levels"`` (:mod:`tokenmover.kernels.tree_triton_levels_jit`), for structures whose members are
+  all trees with at most ``MAX_LEVELS`` edge levels: the gradient of each token is read off the
+  tree (the summed edge signs of its deepest edge and that edge's ancestors), so no V-sized
+  gradient workspace is scattered into; 1 + K + 1 passes over a row.
+- ``"scatter"`` (:mod:`tokenmover.kernels.tree_triton_jit`), for any structure (chains too): a
+  per-program gradient workspace updated in member order.
+
+``"auto"`` (default) takes ``"levels"`` where it applies. Both read the structure's packed arrays
+(:meth:`TransportStructure.packed`) converted to int32 indices once per (structure, device,
+dtype) and cached.
 
 Availability: needs the ``triton`` package and a CUDA tensor, or ``TRITON_INTERPRET=1`` in the
 environment (Triton's CPU interpreter, used by the tests; slow).
@@ -27,6 +37,7 @@ import os
 import weakref
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from tokenmover.distances._inputs import describe_bad_rows, iter_chunks
@@ -42,6 +53,8 @@ INTERPRET_BLOCK = 64
 INTERPRET_EBLOCK = 16
 PROGRAMS_PER_SM = 4
 MAX_WORKSPACE_BYTES = 512 << 20
+MAX_LEVELS = 256  # deeper trees (MST orders) use the scatter kernel: one barrier per level
+ALGORITHMS = ("auto", "levels", "scatter")
 
 
 def interpret_mode() -> bool:
@@ -82,6 +95,28 @@ class TritonStructure:
     member_offsets: torch.Tensor  # (K + 1,) int32
     member_kind: torch.Tensor  # (K,) int32: row of prefix_weights for a chain, -1 for a tree
     prefix_weights: torch.Tensor  # (K_prefix, V + 1), at least one row
+    levels: TritonLevels | None = None  # the "levels" kernel's arrays; None where it does not apply
+
+
+@dataclass(frozen=True)
+class TritonLevels:
+    """All-tree structure with edges grouped by depth, as the "levels" kernel reads it.
+
+    Edges are renumbered member by member, and within a member by depth (parents first). Index 0
+    of ``parent`` / ``leaf`` means "no edge"; edge ``e`` is referred to as ``e + 1``.
+    """
+
+    num_edges: int
+    num_levels: int  # the deepest member's number of levels
+    flags: torch.Tensor  # (K, V + 1) int8: 1 where a member-order prefix index is an edge end
+    token_weights_first: torch.Tensor  # (V,) token weights in member 0's order
+    leaf: torch.Tensor  # (K, V) int32: 1 + the deepest edge of member k holding token i, 0: none
+    edge_starts: torch.Tensor  # (E,) int32, member-order positions
+    edge_ends: torch.Tensor  # (E,) int32
+    edge_weights: torch.Tensor  # (E,)
+    parent: torch.Tensor  # (E,) int32: 1 + parent edge, 0: none
+    level_offsets: torch.Tensor  # (L_total + 1,) int32: level l owns edges [off[l], off[l + 1])
+    member_levels: torch.Tensor  # (K + 1,) int32: member k owns levels [ml[k], ml[k + 1])
 
 
 _CACHE: dict[tuple[int, str, torch.dtype], TritonStructure] = {}
@@ -113,7 +148,9 @@ def _convert(packed: PackedStructure, device: torch.device, dtype: torch.dtype) 
     prefix_weights = packed.prefix_weights
     if prefix_weights.shape[0] == 0:  # the kernel needs a valid pointer
         prefix_weights = torch.zeros(1, v + 1, dtype=dtype, device=device)
+    levels = None if bool(is_prefix.any()) else _levels(packed, device, dtype)
     return TritonStructure(
+        levels=levels,
         num_tokens=v,
         num_members=int(packed.perms.shape[0]),
         has_tree=bool((~is_prefix).any()) and packed.edge_starts.numel() > 0,
@@ -128,11 +165,77 @@ def _convert(packed: PackedStructure, device: torch.device, dtype: torch.dtype) 
     )
 
 
+def _levels(packed: PackedStructure, device: torch.device, dtype: torch.dtype) -> TritonLevels | None:
+    """Depth-sorted edges, parents, deepest edge per token; None if a member is too deep."""
+    v = packed.num_tokens
+    perms = packed.perms.cpu().numpy()  # (K, V)
+    offsets = packed.member_offsets.cpu().numpy()
+    starts_all = packed.edge_starts.cpu().numpy()
+    ends_all = packed.edge_ends.cpu().numpy()
+    weights_all = packed.edge_weights.cpu()
+    k_members = perms.shape[0]
+    flags = np.zeros((k_members, v + 1), dtype=np.int8)
+    leaf = np.zeros((k_members, v), dtype=np.int32)
+    order_all, parent_all, level_offsets, member_levels = [], [], [0], [0]
+    base, deepest = 0, 0
+    for k in range(k_members):
+        lo, hi = int(offsets[k]), int(offsets[k + 1])
+        starts, ends = starts_all[lo:hi], ends_all[lo:hi]
+        pre = np.lexsort((-ends, starts))  # preorder: start ascending, longer range first
+        depth = np.zeros(hi - lo, dtype=np.int64)
+        parent_local = np.full(hi - lo, -1, dtype=np.int64)
+        stack: list[int] = []
+        for e in pre:  # laminar ranges: the open range that contains e is its parent
+            while stack and ends[stack[-1]] <= starts[e]:
+                stack.pop()
+            if stack:
+                parent_local[e] = stack[-1]
+                depth[e] = depth[stack[-1]] + 1
+            stack.append(e)
+        n_levels = int(depth.max()) + 1 if hi > lo else 0
+        if n_levels > MAX_LEVELS:
+            return None
+        deepest = max(deepest, n_levels)
+        by_level = np.argsort(depth, kind="stable")  # new local order
+        new_index = np.empty(hi - lo, dtype=np.int64)
+        new_index[by_level] = np.arange(hi - lo)
+        counts = np.bincount(depth, minlength=n_levels) if hi > lo else np.zeros(0, dtype=np.int64)
+        level_offsets.extend((level_offsets[-1] + np.cumsum(counts)).tolist())
+        member_levels.append(member_levels[-1] + n_levels)
+        order_all.append(lo + by_level)
+        par = parent_local[by_level]
+        parent_all.append(np.where(par >= 0, base + new_index[np.maximum(par, 0)] + 1, 0))
+        deepest_at = np.zeros(v, dtype=np.int64)  # member-order position -> 1 + deepest edge
+        for e in by_level:  # shallow to deep: deeper edges overwrite
+            deepest_at[starts[e]:ends[e]] = base + new_index[e] + 1
+        leaf[k, perms[k]] = deepest_at
+        flags[k, starts] = 1
+        flags[k, ends] = 1
+        base += hi - lo
+    order = np.concatenate(order_all) if order_all else np.zeros(0, dtype=np.int64)
+    parent = np.concatenate(parent_all) if parent_all else np.zeros(0, dtype=np.int64)
+    order_t = torch.from_numpy(order)
+    tw = packed.token_weights.cpu()
+    return TritonLevels(
+        num_edges=int(order.size),
+        num_levels=deepest,
+        flags=torch.from_numpy(flags).to(device),
+        token_weights_first=tw[packed.perms[0].cpu()].to(device=device, dtype=dtype).contiguous(),
+        leaf=torch.from_numpy(leaf).to(device),
+        edge_starts=_nonempty(torch.from_numpy(starts_all[order].astype(np.int32)).to(device)),
+        edge_ends=_nonempty(torch.from_numpy(ends_all[order].astype(np.int32)).to(device)),
+        edge_weights=_nonempty(weights_all[order_t].to(device=device, dtype=dtype)),
+        parent=_nonempty(torch.from_numpy(parent.astype(np.int32)).to(device)),
+        level_offsets=torch.tensor(level_offsets, dtype=torch.int32, device=device),
+        member_levels=torch.tensor(member_levels, dtype=torch.int32, device=device),
+    )
+
+
 def _nonempty(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous() if t.numel() else torch.zeros(1, dtype=t.dtype, device=t.device)
 
 
-def _num_programs(n_rows: int, v: int, has_tree: bool, acc_bytes: int, device: torch.device,
+def _num_programs(n_rows: int, per_program_bytes: int, device: torch.device,
                   num_programs: int | None, max_workspace_bytes: int) -> int:
     if num_programs is None:
         if device.type == "cuda":
@@ -140,9 +243,22 @@ def _num_programs(n_rows: int, v: int, has_tree: bool, acc_bytes: int, device: t
             num_programs = sms * PROGRAMS_PER_SM
         else:
             num_programs = 4
-        per_program = acc_bytes * (v + (3 * (v + 1) if has_tree else 0))
-        num_programs = min(num_programs, max(1, max_workspace_bytes // per_program))
+        num_programs = min(num_programs, max(1, max_workspace_bytes // max(1, per_program_bytes)))
     return max(1, min(n_rows, num_programs))
+
+
+def resolve_algorithm(ts: TritonStructure, algorithm: str) -> str:
+    """``"levels"`` or ``"scatter"`` for ``algorithm`` in :data:`ALGORITHMS`."""
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+    if algorithm == "levels" and ts.levels is None:
+        raise ValueError(
+            "algorithm='levels' needs a structure whose members are all trees with at most "
+            f"{MAX_LEVELS} edge levels (chains and deeper trees use algorithm='scatter')"
+        )
+    if algorithm == "auto":
+        return "levels" if ts.levels is not None else "scatter"
+    return algorithm
 
 
 def tree_rows(
@@ -155,9 +271,14 @@ def tree_rows(
     *,
     block: int | None = None,
     num_programs: int | None = None,
+    num_warps: int | None = None,
+    algorithm: str = "auto",
     max_workspace_bytes: int = MAX_WORKSPACE_BYTES,
 ):
     """Run the fused kernel on (n, V) logits. Returns (values (n,), gx, gy, bad flags (n,) int8).
+
+    ``block`` (positions per tile), ``num_programs`` (persistent grid size), ``num_warps`` and
+    ``algorithm`` (see the module docstring) are tuning knobs; defaults as in the module constants.
 
     ``values`` are in the accumulation dtype (float32, float64 for float64 logits); ``gx``/``gy``
     have the logits' dtype (``None`` when not wanted); ``bad[r]`` is 1 (policy) or 2 (reference)
@@ -166,6 +287,7 @@ def tree_rows(
     import triton.language as tl  # noqa: PLC0415
 
     from tokenmover.kernels import tree_triton_jit as jit  # noqa: PLC0415 (imports triton lazily)
+    from tokenmover.kernels import tree_triton_levels_jit as jit_levels  # noqa: PLC0415
 
     n, v = x.shape
     device = x.device
@@ -177,13 +299,38 @@ def tree_rows(
         block = INTERPRET_BLOCK if interpret else GPU_BLOCK
     eblock = INTERPRET_EBLOCK if interpret else GPU_EBLOCK
     acc_bytes = 8 if acc == torch.float64 else 4
-    programs = _num_programs(n, v, ts.has_tree, acc_bytes, device, num_programs, max_workspace_bytes)
     want_grad = want_gx or want_gy
     out = torch.empty(n, dtype=acc, device=device)
     bad = torch.zeros(n, dtype=torch.int8, device=device)
     gx = torch.empty_like(x, memory_format=torch.contiguous_format) if want_gx else None
     gy = torch.empty_like(y, memory_format=torch.contiguous_format) if want_gy else None
     dummy = torch.zeros(1, dtype=acc, device=device)
+    act = active.to(torch.int8).contiguous() if active is not None else bad
+    extra = {} if interpret else {"num_warps": num_warps or GPU_WARPS}
+    if resolve_algorithm(ts, algorithm) == "levels":
+        lv = ts.levels
+        per_program = acc_bytes * (2 * (v + 1) + lv.num_edges + 1)
+        programs = _num_programs(n, per_program, device, num_programs, max_workspace_bytes)
+        c_ws = torch.empty(programs, v + 1, dtype=acc, device=device)
+        p_ws = torch.empty(programs, v + 1, dtype=acc, device=device)
+        s_ws = torch.empty(programs, lv.num_edges + 1, dtype=acc, device=device)
+        jit_levels.tree_levels_kernel[(programs,)](
+            x, y, x.stride(0), y.stride(0),
+            act,
+            out, bad,
+            gx if want_gx else dummy, gy if want_gy else dummy,
+            gx.stride(0) if want_gx else 0, gy.stride(0) if want_gy else 0,
+            ts.perms, lv.flags, ts.token_weights, lv.token_weights_first, lv.leaf,
+            lv.edge_starts, lv.edge_ends, lv.edge_weights, lv.parent, lv.level_offsets, lv.member_levels,
+            c_ws, p_ws, s_ws,
+            n, v, ts.num_members, lv.num_edges,
+            HAS_MASK=active is not None, WANT_GX=want_gx, WANT_GY=want_gy,
+            ACC=tl.float64 if acc == torch.float64 else tl.float32, BLOCK=block, EBLOCK=eblock,
+            **extra,
+        )
+        return out, gx, gy, bad
+    per_program = acc_bytes * (v + (3 * (v + 1) if ts.has_tree else 0))
+    programs = _num_programs(n, per_program, device, num_programs, max_workspace_bytes)
     g_ws = torch.empty(programs, v, dtype=acc, device=device) if want_grad else dummy
     if ts.has_tree:
         c_ws = torch.empty(programs, v + 1, dtype=acc, device=device)
@@ -191,8 +338,6 @@ def tree_rows(
         diff_ws = torch.zeros(programs, v + 1, dtype=acc, device=device) if want_grad else dummy
     else:
         c_ws = p_ws = diff_ws = dummy
-    act = active.to(torch.int8).contiguous() if active is not None else bad
-    extra = {} if interpret else {"num_warps": GPU_WARPS}
     jit.tree_rows_kernel[(programs,)](
         x, y, x.stride(0), y.stride(0),
         act,
@@ -244,18 +389,22 @@ def tree_wasserstein_triton(
     chunk_size: int | None = None,
     block: int | None = None,
     num_programs: int | None = None,
+    num_warps: int | None = None,
+    algorithm: str = "auto",
 ) -> torch.Tensor:
     """Per-row distance of flattened (N, V) logits; (N,) float32 (float64 for float64 logits).
 
     ``chunk_size`` (rows per launch) defaults to all rows: the kernel's memory does not grow
-    with the number of rows, only the gradients (N, V in the logits' dtype) do.
+    with the number of rows, only the gradients (N, V in the logits' dtype) do. ``block``,
+    ``num_programs``, ``num_warps`` and ``algorithm`` are passed to :func:`tree_rows`.
     """
     device = policy.device
     if not available(device):
         raise ValueError(unavailable_reason(device))
     acc = torch.float64 if torch.float64 in (policy.dtype, ref.dtype) else torch.float32
     ts = pack_for_triton(structure, device, acc)
-    options = {"block": block, "num_programs": num_programs}
+    resolve_algorithm(ts, algorithm)  # a bad name or an unusable choice fails before any launch
+    options = {"block": block, "num_programs": num_programs, "num_warps": num_warps, "algorithm": algorithm}
     n = policy.shape[0]
     pieces = []
     for sl in iter_chunks(n, chunk_size if chunk_size is not None else n, policy.shape[1]):
