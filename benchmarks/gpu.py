@@ -5,23 +5,30 @@ Rows (the policy's logits require grad, the reference's do not, as in RL fine-tu
   kl eager          plain PyTorch KL(p || q): log_softmax in float32, sum p (log p - log q)
   kl compile        the same function under torch.compile
   k3 (TRL)          TRL GRPO's per-token k3 at the sampled token (float32 logsumexp + gather)
-  tree / forest / sliced   tokenmover.distance(..., backend="triton") on a cluster tree, a forest
-                    of 4 trees, 16 chains, built here from random clustered points
+  tree / forest / sliced   the Triton kernel (tokenmover.kernels.tree_triton, algorithm "auto":
+                    "levels" for trees/forests, "scatter" for chains) on a cluster tree, a forest
+                    of 4 trees, 16 chains, built here from random clustered points (in parallel
+                    worker processes, before CUDA starts)
+  tree (scatter)    the tree on the general "scatter" kernel, for comparison
+  tree (leaf order) the tree on logits that arrive already in its leaf order (what a model with
+                    its output layer permuted once would produce): no gather by permutation
+then a tuning sweep of the tree kernel at the largest V (tile size, warps, programs per SM),
   tree (torch)      the vectorised torch backend, for comparison (skipped when time runs short)
   sinkhorn top-64   tokenmover's "sinkhorn" method, when it is registered
 plus the bytes floor: reading both bf16 logit rows and writing the bf16 gradient once, at the copy
 bandwidth measured here.
 
-Run:  python benchmarks/gpu.py --out DIR              (CUDA; ~3-5 minutes on an H100/H200)
+Run:  python benchmarks/gpu.py --out DIR              (CUDA; ~4-6 minutes on an H100/H200)
       python benchmarks/gpu.py --device cpu --small   (smoke test under TRITON_INTERPRET=1)
 Needs only torch and triton (and numpy, which tokenmover's structures use); numba/POT/geomloss
-are never imported. Writes DIR/gpu_benchmark.json and prints the tables. Exit code 1 when a
+are never imported. Writes DIR/gpu_benchmark.json after every stage and prints the tables. Exit code 1 when a
 correctness check fails.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -93,19 +100,50 @@ def clustered_points(v: int, d: int, device: torch.device, seed: int = 0) -> tor
     return centres[labels] + 0.3 * torch.randn(v, d, generator=gen)
 
 
-def build_structures(v: int, small: bool) -> dict[str, TransportStructure]:
-    t0 = time.perf_counter()
+def _build_one(job: tuple) -> tuple:
+    """One structure (run in a worker process): ("tree"|"chains", V, seed, small)."""
+    kind, v, seed, small = job
+    torch.set_num_threads(1)
     pts = clustered_points(v, 8 if small else 32, torch.device("cpu"))
+    if kind == "chains":
+        return job, build_chains(pts, 4 if small else 16)
     kw = {"branching": 4, "leaf_size": 8} if small else {"branching": 8, "leaf_size": 32}
-    trees = [build_cluster_tree(pts, seed=s, **kw) for s in range(4)]
-    out = {
-        "tree": trees[0],
-        "forest": TransportStructure.stack(trees, kind="forest"),
-        "sliced": build_chains(pts, 4 if small else 16),
-        "_points": pts,
-    }
-    print(f"  structures for V={v}: {time.perf_counter() - t0:.1f} s", flush=True)
+    return job, build_cluster_tree(pts, seed=seed, **kw)
+
+
+def build_all_structures(vocab: list[int], small: bool) -> dict[int, dict[str, TransportStructure]]:
+    """Tree, forest of 4 trees and 16 chains per V, built in parallel worker processes.
+
+    Runs before CUDA is initialised (the workers are forked)."""
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    t0 = time.perf_counter()
+    jobs = [("tree", v, s, small) for v in sorted(vocab, reverse=True) for s in range(4)]
+    jobs += [("chains", v, 0, small) for v in vocab]
+    workers = max(1, min(len(jobs), (os.cpu_count() or 2)))
+    with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
+        built = dict(pool.map(_build_one, jobs))
+    out = {}
+    for v in vocab:
+        trees = [built[("tree", v, s, small)] for s in range(4)]
+        out[v] = {
+            "tree": trees[0],
+            "forest": TransportStructure.stack(trees, kind="forest"),
+            "sliced": built[("chains", v, 0, small)],
+            "_points": clustered_points(v, 8 if small else 32, torch.device("cpu")),
+        }
+    print(f"structures for V={vocab}: {time.perf_counter() - t0:.1f} s on {workers} processes", flush=True)
     return out
+
+
+def tree_in_leaf_order(tree: TransportStructure) -> TransportStructure:
+    """The same tree over tokens relabelled in its leaf (DFS) order: the identity permutation.
+
+    ``W(tree_in_leaf_order(t), x[:, perm]) == W(t, x)``: what a model whose output layer rows were
+    permuted once by the tree's leaf order would feed the kernel (no gather by permutation)."""
+    v = tree.num_tokens
+    return dataclasses.replace(tree, perms=torch.arange(v, dtype=tree.perms.dtype)[None], _packed_cache={})
 
 
 def fwd_bwd_stats(fn, x, y, device, repeats: int, warmup: int = 1) -> dict:
@@ -167,29 +205,39 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 # ----------------------------------------------------------------------------- correctness
+def triton_tree(structure: TransportStructure, **options):
+    """f(x, y) -> (N,) with the Triton kernel and the given tuning options."""
+    return lambda a, b: tree_triton.tree_wasserstein_triton(a, b, None, structure, **options)
+
+
 def check_correctness(structures: dict, v: int, device: torch.device, n: int) -> list[dict]:
     """Triton on bf16 and float32 logits against the torch backend in float64 on the same logits."""
     rows = []
     gen = torch.Generator(device=device).manual_seed(1)
     x = (3 * torch.randn(n, v, generator=gen, device=device)).to(torch.bfloat16)
     y = (x.float() + torch.randn(n, v, generator=gen, device=device)).to(torch.bfloat16)
-    for name in ("tree", "forest", "sliced"):
+    cases = [("tree", "levels"), ("tree", "scatter"), ("forest", "levels"), ("forest", "scatter"), ("sliced", "scatter")]
+    refs = {}
+    for name, algorithm in cases:
         s = structures[name]
-        x64 = x.detach().double().requires_grad_()
-        ref = distance(x64, y.double(), "tree", structure=s, backend="torch")
-        ref.sum().backward()
+        if name not in refs:
+            x64 = x.detach().double().requires_grad_()
+            ref = distance(x64, y.double(), "tree", structure=s, backend="torch")
+            ref.sum().backward()
+            refs[name] = (ref.detach(), x64.grad)
+        ref, ref_grad = refs[name]
         # gradient tolerance in relative L2: an edge whose mass is within float32 rounding of 0
         # may take the other sign than in float64 (both are valid subgradients)
         for dtype, tol_v, tol_g in ((torch.bfloat16, 1e-4, 2e-2), (torch.float32, 1e-4, 2e-2)):
             xt = x.detach().to(dtype).clone().requires_grad_()
-            got = distance(xt, y.to(dtype), "tree", structure=s, backend="triton")
+            got = triton_tree(s, algorithm=algorithm)(xt, y.to(dtype))
             got.sum().backward()
-            ev, eg, eg_max = rel_err(got, ref), rel_l2(xt.grad, x64.grad), rel_err(xt.grad, x64.grad)
+            ev, eg, eg_max = rel_err(got, ref), rel_l2(xt.grad, ref_grad), rel_err(xt.grad, ref_grad)
             ok = ev < tol_v and eg < tol_g
-            rows.append({"V": v, "structure": name, "logits": str(dtype).replace("torch.", ""),
+            rows.append({"V": v, "structure": f"{name} ({algorithm})", "logits": str(dtype).replace("torch.", ""),
                          "rel_err_value": ev, "rel_err_grad": eg, "rel_err_grad_max": eg_max, "ok": ok})
             if not ok:
-                PROBLEMS.append(f"{name} {dtype} V={v}: value {ev:.2e} grad {eg:.2e}")
+                PROBLEMS.append(f"{name} ({algorithm}) {dtype} V={v}: value {ev:.2e} grad {eg:.2e}")
     xk = x.float().requires_grad_()
     xk64 = x.double().requires_grad_()
     kl32, kl64 = kl_plain(xk, y), kl_plain(xk64, y.double())
@@ -199,6 +247,34 @@ def check_correctness(structures: dict, v: int, device: torch.device, n: int) ->
 
 
 # ----------------------------------------------------------------------------- main
+def logits(v: int, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = (3 * torch.randn(n, v, generator=gen, device=device)).to(torch.bfloat16).requires_grad_()
+    y = (x.detach().float() + torch.randn(n, v, generator=gen, device=device)).to(torch.bfloat16)
+    tokens = torch.randint(v, (n,), generator=gen, device=device)
+    return x, y, tokens
+
+
+def time_row(timings: list, v: int, name: str, fn, x, y, device, repeats: int, floor_s: float, **extra) -> dict:
+    try:
+        stats = fwd_bwd_stats(fn, x, y, device, repeats=repeats)
+    except Exception as exc:  # a row that fails must not hide the others
+        stats = {"ms": None, "peak_extra_gib": None, "error": f"{type(exc).__name__}: {exc}"[:200]}
+    stats.update({"V": v, "method": name, **extra,
+                  "x_floor": None if stats.get("ms") is None else stats["ms"] / (1e3 * floor_s)})
+    timings.append(stats)
+    print(f"  {name:34s} {_fmt(stats)}", flush=True)
+    return stats
+
+
+def sweep_configs(device: torch.device, small: bool) -> list[dict]:
+    """(block, warps, programs per SM) for the tree kernel's tuning sweep."""
+    if small:
+        return [{"block": 64, "num_warps": 4, "per_sm": 1}, {"block": 128, "num_warps": 4, "per_sm": 2}]
+    return [{"block": b, "num_warps": w, "per_sm": m}
+            for b, w in ((1024, 4), (1024, 8), (2048, 8), (4096, 8), (4096, 16)) for m in (1, 2, 4)]
+
+
 def main() -> int:
     device = torch.device(ARGS.device)
     small = ARGS.small
@@ -208,9 +284,12 @@ def main() -> int:
     if not tree_triton.available(device):
         print(f"cannot run: {tree_triton.unavailable_reason(device)}")
         return 2
+    all_structures = build_all_structures(vocab, small)  # before CUDA starts: forked workers
     info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton interpreter)",
             "torch": torch.__version__, "triton": __import__("triton").__version__, "N": n, "repeats": repeats,
             "note": "" if device.type == "cuda" else "CPU interpreter: timings are meaningless, this is a smoke test"}
+    if device.type == "cuda":
+        info["sms"] = torch.cuda.get_device_properties(device).multi_processor_count
     print(json.dumps(info), flush=True)
     bw = copy_bandwidth(device, (1 << 30) if device.type == "cuda" else (1 << 22))
     info["copy_bandwidth_GBps"] = bw / 1e9
@@ -219,52 +298,79 @@ def main() -> int:
     if not ARGS.no_compile and device.type == "cuda":
         compiled_kl = torch.compile(kl_plain, dynamic=False)
     correctness, timings = [], []
+    out_path = ARGS.out / ("gpu_benchmark_small.json" if small else "gpu_benchmark.json")
+    ARGS.out.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after every stage: a run cut short still leaves its numbers
+        out_path.write_text(json.dumps({"info": info, "correctness": correctness, "timings": timings,
+                                        "problems": PROBLEMS, "seconds": time.perf_counter() - T_START}, indent=1))
+
+    floors = {v: (3 * n * v * 2) / bw for v in vocab}
+    # 1. correctness and the issue's table, every V
     for v in vocab:
         print(f"V = {v}", flush=True)
-        structures = build_structures(v, small)
+        structures = all_structures[v]
         correctness += check_correctness(structures, v, device, n=4 if small else 16)
-        gen = torch.Generator(device=device).manual_seed(0)
-        x = (3 * torch.randn(n, v, generator=gen, device=device)).to(torch.bfloat16).requires_grad_()
-        y = (x.detach().float() + torch.randn(n, v, generator=gen, device=device)).to(torch.bfloat16)
-        tokens = torch.randint(v, (n,), generator=gen, device=device)
-        floor_s = (3 * n * v * 2) / bw
+        x, y, tokens = logits(v, n, device)
         rows = [("kl eager", kl_plain), ("k3 (TRL)", lambda a, b, t=tokens: k3_trl(a, b, t))]
         if compiled_kl is not None:
             rows.insert(1, ("kl compile", compiled_kl))
-        for name in ("tree", "forest", "sliced"):
-            s = structures[name]
-            rows.append((f"{name} (triton)", lambda a, b, s=s: distance(a, b, "tree", structure=s, backend="triton")))
-        tree = structures["tree"]
-        rows.append(("tree (torch)", lambda a, b, s=tree: distance(a, b, "tree", structure=s, backend="torch")))
+        rows += [("tree (triton)", triton_tree(structures["tree"])),
+                 ("tree (triton, scatter kernel)", triton_tree(structures["tree"], algorithm="scatter")),
+                 ("forest (triton)", triton_tree(structures["forest"])),
+                 ("sliced (triton)", triton_tree(structures["sliced"]))]
+        for name, fn in rows:
+            time_row(timings, v, name, fn, x, y, device, repeats, floors[v])
+        # logits already in the tree's leaf order (a permuted output layer): no gather
+        perm = structures["tree"].perms[0].to(device)
+        xp = x.detach()[:, perm].requires_grad_()
+        yp = y[:, perm]
+        del x, y
+        time_row(timings, v, "tree (triton, logits in leaf order)", triton_tree(tree_in_leaf_order(structures["tree"])),
+                 xp, yp, device, repeats, floors[v])
+        del xp, yp
+        timings.append({"V": v, "method": "bytes floor", "ms": 1e3 * floors[v], "peak_extra_gib": None, "x_floor": 1.0})
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        save()
+    # 2. tuning sweep of the tree kernel at the largest V
+    v = max(vocab)
+    if time.perf_counter() - T_START < ARGS.budget_s:
+        print(f"tuning sweep, tree (levels kernel), V = {v}", flush=True)
+        x, y, _ = logits(v, n, device)
+        sms = info.get("sms", 2)
+        for cfg in sweep_configs(device, small):
+            if time.perf_counter() - T_START > ARGS.budget_s:
+                break
+            name = f"tree sweep b{cfg['block']} w{cfg['num_warps']} p{cfg['per_sm']}/SM"
+            fn = triton_tree(all_structures[v]["tree"], block=cfg["block"], num_warps=cfg["num_warps"],
+                             num_programs=cfg["per_sm"] * sms)
+            time_row(timings, v, name, fn, x, y, device, max(1, repeats - 2), floors[v], sweep=cfg)
+        del x, y
+        save()
+    # 3. optional rows while time is left
+    for v in vocab:
+        structures = all_structures[v]
+        x, y, _ = logits(v, n, device)
+        optional = [("tree (torch)", lambda a, b, s=structures["tree"]: distance(a, b, "tree", structure=s, backend="torch"))]
         if "sinkhorn" in METHODS:
             spec = METHODS["sinkhorn"]
             kw = {"points": structures["_points"].to(device)}
             if "k" in spec.accepts:
                 kw["k"] = 64
-            rows.append(("sinkhorn top-64", lambda a, b, kw=kw: distance(a, b, "sinkhorn", **kw)))
-        for name, fn in rows:
-            optional = name in ("tree (torch)", "sinkhorn top-64")
-            if optional and time.perf_counter() - T_START > ARGS.budget_s:
+            optional.append(("sinkhorn top-64", lambda a, b, kw=kw: distance(a, b, "sinkhorn", **kw)))
+        for name, fn in optional:
+            if time.perf_counter() - T_START > ARGS.budget_s:
                 timings.append({"V": v, "method": name, "ms": None, "error": "skipped: time budget"})
                 continue
-            try:
-                stats = fwd_bwd_stats(fn, x, y, device, repeats=1 if optional else repeats)
-            except Exception as exc:  # a row that fails must not hide the others
-                stats = {"ms": None, "peak_extra_gib": None, "error": f"{type(exc).__name__}: {exc}"[:200]}
-            stats.update({"V": v, "method": name, "x_floor": None if stats.get("ms") is None
-                          else stats["ms"] / (1e3 * floor_s)})
-            timings.append(stats)
-            print(f"  {name:18s} {_fmt(stats)}", flush=True)
-        timings.append({"V": v, "method": "bytes floor", "ms": 1e3 * floor_s, "peak_extra_gib": None, "x_floor": 1.0})
+            time_row(timings, v, name, fn, x, y, device, 1, floors[v])
         del x, y
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        save()
     print_tables(correctness, timings, vocab)
-    ARGS.out.mkdir(parents=True, exist_ok=True)
-    out = ARGS.out / ("gpu_benchmark_small.json" if small else "gpu_benchmark.json")
-    out.write_text(json.dumps({"info": info, "correctness": correctness, "timings": timings,
-                               "problems": PROBLEMS, "seconds": time.perf_counter() - T_START}, indent=1))
-    print(f"wrote {out} ({time.perf_counter() - T_START:.0f} s)")
+    save()
+    print(f"wrote {out_path} ({time.perf_counter() - T_START:.0f} s)")
     if PROBLEMS:
         print("CORRECTNESS PROBLEMS:\n  " + "\n  ".join(PROBLEMS))
         return 1
@@ -282,14 +388,14 @@ def _fmt(stats: dict) -> str:
 def print_tables(correctness: list[dict], timings: list[dict], vocab: list[int]) -> None:
     print("\nCorrectness against the float64 torch backend on the same logits: value max|a-b|/max|b|,")
     print("gradient to the policy logits ||a-b||/||b|| (and max|a-b|/max|b|)")
-    print(f"{'V':>8} {'structure':16} {'logits':9} {'value':>10} {'grad L2':>10} {'grad max':>10}  ok")
+    print(f"{'V':>8} {'structure':20} {'logits':9} {'value':>10} {'grad L2':>10} {'grad max':>10}  ok")
     for r in correctness:
         g = "" if r["rel_err_grad"] is None else f"{r['rel_err_grad']:.2e}"
         gm = "" if r.get("rel_err_grad_max") is None else f"{r['rel_err_grad_max']:.2e}"
-        print(f"{r['V']:>8} {r['structure']:16} {r['logits']:9} {r['rel_err_value']:>10.2e} {g:>10} {gm:>10}  {r['ok']}")
+        print(f"{r['V']:>8} {r['structure']:20} {r['logits']:9} {r['rel_err_value']:>10.2e} {g:>10} {gm:>10}  {r['ok']}")
     methods = list(dict.fromkeys(t["method"] for t in timings))
     print("\nfwd+bwd time (median ms) / peak extra memory (GiB) / x bytes floor")
-    print(f"{'method':18}" + "".join(f"{v:>32}" for v in vocab))
+    print(f"{'method':36}" + "".join(f"{v:>32}" for v in vocab))
     for m in methods:
         cells = []
         for v in vocab:
@@ -299,7 +405,7 @@ def print_tables(correctness: list[dict], timings: list[dict], vocab: list[int])
                 continue
             mem = "" if t.get("peak_extra_gib") is None else f"{t['peak_extra_gib']:.2f}"
             cells.append(f"{t['ms']:>12.2f} {mem:>9} {t['x_floor']:>8.1f}x")
-        print(f"{m:18}" + "".join(cells))
+        print(f"{m:36}" + "".join(cells))
 
 
 if __name__ == "__main__":
