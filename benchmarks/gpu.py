@@ -49,6 +49,7 @@ def _parse() -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, default=None, help="timed repeats per row (median)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile KL row")
     ap.add_argument("--budget-s", type=float, default=270.0, help="skip optional rows past this time")
+    ap.add_argument("--skip", nargs="*", default=[], help="rows to leave out (name prefixes, e.g. sinkhorn)")
     return ap.parse_args()
 
 
@@ -216,7 +217,8 @@ def check_correctness(structures: dict, v: int, device: torch.device, n: int) ->
     gen = torch.Generator(device=device).manual_seed(1)
     x = (3 * torch.randn(n, v, generator=gen, device=device)).to(torch.bfloat16)
     y = (x.float() + torch.randn(n, v, generator=gen, device=device)).to(torch.bfloat16)
-    cases = [("tree", "levels"), ("tree", "scatter"), ("forest", "levels"), ("forest", "scatter"), ("sliced", "scatter")]
+    cases = [("tree", "tiles"), ("tree", "levels"), ("tree", "scatter"), ("forest", "tiles"), ("forest", "levels"),
+             ("forest", "scatter"), ("sliced", "scatter")]
     refs = {}
     for name, algorithm in cases:
         s = structures[name]
@@ -268,11 +270,12 @@ def time_row(timings: list, v: int, name: str, fn, x, y, device, repeats: int, f
 
 
 def sweep_configs(device: torch.device, small: bool) -> list[dict]:
-    """(block, warps, programs per SM) for the tree kernel's tuning sweep."""
+    """(block, positions per program, warps) for the "tiles" kernels' tuning sweep."""
     if small:
-        return [{"block": 64, "num_warps": 4, "per_sm": 1}, {"block": 128, "num_warps": 4, "per_sm": 2}]
-    return [{"block": b, "num_warps": w, "per_sm": m}
-            for b, w in ((1024, 4), (1024, 8), (2048, 8), (4096, 8), (4096, 16)) for m in (1, 2, 4)]
+        return [{"block": 32, "chunk": 64, "num_warps": 4}, {"block": 64, "chunk": 256, "num_warps": 4}]
+    return [{"block": b, "chunk": c, "num_warps": w}
+            for b, c, w in ((1024, 2048, 4), (1024, 4096, 4), (2048, 4096, 8), (4096, 4096, 8), (2048, 8192, 8),
+                            (4096, 16384, 16))]
 
 
 def main() -> int:
@@ -315,19 +318,23 @@ def main() -> int:
         rows = [("kl eager", kl_plain), ("k3 (TRL)", lambda a, b, t=tokens: k3_trl(a, b, t))]
         if compiled_kl is not None:
             rows.insert(1, ("kl compile", compiled_kl))
-        rows += [("tree (triton)", triton_tree(structures["tree"])),
-                 ("tree (triton, scatter kernel)", triton_tree(structures["tree"], algorithm="scatter")),
-                 ("forest (triton)", triton_tree(structures["forest"])),
-                 ("sliced (triton)", triton_tree(structures["sliced"]))]
+        rows += [("tree (tiles)", triton_tree(structures["tree"], algorithm="tiles")),
+                 ("tree (levels)", triton_tree(structures["tree"], algorithm="levels")),
+                 ("tree (scatter)", triton_tree(structures["tree"], algorithm="scatter")),
+                 ("forest (tiles)", triton_tree(structures["forest"], algorithm="tiles")),
+                 ("forest (levels)", triton_tree(structures["forest"], algorithm="levels"))]
         for name, fn in rows:
-            time_row(timings, v, name, fn, x, y, device, repeats, floors[v])
+            if not any(name.startswith(skip) for skip in ARGS.skip):
+                time_row(timings, v, name, fn, x, y, device, repeats, floors[v])
         # logits already in the tree's leaf order (a permuted output layer): no gather
         perm = structures["tree"].perms[0].to(device)
         xp = x.detach()[:, perm].requires_grad_()
         yp = y[:, perm]
         del x, y
-        time_row(timings, v, "tree (triton, logits in leaf order)", triton_tree(tree_in_leaf_order(structures["tree"])),
-                 xp, yp, device, repeats, floors[v])
+        leaf_tree = tree_in_leaf_order(structures["tree"])
+        for algorithm in ("tiles", "levels"):
+            time_row(timings, v, f"tree leaf-order logits ({algorithm})", triton_tree(leaf_tree, algorithm=algorithm),
+                     xp, yp, device, repeats, floors[v])
         del xp, yp
         timings.append({"V": v, "method": "bytes floor", "ms": 1e3 * floors[v], "peak_extra_gib": None, "x_floor": 1.0})
         if device.type == "cuda":
@@ -336,15 +343,13 @@ def main() -> int:
     # 2. tuning sweep of the tree kernel at the largest V
     v = max(vocab)
     if time.perf_counter() - T_START < ARGS.budget_s:
-        print(f"tuning sweep, tree (levels kernel), V = {v}", flush=True)
+        print(f"tuning sweep, tree (tiles kernels), V = {v}", flush=True)
         x, y, _ = logits(v, n, device)
-        sms = info.get("sms", 2)
         for cfg in sweep_configs(device, small):
             if time.perf_counter() - T_START > ARGS.budget_s:
                 break
-            name = f"tree sweep b{cfg['block']} w{cfg['num_warps']} p{cfg['per_sm']}/SM"
-            fn = triton_tree(all_structures[v]["tree"], block=cfg["block"], num_warps=cfg["num_warps"],
-                             num_programs=cfg["per_sm"] * sms)
+            name = f"tree tiles b{cfg['block']} c{cfg['chunk']} w{cfg['num_warps']}"
+            fn = triton_tree(all_structures[v]["tree"], algorithm="tiles", **cfg)
             time_row(timings, v, name, fn, x, y, device, max(1, repeats - 2), floors[v], sweep=cfg)
         del x, y
         save()
@@ -352,7 +357,8 @@ def main() -> int:
     for v in vocab:
         structures = all_structures[v]
         x, y, _ = logits(v, n, device)
-        optional = [("tree (torch)", lambda a, b, s=structures["tree"]: distance(a, b, "tree", structure=s, backend="torch"))]
+        optional = [("sliced (scatter)", triton_tree(structures["sliced"], algorithm="scatter")),
+                    ("tree (torch)", lambda a, b, s=structures["tree"]: distance(a, b, "tree", structure=s, backend="torch"))]
         if "sinkhorn" in METHODS:
             spec = METHODS["sinkhorn"]
             kw = {"points": structures["_points"].to(device)}
@@ -360,6 +366,8 @@ def main() -> int:
                 kw["k"] = 64
             optional.append(("sinkhorn top-64", lambda a, b, kw=kw: distance(a, b, "sinkhorn", **kw)))
         for name, fn in optional:
+            if any(name.startswith(skip) for skip in ARGS.skip):
+                continue
             if time.perf_counter() - T_START > ARGS.budget_s:
                 timings.append({"V": v, "method": name, "ms": None, "error": "skipped: time budget"})
                 continue

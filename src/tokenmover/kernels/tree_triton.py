@@ -54,7 +54,9 @@ INTERPRET_EBLOCK = 16
 PROGRAMS_PER_SM = 4
 MAX_WORKSPACE_BYTES = 512 << 20
 MAX_LEVELS = 256  # deeper trees (MST orders) use the scatter kernel: one barrier per level
-ALGORITHMS = ("auto", "levels", "scatter")
+ALGORITHMS = ("auto", "tiles", "levels", "scatter")
+TILES_CHUNK = 4096  # positions per program of the "tiles" kernels
+TILES_BLOCK = 2048
 
 
 def interpret_mode() -> bool:
@@ -117,6 +119,10 @@ class TritonLevels:
     parent: torch.Tensor  # (E,) int32: 1 + parent edge, 0: none
     level_offsets: torch.Tensor  # (L_total + 1,) int32: level l owns edges [off[l], off[l + 1])
     member_levels: torch.Tensor  # (K + 1,) int32: member k owns levels [ml[k], ml[k + 1])
+    num_boundaries: int  # prefix indices j >= 1 where some edge of some member starts or ends
+    boundary_index: torch.Tensor  # (K, V + 1) int32: compact index of (member k, prefix index j), -1: none
+    edge_start_boundary: torch.Tensor  # (E,) int32: compact index of the edge's start (0 for j = 0)
+    edge_end_boundary: torch.Tensor  # (E,) int32
 
 
 _CACHE: dict[tuple[int, str, torch.dtype], TritonStructure] = {}
@@ -212,10 +218,18 @@ def _levels(packed: PackedStructure, device: torch.device, dtype: torch.dtype) -
         flags[k, starts] = 1
         flags[k, ends] = 1
         base += hi - lo
+    flags[:, 0] = 0  # prefix index 0 is C = 0: never stored
+    boundary_index = np.cumsum(flags.reshape(-1), dtype=np.int64).reshape(flags.shape) - 1
+    boundary_index = np.where(flags != 0, boundary_index, -1).astype(np.int32)  # (K, V + 1)
+    num_boundaries = int(flags.sum())
+    member_of_edge = np.repeat(np.arange(k_members), np.diff(offsets))
     order = np.concatenate(order_all) if order_all else np.zeros(0, dtype=np.int64)
     parent = np.concatenate(parent_all) if parent_all else np.zeros(0, dtype=np.int64)
     order_t = torch.from_numpy(order)
     tw = packed.token_weights.cpu()
+    mem = member_of_edge[order]
+    esb = np.maximum(boundary_index[mem, starts_all[order]], 0).astype(np.int32)  # j = 0 -> unused 0
+    eeb = boundary_index[mem, ends_all[order]].astype(np.int32)
     return TritonLevels(
         num_edges=int(order.size),
         num_levels=deepest,
@@ -228,6 +242,10 @@ def _levels(packed: PackedStructure, device: torch.device, dtype: torch.dtype) -
         parent=_nonempty(torch.from_numpy(parent.astype(np.int32)).to(device)),
         level_offsets=torch.tensor(level_offsets, dtype=torch.int32, device=device),
         member_levels=torch.tensor(member_levels, dtype=torch.int32, device=device),
+        num_boundaries=num_boundaries,
+        boundary_index=torch.from_numpy(boundary_index).to(device),
+        edge_start_boundary=_nonempty(torch.from_numpy(esb).to(device)),
+        edge_end_boundary=_nonempty(torch.from_numpy(eeb).to(device)),
     )
 
 
@@ -251,9 +269,9 @@ def resolve_algorithm(ts: TritonStructure, algorithm: str) -> str:
     """``"levels"`` or ``"scatter"`` for ``algorithm`` in :data:`ALGORITHMS`."""
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
-    if algorithm == "levels" and ts.levels is None:
+    if algorithm in ("levels", "tiles") and ts.levels is None:
         raise ValueError(
-            "algorithm='levels' needs a structure whose members are all trees with at most "
+            f"algorithm={algorithm!r} needs a structure whose members are all trees with at most "
             f"{MAX_LEVELS} edge levels (chains and deeper trees use algorithm='scatter')"
         )
     if algorithm == "auto":
@@ -273,6 +291,7 @@ def tree_rows(
     num_programs: int | None = None,
     num_warps: int | None = None,
     algorithm: str = "auto",
+    chunk: int | None = None,
     max_workspace_bytes: int = MAX_WORKSPACE_BYTES,
 ):
     """Run the fused kernel on (n, V) logits. Returns (values (n,), gx, gy, bad flags (n,) int8).
@@ -307,7 +326,12 @@ def tree_rows(
     dummy = torch.zeros(1, dtype=acc, device=device)
     act = active.to(torch.int8).contiguous() if active is not None else bad
     extra = {} if interpret else {"num_warps": num_warps or GPU_WARPS}
-    if resolve_algorithm(ts, algorithm) == "levels":
+    resolved = resolve_algorithm(ts, algorithm)
+    if resolved == "tiles":
+        _tiles(x, y, active, ts.levels, ts, out, bad, gx, gy, acc, block, num_warps, chunk,
+               max_workspace_bytes, interpret)
+        return out, gx, gy, bad
+    if resolved == "levels":
         lv = ts.levels
         per_program = acc_bytes * (2 * (v + 1) + lv.num_edges + 1)
         programs = _num_programs(n, per_program, device, num_programs, max_workspace_bytes)
@@ -355,6 +379,71 @@ def tree_rows(
     return out, gx, gy, bad
 
 
+def _tiles(x, y, active, lv: TritonLevels, ts: TritonStructure, out, bad, gx, gy, acc, block, num_warps, chunk,
+           max_workspace_bytes: int, interpret: bool) -> None:
+    """The four "tiles" launches over chunks of rows (the per-row workspaces bound the chunk)."""
+    import triton  # noqa: PLC0415
+    import triton.language as tl  # noqa: PLC0415
+
+    from tokenmover.kernels import tree_triton_tiles_jit as jt  # noqa: PLC0415
+
+    n, v = x.shape
+    device = x.device
+    k_members = ts.num_members
+    want_gx, want_gy = gx is not None, gy is not None
+    want_grad = want_gx or want_gy
+    if block is None:
+        block = INTERPRET_BLOCK if interpret else TILES_BLOCK
+    chunk = chunk or (4 * block if interpret else TILES_CHUNK)
+    g = triton.cdiv(v, chunk)
+    nb, ne = lv.num_boundaries, lv.num_edges
+    acc_tl = tl.float64 if acc == torch.float64 else tl.float32
+    acc_bytes = 8 if acc == torch.float64 else 4
+    per_row = acc_bytes * (2 * max(nb, 1) + ne + 1 + 5 * k_members * g + 2 * g + 4)
+    rows = max(1, min(n, max_workspace_bytes // per_row))
+    extra = {} if interpret else {"num_warps": num_warps or GPU_WARPS}
+    edge_extra = {} if interpret else {"num_warps": 4}
+    eblock = INTERPRET_EBLOCK if interpret else GPU_EBLOCK
+    dummy = torch.zeros(1, dtype=acc, device=device)
+    lse = torch.empty(rows, 2, dtype=acc, device=device)
+    cb = torch.empty(rows, max(nb, 1), dtype=acc, device=device)
+    pb = torch.empty(rows, max(nb, 1), dtype=acc, device=device) if want_grad else cb
+    tot = torch.empty(rows, k_members, g, 2, dtype=acc, device=device)
+    part = torch.empty(rows, k_members, g, 3, dtype=acc, device=device)
+    offsets = torch.empty(rows, 2 * g, dtype=acc, device=device)
+    s_ws = torch.empty(rows, ne + 1, dtype=acc, device=device)
+    dots = torch.empty(rows, 2, dtype=acc, device=device)
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        m = r1 - r0
+        xs, ys = x[r0:r1], y[r0:r1]
+        act = active[r0:r1].to(torch.int8).contiguous() if active is not None else bad
+        has_mask = active is not None
+        gxs = gx[r0:r1] if want_gx else dummy
+        gys = gy[r0:r1] if want_gy else dummy
+        jt.lse_kernel[(m,)](xs, ys, xs.stride(0), ys.stride(0), act, lse, bad[r0:r1], v,
+                            HAS_MASK=has_mask, ACC=acc_tl, BLOCK=block, **extra)
+        jt.prefix_kernel[(m * k_members * g,)](
+            xs, ys, xs.stride(0), ys.stride(0), act, lse, ts.perms, lv.boundary_index, lv.token_weights_first,
+            cb, pb, cb.shape[1], tot, part, v, k_members, g, chunk,
+            HAS_MASK=has_mask, WANT_GRAD=want_grad, ACC=acc_tl, BLOCK=min(block, chunk), **extra,
+        )
+        jt.edge_kernel[(m,)](
+            act, cb, pb, cb.shape[1], tot, part, offsets,
+            lv.edge_starts, lv.edge_ends, lv.edge_start_boundary, lv.edge_end_boundary, lv.edge_weights,
+            lv.parent, lv.level_offsets, lv.member_levels, s_ws, ne, out[r0:r1], dots, k_members, g, chunk,
+            HAS_MASK=has_mask, WANT_GRAD=want_grad, ACC=acc_tl, GBLOCK=triton.next_power_of_2(g),
+            EBLOCK=eblock, **edge_extra,
+        )
+        if want_grad:
+            jt.grad_kernel[(m * g,)](
+                xs, ys, xs.stride(0), ys.stride(0), act, lse, dots, ts.token_weights, lv.leaf, s_ws, ne,
+                gxs, gys, gxs.stride(0) if want_gx else 0, gys.stride(0) if want_gy else 0,
+                v, k_members, g, chunk,
+                HAS_MASK=has_mask, WANT_GX=want_gx, WANT_GY=want_gy, ACC=acc_tl, BLOCK=min(block, chunk), **extra,
+            )
+
+
 class _TritonTreeFunction(torch.autograd.Function):
     """Forward computes values and gradients in one kernel; backward scales the gradients in place.
 
@@ -391,12 +480,13 @@ def tree_wasserstein_triton(
     num_programs: int | None = None,
     num_warps: int | None = None,
     algorithm: str = "auto",
+    chunk: int | None = None,
 ) -> torch.Tensor:
     """Per-row distance of flattened (N, V) logits; (N,) float32 (float64 for float64 logits).
 
     ``chunk_size`` (rows per launch) defaults to all rows: the kernel's memory does not grow
     with the number of rows, only the gradients (N, V in the logits' dtype) do. ``block``,
-    ``num_programs``, ``num_warps`` and ``algorithm`` are passed to :func:`tree_rows`.
+    ``num_programs``, ``num_warps``, ``algorithm`` and ``chunk`` are passed to :func:`tree_rows`.
     """
     device = policy.device
     if not available(device):
@@ -404,7 +494,8 @@ def tree_wasserstein_triton(
     acc = torch.float64 if torch.float64 in (policy.dtype, ref.dtype) else torch.float32
     ts = pack_for_triton(structure, device, acc)
     resolve_algorithm(ts, algorithm)  # a bad name or an unusable choice fails before any launch
-    options = {"block": block, "num_programs": num_programs, "num_warps": num_warps, "algorithm": algorithm}
+    options = {"block": block, "num_programs": num_programs, "num_warps": num_warps, "algorithm": algorithm,
+               "chunk": chunk}
     n = policy.shape[0]
     pieces = []
     for sl in iter_chunks(n, chunk_size if chunk_size is not None else n, policy.shape[1]):

@@ -1,0 +1,232 @@
+"""Tile-parallel Triton kernels for all-tree structures: many programs per row, four launches.
+
+The one-program-per-row kernels (:mod:`tree_triton_jit`, :mod:`tree_triton_levels_jit`) keep a
+whole row in one program, so a row's passes run one tile after the other and the rows in flight
+(one per program) overflow the L2 cache when the row is read in a permuted order. Here each row is
+cut into chunks of ``L`` positions and every (row, member, chunk) is its own program; programs of
+the same row run side by side, so few rows are in flight at any time. The prefix sums restart at
+each chunk; the chunk totals are added back when the edges are read (edges are few: the prefix
+sums are kept only at edge boundaries, in a compact array).
+
+For a row with ``p = softmax(x)``, ``q = softmax(y)``, ``d = p - q``:
+
+1. ``lse_kernel`` (one program per row): ``lse_x``, ``lse_y``; flags NaN / +Inf / no-mass rows.
+2. ``prefix_kernel`` (row, member k, chunk c): in member order, the chunk-local prefix sums of
+   ``d`` and ``p`` at edge boundaries (``C_loc``, ``P_loc``), the chunk totals, and (member 0) the
+   singleton terms ``t . |d|``, ``sum t sign(d) p``, ``sum t sign(d) q`` as partial sums.
+3. ``edge_kernel`` (one program per row): chunk offsets (exclusive prefix of the chunk totals),
+   then the edges level by level (parents first): ``mass_e = C(end) - C(start)`` with
+   ``C(j) = C_loc[j] + offset[chunk of j]``, ``W += w_e |mass_e|``, ``S_e = w_e sign(mass_e) +
+   S_parent``, and ``<p, g>``, ``<q, g>``; writes ``W``, the two dot products and ``S``.
+4. ``grad_kernel`` (row, chunk of columns): ``g_i = t_i sign(d_i) + sum_k S_{leaf_k(i)}``,
+   ``dW/dx = p (g - <p, g>)``, ``dW/dy = -q (g - <q, g>)``, in the logits' dtype, column order.
+
+Passes over a row's logits: 1 + K + 1, each spread over many programs. Accumulation in ``ACC``.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from tokenmover.kernels.tree_triton_jit import _probs, _row_lse, _signed, _zero
+
+
+@triton.jit
+def lse_kernel(x_ptr, y_ptr, stride_x, stride_y, active_ptr, lse_ptr, bad_ptr, V,
+               HAS_MASK: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """lse_ptr[r] = (lse_x, lse_y); bad_ptr[r] = 1 (policy row bad), 2 (reference row bad), 0."""
+    r = tl.program_id(0).to(tl.int64)
+    active = 1
+    if HAS_MASK:
+        active = tl.load(active_ptr + r).to(tl.int32)
+    if active != 0:
+        lse_x, bad_x = _row_lse(x_ptr + r * stride_x, V, ACC, BLOCK)
+        lse_y, bad_y = _row_lse(y_ptr + r * stride_y, V, ACC, BLOCK)
+        tl.store(lse_ptr + 2 * r, lse_x)
+        tl.store(lse_ptr + 2 * r + 1, lse_y)
+        tl.store(bad_ptr + r, tl.where(bad_x, 1, tl.where(bad_y, 2, 0)).to(tl.int8))
+    else:
+        tl.store(bad_ptr + r, tl.zeros([1], tl.int8).sum(0).to(tl.int8))
+
+
+@triton.jit
+def prefix_kernel(x_ptr, y_ptr, stride_x, stride_y, active_ptr, lse_ptr,
+                  perm_ptr, bidx_ptr, tw0_ptr,  # (K, V) int32, (K, V + 1) int32 (-1: no boundary), (V,)
+                  cb_ptr, pb_ptr, nb,  # (n, NB) chunk-local prefix sums at boundaries
+                  tot_ptr, part_ptr,  # (n, K, G, 2) chunk totals of d and p; (n, K, G, 3) singleton sums
+                  V, K, G, L,
+                  HAS_MASK: tl.constexpr, WANT_GRAD: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    c = pid % G
+    k = (pid // G) % K
+    r = (pid // (G * K)).to(tl.int64)
+    active = 1
+    if HAS_MASK:
+        active = tl.load(active_ptr + r).to(tl.int32)
+    if active != 0:
+        lse_x = tl.load(lse_ptr + 2 * r)
+        lse_y = tl.load(lse_ptr + 2 * r + 1)
+        x_row = x_ptr + r * stride_x
+        y_row = y_ptr + r * stride_y
+        perm_row = perm_ptr + k.to(tl.int64) * V
+        bidx_row = bidx_ptr + k.to(tl.int64) * (V + 1)
+        cb_row = cb_ptr + r * nb
+        pb_row = pb_ptr + r * nb
+        offs = tl.arange(0, BLOCK)
+        val = tl.zeros([BLOCK], ACC)
+        dot_p = tl.zeros([BLOCK], ACC)
+        dot_q = tl.zeros([BLOCK], ACC)
+        carry_c = _zero(ACC, BLOCK)
+        carry_p = _zero(ACC, BLOCK)
+        start = c * L
+        end = tl.minimum(start + L, V)
+        for s0 in range(start, end, BLOCK):
+            pos = s0 + offs
+            msk = pos < end
+            tok = tl.load(perm_row + pos, mask=msk, other=0)
+            p = _probs(x_row, tok, msk, lse_x, ACC)  # (BLOCK,) in member order
+            q = _probs(y_row, tok, msk, lse_y, ACC)
+            d = p - q
+            t = tl.load(tw0_ptr + pos, mask=msk & ((pos * 0 + k) == 0), other=0.0).to(ACC)  # member 0 only
+            val += t * tl.abs(d)
+            b = tl.load(bidx_row + pos + 1, mask=msk, other=-1)
+            at_edge = msk & (b >= 0)
+            tl.store(cb_row + b, carry_c + tl.cumsum(d, 0), mask=at_edge)
+            carry_c += tl.sum(d, 0)
+            if WANT_GRAD:
+                s = _signed(t, d)
+                dot_p += p * s
+                dot_q += q * s
+                tl.store(pb_row + b, carry_p + tl.cumsum(p, 0), mask=at_edge)
+                carry_p += tl.sum(p, 0)
+        slot = (r * K + k) * G + c
+        tl.store(tot_ptr + 2 * slot, carry_c)
+        tl.store(tot_ptr + 2 * slot + 1, carry_p)
+        tl.store(part_ptr + 3 * slot, tl.sum(val, 0))
+        tl.store(part_ptr + 3 * slot + 1, tl.sum(dot_p, 0))
+        tl.store(part_ptr + 3 * slot + 2, tl.sum(dot_q, 0))
+
+
+@triton.jit
+def _boundary(cb_row, off_row, bid, j, L, em):
+    """C(j) = C_loc[bid] + offset[(j - 1) // L] for j > 0; C(0) = 0."""
+    inner = em & (j > 0)
+    chunk = tl.where(inner, (j - 1) // L, 0)
+    return tl.load(cb_row + bid, mask=inner, other=0.0) + tl.load(off_row + chunk, mask=inner, other=0.0)
+
+
+@triton.jit
+def edge_kernel(active_ptr, cb_ptr, pb_ptr, nb, tot_ptr, part_ptr, off_ptr,  # off: (n, 2 G) scratch
+                es_ptr, ee_ptr, esb_ptr, eeb_ptr, ew_ptr, parent_ptr, level_ptr, member_level_ptr,
+                s_ptr, ne,  # (n, E + 1): S, index 0 = "no edge" = 0
+                out_ptr, dots_ptr,  # (n,) values, (n, 2) <p, g>, <q, g>
+                K, G, L,
+                HAS_MASK: tl.constexpr, WANT_GRAD: tl.constexpr, ACC: tl.constexpr,
+                GBLOCK: tl.constexpr, EBLOCK: tl.constexpr):
+    r = tl.program_id(0).to(tl.int64)
+    active = 1
+    if HAS_MASK:
+        active = tl.load(active_ptr + r).to(tl.int32)
+    if active != 0:
+        cb_row = cb_ptr + r * nb
+        pb_row = pb_ptr + r * nb
+        s_row = s_ptr + r * (ne + 1)
+        offc_row = off_ptr + r * (2 * G)
+        offp_row = offc_row + G
+        tl.store(s_row, _zero(ACC, EBLOCK))
+        goffs = tl.arange(0, GBLOCK)
+        gm = goffs < G
+        eoffs = tl.arange(0, EBLOCK)
+        val = tl.zeros([EBLOCK], ACC)
+        dot_p = tl.zeros([EBLOCK], ACC)
+        dot_q = tl.zeros([EBLOCK], ACC)
+        for k in range(K):
+            slot = (r * K + k) * G + goffs
+            tc = tl.load(tot_ptr + 2 * slot, mask=gm, other=0.0)
+            tp = tl.load(tot_ptr + 2 * slot + 1, mask=gm, other=0.0)
+            tl.store(offc_row + goffs, tl.cumsum(tc, 0) - tc, mask=gm)  # exclusive prefix
+            tl.store(offp_row + goffs, tl.cumsum(tp, 0) - tp, mask=gm)
+            sv = tl.sum(tl.load(part_ptr + 3 * slot, mask=gm, other=0.0), 0)
+            sp = tl.sum(tl.load(part_ptr + 3 * slot + 1, mask=gm, other=0.0), 0)
+            sq = tl.sum(tl.load(part_ptr + 3 * slot + 2, mask=gm, other=0.0), 0)
+            val += tl.where(eoffs == 0, sv, 0.0)
+            dot_p += tl.where(eoffs == 0, sp, 0.0)
+            dot_q += tl.where(eoffs == 0, sq, 0.0)
+            tl.debug_barrier()
+            for lev in range(tl.load(member_level_ptr + k), tl.load(member_level_ptr + k + 1)):
+                e_lo = tl.load(level_ptr + lev)
+                e_hi = tl.load(level_ptr + lev + 1)
+                for e0 in range(e_lo, e_hi, EBLOCK):
+                    e = e0 + eoffs
+                    em = e < e_hi
+                    js = tl.load(es_ptr + e, mask=em, other=0)
+                    je = tl.load(ee_ptr + e, mask=em, other=0)
+                    bs = tl.load(esb_ptr + e, mask=em, other=0)
+                    be = tl.load(eeb_ptr + e, mask=em, other=0)
+                    w = tl.load(ew_ptr + e, mask=em, other=0.0).to(ACC)
+                    mass = _boundary(cb_row, offc_row, be, je, L, em) - _boundary(cb_row, offc_row, bs, js, L, em)
+                    val += w * tl.abs(mass)
+                    if WANT_GRAD:
+                        pm = _boundary(pb_row, offp_row, be, je, L, em) - _boundary(pb_row, offp_row, bs, js, L, em)
+                        s = _signed(w, mass)
+                        dot_p += s * pm
+                        dot_q += s * (pm - mass)
+                        par = tl.load(parent_ptr + e, mask=em, other=0)  # 1 + parent's index, 0: none
+                        s_par = tl.load(s_row + par, mask=em, other=0.0)
+                        tl.store(s_row + e + 1, s + s_par, mask=em)
+                tl.debug_barrier()  # the next level reads this level's S
+        tl.store(out_ptr + r, tl.sum(val, 0))
+        tl.store(dots_ptr + 2 * r, tl.sum(dot_p, 0))
+        tl.store(dots_ptr + 2 * r + 1, tl.sum(dot_q, 0))
+    else:
+        tl.store(out_ptr + r, _zero(ACC, EBLOCK))
+
+
+@triton.jit
+def grad_kernel(x_ptr, y_ptr, stride_x, stride_y, active_ptr, lse_ptr, dots_ptr,
+                tw_ptr, leaf_ptr, s_ptr, ne,  # (V,), (K, V) int32, (n, E + 1)
+                gx_ptr, gy_ptr, stride_gx, stride_gy,
+                V, K, G, L,
+                HAS_MASK: tl.constexpr, WANT_GX: tl.constexpr, WANT_GY: tl.constexpr,
+                ACC: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    c = pid % G
+    r = (pid // G).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    gx_row = gx_ptr + r * stride_gx
+    gy_row = gy_ptr + r * stride_gy
+    start = c * L
+    end = tl.minimum(start + L, V)
+    active = 1
+    if HAS_MASK:
+        active = tl.load(active_ptr + r).to(tl.int32)
+    if active != 0:
+        lse_x = tl.load(lse_ptr + 2 * r)
+        lse_y = tl.load(lse_ptr + 2 * r + 1)
+        dot_p = tl.load(dots_ptr + 2 * r)
+        dot_q = tl.load(dots_ptr + 2 * r + 1)
+        x_row = x_ptr + r * stride_x
+        y_row = y_ptr + r * stride_y
+        s_row = s_ptr + r * (ne + 1)
+        for s0 in range(start, end, BLOCK):
+            idx = s0 + offs
+            msk = idx < end
+            p = _probs(x_row, idx, msk, lse_x, ACC)
+            q = _probs(y_row, idx, msk, lse_y, ACC)
+            g = _signed(tl.load(tw_ptr + idx, mask=msk, other=0.0).to(ACC), p - q)
+            for k in range(K):
+                leaf = tl.load(leaf_ptr + tl.cast(k, tl.int64) * V + idx, mask=msk, other=0)
+                g += tl.load(s_row + leaf, mask=msk, other=0.0)
+            if WANT_GX:
+                tl.store(gx_row + idx, (p * (g - dot_p)).to(gx_row.dtype.element_ty), mask=msk)
+            if WANT_GY:
+                tl.store(gy_row + idx, (-q * (g - dot_q)).to(gy_row.dtype.element_ty), mask=msk)
+    else:
+        for s0 in range(start, end, BLOCK):
+            idx = s0 + offs
+            msk = idx < end
+            if WANT_GX:
+                tl.store(gx_row + idx, tl.zeros([BLOCK], gx_row.dtype.element_ty), mask=msk)
+            if WANT_GY:
+                tl.store(gy_row + idx, tl.zeros([BLOCK], gy_row.dtype.element_ty), mask=msk)
