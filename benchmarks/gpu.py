@@ -272,10 +272,11 @@ def time_row(timings: list, v: int, name: str, fn, x, y, device, repeats: int, f
 def sweep_configs(device: torch.device, small: bool) -> list[dict]:
     """(block, positions per program, warps) for the "tiles" kernels' tuning sweep."""
     if small:
-        return [{"block": 32, "chunk": 64, "num_warps": 4}, {"block": 64, "chunk": 256, "num_warps": 4}]
-    return [{"block": b, "chunk": c, "num_warps": w}
-            for b, c, w in ((1024, 2048, 4), (1024, 4096, 4), (2048, 4096, 8), (4096, 4096, 8), (2048, 8192, 8),
-                            (4096, 16384, 16))]
+        return [{"block": 32, "chunk": 64, "num_warps": 4}, {"edge_block": 32, "edge_warps": 4}]
+    tiles = [{"block": b, "chunk": c, "num_warps": w}
+             for b, c, w in ((1024, 2048, 4), (1024, 4096, 4), (2048, 4096, 8), (1024, 8192, 4), (4096, 16384, 16))]
+    edges = [{"edge_block": e, "edge_warps": w} for e, w in ((128, 4), (512, 4), (1024, 8), (2048, 8))]
+    return tiles + edges
 
 
 def main() -> int:
@@ -333,8 +334,10 @@ def main() -> int:
         del x, y
         leaf_tree = tree_in_leaf_order(structures["tree"])
         for algorithm in ("tiles", "levels"):
-            time_row(timings, v, f"tree leaf-order logits ({algorithm})", triton_tree(leaf_tree, algorithm=algorithm),
-                     xp, yp, device, repeats, floors[v])
+            name = f"tree leaf-order logits ({algorithm})"
+            if not any(name.startswith(skip) for skip in ARGS.skip):
+                time_row(timings, v, name, triton_tree(leaf_tree, algorithm=algorithm), xp, yp, device, repeats,
+                         floors[v])
         del xp, yp
         timings.append({"V": v, "method": "bytes floor", "ms": 1e3 * floors[v], "peak_extra_gib": None, "x_floor": 1.0})
         if device.type == "cuda":
@@ -348,7 +351,7 @@ def main() -> int:
         for cfg in sweep_configs(device, small):
             if time.perf_counter() - T_START > ARGS.budget_s:
                 break
-            name = f"tree tiles b{cfg['block']} c{cfg['chunk']} w{cfg['num_warps']}"
+            name = "tree tiles " + " ".join(f"{k}={val}" for k, val in cfg.items())
             fn = triton_tree(all_structures[v]["tree"], algorithm="tiles", **cfg)
             time_row(timings, v, name, fn, x, y, device, max(1, repeats - 2), floors[v], sweep=cfg)
         del x, y

@@ -119,10 +119,10 @@ def test_many_rows_per_program_and_chunks_reuse_workspaces():
         assert rel_err(a, b) < 1e-12
 
 
-@pytest.mark.parametrize("algorithm", ["levels", "scatter"])
+@pytest.mark.parametrize("algorithm", ["tiles", "levels", "scatter"])
 @pytest.mark.parametrize("kind", ["random_trees", "cluster_tree", "forest"])
-def test_both_tree_kernels_match_numba(kind, algorithm):
-    """Trees and forests run on either kernel; both agree with numba in float64 (with a mask)."""
+def test_every_tree_kernel_matches_numba(kind, algorithm):
+    """Trees and forests run on each kernel; all agree with numba in float64 (with a mask)."""
     rng = np.random.default_rng(22)
     structure = (
         TransportStructure.stack([random_tree(90, rng), random_tree(90, rng)])
@@ -138,6 +138,28 @@ def test_both_tree_kernels_match_numba(kind, algorithm):
     ref = values_and_grads(x, y, structure, "numba", w * mask)
     assert rel_err(vals, ref[0] * mask) < 1e-12
     assert rel_err(xs.grad, ref[1]) < 1e-12 and rel_err(ys.grad, ref[2]) < 1e-12
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"chunk": 40, "block": 16}, {"chunk": 64, "block": 64}, {"chunk": 1000, "block": 64}, {"max_workspace_bytes": 1}],
+)
+def test_tiles_chunks_of_columns_and_rows(options):
+    """Prefix sums restart at every chunk of columns (offsets added back at the edges); rows run
+    in several launches when the workspace budget is small (1 byte: one row per launch)."""
+    structure = structures(150)["forest"]
+    x, y = random_logits(5, 150, seed=31), random_logits(5, 150, seed=32)
+    w = torch.randn(5, dtype=torch.float64, generator=torch.Generator().manual_seed(33))
+    ref = values_and_grads(x, y, structure, "numba", w)
+    xs, ys = x.clone().requires_grad_(), y.clone().requires_grad_()
+    n, v = x.shape
+    vals, gx, gy, bad = tree_triton.tree_rows(
+        xs.detach(), ys.detach(), None, tree_triton.pack_for_triton(structure, torch.device("cpu"), torch.float64),
+        True, True, algorithm="tiles", **options,
+    )
+    assert not bool(bad.any())
+    assert rel_err(vals, ref[0]) < 1e-12
+    assert rel_err(gx * w[:, None], ref[1]) < 1e-12 and rel_err(gy * w[:, None], ref[2]) < 1e-12
 
 
 def test_levels_kernel_applies_to_trees_only():
@@ -207,7 +229,8 @@ def test_no_grad_forward_matches_and_ignores_minus_inf_tokens():
     ("which", "value", "name"),
     [("policy", float("nan"), "policy_logits"), ("ref", float("inf"), "ref_logits"), ("ref", float("-inf"), "ref_logits")],
 )
-def test_bad_rows_raise_value_error_naming_the_input(which, value, name):
+@pytest.mark.parametrize("algorithm", ["tiles", "levels", "scatter"])
+def test_bad_rows_raise_value_error_naming_the_input(which, value, name, algorithm):
     structure = structures(40)["cluster_tree"]
     x, y = random_logits(3, 40, seed=18), random_logits(3, 40, seed=19)
     target = x if which == "policy" else y
@@ -216,7 +239,7 @@ def test_bad_rows_raise_value_error_naming_the_input(which, value, name):
     else:
         target[1, 7] = value
     with pytest.raises(ValueError, match=name):
-        distance(x, y, "tree", structure=structure, backend="triton")
+        tree_triton.tree_wasserstein_triton(x, y, None, structure, algorithm=algorithm, chunk=16)
 
 
 def test_second_backward_through_the_same_graph_raises():

@@ -56,7 +56,10 @@ MAX_WORKSPACE_BYTES = 512 << 20
 MAX_LEVELS = 256  # deeper trees (MST orders) use the scatter kernel: one barrier per level
 ALGORITHMS = ("auto", "tiles", "levels", "scatter")
 TILES_CHUNK = 4096  # positions per program of the "tiles" kernels
-TILES_BLOCK = 2048
+TILES_BLOCK = 1024
+TILES_WARPS = 4
+TILES_EDGE_BLOCK = 256
+TILES_EDGE_WARPS = 4
 
 
 def interpret_mode() -> bool:
@@ -292,6 +295,8 @@ def tree_rows(
     num_warps: int | None = None,
     algorithm: str = "auto",
     chunk: int | None = None,
+    edge_block: int | None = None,
+    edge_warps: int | None = None,
     max_workspace_bytes: int = MAX_WORKSPACE_BYTES,
 ):
     """Run the fused kernel on (n, V) logits. Returns (values (n,), gx, gy, bad flags (n,) int8).
@@ -329,7 +334,7 @@ def tree_rows(
     resolved = resolve_algorithm(ts, algorithm)
     if resolved == "tiles":
         _tiles(x, y, active, ts.levels, ts, out, bad, gx, gy, acc, block, num_warps, chunk,
-               max_workspace_bytes, interpret)
+               edge_block, edge_warps, max_workspace_bytes, interpret)
         return out, gx, gy, bad
     if resolved == "levels":
         lv = ts.levels
@@ -380,7 +385,7 @@ def tree_rows(
 
 
 def _tiles(x, y, active, lv: TritonLevels, ts: TritonStructure, out, bad, gx, gy, acc, block, num_warps, chunk,
-           max_workspace_bytes: int, interpret: bool) -> None:
+           edge_block, edge_warps, max_workspace_bytes: int, interpret: bool) -> None:
     """The four "tiles" launches over chunks of rows (the per-row workspaces bound the chunk)."""
     import triton  # noqa: PLC0415
     import triton.language as tl  # noqa: PLC0415
@@ -399,13 +404,14 @@ def _tiles(x, y, active, lv: TritonLevels, ts: TritonStructure, out, bad, gx, gy
     nb, ne = lv.num_boundaries, lv.num_edges
     acc_tl = tl.float64 if acc == torch.float64 else tl.float32
     acc_bytes = 8 if acc == torch.float64 else 4
-    per_row = acc_bytes * (2 * max(nb, 1) + ne + 1 + 5 * k_members * g + 2 * g + 4)
+    per_row = acc_bytes * (2 * max(nb, 1) + ne + 1 + 5 * k_members * g + 8 * g + 2)
     rows = max(1, min(n, max_workspace_bytes // per_row))
-    extra = {} if interpret else {"num_warps": num_warps or GPU_WARPS}
-    edge_extra = {} if interpret else {"num_warps": 4}
-    eblock = INTERPRET_EBLOCK if interpret else GPU_EBLOCK
+    extra = {} if interpret else {"num_warps": num_warps or TILES_WARPS}
+    edge_extra = {} if interpret else {"num_warps": edge_warps or TILES_EDGE_WARPS}
+    eblock = INTERPRET_EBLOCK if interpret else (edge_block or TILES_EDGE_BLOCK)
     dummy = torch.zeros(1, dtype=acc, device=device)
-    lse = torch.empty(rows, 2, dtype=acc, device=device)
+    gblock = triton.next_power_of_2(g)
+    lse_part = torch.empty(rows, g, 6, dtype=acc, device=device)
     cb = torch.empty(rows, max(nb, 1), dtype=acc, device=device)
     pb = torch.empty(rows, max(nb, 1), dtype=acc, device=device) if want_grad else cb
     tot = torch.empty(rows, k_members, g, 2, dtype=acc, device=device)
@@ -421,26 +427,26 @@ def _tiles(x, y, active, lv: TritonLevels, ts: TritonStructure, out, bad, gx, gy
         has_mask = active is not None
         gxs = gx[r0:r1] if want_gx else dummy
         gys = gy[r0:r1] if want_gy else dummy
-        jt.lse_kernel[(m,)](xs, ys, xs.stride(0), ys.stride(0), act, lse, bad[r0:r1], v,
-                            HAS_MASK=has_mask, ACC=acc_tl, BLOCK=block, **extra)
+        jt.lse_partial_kernel[(m * g,)](xs, ys, xs.stride(0), ys.stride(0), act, lse_part, v, g, chunk,
+                                        HAS_MASK=has_mask, ACC=acc_tl, BLOCK=min(block, chunk), **extra)
         jt.prefix_kernel[(m * k_members * g,)](
-            xs, ys, xs.stride(0), ys.stride(0), act, lse, ts.perms, lv.boundary_index, lv.token_weights_first,
+            xs, ys, xs.stride(0), ys.stride(0), act, lse_part, ts.perms, lv.boundary_index, lv.token_weights_first,
             cb, pb, cb.shape[1], tot, part, v, k_members, g, chunk,
-            HAS_MASK=has_mask, WANT_GRAD=want_grad, ACC=acc_tl, BLOCK=min(block, chunk), **extra,
+            HAS_MASK=has_mask, WANT_GRAD=want_grad, ACC=acc_tl, BLOCK=min(block, chunk), GBLOCK=gblock, **extra,
         )
         jt.edge_kernel[(m,)](
-            act, cb, pb, cb.shape[1], tot, part, offsets,
+            act, lse_part, bad[r0:r1], cb, pb, cb.shape[1], tot, part, offsets,
             lv.edge_starts, lv.edge_ends, lv.edge_start_boundary, lv.edge_end_boundary, lv.edge_weights,
             lv.parent, lv.level_offsets, lv.member_levels, s_ws, ne, out[r0:r1], dots, k_members, g, chunk,
-            HAS_MASK=has_mask, WANT_GRAD=want_grad, ACC=acc_tl, GBLOCK=triton.next_power_of_2(g),
-            EBLOCK=eblock, **edge_extra,
+            HAS_MASK=has_mask, WANT_GRAD=want_grad, ACC=acc_tl, GBLOCK=gblock, EBLOCK=eblock, **edge_extra,
         )
         if want_grad:
             jt.grad_kernel[(m * g,)](
-                xs, ys, xs.stride(0), ys.stride(0), act, lse, dots, ts.token_weights, lv.leaf, s_ws, ne,
+                xs, ys, xs.stride(0), ys.stride(0), act, lse_part, dots, ts.token_weights, lv.leaf, s_ws, ne,
                 gxs, gys, gxs.stride(0) if want_gx else 0, gys.stride(0) if want_gy else 0,
                 v, k_members, g, chunk,
-                HAS_MASK=has_mask, WANT_GX=want_gx, WANT_GY=want_gy, ACC=acc_tl, BLOCK=min(block, chunk), **extra,
+                HAS_MASK=has_mask, WANT_GX=want_gx, WANT_GY=want_gy, ACC=acc_tl, BLOCK=min(block, chunk),
+                GBLOCK=gblock, **extra,
             )
 
 
@@ -481,12 +487,15 @@ def tree_wasserstein_triton(
     num_warps: int | None = None,
     algorithm: str = "auto",
     chunk: int | None = None,
+    edge_block: int | None = None,
+    edge_warps: int | None = None,
 ) -> torch.Tensor:
     """Per-row distance of flattened (N, V) logits; (N,) float32 (float64 for float64 logits).
 
     ``chunk_size`` (rows per launch) defaults to all rows: the kernel's memory does not grow
     with the number of rows, only the gradients (N, V in the logits' dtype) do. ``block``,
-    ``num_programs``, ``num_warps``, ``algorithm`` and ``chunk`` are passed to :func:`tree_rows`.
+    ``num_programs``, ``num_warps``, ``algorithm``, ``chunk``, ``edge_block`` and ``edge_warps`` are
+    passed to :func:`tree_rows`.
     """
     device = policy.device
     if not available(device):
@@ -495,7 +504,7 @@ def tree_wasserstein_triton(
     ts = pack_for_triton(structure, device, acc)
     resolve_algorithm(ts, algorithm)  # a bad name or an unusable choice fails before any launch
     options = {"block": block, "num_programs": num_programs, "num_warps": num_warps, "algorithm": algorithm,
-               "chunk": chunk}
+               "chunk": chunk, "edge_block": edge_block, "edge_warps": edge_warps}
     n = policy.shape[0]
     pieces = []
     for sl in iter_chunks(n, chunk_size if chunk_size is not None else n, policy.shape[1]):

@@ -10,11 +10,12 @@ sums are kept only at edge boundaries, in a compact array).
 
 For a row with ``p = softmax(x)``, ``q = softmax(y)``, ``d = p - q``:
 
-1. ``lse_kernel`` (one program per row): ``lse_x``, ``lse_y``; flags NaN / +Inf / no-mass rows.
+1. ``lse_partial_kernel`` (row, chunk of columns): running max and sum of exp of x and y and
+   non-finite counts per chunk; each later program combines its row's chunks into ``lse``.
 2. ``prefix_kernel`` (row, member k, chunk c): in member order, the chunk-local prefix sums of
    ``d`` and ``p`` at edge boundaries (``C_loc``, ``P_loc``), the chunk totals, and (member 0) the
    singleton terms ``t . |d|``, ``sum t sign(d) p``, ``sum t sign(d) q`` as partial sums.
-3. ``edge_kernel`` (one program per row): chunk offsets (exclusive prefix of the chunk totals),
+3. ``edge_kernel`` (one program per row): flags NaN / +Inf / no-mass rows; chunk offsets (exclusive prefix of the chunk totals),
    then the edges level by level (parents first): ``mass_e = C(end) - C(start)`` with
    ``C(j) = C_loc[j] + offset[chunk of j]``, ``W += w_e |mass_e|``, ``S_e = w_e sign(mass_e) +
    S_parent``, and ``<p, g>``, ``<q, g>``; writes ``W``, the two dot products and ``S``.
@@ -29,34 +30,87 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from tokenmover.kernels.tree_triton_jit import _probs, _row_lse, _signed, _zero
+from tokenmover.kernels.tree_triton_jit import _probs, _signed, _zero
 
 
 @triton.jit
-def lse_kernel(x_ptr, y_ptr, stride_x, stride_y, active_ptr, lse_ptr, bad_ptr, V,
-               HAS_MASK: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    """lse_ptr[r] = (lse_x, lse_y); bad_ptr[r] = 1 (policy row bad), 2 (reference row bad), 0."""
-    r = tl.program_id(0).to(tl.int64)
+def lse_partial_kernel(x_ptr, y_ptr, stride_x, stride_y, active_ptr, lse_part_ptr, V, G, L,
+                       HAS_MASK: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """Per (row, chunk of columns): running max and sum of exp for x and y, and non-finite counts.
+
+    lse_part[r, c] = (max_x, sum_x, max_y, sum_y, nonfinite_x, nonfinite_y) in ACC."""
+    pid = tl.program_id(0)
+    c = pid % G
+    r = (pid // G).to(tl.int64)
     active = 1
     if HAS_MASK:
         active = tl.load(active_ptr + r).to(tl.int32)
     if active != 0:
-        lse_x, bad_x = _row_lse(x_ptr + r * stride_x, V, ACC, BLOCK)
-        lse_y, bad_y = _row_lse(y_ptr + r * stride_y, V, ACC, BLOCK)
-        tl.store(lse_ptr + 2 * r, lse_x)
-        tl.store(lse_ptr + 2 * r + 1, lse_y)
-        tl.store(bad_ptr + r, tl.where(bad_x, 1, tl.where(bad_y, 2, 0)).to(tl.int8))
-    else:
-        tl.store(bad_ptr + r, tl.zeros([1], tl.int8).sum(0).to(tl.int8))
+        offs = tl.arange(0, BLOCK)
+        start = c * L
+        end = tl.minimum(start + L, V)
+        x_row = x_ptr + r * stride_x
+        y_row = y_ptr + r * stride_y
+        mx = tl.full([BLOCK], float("-inf"), ACC)
+        sx = tl.zeros([BLOCK], ACC)
+        my = tl.full([BLOCK], float("-inf"), ACC)
+        sy = tl.zeros([BLOCK], ACC)
+        bx = tl.zeros([BLOCK], ACC)
+        by = tl.zeros([BLOCK], ACC)
+        for s0 in range(start, end, BLOCK):
+            idx = s0 + offs
+            msk = idx < end
+            x = tl.load(x_row + idx, mask=msk, other=float("-inf")).to(ACC)
+            y = tl.load(y_row + idx, mask=msk, other=float("-inf")).to(ACC)
+            bx += ((x != x) | (x == float("inf"))).to(ACC)
+            by += ((y != y) | (y == float("inf"))).to(ACC)
+            nx = tl.maximum(mx, x)
+            hx = tl.where(nx == float("-inf"), 0.0, nx)
+            sx = sx * tl.exp(mx - hx) + tl.exp(x - hx)
+            mx = nx
+            ny = tl.maximum(my, y)
+            hy = tl.where(ny == float("-inf"), 0.0, ny)
+            sy = sy * tl.exp(my - hy) + tl.exp(y - hy)
+            my = ny
+        base = lse_part_ptr + 6 * (r * G + c)
+        row_mx = tl.max(mx, 0)
+        hx = tl.where(row_mx == float("-inf"), 0.0, row_mx)
+        tl.store(base, row_mx)
+        tl.store(base + 1, tl.sum(sx * tl.exp(mx - hx), 0))
+        row_my = tl.max(my, 0)
+        hy = tl.where(row_my == float("-inf"), 0.0, row_my)
+        tl.store(base + 2, row_my)
+        tl.store(base + 3, tl.sum(sy * tl.exp(my - hy), 0))
+        tl.store(base + 4, tl.sum(bx, 0))
+        tl.store(base + 5, tl.sum(by, 0))
 
 
 @triton.jit
-def prefix_kernel(x_ptr, y_ptr, stride_x, stride_y, active_ptr, lse_ptr,
+def _combine(part_row, which, G, GBLOCK: tl.constexpr):
+    """log-sum-exp of a row from its chunks' (max, sum) at offsets which, which + 1."""
+    goffs = tl.arange(0, GBLOCK)
+    gm = goffs < G
+    m = tl.load(part_row + 6 * goffs + which, mask=gm, other=float("-inf"))
+    s = tl.load(part_row + 6 * goffs + which + 1, mask=gm, other=0.0)
+    top = tl.max(m, 0)
+    shift = tl.where(top == float("-inf"), 0.0, top)
+    return top + tl.log(tl.sum(s * tl.exp(m - shift), 0))
+
+
+@triton.jit
+def _row_lses(lse_part_ptr, r, G, GBLOCK: tl.constexpr):
+    part_row = lse_part_ptr + 6 * r * G
+    return _combine(part_row, 0, G, GBLOCK), _combine(part_row, 2, G, GBLOCK)
+
+
+@triton.jit
+def prefix_kernel(x_ptr, y_ptr, stride_x, stride_y, active_ptr, lse_part_ptr,
                   perm_ptr, bidx_ptr, tw0_ptr,  # (K, V) int32, (K, V + 1) int32 (-1: no boundary), (V,)
                   cb_ptr, pb_ptr, nb,  # (n, NB) chunk-local prefix sums at boundaries
                   tot_ptr, part_ptr,  # (n, K, G, 2) chunk totals of d and p; (n, K, G, 3) singleton sums
                   V, K, G, L,
-                  HAS_MASK: tl.constexpr, WANT_GRAD: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+                  HAS_MASK: tl.constexpr, WANT_GRAD: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+                  GBLOCK: tl.constexpr):
     pid = tl.program_id(0)
     c = pid % G
     k = (pid // G) % K
@@ -65,8 +119,7 @@ def prefix_kernel(x_ptr, y_ptr, stride_x, stride_y, active_ptr, lse_ptr,
     if HAS_MASK:
         active = tl.load(active_ptr + r).to(tl.int32)
     if active != 0:
-        lse_x = tl.load(lse_ptr + 2 * r)
-        lse_y = tl.load(lse_ptr + 2 * r + 1)
+        lse_x, lse_y = _row_lses(lse_part_ptr, r, G, GBLOCK)
         x_row = x_ptr + r * stride_x
         y_row = y_ptr + r * stride_y
         perm_row = perm_ptr + k.to(tl.int64) * V
@@ -117,7 +170,7 @@ def _boundary(cb_row, off_row, bid, j, L, em):
 
 
 @triton.jit
-def edge_kernel(active_ptr, cb_ptr, pb_ptr, nb, tot_ptr, part_ptr, off_ptr,  # off: (n, 2 G) scratch
+def edge_kernel(active_ptr, lse_part_ptr, bad_ptr, cb_ptr, pb_ptr, nb, tot_ptr, part_ptr, off_ptr,  # off: (n, 2 G)
                 es_ptr, ee_ptr, esb_ptr, eeb_ptr, ew_ptr, parent_ptr, level_ptr, member_level_ptr,
                 s_ptr, ne,  # (n, E + 1): S, index 0 = "no edge" = 0
                 out_ptr, dots_ptr,  # (n,) values, (n, 2) <p, g>, <q, g>
@@ -129,6 +182,13 @@ def edge_kernel(active_ptr, cb_ptr, pb_ptr, nb, tot_ptr, part_ptr, off_ptr,  # o
     if HAS_MASK:
         active = tl.load(active_ptr + r).to(tl.int32)
     if active != 0:
+        lse_x, lse_y = _row_lses(lse_part_ptr, r, G, GBLOCK)
+        goffs_b = tl.arange(0, GBLOCK)
+        nonfinite_x = tl.sum(tl.load(lse_part_ptr + 6 * (r * G + goffs_b) + 4, mask=goffs_b < G, other=0.0), 0)
+        nonfinite_y = tl.sum(tl.load(lse_part_ptr + 6 * (r * G + goffs_b) + 5, mask=goffs_b < G, other=0.0), 0)
+        bad_x = (nonfinite_x > 0) | (lse_x == float("-inf"))
+        bad_y = (nonfinite_y > 0) | (lse_y == float("-inf"))
+        tl.store(bad_ptr + r, tl.where(bad_x, 1, tl.where(bad_y, 2, 0)).to(tl.int8))
         cb_row = cb_ptr + r * nb
         pb_row = pb_ptr + r * nb
         s_row = s_ptr + r * (ne + 1)
@@ -184,12 +244,12 @@ def edge_kernel(active_ptr, cb_ptr, pb_ptr, nb, tot_ptr, part_ptr, off_ptr,  # o
 
 
 @triton.jit
-def grad_kernel(x_ptr, y_ptr, stride_x, stride_y, active_ptr, lse_ptr, dots_ptr,
+def grad_kernel(x_ptr, y_ptr, stride_x, stride_y, active_ptr, lse_part_ptr, dots_ptr,
                 tw_ptr, leaf_ptr, s_ptr, ne,  # (V,), (K, V) int32, (n, E + 1)
                 gx_ptr, gy_ptr, stride_gx, stride_gy,
                 V, K, G, L,
                 HAS_MASK: tl.constexpr, WANT_GX: tl.constexpr, WANT_GY: tl.constexpr,
-                ACC: tl.constexpr, BLOCK: tl.constexpr):
+                ACC: tl.constexpr, BLOCK: tl.constexpr, GBLOCK: tl.constexpr):
     pid = tl.program_id(0)
     c = pid % G
     r = (pid // G).to(tl.int64)
@@ -202,8 +262,7 @@ def grad_kernel(x_ptr, y_ptr, stride_x, stride_y, active_ptr, lse_ptr, dots_ptr,
     if HAS_MASK:
         active = tl.load(active_ptr + r).to(tl.int32)
     if active != 0:
-        lse_x = tl.load(lse_ptr + 2 * r)
-        lse_y = tl.load(lse_ptr + 2 * r + 1)
+        lse_x, lse_y = _row_lses(lse_part_ptr, r, G, GBLOCK)
         dot_p = tl.load(dots_ptr + 2 * r)
         dot_q = tl.load(dots_ptr + 2 * r + 1)
         x_row = x_ptr + r * stride_x
