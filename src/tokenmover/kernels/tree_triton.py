@@ -4,27 +4,28 @@
 
     W_r = sum_k a_k W_{T_k}(softmax(policy_r), softmax(ref_r))
 
-and its gradients with one fused kernel (:mod:`tokenmover.kernels.tree_triton_jit`): softmax of
-both rows, the member-order prefix sums, the weighted absolute edge masses and the gradient to
-both logits, all in one launch over a persistent grid. The gradients are written once, in the
-logits' dtype (bf16 in -> bf16 gradient), during the forward pass and scaled in place by the
-incoming gradient in backward (Liger-Kernel's trick): no (N, V) float32 tensor is ever made.
-Accumulation is float32 (float64 for float64 logits). The only extra memory is a per-program
-workspace of ``programs x (V + 3 (V + 1))`` accumulators (the last three only for structures with
-tree members), capped by ``max_workspace_bytes``.
+and its gradients in the forward pass. The gradients are written once, in the logits' dtype (bf16
+in -> bf16 gradient), and scaled in place by the incoming gradient in backward (Liger-Kernel's
+trick): no (N, V) float32 tensor is ever made. Accumulation is float32 (float64 for float64
+logits). The only extra memory is a workspace capped by ``max_workspace_bytes`` (default 512 MiB):
+per program (``"levels"``, ``"scatter"``) or per row of a launch (``"tiles"``: prefix sums at the
+edge boundaries, per-edge signs, per-chunk partials; rows run in several launches when needed).
 
-Two kernels, picked by ``algorithm``:
+Three kernel families, picked by ``algorithm``:
 
-- ``"levels"`` (:mod:`tokenmover.kernels.tree_triton_levels_jit`), for structures whose members are
-  all trees with at most ``MAX_LEVELS`` edge levels: the gradient of each token is read off the
-  tree (the summed edge signs of its deepest edge and that edge's ancestors), so no V-sized
-  gradient workspace is scattered into; 1 + K + 1 passes over a row.
-- ``"scatter"`` (:mod:`tokenmover.kernels.tree_triton_jit`), for any structure (chains too): a
-  per-program gradient workspace updated in member order.
+- ``"tiles"`` (:mod:`tokenmover.kernels.tree_triton_tiles_jit`), for structures whose members are
+  all trees with at most ``MAX_LEVELS`` edge levels: four launches, each row cut into chunks of
+  ``chunk`` positions handled by separate programs (log-sum-exp partials, member-order prefix
+  sums at edge boundaries, edges by level, gradient). The fastest on an H200 (docs/gpu.md).
+- ``"levels"`` (:mod:`tokenmover.kernels.tree_triton_levels_jit`), same structures, one program
+  per row: the gradient of each token is read off the tree (the summed edge signs of its deepest
+  edge and that edge's ancestors); 1 + K + 1 passes over a row.
+- ``"scatter"`` (:mod:`tokenmover.kernels.tree_triton_jit`), for any structure (chains too): one
+  program per row with a per-program gradient workspace updated in member order.
 
-``"auto"`` (default) takes ``"levels"`` where it applies. Both read the structure's packed arrays
-(:meth:`TransportStructure.packed`) converted to int32 indices once per (structure, device,
-dtype) and cached.
+``"auto"`` (default) takes ``"tiles"`` where it applies, else ``"scatter"``. All read the
+structure's packed arrays (:meth:`TransportStructure.packed`) converted to int32 indices once per
+(structure, device, dtype) and cached.
 
 Availability: needs the ``triton`` package and a CUDA tensor, or ``TRITON_INTERPRET=1`` in the
 environment (Triton's CPU interpreter, used by the tests; slow).
@@ -278,7 +279,7 @@ def resolve_algorithm(ts: TritonStructure, algorithm: str) -> str:
             f"{MAX_LEVELS} edge levels (chains and deeper trees use algorithm='scatter')"
         )
     if algorithm == "auto":
-        return "levels" if ts.levels is not None else "scatter"
+        return "tiles" if ts.levels is not None else "scatter"
     return algorithm
 
 

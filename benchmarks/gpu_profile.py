@@ -1,0 +1,124 @@
+"""Where the time of the "tiles" tree kernels goes: CUDA-event time of each of the four launches.
+
+Wraps the four Triton kernels of :mod:`tokenmover.kernels.tree_triton_tiles_jit` so that every
+launch is bracketed by CUDA events, runs fwd+bwd of the tree distance at N = 8,192 bf16 rows for
+logits in token order and in the tree's leaf order, and prints the median per-kernel time. Also
+times ``torch.index_select`` of both logit tensors by the leaf order (the explicit permutation a
+caller could do instead of the in-kernel gather) and the plain copy of both tensors.
+
+Run:  python benchmarks/gpu_profile.py --out DIR [--vocab 262144]     (CUDA only; ~1 minute)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tokenmover import build_cluster_tree  # noqa: E402
+from tokenmover.kernels import tree_triton  # noqa: E402
+from tokenmover.kernels import tree_triton_tiles_jit as jt  # noqa: E402
+
+KERNELS = ("lse_partial_kernel", "prefix_kernel", "edge_kernel", "grad_kernel")
+EVENTS: dict[str, list] = defaultdict(list)
+
+
+class Timed:
+    """``kernel[grid](...)`` with CUDA events around the launch."""
+
+    def __init__(self, name: str, kernel):
+        self.name, self.kernel = name, kernel
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            self.kernel[grid](*args, **kwargs)
+            end.record()
+            EVENTS[self.name].append((start, end))
+
+        return launch
+
+
+def per_kernel_ms(fn, repeats: int) -> dict:
+    """Median over repeats of each kernel's summed time in one fwd+bwd (and the wall time)."""
+    fn()
+    torch.cuda.synchronize()
+    sums: dict[str, list[float]] = defaultdict(list)
+    walls = []
+    for _ in range(repeats):
+        EVENTS.clear()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        walls.append(1e3 * (time.perf_counter() - t0))
+        for name in KERNELS:
+            sums[name].append(sum(s.elapsed_time(e) for s, e in EVENTS[name]))
+    out = {name: statistics.median(v) for name, v in sums.items()}
+    out["wall"] = statistics.median(walls)
+    return out
+
+
+def event_ms(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--vocab", type=int, default=262_144)
+    ap.add_argument("--rows", type=int, default=8192)
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+    for name in KERNELS:
+        setattr(jt, name, Timed(name, getattr(jt, name)))
+    from gpu import clustered_points, tree_in_leaf_order  # noqa: PLC0415 (its argparse reads sys.argv)
+
+    v, n = args.vocab, args.rows
+    tree = build_cluster_tree(clustered_points(v, 32, torch.device("cpu")), seed=0, branching=8, leaf_size=32)
+    device = torch.device("cuda")
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = (3 * torch.randn(n, v, generator=gen, device=device)).to(torch.bfloat16)
+    y = (x.float() + torch.randn(n, v, generator=gen, device=device)).to(torch.bfloat16)
+    perm = tree.perms[0].to(device)
+    leaf_tree = tree_in_leaf_order(tree)
+    lv = tree_triton.pack_for_triton(tree, device, torch.float32).levels
+    result = {"device": torch.cuda.get_device_name(device), "V": v, "N": n, "edges": lv.num_edges,
+              "boundaries": lv.num_boundaries, "levels": lv.num_levels}
+
+    def fwd_bwd(a, b, structure):
+        def run():
+            xa = a.detach().requires_grad_()
+            tree_triton.tree_wasserstein_triton(xa, b, None, structure, algorithm="tiles").sum().backward()
+        return run
+
+    xp, yp = x[:, perm].contiguous(), y[:, perm].contiguous()
+    result["token order"] = per_kernel_ms(fwd_bwd(x, y, tree), args.repeats)
+    result["leaf order"] = per_kernel_ms(fwd_bwd(xp, yp, leaf_tree), args.repeats)
+    result["index_select both by leaf order"] = event_ms(lambda: (x.index_select(1, perm), y.index_select(1, perm)), 5)
+    result["copy both"] = event_ms(lambda: (x.clone(), y.clone()), 5)
+    print(json.dumps(result, indent=1))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "gpu_profile.json").write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
