@@ -7,11 +7,14 @@ times ``torch.index_select`` of both logit tensors by the leaf order (the explic
 caller could do instead of the in-kernel gather) and the plain copy of both tensors.
 
 Run:  python benchmarks/gpu_profile.py --out DIR [--vocab 262144]     (CUDA only; ~1 minute)
+      python benchmarks/gpu_profile.py --out DIR --configs   (per-kernel times for each tuning
+                                                              config of CONFIGS; ~2 minutes)
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -28,6 +31,15 @@ from tokenmover.kernels import tree_triton  # noqa: E402
 from tokenmover.kernels import tree_triton_tiles_jit as jt  # noqa: E402
 
 KERNELS = ("lse_partial_kernel", "prefix_kernel", "edge_kernel", "grad_kernel")
+CONFIGS = [
+    {"order": order, "block": b, "num_warps": w, "scan": sc, "chunk": c}
+    for order, b, w, sc, c in (
+        ("token", 1024, 4, 1, 4096), ("token", 1024, 4, 2, 4096), ("token", 512, 4, 1, 4096),
+        ("token", 512, 4, 2, 4096), ("token", 1024, 8, 2, 4096), ("token", 256, 2, 1, 4096),
+        ("token", 512, 2, 2, 4096), ("token", 512, 4, 2, 8192), ("token", 256, 4, 2, 4096),
+        ("leaf", 1024, 4, 1, 4096), ("leaf", 512, 4, 2, 4096), ("leaf, no identity path", 512, 4, 2, 4096),
+    )
+]
 EVENTS: dict[str, list] = defaultdict(list)
 
 
@@ -87,10 +99,13 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=262_144)
     ap.add_argument("--rows", type=int, default=8192)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--configs", action="store_true", help="per-kernel times for each entry of CONFIGS")
     args = ap.parse_args()
     for name in KERNELS:
         setattr(jt, name, Timed(name, getattr(jt, name)))
-    from gpu import clustered_points, tree_in_leaf_order  # noqa: PLC0415 (its argparse reads sys.argv)
+    argv, sys.argv = sys.argv, sys.argv[:1]  # gpu.py parses sys.argv when imported
+    from gpu import clustered_points, tree_in_leaf_order  # noqa: PLC0415
+    sys.argv = argv
 
     v, n = args.vocab, args.rows
     tree = build_cluster_tree(clustered_points(v, 32, torch.device("cpu")), seed=0, branching=8, leaf_size=32)
@@ -111,10 +126,46 @@ def main() -> None:
         return run
 
     xp, yp = x[:, perm].contiguous(), y[:, perm].contiguous()
-    result["token order"] = per_kernel_ms(fwd_bwd(x, y, tree), args.repeats)
-    result["leaf order"] = per_kernel_ms(fwd_bwd(xp, yp, leaf_tree), args.repeats)
-    result["index_select both by leaf order"] = event_ms(lambda: (x.index_select(1, perm), y.index_select(1, perm)), 5)
-    result["copy both"] = event_ms(lambda: (x.clone(), y.clone()), 5)
+    if args.configs:  # tuning: per-kernel times for each (block, warps, scan, chunk), token and leaf order
+        result["configs"] = []
+        from tokenmover import distance  # noqa: PLC0415
+
+        x64 = x[:16].double().requires_grad_()
+        ref = distance(x64, y[:16].double(), "tree", structure=tree, backend="torch")
+        ref.sum().backward()
+        ref_grad_leaf = x64.grad[:, perm]
+        for cfg in CONFIGS:
+            opts = {k: cfg[k] for k in ("block", "num_warps", "scan", "chunk")}
+            order = cfg["order"]
+            structure = tree if order == "token" else leaf_tree
+            if order == "leaf, no identity path":
+                ts = tree_triton.pack_for_triton(leaf_tree, xp.device, torch.float32)
+                key = (id(leaf_tree), str(xp.device), torch.float32)
+                tree_triton._CACHE[key] = dataclasses.replace(
+                    ts, levels=dataclasses.replace(ts.levels, identity_order=False))
+            a, b = (x, y) if order == "token" else (xp, yp)
+
+            def run(a=a, b=b, structure=structure, opts=opts):
+                xa = a.detach().requires_grad_()
+                tree_triton.tree_wasserstein_triton(xa, b, None, structure, algorithm="tiles", **opts).sum().backward()
+
+            xa = a[:16].detach().requires_grad_()  # correctness on 16 rows against float64 torch
+            got = tree_triton.tree_wasserstein_triton(xa, b[:16], None, structure, algorithm="tiles", **opts)
+            got.sum().backward()
+            want_grad = x64.grad if order == "token" else ref_grad_leaf
+            err_v = float(((got.double() - ref).abs().max() / ref.abs().max()).item())
+            err_g = float((torch.linalg.vector_norm(xa.grad.double() - want_grad) / torch.linalg.vector_norm(want_grad)).item())
+            row = {"order": order, **opts, "rel_err_value": err_v, "rel_err_grad_l2": err_g, **per_kernel_ms(run, 3)}
+            result["configs"].append(row)
+            print(json.dumps(row), flush=True)
+            if order == "leaf, no identity path":
+                tree_triton._CACHE.pop((id(leaf_tree), str(xp.device), torch.float32), None)
+    else:
+        result["token order"] = per_kernel_ms(fwd_bwd(x, y, tree), args.repeats)
+        result["leaf order"] = per_kernel_ms(fwd_bwd(xp, yp, leaf_tree), args.repeats)
+        result["index_select both by leaf order"] = event_ms(
+            lambda: (x.index_select(1, perm), y.index_select(1, perm)), 5)
+        result["copy both"] = event_ms(lambda: (x.clone(), y.clone()), 5)
     print(json.dumps(result, indent=1))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gpu_profile.json").write_text(json.dumps(result, indent=1))

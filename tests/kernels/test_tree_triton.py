@@ -9,6 +9,7 @@ one rounding of 2^-8 plus the bf16 product with the incoming gradient).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import numpy as np
@@ -142,7 +143,8 @@ def test_every_tree_kernel_matches_numba(kind, algorithm):
 
 @pytest.mark.parametrize(
     "options",
-    [{"chunk": 40, "block": 16}, {"chunk": 64, "block": 64}, {"chunk": 1000, "block": 64}, {"max_workspace_bytes": 1}],
+    [{"chunk": 40, "block": 16}, {"chunk": 64, "block": 64}, {"chunk": 1000, "block": 64}, {"max_workspace_bytes": 1},
+     {"chunk": 100, "block": 64, "scan": 2}],
 )
 def test_tiles_chunks_of_columns_and_rows(options):
     """Prefix sums restart at every chunk of columns (offsets added back at the edges); rows run
@@ -160,6 +162,26 @@ def test_tiles_chunks_of_columns_and_rows(options):
     assert not bool(bad.any())
     assert rel_err(vals, ref[0]) < 1e-12
     assert rel_err(gx * w[:, None], ref[1]) < 1e-12 and rel_err(gy * w[:, None], ref[2]) < 1e-12
+
+
+@pytest.mark.parametrize("scan", [1, 2])
+def test_tiles_on_logits_in_leaf_order(scan):
+    """A tree relabelled so that its leaf order is the token order (logits from a permuted output
+    layer) takes the contiguous-load path and gives W(t, x) of the original tree."""
+    tree = structures(200)["cluster_tree"]
+    perm = tree.perms[0]
+    leaf_tree = dataclasses.replace(tree, perms=torch.arange(200)[None], _packed_cache={})
+    assert tree_triton.pack_for_triton(leaf_tree, torch.device("cpu"), torch.float64).levels.identity_order
+    assert not tree_triton.pack_for_triton(tree, torch.device("cpu"), torch.float64).levels.identity_order
+    x, y = random_logits(4, 200, seed=34), random_logits(4, 200, seed=35)
+    w = torch.randn(4, dtype=torch.float64, generator=torch.Generator().manual_seed(36))
+    ref = values_and_grads(x, y, tree, "numba", w)
+    xs = x[:, perm].clone().requires_grad_()
+    vals = tree_triton.tree_wasserstein_triton(xs, y[:, perm], None, leaf_tree, algorithm="tiles", block=64,
+                                               chunk=128, scan=scan)
+    (vals * w).sum().backward()
+    assert rel_err(vals, ref[0]) < 1e-12
+    assert rel_err(xs.grad, ref[1][:, perm]) < 1e-12
 
 
 def test_levels_kernel_applies_to_trees_only():

@@ -61,6 +61,7 @@ TILES_BLOCK = 1024
 TILES_WARPS = 4
 TILES_EDGE_BLOCK = 256
 TILES_EDGE_WARPS = 4
+TILES_SCAN = 1  # 1: tl.cumsum over the tile; 2: two-level (rows of 32)
 
 
 def interpret_mode() -> bool:
@@ -127,6 +128,7 @@ class TritonLevels:
     boundary_index: torch.Tensor  # (K, V + 1) int32: compact index of (member k, prefix index j), -1: none
     edge_start_boundary: torch.Tensor  # (E,) int32: compact index of the edge's start (0 for j = 0)
     edge_end_boundary: torch.Tensor  # (E,) int32
+    identity_order: bool  # one member whose order is the token order (logits arrive in leaf order)
 
 
 _CACHE: dict[tuple[int, str, torch.dtype], TritonStructure] = {}
@@ -250,6 +252,7 @@ def _levels(packed: PackedStructure, device: torch.device, dtype: torch.dtype) -
         boundary_index=torch.from_numpy(boundary_index).to(device),
         edge_start_boundary=_nonempty(torch.from_numpy(esb).to(device)),
         edge_end_boundary=_nonempty(torch.from_numpy(eeb).to(device)),
+        identity_order=k_members == 1 and bool(np.array_equal(perms[0], np.arange(v))),
     )
 
 
@@ -298,6 +301,7 @@ def tree_rows(
     chunk: int | None = None,
     edge_block: int | None = None,
     edge_warps: int | None = None,
+    scan: int | None = None,
     max_workspace_bytes: int = MAX_WORKSPACE_BYTES,
 ):
     """Run the fused kernel on (n, V) logits. Returns (values (n,), gx, gy, bad flags (n,) int8).
@@ -335,7 +339,7 @@ def tree_rows(
     resolved = resolve_algorithm(ts, algorithm)
     if resolved == "tiles":
         _tiles(x, y, active, ts.levels, ts, out, bad, gx, gy, acc, block, num_warps, chunk,
-               edge_block, edge_warps, max_workspace_bytes, interpret)
+               edge_block, edge_warps, scan, max_workspace_bytes, interpret)
         return out, gx, gy, bad
     if resolved == "levels":
         lv = ts.levels
@@ -386,7 +390,7 @@ def tree_rows(
 
 
 def _tiles(x, y, active, lv: TritonLevels, ts: TritonStructure, out, bad, gx, gy, acc, block, num_warps, chunk,
-           edge_block, edge_warps, max_workspace_bytes: int, interpret: bool) -> None:
+           edge_block, edge_warps, scan, max_workspace_bytes: int, interpret: bool) -> None:
     """The four "tiles" launches over chunks of rows (the per-row workspaces bound the chunk)."""
     import triton  # noqa: PLC0415
     import triton.language as tl  # noqa: PLC0415
@@ -433,7 +437,8 @@ def _tiles(x, y, active, lv: TritonLevels, ts: TritonStructure, out, bad, gx, gy
         jt.prefix_kernel[(m * k_members * g,)](
             xs, ys, xs.stride(0), ys.stride(0), act, lse_part, ts.perms, lv.boundary_index, lv.token_weights_first,
             cb, pb, cb.shape[1], tot, part, v, k_members, g, chunk,
-            HAS_MASK=has_mask, WANT_GRAD=want_grad, ACC=acc_tl, BLOCK=min(block, chunk), GBLOCK=gblock, **extra,
+            HAS_MASK=has_mask, WANT_GRAD=want_grad, ACC=acc_tl, BLOCK=min(block, chunk), GBLOCK=gblock,
+            SCAN=scan or TILES_SCAN, IDENTITY=lv.identity_order, **extra,
         )
         jt.edge_kernel[(m,)](
             act, lse_part, bad[r0:r1], cb, pb, cb.shape[1], tot, part, offsets,
@@ -490,13 +495,14 @@ def tree_wasserstein_triton(
     chunk: int | None = None,
     edge_block: int | None = None,
     edge_warps: int | None = None,
+    scan: int | None = None,
 ) -> torch.Tensor:
     """Per-row distance of flattened (N, V) logits; (N,) float32 (float64 for float64 logits).
 
     ``chunk_size`` (rows per launch) defaults to all rows: the kernel's memory does not grow
     with the number of rows, only the gradients (N, V in the logits' dtype) do. ``block``,
-    ``num_programs``, ``num_warps``, ``algorithm``, ``chunk``, ``edge_block`` and ``edge_warps`` are
-    passed to :func:`tree_rows`.
+    ``num_programs``, ``num_warps``, ``algorithm``, ``chunk``, ``edge_block``, ``edge_warps`` and
+    ``scan`` are passed to :func:`tree_rows`.
     """
     device = policy.device
     if not available(device):
@@ -505,7 +511,7 @@ def tree_wasserstein_triton(
     ts = pack_for_triton(structure, device, acc)
     resolve_algorithm(ts, algorithm)  # a bad name or an unusable choice fails before any launch
     options = {"block": block, "num_programs": num_programs, "num_warps": num_warps, "algorithm": algorithm,
-               "chunk": chunk, "edge_block": edge_block, "edge_warps": edge_warps}
+               "chunk": chunk, "edge_block": edge_block, "edge_warps": edge_warps, "scan": scan}
     n = policy.shape[0]
     pieces = []
     for sl in iter_chunks(n, chunk_size if chunk_size is not None else n, policy.shape[1]):

@@ -104,13 +104,27 @@ def _row_lses(lse_part_ptr, r, G, GBLOCK: tl.constexpr):
 
 
 @triton.jit
+def _cumsum(v, BLOCK: tl.constexpr, SCAN: tl.constexpr):
+    """Inclusive prefix sum of a (BLOCK,) tile: ``tl.cumsum`` (SCAN=1) or two-level (SCAN=2:
+    rows of 32 scanned, then the exclusive prefix of the row totals added)."""
+    if SCAN == 2 and BLOCK >= 64:
+        rows = tl.reshape(v, (BLOCK // 32, 32))
+        totals = tl.sum(rows, 1)
+        before = tl.cumsum(totals, 0) - totals
+        return tl.reshape(tl.cumsum(rows, 1) + before[:, None], (BLOCK,))
+    else:
+        return tl.cumsum(v, 0)
+
+
+@triton.jit
 def prefix_kernel(x_ptr, y_ptr, stride_x, stride_y, active_ptr, lse_part_ptr,
                   perm_ptr, bidx_ptr, tw0_ptr,  # (K, V) int32, (K, V + 1) int32 (-1: no boundary), (V,)
                   cb_ptr, pb_ptr, nb,  # (n, NB) chunk-local prefix sums at boundaries
                   tot_ptr, part_ptr,  # (n, K, G, 2) chunk totals of d and p; (n, K, G, 3) singleton sums
                   V, K, G, L,
                   HAS_MASK: tl.constexpr, WANT_GRAD: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
-                  GBLOCK: tl.constexpr):
+                  GBLOCK: tl.constexpr, SCAN: tl.constexpr, IDENTITY: tl.constexpr):
+    """IDENTITY: the (single) member's order is the column order: contiguous loads, no gather."""
     pid = tl.program_id(0)
     c = pid % G
     k = (pid // G) % K
@@ -127,9 +141,9 @@ def prefix_kernel(x_ptr, y_ptr, stride_x, stride_y, active_ptr, lse_part_ptr,
         cb_row = cb_ptr + r * nb
         pb_row = pb_ptr + r * nb
         offs = tl.arange(0, BLOCK)
-        val = tl.zeros([BLOCK], ACC)
-        dot_p = tl.zeros([BLOCK], ACC)
-        dot_q = tl.zeros([BLOCK], ACC)
+        val = _zero(ACC, BLOCK)  # scalars: fewer live registers than (BLOCK,) accumulators
+        dot_p = _zero(ACC, BLOCK)
+        dot_q = _zero(ACC, BLOCK)
         carry_c = _zero(ACC, BLOCK)
         carry_p = _zero(ACC, BLOCK)
         start = c * L
@@ -137,28 +151,31 @@ def prefix_kernel(x_ptr, y_ptr, stride_x, stride_y, active_ptr, lse_part_ptr,
         for s0 in range(start, end, BLOCK):
             pos = s0 + offs
             msk = pos < end
-            tok = tl.load(perm_row + pos, mask=msk, other=0)
+            if IDENTITY:
+                tok = pos
+            else:
+                tok = tl.load(perm_row + pos, mask=msk, other=0)
             p = _probs(x_row, tok, msk, lse_x, ACC)  # (BLOCK,) in member order
             q = _probs(y_row, tok, msk, lse_y, ACC)
             d = p - q
             t = tl.load(tw0_ptr + pos, mask=msk & ((pos * 0 + k) == 0), other=0.0).to(ACC)  # member 0 only
-            val += t * tl.abs(d)
+            val += tl.sum(t * tl.abs(d), 0)
             b = tl.load(bidx_row + pos + 1, mask=msk, other=-1)
             at_edge = msk & (b >= 0)
-            tl.store(cb_row + b, carry_c + tl.cumsum(d, 0), mask=at_edge)
+            tl.store(cb_row + b, carry_c + _cumsum(d, BLOCK, SCAN), mask=at_edge)
             carry_c += tl.sum(d, 0)
             if WANT_GRAD:
                 s = _signed(t, d)
-                dot_p += p * s
-                dot_q += q * s
-                tl.store(pb_row + b, carry_p + tl.cumsum(p, 0), mask=at_edge)
+                dot_p += tl.sum(p * s, 0)
+                dot_q += tl.sum(q * s, 0)
+                tl.store(pb_row + b, carry_p + _cumsum(p, BLOCK, SCAN), mask=at_edge)
                 carry_p += tl.sum(p, 0)
         slot = (r * K + k) * G + c
         tl.store(tot_ptr + 2 * slot, carry_c)
         tl.store(tot_ptr + 2 * slot + 1, carry_p)
-        tl.store(part_ptr + 3 * slot, tl.sum(val, 0))
-        tl.store(part_ptr + 3 * slot + 1, tl.sum(dot_p, 0))
-        tl.store(part_ptr + 3 * slot + 2, tl.sum(dot_q, 0))
+        tl.store(part_ptr + 3 * slot, val)
+        tl.store(part_ptr + 3 * slot + 1, dot_p)
+        tl.store(part_ptr + 3 * slot + 2, dot_q)
 
 
 @triton.jit
