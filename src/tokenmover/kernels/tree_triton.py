@@ -56,12 +56,13 @@ PROGRAMS_PER_SM = 4
 MAX_WORKSPACE_BYTES = 512 << 20
 MAX_LEVELS = 256  # deeper trees (MST orders) use the scatter kernel: one barrier per level
 ALGORITHMS = ("auto", "tiles", "levels", "scatter")
-TILES_CHUNK = 4096  # positions per program of the "tiles" kernels
-TILES_BLOCK = 1024
+# "tiles" defaults: the fastest of the configurations measured on an H200 at V = 262,144 (docs/gpu.md)
+TILES_CHUNK = 8192  # positions per program
+TILES_BLOCK = 512
 TILES_WARPS = 4
 TILES_EDGE_BLOCK = 256
 TILES_EDGE_WARPS = 4
-TILES_SCAN = 1  # 1: tl.cumsum over the tile; 2: two-level (rows of 32)
+TILES_SCAN = 2  # 1: tl.cumsum over the tile; 2: two-level (rows of 32)
 
 
 def interpret_mode() -> bool:
