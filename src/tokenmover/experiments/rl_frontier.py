@@ -21,9 +21,9 @@ side:
   yardstick is missing (never a made-up number).
 
 Plans (``PLANS``): ``quick`` (VADER, k3 vs tree, two non-zero betas each + the shared beta = 0,
-one seed; about 20 minutes on 2 quiet CPU cores) and ``full`` (both rewards, five regularizers, a
-beta sweep, three seeds; many CPU hours, estimated in the quick report from its measured step
-times). ``frontier.png``: held-out reward against each drift yardstick, one line per method
+one seed, 20 steps; measured 19.5 min wall on 2 shared CPU cores at ~8 s per step) and ``full``
+(both rewards, five regularizers, a beta sweep, three seeds, 40 steps: 186 runs, ~18 h estimated
+from the quick run's measured step times; not run). ``frontier.png``: held-out reward against each drift yardstick, one line per method
 across betas (beta = 0 shared), the reference model as a star.
 """
 
