@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 
 from tokenmover.experiments import EXPERIMENTS
 
@@ -18,6 +19,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("name", choices=EXPERIMENTS)
     parser.add_argument("--quick", action="store_true", help="the small configuration (minutes on 2 CPU cores)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--plan", default=None,
+                        help="a named configuration of the experiment's PLANS (overrides --quick), "
+                             "e.g. rl_frontier --plan quick3 (three training seeds)")
     parser.add_argument("--out-dir", default=None, help="default: docs/results/NAME")
     parser.set_defaults(func=main)
     return parser
@@ -25,8 +29,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def main(args) -> int:
     module = importlib.import_module(f"tokenmover.experiments.{args.name}")
-    out = args.out_dir or f"docs/results/{args.name}"
-    path = module.run(quick=args.quick, out_dir=out, seed=args.seed)
+    kwargs = {}
+    if args.plan is not None:
+        plans = getattr(module, "PLANS", {})
+        if args.plan not in plans:
+            raise SystemExit(f"experiment {args.name!r} has no plan {args.plan!r}; its plans: {sorted(plans)}")
+        if "plan_name" not in inspect.signature(module.run).parameters:
+            raise SystemExit(f"experiment {args.name!r} takes only --quick (plans: {sorted(plans)})")
+        kwargs["plan_name"] = args.plan
+    out = args.out_dir or f"docs/results/{args.name}" + (f"_{args.plan}" if args.plan else "")
+    path = module.run(quick=args.quick, out_dir=out, seed=args.seed, **kwargs)
     print(f"report: {path}")
     return 0
 

@@ -85,6 +85,8 @@ PLANS = {
         "eval_seeds": list(range(8)),
         "length_target": 8,
     },
+    # the quick configuration with three training seeds (~1 h on 2 CPU cores): error bars across seeds
+    "quick3": {},
     "full": {
         "rewards": ["vader", "length"],
         "methods": ["k3", "kl", "tree", "forest", "sinkhorn"],
@@ -101,6 +103,9 @@ PLANS = {
         "length_target": 8,
     },
 }
+
+
+PLANS["quick3"] = PLANS["quick"] | {"seeds": [0, 1, 2]}
 
 
 def validate_plan(plan: dict) -> dict:
@@ -371,18 +376,21 @@ def run(
     seed: int = 0,
     require_similarity: bool = True,
     plan: dict | None = None,
+    plan_name: str | None = None,
 ) -> Path:
     """Train every run of the plan, score it, write ``report.md``, ``results.json``, ``frontier.png``.
 
-    ``seed`` seeds the tree/forest structures; the runs' seeds are the plan's. ``plan`` overrides
-    ``PLANS["quick" | "full"]`` (tests, custom sweeps).
+    ``seed`` seeds the tree/forest structures; the runs' seeds are the plan's. ``plan_name`` picks
+    one of :data:`PLANS` (overrides ``quick``); ``plan`` overrides both (tests, custom sweeps).
     """
     from tokenmover.assets import load_smollm2
     from tokenmover.rl.config import GRPOConfig
     from tokenmover.rl.rewards import make_reward
     from tokenmover.rl.trainer import GRPOTrainer
 
-    name = "custom" if plan is not None else ("quick" if quick else "full")
+    if plan_name is not None and plan_name not in PLANS:
+        raise ValueError(f"unknown plan {plan_name!r}; choose one of {sorted(PLANS)}")
+    name = "custom" if plan is not None else (plan_name or ("quick" if quick else "full"))
     plan = validate_plan(plan if plan is not None else PLANS[name])
     t0 = time.perf_counter()
     sentence_model, similarity_note = None, None
@@ -638,6 +646,7 @@ def _markdown(d: dict) -> str:
     cmd = {
         "quick": "tokenmover experiment rl_frontier --quick",
         "full": "tokenmover experiment rl_frontier",
+        "quick3": "tokenmover experiment rl_frontier --plan quick3",
     }.get(
         name,
         "python -c 'from tokenmover.experiments import rl_frontier; rl_frontier.run(plan=...)' (custom plan below)",
