@@ -261,3 +261,35 @@ def test_report_and_plot(tmp_path, missing):
         assert "Sentence similarity is missing" in md and "| missing |" in md
     else:
         assert "missing" not in md
+
+
+def _with_seeds(data: dict, seeds: list[int]) -> dict:
+    runs = []
+    for s in seeds:
+        runs += [r | {"seed": s, "reward": r["reward"] + 0.01 * s} for r in data["runs"]]
+    return data | {"plan": data["plan"] | {"seeds": seeds}, "runs": runs}
+
+
+def test_merge_concatenates_seeds_and_refuses_mismatches(tmp_path):
+    import json
+
+    a, b = _with_seeds(_fake_data(), [0]), _with_seeds(_fake_data(), [1, 2])
+    (tmp_path / "a.json").write_text(json.dumps(a))
+    (tmp_path / "b.json").write_text(json.dumps(b))
+    report = rl_frontier.merge([tmp_path / "a.json", tmp_path / "b.json"], tmp_path / "out", plan_name="quick3")
+    merged = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert merged["plan"]["seeds"] == [0, 1, 2] and len(merged["runs"]) == 3 * len(a["runs"])
+    assert merged["seconds"] == 200.0
+    md = report.read_text()
+    assert "--plan quick3" in md and "rl_frontier.merge" in md
+    pts = rl_frontier.frontier_points(merged, "vader", "tree", "kl_per_token")
+    assert pts[0][3] == pytest.approx(np.mean([0.9, 0.91, 0.92]))  # mean over the 3 seeds
+    with pytest.raises(ValueError, match="more than one file"):
+        rl_frontier.merge([tmp_path / "a.json", tmp_path / "a.json"], tmp_path / "dup")
+    (tmp_path / "c.json").write_text(json.dumps(b | {"plan": b["plan"] | {"steps": 99}}))
+    with pytest.raises(ValueError, match="steps"):
+        rl_frontier.merge([tmp_path / "a.json", tmp_path / "c.json"], tmp_path / "bad")
+    other_ref = {"vader": a["reference"]["vader"] | {"reward": 0.5}}
+    (tmp_path / "d.json").write_text(json.dumps(b | {"reference": other_ref}))
+    with pytest.raises(ValueError, match="reference model scored differently"):
+        rl_frontier.merge([tmp_path / "a.json", tmp_path / "d.json"], tmp_path / "bad2")

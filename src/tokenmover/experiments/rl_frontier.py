@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -530,6 +531,52 @@ def run(
     return common.write_outputs(out, _markdown(data), data)
 
 
+def merge(result_files: list[str | Path], out_dir: str | Path, plan_name: str | None = None) -> Path:
+    """One report from runs of the same plan with different training seeds (e.g. run in parallel).
+
+    The plans must agree on everything but ``seeds`` and the reference model must have scored the
+    same (same held-out rows); runs are concatenated, duplicate (reward, method, beta, seed) rows
+    refused. ``plan_name`` names the merged plan (e.g. ``"quick3"``: its regenerating command then
+    runs all seeds in one process, which gives the same numbers: the runs are seeded).
+    """
+    parts = [json.loads(Path(f).read_text(encoding="utf-8")) for f in result_files]
+    if len(parts) < 2:
+        raise ValueError("merge needs at least two results.json files")
+    base = {k: v for k, v in parts[0]["plan"].items() if k != "seeds"}
+    for f, d in zip(result_files[1:], parts[1:]):
+        other = {k: v for k, v in d["plan"].items() if k != "seeds"}
+        if other != base:
+            diff = sorted(k for k in set(base) | set(other) if base.get(k) != other.get(k))
+            raise ValueError(f"{f}: its plan differs from the first one in {diff}")
+        for reward, ref in parts[0]["reference"].items():
+            if d["reference"].get(reward, {}).get("reward") != ref.get("reward"):
+                raise ValueError(f"{f}: the reference model scored differently (not the same held-out rows?)")
+    runs, seen = [], set()
+    for d in parts:
+        for r in d["runs"]:
+            key = (r.get("reward_fn"), r.get("method"), r.get("beta"), r.get("seed"))
+            if key in seen:
+                raise ValueError(f"run {key} appears in more than one file")
+            seen.add(key)
+            runs.append(r)
+    seeds = sorted({s for d in parts for s in d["plan"]["seeds"]})
+    data = dict(parts[0])
+    data.update(
+        plan_name=plan_name or "custom",
+        plan=parts[0]["plan"] | {"seeds": seeds},
+        runs=runs,
+        seconds=sum(d["seconds"] for d in parts),
+        measured_step_seconds=float(np.median([d["measured_step_seconds"] for d in parts])),
+        measured_eval_seconds=float(np.median([d["measured_eval_seconds"] for d in parts])),
+        merged_from=[str(f) for f in result_files],
+        environment="; ".join(dict.fromkeys(d["environment"] for d in parts)),
+    )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    plot_frontier(data, out / "frontier.png")
+    return common.write_outputs(out, _markdown(data), data)
+
+
 # ----------------------------------------------------------------------------- report
 def frontier_points(
     data: dict, reward: str, method: str, key: str
@@ -705,7 +752,13 @@ def _markdown(d: dict) -> str:
     lines = [
         f"# RL frontier: reward vs drift (plan `{name}`)",
         "",
-        f"Regenerate: `{cmd}`. Took {d['seconds']:.0f} s wall ({d['seconds'] / 60:.1f} min). {d['environment']}.",
+        f"Regenerate: `{cmd}`. Took {d['seconds']:.0f} s wall ({d['seconds'] / 60:.1f} min). {d['environment']}."
+        + (
+            f" Assembled with `rl_frontier.merge` from {', '.join(d['merged_from'])} (runs with different "
+            "training seeds done in separate processes; the wall time is their sum)."
+            if d.get("merged_from")
+            else ""
+        ),
         "",
         f"Configuration `{name}`: {plan}.",
         "",
