@@ -158,3 +158,6 @@ def test_train_and_measure_on_a_tiny_model_and_the_report(tmp_path, one_thread):
     assert (tmp_path / "g.png").stat().st_size > 1000
     md = rl_gradients.markdown(data)
     assert "tokenmover experiment rl_gradients --quick" in md and "max ratio to W1 bound" in md
+    common.write_outputs(tmp_path / "r", md, data)
+    assert rl_gradients.render(tmp_path / "r").read_text() == md  # the report is a function of results.json
+    assert (tmp_path / "r" / "grad_distributions.png").is_file()

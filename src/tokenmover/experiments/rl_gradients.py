@@ -28,7 +28,10 @@ log-ratio ``r = log pi_ref(t) - log pi(t)`` of the sampled tokens, which drives 
 
 Plans (``PLANS``): ``quick`` (checkpoints 0/5/10/20, 8 held-out prompts x 4 seeds, word2vec tree
 and forest of 2 trees) and ``full`` (checkpoints up to 80 steps, 8 seeds, both geometries,
-forest of 4 trees and sliced; not run).
+forest of 4 trees and sliced; not run). The quick run took 48.5 min wall on 2 CPU cores shared with
+two other RL jobs (load average 4-5; median 88 s per GRPO step, against 8.2 s measured by the
+``rl_frontier`` quick run on a quieter machine); scaled by that step-time ratio it would take about
+5 min, not measured. ``render(out_dir)`` rewrites the report and the PNG from ``results.json``.
 """
 
 from __future__ import annotations
@@ -328,6 +331,17 @@ def run(*, quick: bool = False, out_dir: str | Path = "docs/results/rl_gradients
 
 
 # ----------------------------------------------------------------------------- report
+def render(out_dir: str | Path = "docs/results/rl_gradients") -> Path:
+    """Rewrite ``report.md`` and the PNG from an existing ``results.json`` (no training)."""
+    import json
+
+    out = Path(out_dir)
+    data = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    plot(data, out / "grad_distributions.png")
+    (out / "report.md").write_text(markdown(data), encoding="utf-8")
+    return out / "report.md"
+
+
 def plot(d: dict, path: Path) -> None:
     """Top row: survival curves (fraction of tokens with ||grad|| > g, log-log) at the last checkpoint,
     float32, one panel per source, one line per penalty, W1 bounds dotted. Bottom row: max and p99
@@ -359,7 +373,8 @@ def plot(d: dict, path: Path) -> None:
             for name in d["diameters"]:
                 st = src["stats"].get(f"float32|{name}", {})
                 if "max_bound" in st:
-                    ax.axvline(st["max_bound"], color=colors[name], lw=0.8, ls=":")
+                    ax.axvline(st["max_bound"], color=colors[name], lw=0.8, ls=":",
+                               label=f"{name} bound max diam*||p||")
         ax.set_title(f"{source} tokens, step {last['step']} (float32 logits)", fontsize=10)
         ax.set_xlabel("per-token ||grad_x D||_2")
         ax.set_ylabel("fraction of tokens with a larger gradient")
@@ -368,7 +383,7 @@ def plot(d: dict, path: Path) -> None:
         ax = axes[1, j]
         for name in names:
             pts = [(cp["step"], cp["sources"][source]["stats"][f"float32|{name}"]) for cp in d["checkpoints"]
-                   if source in cp["sources"]]
+                   if source in cp["sources"] and cp["step"] > 0]  # step 0: policy = reference, all ~0
             pts = [(s, st) for s, st in pts if "error" not in st]
             if not pts:
                 continue
@@ -376,7 +391,7 @@ def plot(d: dict, path: Path) -> None:
             ax.semilogy(steps, [max(st["max"], 1e-12) for _, st in pts], marker="o", ms=3, color=colors[name],
                         label=f"{name} max")
             ax.semilogy(steps, [max(st["p99"], 1e-12) for _, st in pts], ls="--", color=colors[name], lw=0.9)
-        ax.set_title(f"{source}: max (solid) and p99 (dashed) over tokens", fontsize=10)
+        ax.set_title(f"{source}: max (solid) and p99 (dashed) over tokens, steps > 0", fontsize=10)
         ax.set_xlabel("GRPO step (beta = 0)")
         ax.set_ylabel("||grad_x D||_2")
         ax.grid(alpha=0.3, which="both")
@@ -446,7 +461,8 @@ def markdown(d: dict) -> str:
             if source in cp["sources"]:
                 lr = cp["sources"][source]["log_ratio"]
                 wk = cp["sources"][source].get("worst_k3", {})
-                tok = repr(wk.get("token", "")) if wk else "-"
+                tok = (f"{wk.get('token', wk['token_id'])!r} (pi {wk['p']:.2g}, pi_ref {wk['q']:.2g}, "
+                       f"grad {wk['grad']:.3g})") if wk and wk["grad"] > 0 else "-"
                 rows.append([cp["step"], source, lr["n"], f"{lr['p50']:.3g}", f"{lr['p99']:.3g}", f"{lr['max']:.3g}",
                              lr["above_2"], lr["above_5"], lr["above_10"], tok])
     lines += [common.md_table(["step", "source", "tokens", "median r", "p99 r", "max r", "r > 2", "r > 5", "r > 10",
