@@ -41,17 +41,9 @@ import numpy as np
 import torch
 
 from tokenmover.experiments import common
+from tokenmover.rl.demo import DEMO_PROMPTS
 
-TRAIN_PROMPTS = [
-    "Describe your morning in one sentence.",
-    "Write one sentence about the weather today.",
-    "Tell me about your neighbour.",
-    "What do you think of Mondays?",
-    "Describe the food at a school canteen.",
-    "Write a sentence about a long train journey.",
-    "How was the meeting yesterday?",
-    "Describe an old house.",
-]
+TRAIN_PROMPTS = list(DEMO_PROMPTS)  # the demo's training prompts
 HELD_OUT_PROMPTS = [
     "Describe a rainy afternoon.",
     "Tell me about your commute.",

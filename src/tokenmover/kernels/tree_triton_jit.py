@@ -200,11 +200,12 @@ def _gradient_pass(x_row, y_row, lse_x, lse_y, g_row, gx_row, gy_row, dot_p, dot
 
 
 @triton.jit
-def _zero_pass(gx_row, gy_row, V, WANT_GX: tl.constexpr, WANT_GY: tl.constexpr, BLOCK: tl.constexpr):
+def _zero_pass(gx_row, gy_row, start, end, WANT_GX: tl.constexpr, WANT_GY: tl.constexpr, BLOCK: tl.constexpr):
+    """Zero gradients of columns [start, end) of a row (a masked-out row)."""
     offs = tl.arange(0, BLOCK)
-    for start in range(0, V, BLOCK):
-        idx = start + offs
-        msk = idx < V
+    for s0 in range(start, end, BLOCK):
+        idx = s0 + offs
+        msk = idx < end
         if WANT_GX:
             tl.store(gx_row + idx, tl.zeros([BLOCK], gx_row.dtype.element_ty), mask=msk)
         if WANT_GY:
@@ -286,5 +287,5 @@ def tree_rows_kernel(
         else:
             tl.store(out_ptr + row, _zero(ACC, BLOCK))
             tl.store(bad_ptr + row, tl.zeros([1], tl.int8).sum(0).to(tl.int8))
-            _zero_pass(gx_row, gy_row, V, WANT_GX, WANT_GY, BLOCK)
+            _zero_pass(gx_row, gy_row, 0, V, WANT_GX, WANT_GY, BLOCK)
         tl.debug_barrier()

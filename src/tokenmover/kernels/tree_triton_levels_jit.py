@@ -97,12 +97,15 @@ def _edge_levels(es_ptr, ee_ptr, ew_ptr, parent_ptr, level_ptr, l_lo, l_hi, c_ro
 
 
 @triton.jit
-def _gradient_levels(x_row, y_row, lse_x, lse_y, tw_ptr, leaf_ptr, s_row, gx_row, gy_row, dot_p, dot_q, V, K,
+def _gradient_levels(x_row, y_row, lse_x, lse_y, tw_ptr, leaf_ptr, s_row, gx_row, gy_row, dot_p, dot_q,
+                     start, end, V, K,
                      WANT_GX: tl.constexpr, WANT_GY: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """Columns [start, end) of a row: g_i = t_i sign(p_i - q_i) + sum_k S[leaf_k(i)], then
+    dW/dx = p (g - <p, g>) and dW/dy = -q (g - <q, g>) in the logits' dtype."""
     offs = tl.arange(0, BLOCK)
-    for start in range(0, V, BLOCK):
-        idx = start + offs
-        msk = idx < V
+    for s0 in range(start, end, BLOCK):
+        idx = s0 + offs
+        msk = idx < end
         p = _probs(x_row, idx, msk, lse_x, ACC)
         q = _probs(y_row, idx, msk, lse_y, ACC)
         g = _signed(tl.load(tw_ptr + idx, mask=msk, other=0.0).to(ACC), p - q)
@@ -174,11 +177,11 @@ def tree_levels_kernel(
             tl.store(out_ptr + row, total)
             if WANT_GRAD:
                 _gradient_levels(
-                    x_row, y_row, lse_x, lse_y, tw_ptr, leaf_ptr, s_row, gx_row, gy_row, dot_p, dot_q, V, K,
+                    x_row, y_row, lse_x, lse_y, tw_ptr, leaf_ptr, s_row, gx_row, gy_row, dot_p, dot_q, 0, V, V, K,
                     WANT_GX, WANT_GY, ACC, BLOCK,
                 )
         else:
             tl.store(out_ptr + row, _zero(ACC, BLOCK))
             tl.store(bad_ptr + row, tl.zeros([1], tl.int8).sum(0).to(tl.int8))
-            _zero_pass(gx_row, gy_row, V, WANT_GX, WANT_GY, BLOCK)
+            _zero_pass(gx_row, gy_row, 0, V, WANT_GX, WANT_GY, BLOCK)
         tl.debug_barrier()

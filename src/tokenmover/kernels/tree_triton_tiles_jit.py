@@ -30,7 +30,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from tokenmover.kernels.tree_triton_jit import _probs, _signed, _zero
+from tokenmover.kernels.tree_triton_jit import _probs, _signed, _zero, _zero_pass
+from tokenmover.kernels.tree_triton_levels_jit import _gradient_levels
 
 
 @triton.jit
@@ -270,7 +271,6 @@ def grad_kernel(x_ptr, y_ptr, stride_x, stride_y, active_ptr, lse_part_ptr, dots
     pid = tl.program_id(0)
     c = pid % G
     r = (pid // G).to(tl.int64)
-    offs = tl.arange(0, BLOCK)
     gx_row = gx_ptr + r * stride_gx
     gy_row = gy_ptr + r * stride_gy
     start = c * L
@@ -285,24 +285,7 @@ def grad_kernel(x_ptr, y_ptr, stride_x, stride_y, active_ptr, lse_part_ptr, dots
         x_row = x_ptr + r * stride_x
         y_row = y_ptr + r * stride_y
         s_row = s_ptr + r * (ne + 1)
-        for s0 in range(start, end, BLOCK):
-            idx = s0 + offs
-            msk = idx < end
-            p = _probs(x_row, idx, msk, lse_x, ACC)
-            q = _probs(y_row, idx, msk, lse_y, ACC)
-            g = _signed(tl.load(tw_ptr + idx, mask=msk, other=0.0).to(ACC), p - q)
-            for k in range(K):
-                leaf = tl.load(leaf_ptr + tl.cast(k, tl.int64) * V + idx, mask=msk, other=0)
-                g += tl.load(s_row + leaf, mask=msk, other=0.0)
-            if WANT_GX:
-                tl.store(gx_row + idx, (p * (g - dot_p)).to(gx_row.dtype.element_ty), mask=msk)
-            if WANT_GY:
-                tl.store(gy_row + idx, (-q * (g - dot_q)).to(gy_row.dtype.element_ty), mask=msk)
+        _gradient_levels(x_row, y_row, lse_x, lse_y, tw_ptr, leaf_ptr, s_row, gx_row, gy_row, dot_p, dot_q,
+                         start, end, V, K, WANT_GX, WANT_GY, ACC, BLOCK)
     else:
-        for s0 in range(start, end, BLOCK):
-            idx = s0 + offs
-            msk = idx < end
-            if WANT_GX:
-                tl.store(gx_row + idx, tl.zeros([BLOCK], gx_row.dtype.element_ty), mask=msk)
-            if WANT_GY:
-                tl.store(gy_row + idx, tl.zeros([BLOCK], gy_row.dtype.element_ty), mask=msk)
+        _zero_pass(gx_row, gy_row, start, end, WANT_GX, WANT_GY, BLOCK)
