@@ -1,5 +1,7 @@
 """Tree/forest/sliced Wasserstein against POT's exact solver, gradients, masks, dtypes, bad input."""
 
+import dataclasses
+
 import numpy as np
 import ot
 import pytest
@@ -7,6 +9,7 @@ import torch
 
 from tests.conftest import random_logits, random_tree
 from tokenmover import build_chains, build_cluster_forest, build_cluster_tree, distance
+from tokenmover.distances.tree import _fused_torch
 from tokenmover.structures import TransportStructure
 
 BACKENDS = ["numba", "torch"]
@@ -191,3 +194,47 @@ def test_forest_builder_end_to_end_is_between_member_extremes():
     )  # (3, 2)
     mean = distance(x, y, "forest", structure=forest)
     assert torch.allclose(mean, per_member.mean(0))
+
+
+# ------------------------------------------------------------------ identity perm (leaf order)
+def _leaf_order_cases(rng):
+    points = np.random.default_rng(7).standard_normal((40, 3))
+    return {
+        "tree": random_tree(40, rng),
+        "forest": TransportStructure.stack([random_tree(40, rng) for _ in range(3)]),
+        "chains": build_chains(points, 3),
+        "cluster_tree": build_cluster_tree(torch.as_tensor(points), branching=3, leaf_size=4),
+    }
+
+
+@pytest.mark.parametrize("kind", ["tree", "forest", "chains", "cluster_tree"])
+def test_identity_perm_fast_path_equals_the_general_path(kind, rng):
+    structure = _leaf_order_cases(rng)[kind]
+    leaf = structure.in_leaf_order()
+    packed = leaf.packed("cpu", torch.float64)
+    assert packed.identity_members[0] and sum(packed.identity_members) == 1
+    general = dataclasses.replace(packed, identity_members=(False,) * leaf.num_members)
+    order = structure.leaf_order()
+    x, y = random_logits(6, 40, seed=8)[:, order], random_logits(6, 40, seed=9)[:, order]
+    active = torch.tensor([True, True, False, True, True, True])
+    for act in (None, active):
+        fast = _fused_torch(x, y, act, packed, True, True)
+        slow = _fused_torch(x, y, act, general, True, True)
+        for a, b in zip(fast[:3], slow[:3]):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["tree", "forest", "chains"])
+def test_leaf_order_logits_match_token_order_for_every_backend(kind, backend, rng):
+    structure = _leaf_order_cases(rng)[kind]
+    order = structure.leaf_order()
+    x = random_logits(4, 40, seed=10).requires_grad_(True)
+    y = random_logits(4, 40, seed=11)
+    expected = distance(x, y, "tree", structure=structure, backend=backend)
+    expected.sum().backward()
+    xo = x.detach()[:, order].requires_grad_(True)
+    values = distance(xo, y[:, order], "tree", structure=structure.in_leaf_order(), backend=backend)
+    values.sum().backward()
+    torch.testing.assert_close(values, expected.detach(), rtol=0, atol=1e-12)
+    torch.testing.assert_close(xo.grad, x.grad[:, order], rtol=0, atol=1e-12)

@@ -2,8 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import random_tree
-from tokenmover.structures import TransportStructure
+from tests.conftest import random_logits, random_tree
+from tokenmover import distance
+from tokenmover.structures import TransportStructure, build_chains
 
 
 def small_tree() -> TransportStructure:
@@ -78,3 +79,93 @@ def test_packed_folds_singleton_edges_by_token_id():
     assert packed.edge_starts.tolist() == [0, 2]
     assert packed.edge_ends.tolist() == [2, 4]
     assert not bool(packed.prefix_members.any())
+
+
+# ------------------------------------------------------------------ relabelling / leaf order
+def _structures(rng) -> dict[str, TransportStructure]:
+    points = np.random.default_rng(5).standard_normal((30, 3))
+    return {
+        "tree": random_tree(30, rng),
+        "forest": TransportStructure.stack([random_tree(30, rng) for _ in range(3)]),
+        "chains": build_chains(points, 4),
+    }
+
+
+@pytest.mark.parametrize("backend", ["numba", "torch"])
+@pytest.mark.parametrize("kind", ["tree", "forest", "chains"])
+def test_relabel_keeps_distances_and_permutes_gradients(kind, backend, rng):
+    structure = _structures(rng)[kind]
+    order = torch.as_tensor(rng.permutation(30))
+    relabelled = structure.relabel(order)
+    x = random_logits(5, 30, seed=1).requires_grad_(True)
+    y = random_logits(5, 30, seed=2).requires_grad_(True)
+    expected = distance(x, y, "tree", structure=structure, backend=backend)
+    expected.sum().backward()
+    xo = x.detach()[:, order].requires_grad_(True)
+    yo = y.detach()[:, order].requires_grad_(True)
+    values = distance(xo, yo, "tree", structure=relabelled, backend=backend)
+    values.sum().backward()
+    torch.testing.assert_close(values, expected.detach(), rtol=0, atol=1e-12)
+    torch.testing.assert_close(xo.grad, x.grad[:, order], rtol=0, atol=1e-12)
+    torch.testing.assert_close(yo.grad, y.grad[:, order], rtol=0, atol=1e-12)
+
+
+def test_relabel_maps_perms_through_the_inverse_order_and_keeps_edges(rng):
+    tree = small_tree()  # perm [2, 0, 3, 1]
+    order = [3, 1, 0, 2]  # new token j is old token order[j]: old 3 -> 0, 1 -> 1, 0 -> 2, 2 -> 3
+    new = tree.relabel(order)
+    assert new.perms.tolist() == [[3, 2, 0, 1]]
+    assert torch.equal(new.edge_starts, tree.edge_starts) and torch.equal(new.edge_weights, tree.edge_weights)
+    assert new.metadata["relabelled"] is True and "relabelled" not in tree.metadata
+    # the tree metric between relabelled tokens is the old one between the original tokens
+    idx = torch.as_tensor(order)
+    torch.testing.assert_close(new.cost_matrix(), tree.cost_matrix()[idx][:, idx])
+    # relabelling back by the inverse order restores the perms
+    inverse = torch.empty(4, dtype=torch.int64)
+    inverse[idx] = torch.arange(4)
+    assert torch.equal(new.relabel(inverse).perms, tree.perms)
+
+
+@pytest.mark.parametrize(
+    "order, message",
+    [
+        ([0, 1, 2], r"shape \(4,\)"),
+        ([0, 1, 1, 2], "not a permutation"),
+        ([0, 1, 2, 4], "not a permutation"),
+        ([0.0, 1.0, 2.0, 3.0], "integer"),
+    ],
+)
+def test_relabel_refuses_a_bad_order(order, message):
+    with pytest.raises(ValueError, match=message):
+        small_tree().relabel(order)
+
+
+def test_in_leaf_order_has_the_identity_as_member_0(rng):
+    for structure in _structures(rng).values():
+        leaf = structure.in_leaf_order()
+        assert structure.leaf_order().dtype == torch.int64
+        assert torch.equal(structure.leaf_order(), structure.perms[0])
+        assert torch.equal(leaf.perms[0], torch.arange(30))
+        assert leaf.packed().identity_members[0]
+        assert not any(structure.packed().identity_members)
+        leaf.validate()
+
+
+def test_relabelled_structure_is_not_saved_and_the_original_round_trips(rng, tmp_path):
+    tree = random_tree(20, rng)
+    with pytest.raises(ValueError, match="refusing to save a relabelled structure"):
+        tree.in_leaf_order().save_pretrained(tmp_path / "leaf")
+    assert not (tmp_path / "leaf").exists()
+    tree.save_pretrained(tmp_path / "orig")
+    loaded = TransportStructure.from_pretrained(tmp_path / "orig")
+    assert "relabelled" not in loaded.metadata
+    assert torch.equal(loaded.in_leaf_order().perms, tree.in_leaf_order().perms)
+
+
+def test_stack_keeps_the_relabelled_mark_and_refuses_mixing(rng):
+    trees = [random_tree(10, rng) for _ in range(2)]
+    order = trees[0].leaf_order()
+    stacked = TransportStructure.stack([t.relabel(order) for t in trees])
+    assert stacked.metadata["relabelled"] is True
+    with pytest.raises(ValueError, match="relabelled"):
+        TransportStructure.stack([trees[0].relabel(order), trees[1]])

@@ -19,6 +19,11 @@ Backends: ``"numba"`` (fused CPU kernel, float64 accumulation), ``"torch"`` (vec
 device; cumsum in the compute dtype), ``"triton"`` (fused GPU kernel, float32 accumulation, see
 :mod:`tokenmover.kernels.tree_triton`), ``"auto"`` (numba on CPU, triton on CUDA when importable,
 torch otherwise).
+
+Leaf order: with ``structure.in_leaf_order()`` and logits whose columns come in member 0's leaf
+order (``LogitHead(row_order=structure.leaf_order())`` in the TRL adapter), member 0's perm is the
+identity; the torch backend then skips its gather ``d[:, perm]`` and scatter ``g[:, perm] += ...``
+(the Triton host code detects the same case, ``identity_order``).
 """
 
 from __future__ import annotations
@@ -110,32 +115,41 @@ def _fused_torch(x, y, active, packed: PackedStructure, want_gx: bool, want_gy: 
     m = d.shape[0]
     offsets = packed.member_offsets.tolist()
     prefix_index = torch.cumsum(packed.prefix_members.to(torch.int64), 0).tolist()
+    # members whose perm is the identity skip the gather/scatter by perm (detected once when packing)
+    identity = packed.identity_members or (False,) * packed.perms.shape[0]
     for k in range(packed.perms.shape[0]):
         if bool(packed.prefix_members[k]):
             # chain: W_k = sum_j w_j |C[j]|, gradient = reverse cumulative sum of w_j sign(C[j])
             w = packed.prefix_weights[prefix_index[k] - 1, 1:].to(dtype)  # (V,)
-            perm = packed.perms[k]
-            c = torch.cumsum(d.index_select(1, perm), dim=1)  # (m, V): C[1..V]
+            perm = None if identity[k] else packed.perms[k]  # identity: d is already in leaf order
+            c = torch.cumsum(d if perm is None else d.index_select(1, perm), dim=1)  # (m, V): C[1..V]
             values += (c.abs() * w).sum(-1)
             if need_grad:
-                s = c.sign() * w
-                g.index_add_(1, perm, s.flip(1).cumsum(1).flip(1))
+                s = (c.sign() * w).flip(1).cumsum(1).flip(1)  # (m, V) by leaf position
+                if perm is None:
+                    g.add_(s)
+                else:
+                    g.index_add_(1, perm, s)
             continue
         lo, hi = offsets[k], offsets[k + 1]
         if lo == hi:
             continue
         starts, ends = packed.edge_starts[lo:hi], packed.edge_ends[lo:hi]
         w = packed.edge_weights[lo:hi].to(dtype)  # (E_k,)
-        perm = packed.perms[k]
+        perm = None if identity[k] else packed.perms[k]
         c = torch.zeros(m, v + 1, dtype=dtype, device=x.device)  # (m, V + 1) prefix sums
-        torch.cumsum(d.index_select(1, perm), dim=1, out=c[:, 1:])
+        torch.cumsum(d if perm is None else d.index_select(1, perm), dim=1, out=c[:, 1:])
         mass = c.index_select(1, ends) - c.index_select(1, starts)  # (m, E_k)
         values += (mass.abs() * w).sum(-1)
         if need_grad:
             s = mass.sign() * w  # (m, E_k)
             diff = torch.zeros(m, v + 1, dtype=dtype, device=x.device)
             diff.index_add_(1, starts, s).index_add_(1, ends, -s)
-            g.index_add_(1, perm, torch.cumsum(diff[:, :v], dim=1))
+            gk = torch.cumsum(diff[:, :v], dim=1)  # (m, V) by leaf position
+            if perm is None:
+                g.add_(gk)
+            else:
+                g.index_add_(1, perm, gk)
     if rows is None:
         out = values
     else:

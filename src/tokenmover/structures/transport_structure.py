@@ -19,6 +19,16 @@ weights ``g_i``; ``W_T`` is then the 1-D W1 of the projected distributions.
 
 A structure stacks ``K >= 1`` members with member weights ``a_k`` (default ``1/K``) and its
 distance is ``sum_k a_k W_{T_k}``: a forest of trees, or sliced Wasserstein with K chains.
+
+Relabelling. For a permutation ``order`` of the token ids, :meth:`TransportStructure.relabel` gives
+the same structure over tokens renamed so that new token ``j`` is old token ``order[j]``: with
+``inv = order^{-1}``, new ``perm_k[i] = inv[old perm_k[i]]`` and the edges are untouched, so
+
+    W_{relabel(order)}(p[order], q[order]) = W(p, q).
+
+:meth:`TransportStructure.in_leaf_order` relabels by member 0's own leaf order, whose perm becomes
+the identity: logits that already arrive in that order (LM-head rows projected in leaf order,
+``h @ W[order].T``) need no gather by permutation in the kernels.
 """
 
 from __future__ import annotations
@@ -51,6 +61,9 @@ class PackedStructure:
     # their weights are dense by end position, and they own no entries of the edge arrays.
     prefix_members: torch.Tensor  # (K,) bool
     prefix_weights: torch.Tensor  # (K_prefix, V + 1): weight of the edge [0, j) at column j
+    # Members whose perm is the identity (logits already in their leaf order, see
+    # TransportStructure.in_leaf_order): kernels may skip the gather/scatter by perm. Detected once here.
+    identity_members: tuple[bool, ...] = ()
 
 
 @dataclass
@@ -66,6 +79,8 @@ class TransportStructure:
         member_weights: (K,) float64, finite and ``> 0``; the distance is ``sum_k a_k W_{T_k}``.
         kind: ``"tree"``, ``"chains"``, ``"forest"`` or any label a builder chooses.
         metadata: free-form JSON-serialisable facts (builder parameters, timings, seeds).
+            ``metadata["relabelled"] = True`` marks a structure over relabelled token ids
+            (:meth:`relabel`), which :meth:`save_pretrained` refuses to save.
     """
 
     num_tokens: int
@@ -130,6 +145,12 @@ class TransportStructure:
         sizes = {m.num_tokens for m in members}
         if len(sizes) != 1:
             raise ValueError(f"cannot stack structures over different vocabulary sizes: {sorted(sizes)}")
+        relabelled = {bool(m.metadata.get("relabelled", False)) for m in members}
+        if len(relabelled) != 1:
+            raise ValueError(
+                "cannot stack relabelled structures (relabel()/in_leaf_order()) with structures over the "
+                "original token ids: stack the originals, then relabel the forest"
+            )
         perms = torch.cat([m.perms for m in members], dim=0)  # (K, V)
         offsets = [0]
         for m in members:
@@ -151,7 +172,7 @@ class TransportStructure:
             member_offsets=torch.tensor(offsets, dtype=torch.int64),
             member_weights=weights,
             kind=kind,
-            metadata=dict(metadata or {}),
+            metadata=dict(metadata or {}, **({"relabelled": True} if relabelled.pop() else {})),
         )
         structure.validate()
         return structure
@@ -199,10 +220,75 @@ class TransportStructure:
         structure.validate()
         return structure
 
+    # ------------------------------------------------------------------ relabelling
+    def relabel(self, order: Sequence[int] | np.ndarray | torch.Tensor) -> TransportStructure:
+        """The same structure over tokens renamed so that new token ``j`` is old token ``order[j]``.
+
+        With ``inv = order^{-1}`` (``inv[order[j]] = j``), every member's perm becomes
+        ``inv[perm_k]``; edges, edge weights and member weights are unchanged. Then, for (N, V)
+        logits ``x``, ``y``:
+
+            distance(x[:, order], y[:, order], s.relabel(order)) == distance(x, y, s)
+
+        and the gradients w.r.t. ``x[:, order]`` are those w.r.t. ``x`` taken in the same column order.
+        The result has ``metadata["relabelled"] = True`` (so :meth:`save_pretrained` refuses it).
+
+        Args:
+            order: (V,) integer permutation of ``0..V-1`` (validated).
+        """
+        v = self.num_tokens
+        order_t = torch.as_tensor(np.asarray(order) if not isinstance(order, torch.Tensor) else order)
+        if order_t.dtype.is_floating_point or order_t.dtype.is_complex or order_t.dtype == torch.bool:
+            raise ValueError(f"order must hold integer token ids, got dtype {order_t.dtype}")
+        order_t = order_t.detach().to(device="cpu", dtype=torch.int64)
+        if order_t.dim() != 1 or order_t.numel() != v:
+            raise ValueError(f"order must have shape ({v},), got {tuple(order_t.shape)}")
+        if not torch.equal(torch.sort(order_t).values, torch.arange(v, dtype=torch.int64)):
+            raise ValueError(f"order is not a permutation of 0..{v - 1} (missing or repeated token ids)")
+        inverse = torch.empty(v, dtype=torch.int64)
+        inverse[order_t] = torch.arange(v, dtype=torch.int64)  # inverse[old id] = new id
+        # perms stay permutations and the ranges are untouched, so the structure stays valid.
+        return TransportStructure(
+            num_tokens=v,
+            perms=inverse.to(self.perms.device)[self.perms],  # (K, V): new id of the token at each position
+            edge_starts=self.edge_starts,
+            edge_ends=self.edge_ends,
+            edge_weights=self.edge_weights,
+            member_offsets=self.member_offsets,
+            member_weights=self.member_weights,
+            kind=self.kind,
+            metadata=dict(self.metadata, relabelled=True),
+        )
+
+    def leaf_order(self) -> torch.Tensor:
+        """Member 0's leaf order ``perms[0]``: (V,) int64, the token id at each leaf position."""
+        return self.perms[0].to(torch.int64).clone()
+
+    def in_leaf_order(self) -> TransportStructure:
+        """``relabel(leaf_order())``: member 0's perm becomes the identity ``arange(V)``.
+
+        Pair it with logits whose columns come in that order (e.g. LM-head rows ``W[leaf_order()]``,
+        :class:`tokenmover.integrations.trl.transport.LogitHead` with ``row_order``); other members
+        keep a (relabelled) perm.
+        """
+        return self.relabel(self.leaf_order())
+
     # ------------------------------------------------------------------ artifacts
     def save_pretrained(self, folder, *, name: str = "structure", vocab_fingerprint: str | None = None):
-        """Save as ``folder/NAME.safetensors`` + ``NAME.json`` (see :mod:`tokenmover.structures.io`)."""
+        """Save as ``folder/NAME.safetensors`` + ``NAME.json`` (see :mod:`tokenmover.structures.io`).
+
+        Refuses (``ValueError``) a relabelled structure: its token ids are not the tokenizer's, and a
+        loader checking the tokenizer fingerprint could not tell. Save the original and call
+        :meth:`in_leaf_order` / :meth:`relabel` after loading.
+        """
         from tokenmover.structures.io import save_structure
+
+        if self.metadata.get("relabelled"):
+            raise ValueError(
+                "refusing to save a relabelled structure (relabel()/in_leaf_order()): its token ids are not the "
+                "tokenizer's, so loading it would silently mismatch the logits; save the original structure "
+                "and relabel it after loading"
+            )
 
         return save_structure(self, folder, name=name, vocab_fingerprint=vocab_fingerprint)
 
@@ -305,6 +391,10 @@ class TransportStructure:
             prefix_weights=(
                 torch.stack(prefix_weights) if prefix_weights else torch.zeros(0, v + 1, dtype=torch.float64)
             ).to(device=device, dtype=dtype),
+            identity_members=tuple(
+                bool(torch.equal(self.perms[k], torch.arange(v, dtype=self.perms.dtype)))
+                for k in range(self.num_members)
+            ),
         )
 
     # ------------------------------------------------------------------ reference math
