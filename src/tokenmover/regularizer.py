@@ -110,6 +110,16 @@ class Regularizer(nn.Module):
     def structure(self) -> TransportStructure | None:
         return self._kwargs.get("structure")
 
+    def with_structure(self, structure: TransportStructure) -> Regularizer:
+        """The same method, mode, chunk size and options over another ``structure``.
+
+        E.g. ``reg.with_structure(reg.structure.in_leaf_order())`` for logits in leaf order.
+        """
+        if self.structure is None:
+            raise ValueError(f"method {self.method!r} takes no structure")
+        kwargs = {k: v for k, v in self._kwargs.items() if k != "structure"}
+        return Regularizer(self.method, mode=self.mode, structure=structure, chunk_size=self.chunk_size, **kwargs)
+
     @property
     def num_tokens(self) -> int | None:
         """V the regularizer is tied to (its structure's, or a cost's / points' rows), else None."""

@@ -154,6 +154,7 @@ class TransportDistillationTrainer(DistillationTrainer):
         term = transport_from_hidden(
             student_hidden[selected], teacher_hidden[selected], student_head, teacher_head, self.transport,
             tokens=inputs["completion_ids"][selected], chunk_size=self.args.transport_chunk_size,
+            leaf_order=self.args.transport_leaf_order,
             want_entropy=self.transport_divergence_weight == 0,
         )
         n_valid = selected.sum()

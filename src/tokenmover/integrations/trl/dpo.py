@@ -105,6 +105,7 @@ class TransportDPOTrainer(DPOTrainer):
         term = transport_from_hidden(
             policy_hidden[selected], ref_hidden[selected], self._policy_head, self._ref_head, self.transport,
             tokens=targets[selected], chunk_size=self.args.transport_chunk_size,
+            leaf_order=self.args.transport_leaf_order,
         )
         rows = selected.nonzero()[:, 0]
         per_half = {"distance": term.penalty.detach(), "chosen": term.penalty.detach()[rows < half]}

@@ -181,6 +181,7 @@ class TransportGRPOTrainer(GRPOTrainer):
         term = transport_from_hidden(
             policy_hidden[selected], inputs[REF_HIDDEN_KEY][selected], self._policy_head, self._ref_head,
             self.transport, tokens=completion_ids[selected], chunk_size=self.args.transport_chunk_size,
+            leaf_order=self.args.transport_leaf_order,
         )
         per_token = torch.zeros(selected.shape, dtype=term.penalty.dtype, device=term.penalty.device)
         per_token = per_token.masked_scatter(selected, term.penalty)  # (B, T), differentiable
@@ -251,7 +252,7 @@ class TransportGRPOTrainer(GRPOTrainer):
             term = transport_from_hidden(
                 policy_hidden[selected], ref_hidden[selected], self._policy_head, self._ref_head, self.transport,
                 tokens=completion_ids[selected], chunk_size=self.args.transport_chunk_size,
-                want_policy_token_logps=True,
+                leaf_order=self.args.transport_leaf_order, want_policy_token_logps=True,
             )
         rows = selected.nonzero()[:, 0]
         per_sequence = torch.zeros(selected.shape[0], device=term.penalty.device).index_add_(0, rows, term.penalty)

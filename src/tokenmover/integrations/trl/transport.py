@@ -13,16 +13,28 @@ under :func:`torch.utils.checkpoint.checkpoint` when a gradient is needed and th
 one chunk, so the backward pass recomputes each chunk's logits instead of keeping them all: peak
 extra memory is O(C * V) whatever N is.
 ``scale`` / ``softcap`` follow the model config exactly as TRL's fused head reads them.
+
+Leaf order. For the tree methods (a :class:`~tokenmover.TransportStructure` with member 0's leaf
+order ``o = structure.leaf_order()``), the logits are produced with their columns already in that
+order, ``logits[:, j] = logits_token_order[:, o[j]]``: ``h @ W[o].T (+ b[o])`` (the rows of the LM
+head gathered once per call, V * d, instead of the kernels gathering every (C, V) chunk by ``o``;
+autograd sends the gradient back to ``W`` through the index), and the distance runs on
+``structure.in_leaf_order()``, whose member 0 has the identity perm. Values and gradients are those of
+the token-order computation up to float round-off; token ids ``y_t`` are read at column
+``o^{-1}[y_t]``. ``leaf_order=False`` (config ``transport_leaf_order``) turns this off.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import weakref
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 from tokenmover.distances._inputs import default_chunk_size, iter_chunks
@@ -63,18 +75,26 @@ def logits_vocab_size(model: nn.Module) -> int:
 class LogitHead:
     """``logits = softcap(scale * lm_head(h)) / temperature`` for hidden states ``h`` (..., d).
 
+    With ``row_order`` (a permutation ``o`` of the V rows) the logits come out in that column order,
+    ``logits[..., j] = logits_token_order[..., o[j]]``: for a plain :class:`torch.nn.Linear` head as
+    ``F.linear(h, W[o], b[o])`` (the gather costs V * d, and the gradient reaches ``W`` through the
+    index), otherwise as the full logits followed by ``index_select(-1, o)`` (same values, slower).
+    ``scale``, ``softcap`` and ``temperature`` act elementwise, so they commute with the order.
+
     Attributes:
         lm_head: the model's output embedding module (TRL may have patched it to run in float32).
         scale: ``logit_scale`` / ``output_multiplier`` / ``lm_head_multiplier`` / ``1/logits_scaling``
             of the config (1.0 when none is set), as TRL's fused head reads it.
         softcap: ``final_logit_softcapping`` (Gemma-style ``c * tanh(x / c)``), or None.
         temperature: the trainer's sampling temperature (TRL divides by it too).
+        row_order: (V,) int64 permutation of the head's rows, or None (token order).
     """
 
     lm_head: nn.Module
     scale: float = 1.0
     softcap: float | None = None
     temperature: float = 1.0
+    row_order: torch.Tensor | None = None
 
     @classmethod
     def from_model(cls, model: nn.Module, temperature: float = 1.0, accelerator=None) -> LogitHead:
@@ -95,9 +115,42 @@ class LogitHead:
             temperature=float(temperature),
         )
 
-    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+    def ordered_linear(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.dtype | None] | None:
+        """``(W[o], b[o] or None, input dtype or None)`` for the direct path, or None.
+
+        None when there is no ``row_order`` or the head is not a plain linear layer (then
+        :meth:`project` computes the full logits and gathers their columns). Computed once per call
+        of :func:`transport_from_hidden` and shared by its chunks; differentiable w.r.t. ``W``, ``b``.
+        """
+        if self.row_order is None:
+            return None
+        parts = _linear_parts(self.lm_head)
+        if parts is None:
+            return None
+        weight, bias, cast = parts
+        if weight.dim() != 2 or weight.shape[0] != self.row_order.numel():
+            return None
+        order = self.row_order.to(weight.device)
+        weight = weight.index_select(0, order)  # (V, d) rows in the new column order
+        bias = None if bias is None else bias.index_select(0, order)  # (V,)
+        if cast is not None:
+            weight = weight.to(cast)
+            bias = None if bias is None else bias.to(cast)
+        return weight, bias, cast
+
+    def project(self, hidden: torch.Tensor, linear=None) -> torch.Tensor:
+        """Logits (..., V) of ``hidden`` (..., d), in ``row_order`` when set.
+
+        ``linear``: what :meth:`ordered_linear` returned (None: the module itself, then the column gather).
+        """
         hidden = hidden.to(self.lm_head.weight.device)
-        logits = self.lm_head(hidden)  # (..., V)
+        if linear is not None:
+            weight, bias, cast = linear
+            logits = F.linear(hidden if cast is None else hidden.to(cast), weight, bias)  # (..., V) in order
+        else:
+            logits = self.lm_head(hidden)  # (..., V)
+            if self.row_order is not None:
+                logits = logits.index_select(-1, self.row_order.to(logits.device))
         if self.scale != 1.0:
             logits = logits * self.scale
         if self.softcap is not None:
@@ -105,6 +158,28 @@ class LogitHead:
         if self.temperature != 1.0:
             logits = logits / self.temperature
         return logits
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.project(hidden, self.ordered_linear())
+
+
+def _linear_parts(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, torch.dtype | None] | None:
+    """``(weight, bias, input dtype or None)`` when ``module(h)`` is exactly ``F.linear(h, weight, bias)``.
+
+    A plain :class:`torch.nn.Linear` (or subclass keeping its forward) without hooks; also TRL's
+    ``cast_lm_head_to_fp32`` patch (``F.linear(h.float(), W.float(), b.float())`` on a float32 head).
+    Anything else (PEFT layers, DeepSpeed ZeRO-3 hooks, custom forwards) gives None.
+    """
+    if not isinstance(module, nn.Linear) or type(module).forward is not nn.Linear.forward:
+        return None
+    if module._forward_hooks or module._forward_pre_hooks:
+        return None
+    own = module.__dict__.get("forward")
+    if own is None:
+        return module.weight, module.bias, None
+    if getattr(own, "__name__", "") == "cast_forward_to_fp32" and module.weight.dtype == torch.float32:
+        return module.weight, module.bias, torch.float32
+    return None
 
 
 class HiddenCapture(AbstractContextManager):
@@ -202,6 +277,49 @@ def build_regularizer(args, model, *, tokenizer=None, structure: TransportStruct
     return regularizer
 
 
+# ---------------------------------------------------------------------------------------------- leaf order
+@dataclass
+class _LeafView:
+    """A regularizer's structure in member 0's leaf order, built once per regularizer."""
+
+    source: TransportStructure  # the regularizer's own structure (to notice a replaced one)
+    regularizer: Regularizer  # same method/options on source.in_leaf_order()
+    order: torch.Tensor  # (V,) int64: token id of each logit column
+    inverse: torch.Tensor  # (V,) int64: column of each token id
+    on_device: dict  # str(device) -> (order, inverse) there
+
+
+_LEAF_VIEWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def leaf_order_view(regularizer: Regularizer) -> _LeafView | None:
+    """The leaf-order twin of ``regularizer`` (cached), or None when it has no use for one.
+
+    None for methods without a structure (k1/k2/k3, kl, ...) and for a structure whose member 0 is
+    already in token order.
+    """
+    structure = regularizer.structure
+    if structure is None or "structure" not in METHODS[regularizer.method].needs:
+        return None
+    view = _LEAF_VIEWS.get(regularizer)
+    if view is None or view.source is not structure:
+        order = structure.leaf_order()  # (V,)
+        if torch.equal(order, torch.arange(order.numel(), dtype=order.dtype)):
+            return None
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), dtype=order.dtype)
+        view = _LeafView(structure, regularizer.with_structure(structure.in_leaf_order()), order, inverse, {})
+        _LEAF_VIEWS[regularizer] = view
+    return view
+
+
+def _on(view: _LeafView, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    key = str(device)
+    if key not in view.on_device:
+        view.on_device[key] = (view.order.to(device), view.inverse.to(device))
+    return view.on_device[key]
+
+
 # ---------------------------------------------------------------------------------------------- the term
 @dataclass
 class TransportTerm:
@@ -231,6 +349,7 @@ def transport_from_hidden(
     chunk_size: int | None = None,
     want_entropy: bool = False,
     want_policy_token_logps: bool = False,
+    leaf_order: bool = True,
 ) -> TransportTerm:
     """``D_t`` for N positions from the final hidden states of policy (N, d) and reference (N, d').
 
@@ -243,6 +362,8 @@ def transport_from_hidden(
         chunk_size: positions per chunk (default: a (chunk, V) float32 block near 64 MiB).
         want_entropy: also return the policy's per-position entropy (detached).
         want_policy_token_logps: also return ``log pi(y_t | s_t)`` of ``tokens`` (detached).
+        leaf_order: for a method with a structure, produce the logits in the structure's leaf order
+            (see the module docstring): same results, no gather by permutation in the distance.
 
     Returns:
         :class:`TransportTerm`. Each chunk's (C, V) logits exist only inside the chunk; with a
@@ -266,11 +387,24 @@ def transport_from_hidden(
     # Recompute in backward only when there are several chunks: one chunk's logits are the memory
     # bound anyway, and recomputing them would double the projection and distance work.
     use_checkpoint = torch.is_grad_enabled() and policy_hidden.requires_grad and n > chunk_size
+    if policy_head.row_order is not None or ref_head.row_order is not None:
+        raise ValueError("transport_from_hidden orders the logits itself: pass heads without row_order")
+    view = leaf_order_view(regularizer) if leaf_order else None
+    columns = None  # column of each token id in the logits (None: token order)
+    if view is not None:
+        order, columns = _on(view, device)
+        regularizer = view.regularizer
+        policy_head = dataclasses.replace(policy_head, row_order=order)
+        ref_head = dataclasses.replace(ref_head, row_order=order)
+    # W[order] (and b[order]) once for all chunks; the policy's keeps its graph to the LM head
+    policy_linear = policy_head.ordered_linear()
+    with torch.no_grad():
+        ref_linear = ref_head.ordered_linear()
 
-    def one_chunk(h_pol, h_ref, tok):
-        logits = policy_head(h_pol)  # (C, V)
+    def one_chunk(h_pol, h_ref, tok, pol_linear, ref_lin):
+        logits = policy_head.project(h_pol, pol_linear)  # (C, V), columns in order when leaf order
         with torch.no_grad():
-            ref_logits = ref_head(h_ref)  # (C, V)
+            ref_logits = ref_head.project(h_ref, ref_lin)  # (C, V)
         penalty = regularizer(logits, ref_logits, tokens=tok if regularizer.needs_tokens else None).penalty  # (C,)
         with torch.no_grad():
             ref_lp = pol_lp = entropy = None
@@ -287,7 +421,9 @@ def transport_from_hidden(
     pieces = []
     for sl in iter_chunks(n, chunk_size, vocab_size):
         tok = None if tokens is None else tokens[sl].to(device)
-        args = (policy_hidden[sl], ref_hidden[sl], tok)
+        if tok is not None and columns is not None:
+            tok = columns[tok]  # (C,) column of each token in leaf-order logits
+        args = (policy_hidden[sl], ref_hidden[sl], tok, policy_linear, ref_linear)
         pieces.append(checkpoint(one_chunk, *args, use_reentrant=False) if use_checkpoint else one_chunk(*args))
     penalty = torch.cat([p[0] for p in pieces])
     ref_lp = None if tokens is None else torch.cat([p[1] for p in pieces])
