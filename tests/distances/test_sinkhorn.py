@@ -314,3 +314,195 @@ def test_vocab_geometry_is_accepted():
     out = distance(x.float(), y.float(), "sinkhorn", geometry=geo, k=4, epsilon=0.3)
     unit = pts.float() / pts.float().norm(dim=1, keepdim=True)
     torch.testing.assert_close(out, sinkhorn_wasserstein(x.float(), y.float(), unit, k=4, epsilon=0.3))
+
+
+# --- formulation="difference": OT between (p - q)_+ and (q - p)_+ (shared mass stays in place) ---
+
+
+def _near_pairs(v=20, d=3, n=4, seed=20, noise=0.1):
+    """Points and logits with q ~ p (y = x + small noise): the regularizer's normal regime."""
+    g = torch.Generator().manual_seed(seed)
+    pts = torch.randn(v, d, generator=g, dtype=torch.float64)
+    x = torch.randn(n, v, generator=g, dtype=torch.float64) * 2.0
+    y = x + noise * torch.randn(n, v, generator=g, dtype=torch.float64)
+    return pts, x, y
+
+
+def _emd2_rows(x, y, pts):
+    m = torch.cdist(pts, pts).numpy()
+    return np.array([ot.emd2(x[i].softmax(-1).numpy(), y[i].softmax(-1).numpy(), m) for i in range(x.shape[0])])
+
+
+@pytest.mark.parametrize("objective", ["transport", "divergence", "entropic"])
+def test_difference_tends_to_emd2_as_eps_shrinks(objective):
+    pts, x, y = _problem(v=16, seed=21)
+    exact = _emd2_rows(x, y, pts)
+    gaps = []
+    for eps in (0.3, 0.1, 0.03, 0.01, 0.003):
+        val = sinkhorn_wasserstein(
+            x, y, pts, k=16, epsilon=eps, objective=objective, formulation="difference", tol=1e-10, max_iter=100_000
+        )
+        gaps.append(np.abs(val.numpy() - exact).max() / exact.min())
+    assert all(later < earlier for earlier, later in zip(gaps, gaps[1:])), gaps
+    assert gaps[-1] < {"transport": 1e-4, "divergence": 5e-3, "entropic": 2e-2}[objective], gaps
+
+
+@pytest.mark.parametrize("objective", ["transport", "divergence"])
+def test_difference_is_closer_to_emd2_than_marginals_when_p_near_q(objective):
+    pts, x, y = _near_pairs(v=30, seed=22)
+    exact = _emd2_rows(x, y, pts)
+    kw = dict(k=30, epsilon=0.1, objective=objective, tol=1e-9, max_iter=200_000)
+    diff = sinkhorn_wasserstein(x, y, pts, formulation="difference", **kw).numpy()
+    marg = sinkhorn_wasserstein(x, y, pts, formulation="marginals", **kw).numpy()
+    err_diff, err_marg = np.abs(diff - exact) / exact, np.abs(marg - exact) / exact
+    assert (err_diff < err_marg).all(), (err_diff, err_marg)
+    assert np.median(err_diff) < 0.5 * np.median(err_marg)
+
+
+def test_difference_equals_emd2_of_the_tail_collapsed_problem():
+    # With a located tail both formulations solve OT between the tail-collapsed distributions;
+    # the difference formulation's transport value tends to its exact W1 (POT emd2 on the atoms).
+    from tokenmover.distances.sinkhorn import _build_problem
+
+    pts, x, y = _near_pairs(v=40, n=3, seed=23, noise=0.5)
+    val = sinkhorn_wasserstein(
+        x, y, pts, k=4, epsilon=0.003, objective="transport", formulation="difference", tol=1e-10, max_iter=100_000
+    )
+    support = topk_union_support(x, y, 4)
+    a, b, cost = _build_problem(x.softmax(-1), y.softmax(-1), support, pts, "euclidean", "located", None)
+    for i in range(3):
+        exact = ot.emd2(a[i].numpy(), b[i].numpy(), cost[i].numpy())
+        assert abs(float(val[i]) - exact) < 1e-4 * exact
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(k=3, tail="located"),
+        dict(k=3, tail="dust"),
+        dict(k=100),  # full support
+        dict(k=3, objective="entropic"),
+        dict(k=3, objective="transport", grad="autograd"),
+    ],
+)
+def test_difference_is_exactly_zero_with_zero_gradient_at_equal_inputs(kw):
+    pts, x, _ = _problem(v=30, seed=24)
+    xr = x.clone().requires_grad_(True)
+    yr = x.clone().requires_grad_(True)
+    stats = {}
+    out = sinkhorn_wasserstein(xr, yr, pts, epsilon=0.1, formulation="difference", stats=stats, **kw)
+    out.sum().backward()
+    assert (out == 0).all()
+    assert (xr.grad == 0).all() and (yr.grad == 0).all()
+    assert stats["iterations"] == 0  # no row is solved
+
+
+def test_difference_rows_with_negligible_moved_mass_are_zero_with_finite_gradient():
+    pts, x, y = _problem(v=30, n=3, seed=25)
+    x, y = x.clone(), x.clone()
+    x[0, 5], y[0, 5] = -460.0, -461.0  # p, q ~ 1e-200 differ: moved mass below the floor
+    y[1] = y[1] + 0.3 * torch.randn(30, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    x.requires_grad_(True)
+    out = sinkhorn_wasserstein(x, y, pts, k=100, epsilon=0.1, formulation="difference")
+    out.sum().backward()
+    assert out[0] == 0 and out[2] == 0 and out[1] > 0
+    assert torch.isfinite(x.grad).all() and (x.grad[[0, 2]] == 0).all()
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(objective="divergence", tail="located"),
+        dict(objective="entropic", tail="dust", dust_cost=2.0),
+        dict(objective="transport", tail="located", grad="autograd"),
+        dict(objective="divergence", k=10),  # full support
+    ],
+)
+def test_difference_gradcheck_float64(kw):
+    # random logits: no ties p_i = q_i, so away from the kinks of (.)_+
+    pts, x, y = _problem(v=10, d=2, n=2, seed=26)
+    x.requires_grad_(True)
+    y.requires_grad_(True)
+    kw = {"k": 2, **kw}
+
+    def fn(a, b):
+        return sinkhorn_wasserstein(a, b, pts, epsilon=0.5, tol=1e-12, max_iter=20_000, formulation="difference", **kw)
+
+    assert torch.autograd.gradcheck(fn, (x, y), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("objective", ["divergence", "entropic"])
+def test_difference_envelope_equals_autograd(objective):
+    pts, x, y = _near_pairs(v=30, seed=27, noise=0.3)
+    x.requires_grad_(True)
+    kw = dict(k=4, epsilon=0.2, objective=objective, formulation="difference", **TIGHT)
+    v_env = sinkhorn_wasserstein(x, y, pts, grad="envelope", **kw)
+    (g_env,) = torch.autograd.grad(v_env.sum(), x)
+    v_auto = sinkhorn_wasserstein(x, y, pts, grad="autograd", **kw)
+    (g_auto,) = torch.autograd.grad(v_auto.sum(), x)
+    torch.testing.assert_close(v_env, v_auto, atol=1e-10, rtol=0)
+    torch.testing.assert_close(g_env, g_auto, atol=1e-8, rtol=0)
+
+
+@pytest.mark.parametrize("k", [4, 100])
+def test_difference_needs_far_fewer_iterations_when_p_near_q(k):
+    pts, x, y = _near_pairs(v=60, d=4, n=8, seed=28, noise=0.05)
+    x, y, pts = x.float(), y.float(), pts.float()
+    iters = {}
+    for formulation in ("difference", "marginals"):
+        stats = {}
+        with _quiet():
+            sinkhorn_wasserstein(x, y, pts, k=k, epsilon=0.1, formulation=formulation, max_iter=3000, stats=stats)
+        iters[formulation] = stats["iterations"]
+    assert iters["difference"] < iters["marginals"] / 3, iters
+
+
+def test_difference_masks_chunking_and_entry_point():
+    pts, x, y = _near_pairs(v=30, n=6, seed=29, noise=0.3)
+    x.requires_grad_(True)
+    kw = dict(k=4, epsilon=0.3, formulation="difference", tol=1e-10, max_iter=100_000)
+    whole = sinkhorn_wasserstein(x, y, pts, **kw)
+    chunked = sinkhorn_wasserstein(x.reshape(2, 3, 30), y.reshape(2, 3, 30), pts, chunk_size=2, **kw)
+    torch.testing.assert_close(chunked.reshape(-1), whole, atol=1e-9, rtol=0)
+    mask = torch.tensor([True, False, True, False, True, True])
+    out = sinkhorn_wasserstein(x, y, pts, mask=mask, **kw)
+    assert (out[~mask] == 0).all() and (out[mask] > 0).all()
+    out.sum().backward()
+    assert (x.grad[~mask] == 0).all() and (x.grad[mask] != 0).any()
+    torch.testing.assert_close(out[mask], whole[mask], atol=1e-9, rtol=0)
+    via_api = distance(x, y, "sinkhorn", points=pts, **kw)
+    torch.testing.assert_close(via_api, whole)
+    other = distance(x, y, "sinkhorn", points=pts, **{**kw, "formulation": "marginals"})
+    assert not torch.allclose(other, whole)
+
+
+def test_difference_low_precision_and_adversarial_inputs_stay_finite():
+    torch.manual_seed(30)
+    v = 200
+    pts = torch.randn(v, 8)
+    base = torch.randn(3, v) * 3
+    peaked = torch.full((3, v), -1e4)
+    peaked[:, 0] = 0.0
+    cases = [
+        (base.bfloat16(), (base + 0.05 * torch.randn(3, v)).bfloat16()),
+        (base.bfloat16(), base.bfloat16()),
+        (base.half(), peaked.half()),
+        (peaked, peaked.clone()),
+        (base * 10, base * 10 + 1e-6),
+    ]
+    for x, y in cases:
+        for kw in (dict(k=8), dict(k=1000), dict(k=8, tail="dust"), dict(k=8, objective="entropic")):
+            xr = x.clone().requires_grad_(True)
+            with _quiet():
+                out = sinkhorn_wasserstein(xr, y, pts, epsilon=0.05, max_iter=200, formulation="difference", **kw)
+            out.sum().backward()
+            assert torch.isfinite(out).all() and (out >= -1e-6).all(), (x.dtype, kw)
+            assert torch.isfinite(xr.grad.float()).all(), (x.dtype, kw)
+
+
+def test_bad_formulation_raises():
+    pts, x, y = _problem(v=30, seed=31)
+    with pytest.raises(ValueError, match="formulation.*difference.*marginals"):
+        sinkhorn_wasserstein(x, y, pts, formulation="diff")
+    with pytest.raises(ValueError, match="formulation"):
+        distance(x, y, "sinkhorn", points=pts, formulation=None)

@@ -62,8 +62,8 @@ register_method(
     Method(
         _sinkhorn.sinkhorn_wasserstein,
         (),
-        ("points", "geometry", "k", "epsilon", "objective", "tail", "dust_cost", "metric", "grad", "tol",
-         "max_iter", "scaling", "stats"),
+        ("points", "geometry", "k", "epsilon", "objective", "tail", "dust_cost", "metric", "grad",
+         "formulation", "tol", "max_iter", "scaling", "stats"),
         True,
         "entropic OT on the union of both top-k supports, tail mass kept (Sinkhorn divergence by "
         "default); needs points= (V, d) or geometry=",

@@ -58,6 +58,7 @@ OBJECTIVES = ("divergence", "entropic", "transport")
 TAILS = ("located", "dust")
 METRICS = ("euclidean", "l2_euclidean", "cosine")
 GRADS = ("envelope", "autograd")
+FORMULATIONS = ("difference", "marginals")
 
 # Default positions per chunk: keep one (chunk, S, S) temporary near 32 MiB of float32.
 _BLOCK_ELEMENTS = 1 << 23
@@ -109,6 +110,23 @@ def pairwise_cost(x: torch.Tensor, y: torch.Tensor, metric: str) -> torch.Tensor
     return sq.clamp_min(torch.finfo(x.dtype).tiny ** 0.5).sqrt()  # (n, A, B)
 
 
+def _tail_to_tail_cost(x: torch.Tensor, y: torch.Tensor, metric: str) -> torch.Tensor:
+    """Cost between the two tail barycenters (n, d) each: (n,), from their difference.
+
+    Unlike :func:`pairwise_cost`'s ``|x|^2 + |y|^2 - 2 x.y`` this has no cancellation when the
+    barycenters are close (p ~ q) and is exactly 0, with gradient 0, when they coincide.
+    """
+    if metric == "cosine":  # 1 - cos = |x/|x| - y/|y||^2 / 2
+        x = x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(1e-12)
+        y = y / torch.linalg.vector_norm(y, dim=-1, keepdim=True).clamp_min(1e-12)
+        diff = x - y
+        return 0.5 * (diff * diff).sum(-1)
+    diff = x - y
+    sq = (diff * diff).sum(-1)  # (n,)
+    floor = torch.finfo(x.dtype).tiny ** 0.5
+    return torch.where(sq > 0, sq.clamp_min(floor).sqrt(), torch.zeros_like(sq))
+
+
 def _build_problem(p, q, support, pts, metric: str, tail: str, dust_cost: float | None):
     """Masses ``a, b`` (n, S) and cost (n, S, S) of each position's reduced problem."""
     n = p.shape[0]
@@ -146,8 +164,9 @@ def _build_problem(p, q, support, pts, metric: str, tail: str, dust_cost: float 
     loc_q = (q_tail @ pts) / tail_q.clamp_min(safe)
     tails = torch.stack([loc_p, loc_q], dim=1)  # (n, 2, d)
     c_ts = pairwise_cost(tails, locs, metric)  # (n, 2, S0)
-    c_tt = pairwise_cost(tails, tails, metric)  # (n, 2, 2)
-    c_tt = c_tt * (1.0 - torch.eye(2, dtype=c_tt.dtype, device=c_tt.device))  # exact 0 on the diagonal
+    c_pq = _tail_to_tail_cost(loc_p, loc_q, metric)  # (n,)
+    zero_n = torch.zeros_like(c_pq)
+    c_tt = torch.stack([torch.stack([zero_n, c_pq], -1), torch.stack([c_pq, zero_n], -1)], 1)  # (n, 2, 2)
     top = torch.cat([c_ss, c_ts.transpose(1, 2)], dim=2)  # (n, S0, S0 + 2)
     bottom = torch.cat([c_ts, c_tt], dim=2)  # (n, 2, S0 + 2)
     cost = torch.cat([top, bottom], dim=1)  # (n, S0 + 2, S0 + 2)
@@ -180,7 +199,53 @@ def _objective_autograd(a, b, cost, options, objective, reports):
     return value
 
 
-def _check_options(k, epsilon, objective, tail, dust_cost, grad, tol, max_iter, scaling) -> str:
+def _moved_mass_floor(dtype: torch.dtype) -> float:
+    """Rows whose moved mass ``(p - q)_+`` or ``(q - p)_+`` sums to at most this get value 0."""
+    return torch.finfo(dtype).tiny ** 0.5
+
+
+def _difference_objective(a, b, cost, options, objective, reports, objective_fn, merge_tails: bool):
+    """``m * value(alpha, beta)`` per row, ``alpha = (a - b)_+ / m``, ``beta = (b - a)_+ / m``.
+
+    Positive and negative parts are taken per slot (the tail atoms are slots of their own), as
+    ``((|d| + d) / 2, (|d| - d) / 2)``: exact zeros where the other side dominates (disjoint
+    supports), and at a tie ``a_i = b_i`` autograd's ``sign(0) = 0`` gives each part slope 1/2,
+    i.e. the midpoint of the two one-sided derivatives. Each part is normalised by its own sum
+    (equal in exact arithmetic; round-off would otherwise unbalance a small moved mass), and
+    ``m`` is their mean. Rows with a part at or below :func:`_moved_mass_floor` (p = q up to
+    that) are not solved: value 0, gradient 0 (a subgradient of W1 at p = q). With
+    ``merge_tails``, the two located tail atoms count as one when their barycenters coincide
+    (so p = q gives no moved mass).
+    """
+    if merge_tails:  # located tail: slots -2 (p's tail, mass in a) and -1 (q's tail, mass in b)
+        # coincident barycenters (cost exactly 0) are one atom: put q's tail mass on p's slot
+        shift = (cost[:, -2, -1] == 0).to(b.dtype)[:, None] * b[:, -1:]  # (n, 1)
+        b = torch.cat([b[:, :-2], b[:, -2:-1] + shift, b[:, -1:] - shift], 1)
+    d = a - b  # (n, S)
+    mag = d.abs()
+    pos = 0.5 * (mag + d)  # (n, S) exact 0 where d <= 0
+    neg = 0.5 * (mag - d)
+    m_pos, m_neg = pos.sum(-1), neg.sum(-1)  # (n,)
+    floor = _moved_mass_floor(a.dtype)
+    moving = (m_pos > floor) & (m_neg > floor)
+    out = m_pos * 0.0  # (n,) zero, connected to the graph (zero gradient) even if no row moves
+    if not bool(moving.any()):
+        return out
+    if bool(moving.all()):
+        rows = None
+    else:
+        rows = torch.nonzero(moving).reshape(-1)
+        pos, neg, m_pos, m_neg = pos[rows], neg[rows], m_pos[rows], m_neg[rows]
+        cost = cost.index_select(0, rows)
+    alpha = pos / m_pos[:, None]  # (r, S)
+    beta = neg / m_neg[:, None]
+    value = 0.5 * (m_pos + m_neg) * objective_fn(alpha, beta, cost, options, objective, reports)  # (r,)
+    return value if rows is None else out.index_copy(0, rows, value)
+
+
+def _check_options(k, epsilon, objective, tail, dust_cost, grad, tol, max_iter, scaling, formulation) -> str:
+    if formulation not in FORMULATIONS:
+        raise ValueError(f"unknown formulation {formulation!r}; choose one of {FORMULATIONS}")
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be an integer >= 1, got {k!r}")
     if not (isinstance(epsilon, (int, float)) and math.isfinite(epsilon) and epsilon > 0):
@@ -226,6 +291,7 @@ def sinkhorn_wasserstein(
     dust_cost: float | None = None,
     metric: str | None = None,
     grad: str | None = None,
+    formulation: str = "marginals",
     tol: float = 1e-4,
     max_iter: int = 1000,
     scaling: float | None = 0.5,
@@ -261,7 +327,7 @@ def sinkhorn_wasserstein(
     Returns:
         (...) float32 (float64 for float64 inputs); differentiable w.r.t. both logits.
     """
-    grad = _check_options(k, epsilon, objective, tail, dust_cost, grad, tol, max_iter, scaling)
+    grad = _check_options(k, epsilon, objective, tail, dust_cost, grad, tol, max_iter, scaling, formulation)
     inputs = flatten_inputs(policy_logits, ref_logits, mask)
     v = inputs.num_tokens
     device = inputs.policy.device
@@ -290,14 +356,20 @@ def sinkhorn_wasserstein(
         p = torch.softmax(xs.to(dtype), dim=-1)  # (c, V)
         q = torch.softmax(ys.to(dtype), dim=-1)
         a, b, cost = _build_problem(p, q, support, pts, metric, tail, dust_cost)
-        pieces.append(objective_fn(a, b, cost, options, objective, reports))
+        if formulation == "difference":
+            merge = tail == "located" and support is not None
+            pieces.append(_difference_objective(a, b, cost, options, objective, reports, objective_fn, merge))
+        else:
+            pieces.append(objective_fn(a, b, cost, options, objective, reports))
     values = torch.cat(pieces) if len(pieces) > 1 else pieces[0]  # (m,)
     if active is not None:
         values = torch.zeros(n, dtype=values.dtype, device=device).index_copy(0, active, values)
-    worst = max(r.marginal_error for r in reports)
+    worst = max((r.marginal_error for r in reports), default=0.0)  # no report: no row moved
     if stats is not None:
         stats.update(
-            iterations=max(r.iterations for r in reports), marginal_error=worst, support_size=width
+            iterations=max((r.iterations for r in reports), default=0),
+            marginal_error=worst,
+            support_size=width,
         )
     if not worst < tol:
         warnings.warn(
