@@ -270,12 +270,17 @@ def time_row(timings: list, v: int, name: str, fn, x, y, device, repeats: int, f
 
 
 def sweep_configs(device: torch.device, small: bool) -> list[dict]:
-    """(block, positions per program, warps) for the "tiles" kernels' tuning sweep."""
+    """The "tiles" kernels' tuning sweep: logits order ("token" / "leaf": a leaf-order output
+    layer), positions per tile, positions per program, warps, prefix-scan form (1-4, see
+    ``tree_triton_tiles_jit.prefix_kernel``), then edge tiles."""
     if small:
-        return [{"block": 32, "chunk": 64, "num_warps": 4}, {"edge_block": 32, "edge_warps": 4}]
-    tiles = [{"block": b, "chunk": c, "num_warps": w}
-             for b, c, w in ((1024, 2048, 4), (1024, 4096, 4), (2048, 4096, 8), (1024, 8192, 4), (4096, 16384, 16))]
-    edges = [{"edge_block": e, "edge_warps": w} for e, w in ((128, 4), (512, 4), (1024, 8), (2048, 8))]
+        return [{"order": o, "block": 32, "chunk": 64, "num_warps": 4, "scan": sc} for o in ("token", "leaf") for sc in (2, 4)] + [
+            {"order": "token", "edge_block": 32, "edge_warps": 4}]
+    tiles = [{"order": o, "block": b, "chunk": c, "num_warps": w, "scan": sc}
+             for o in ("leaf", "token")
+             for b, c, w, sc in ((512, 8192, 4, 2), (512, 8192, 4, 3), (512, 8192, 4, 4), (1024, 8192, 4, 4),
+                                 (1024, 8192, 8, 3), (2048, 8192, 8, 4), (256, 4096, 2, 3))]
+    edges = [{"order": "token", "edge_block": e, "edge_warps": w} for e, w in ((128, 4), (512, 4), (1024, 8))]
     return tiles + edges
 
 
@@ -348,13 +353,19 @@ def main() -> int:
     if time.perf_counter() - T_START < ARGS.budget_s:
         print(f"tuning sweep, tree (tiles kernels), V = {v}", flush=True)
         x, y, _ = logits(v, n, device)
+        tree = all_structures[v]["tree"]
+        perm = tree.perms[0].to(device)
+        inputs = {"token": (x, y, tree),
+                  "leaf": (x.detach()[:, perm].requires_grad_(), y[:, perm], tree_in_leaf_order(tree))}
         for cfg in sweep_configs(device, small):
             if time.perf_counter() - T_START > ARGS.budget_s:
                 break
             name = "tree tiles " + " ".join(f"{k}={val}" for k, val in cfg.items())
-            fn = triton_tree(all_structures[v]["tree"], algorithm="tiles", **cfg)
-            time_row(timings, v, name, fn, x, y, device, max(1, repeats - 2), floors[v], sweep=cfg)
-        del x, y
+            a, b, structure = inputs[cfg["order"]]
+            options = {k: val for k, val in cfg.items() if k != "order"}
+            time_row(timings, v, name, triton_tree(structure, algorithm="tiles", **options), a, b, device,
+                     max(1, repeats - 2), floors[v], sweep=cfg)
+        del x, y, inputs
         save()
     # 3. optional rows while time is left
     for v in vocab:

@@ -144,7 +144,7 @@ def test_every_tree_kernel_matches_numba(kind, algorithm):
 @pytest.mark.parametrize(
     "options",
     [{"chunk": 40, "block": 16}, {"chunk": 64, "block": 64}, {"chunk": 1000, "block": 64}, {"max_workspace_bytes": 1},
-     {"chunk": 100, "block": 64, "scan": 2}],
+     {"chunk": 100, "block": 64, "scan": 2}, {"chunk": 100, "block": 32, "scan": 3}, {"chunk": 128, "block": 64, "scan": 4}],
 )
 def test_tiles_chunks_of_columns_and_rows(options):
     """Prefix sums restart at every chunk of columns (offsets added back at the edges); rows run
@@ -164,7 +164,7 @@ def test_tiles_chunks_of_columns_and_rows(options):
     assert rel_err(gx * w[:, None], ref[1]) < 1e-12 and rel_err(gy * w[:, None], ref[2]) < 1e-12
 
 
-@pytest.mark.parametrize("scan", [1, 2])
+@pytest.mark.parametrize("scan", [1, 2, 3, 4])
 def test_tiles_on_logits_in_leaf_order(scan):
     """A tree relabelled so that its leaf order is the token order (logits from a permuted output
     layer) takes the contiguous-load path and gives W(t, x) of the original tree."""
@@ -264,11 +264,12 @@ def test_bad_rows_raise_value_error_naming_the_input(which, value, name, algorit
         tree_triton.tree_wasserstein_triton(x, y, None, structure, algorithm=algorithm, chunk=16)
 
 
-def test_second_backward_through_the_same_graph_raises():
-    """Backward scales the saved gradient in place (no extra (N, V) copy), so it runs once."""
+@pytest.mark.parametrize("algorithm", ["levels", "scatter"])
+def test_second_backward_through_the_same_graph_raises(algorithm):
+    """"levels" / "scatter" scale the saved gradient in place (no extra (N, V) copy): backward runs once."""
     structure = structures(30)["cluster_tree"]
     x = random_logits(2, 30, seed=20).requires_grad_()
-    values = distance(x, random_logits(2, 30, seed=21), "tree", structure=structure, backend="triton")
+    values = tree_triton.tree_wasserstein_triton(x, random_logits(2, 30, seed=21), None, structure, algorithm=algorithm)
     values.sum().backward(retain_graph=True)
     with pytest.raises(RuntimeError):
         values.sum().backward()
@@ -287,3 +288,64 @@ def test_backend_resolution(monkeypatch):
     if torch.cuda.is_available():  # pragma: no cover - GPU machines only
         monkeypatch.setattr(tree_triton, "HAVE_TRITON", True)
         assert tree_module._resolve_backend("auto", torch.device("cuda")) == "triton"
+
+
+@pytest.mark.parametrize("grads", ["both", "policy", "reference"])
+def test_tiles_gradient_is_made_in_backward_already_scaled(grads):
+    """"tiles" keeps only S, the dot products and the softmax partials between forward and
+    backward (no (N, V) tensor besides the inputs), then writes c_r dW_r/dx in one launch; with a
+    mask and one row per launch (1-byte workspace budget) it matches numba in float64."""
+    structure = structures(120)["forest"]
+    x, y = random_logits(6, 120, seed=40), random_logits(6, 120, seed=41)
+    mask = torch.tensor([True, False, True, True, True, False])
+    w = torch.randn(6, dtype=torch.float64, generator=torch.Generator().manual_seed(42))
+    ref = values_and_grads(x, y, structure, "numba", w * mask)
+    xs = x.clone().requires_grad_(grads in ("both", "policy"))
+    ys = y.clone().requires_grad_(grads in ("both", "reference"))
+    vals = tree_triton.tree_wasserstein_triton(xs, ys, mask, structure, algorithm="tiles", block=16, chunk=40,
+                                               max_workspace_bytes=1)
+    saved = vals.grad_fn.saved_tensors
+    big = [t for t in saved if t.numel() >= x.numel()]
+    assert all(t.data_ptr() in (xs.data_ptr(), ys.data_ptr()) for t in big)  # only the inputs themselves
+    (vals * w).sum().backward()
+    assert rel_err(vals, ref[0] * mask) < 1e-12
+    if xs.requires_grad:
+        assert rel_err(xs.grad, ref[1]) < 1e-12
+    if ys.requires_grad:
+        assert rel_err(ys.grad, ref[2]) < 1e-12
+    assert (xs.grad if xs.requires_grad else ys.grad)[~mask].abs().max() == 0
+
+
+def test_tiles_under_activation_checkpointing_and_retain_graph():
+    """The saved state goes through save_for_backward: checkpointing drops and recomputes it,
+    and a second backward through a retained graph gives the same gradient again."""
+    from torch.utils.checkpoint import checkpoint  # noqa: PLC0415
+
+    structure = structures(80)["cluster_tree"]
+    x, y = random_logits(3, 80, seed=43), random_logits(3, 80, seed=44)
+    ref = values_and_grads(x, y, structure, "numba", torch.ones(3, dtype=torch.float64))
+
+    def run(a):
+        return tree_triton.tree_wasserstein_triton(a, y, None, structure, algorithm="tiles", block=16, chunk=32)
+
+    xs = x.clone().requires_grad_()
+    checkpoint(run, xs, use_reentrant=False).sum().backward()
+    assert rel_err(xs.grad, ref[1]) < 1e-12
+    xs.grad = None
+    vals = run(xs)
+    vals.sum().backward(retain_graph=True)
+    first = xs.grad.clone()
+    vals.sum().backward()
+    assert rel_err(xs.grad, 2 * first) < 1e-12
+
+
+@pytest.mark.parametrize("scan", [3, 4])
+def test_tiles_fused_scans_without_gradient_and_bad_scan(scan):
+    """The fused scans (3, 4) also give the values alone (no gradient wanted); other values raise."""
+    structure = structures(150)["forest"]
+    x, y = random_logits(3, 150, seed=45), random_logits(3, 150, seed=46)
+    ref = values_and_grads(x, y, structure, "numba", torch.ones(3, dtype=torch.float64))[0]
+    vals = tree_triton.tree_wasserstein_triton(x, y, None, structure, algorithm="tiles", block=64, chunk=100, scan=scan)
+    assert rel_err(vals, ref) < 1e-12
+    with pytest.raises(ValueError, match="scan must be one of"):
+        tree_triton.tree_wasserstein_triton(x, y, None, structure, algorithm="tiles", scan=5)

@@ -33,6 +33,7 @@ environment (Triton's CPU interpreter, used by the tests; slow).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 import weakref
@@ -62,7 +63,8 @@ TILES_BLOCK = 512
 TILES_WARPS = 4
 TILES_EDGE_BLOCK = 256
 TILES_EDGE_WARPS = 4
-TILES_SCAN = 2  # 1: tl.cumsum over the tile; 2: two-level (rows of 32)
+TILES_SCAN = 2  # 1: tl.cumsum over the tile; 2: two-level (rows of 32); 3 / 4: the same, fused (see prefix_kernel)
+SCANS = (1, 2, 3, 4)
 
 
 def interpret_mode() -> bool:
@@ -325,11 +327,19 @@ def tree_rows(
     x = x if x.stride(-1) == 1 else x.contiguous()
     y = y if y.stride(-1) == 1 else y.contiguous()
     interpret = device.type == "cpu"
+    want_grad = want_gx or want_gy
+    resolved = resolve_algorithm(ts, algorithm)
+    if resolved == "tiles":  # its own defaults (TILES_*), its own gradient allocation
+        out = torch.empty(n, dtype=acc, device=device)
+        bad = torch.zeros(n, dtype=torch.int8, device=device)
+        state = _tiles_forward(x, y, active, ts.levels, ts, out, bad, want_grad, acc, block, num_warps, chunk,
+                               edge_block, edge_warps, scan, max_workspace_bytes, interpret)
+        gx, gy = _tiles_gradient(x, y, active, ts.levels, ts, state, None, want_gx, want_gy) if want_grad else (None, None)
+        return out, gx, gy, bad
     if block is None:
         block = INTERPRET_BLOCK if interpret else GPU_BLOCK
     eblock = INTERPRET_EBLOCK if interpret else GPU_EBLOCK
     acc_bytes = 8 if acc == torch.float64 else 4
-    want_grad = want_gx or want_gy
     out = torch.empty(n, dtype=acc, device=device)
     bad = torch.zeros(n, dtype=torch.int8, device=device)
     gx = torch.empty_like(x, memory_format=torch.contiguous_format) if want_gx else None
@@ -337,11 +347,6 @@ def tree_rows(
     dummy = torch.zeros(1, dtype=acc, device=device)
     act = active.to(torch.int8).contiguous() if active is not None else bad
     extra = {} if interpret else {"num_warps": num_warps or GPU_WARPS}
-    resolved = resolve_algorithm(ts, algorithm)
-    if resolved == "tiles":
-        _tiles(x, y, active, ts.levels, ts, out, bad, gx, gy, acc, block, num_warps, chunk,
-               edge_block, edge_warps, scan, max_workspace_bytes, interpret)
-        return out, gx, gy, bad
     if resolved == "levels":
         lv = ts.levels
         per_program = acc_bytes * (2 * (v + 1) + lv.num_edges + 1)
@@ -390,9 +395,28 @@ def tree_rows(
     return out, gx, gy, bad
 
 
-def _tiles(x, y, active, lv: TritonLevels, ts: TritonStructure, out, bad, gx, gy, acc, block, num_warps, chunk,
-           edge_block, edge_warps, scan, max_workspace_bytes: int, interpret: bool) -> None:
-    """The four "tiles" launches over chunks of rows (the per-row workspaces bound the chunk)."""
+@dataclass
+class TilesState:
+    """What the "tiles" gradient launch needs from the forward launches, for n rows.
+
+    ``lse_part`` (n, G, 6) softmax partials, ``dots`` (n, 2) ``<p, g>`` and ``<q, g>``, ``s`` (n, E + 1)
+    summed edge signs ``S``. Memory: ``4 (E + 1)`` bytes a row (float32), against ``2 V`` for a
+    bf16 gradient; for one cluster tree E is about V / 8, so a quarter of the gradient it replaces."""
+
+    lse_part: torch.Tensor
+    dots: torch.Tensor
+    s: torch.Tensor
+    chunk: int
+    block: int
+    num_warps: int | None
+    interpret: bool
+
+
+def _tiles_forward(x, y, active, lv: TritonLevels, ts: TritonStructure, out, bad, want_grad: bool, acc, block,
+                   num_warps, chunk, edge_block, edge_warps, scan, max_workspace_bytes: int,
+                   interpret: bool) -> TilesState:
+    """Launches 1 - 3 of "tiles" over groups of rows (the per-row workspaces bound a group): values
+    into ``out``, bad-row flags into ``bad``, and (``want_grad``) the state of the gradient launch."""
     import triton  # noqa: PLC0415
     import triton.language as tl  # noqa: PLC0415
 
@@ -401,8 +425,9 @@ def _tiles(x, y, active, lv: TritonLevels, ts: TritonStructure, out, bad, gx, gy
     n, v = x.shape
     device = x.device
     k_members = ts.num_members
-    want_gx, want_gy = gx is not None, gy is not None
-    want_grad = want_gx or want_gy
+    scan = scan or TILES_SCAN
+    if scan not in SCANS:
+        raise ValueError(f"scan must be one of {SCANS}, got {scan!r}")
     if block is None:
         block = INTERPRET_BLOCK if interpret else TILES_BLOCK
     chunk = chunk or (4 * block if interpret else TILES_CHUNK)
@@ -410,72 +435,134 @@ def _tiles(x, y, active, lv: TritonLevels, ts: TritonStructure, out, bad, gx, gy
     nb, ne = lv.num_boundaries, lv.num_edges
     acc_tl = tl.float64 if acc == torch.float64 else tl.float32
     acc_bytes = 8 if acc == torch.float64 else 4
-    per_row = acc_bytes * (2 * max(nb, 1) + ne + 1 + 5 * k_members * g + 8 * g + 2)
+    per_row = acc_bytes * (2 * max(nb, 1) + 5 * k_members * g + 2 * g + 2)
     rows = max(1, min(n, max_workspace_bytes // per_row))
     extra = {} if interpret else {"num_warps": num_warps or TILES_WARPS}
     edge_extra = {} if interpret else {"num_warps": edge_warps or TILES_EDGE_WARPS}
     eblock = INTERPRET_EBLOCK if interpret else (edge_block or TILES_EDGE_BLOCK)
-    dummy = torch.zeros(1, dtype=acc, device=device)
     gblock = triton.next_power_of_2(g)
-    lse_part = torch.empty(rows, g, 6, dtype=acc, device=device)
-    cb = torch.empty(rows, max(nb, 1), dtype=acc, device=device)
+    # kept for the gradient launch (all rows); the rest is per group of rows
+    lse_part = torch.empty(n, g, 6, dtype=acc, device=device)  # (n, G, 6)
+    dots = torch.empty(n, 2, dtype=acc, device=device)  # (n, 2)
+    s_all = torch.empty(n if want_grad else 1, ne + 1, dtype=acc, device=device)  # (n, E + 1)
+    cb = torch.empty(rows, max(nb, 1), dtype=acc, device=device)  # (rows, NB)
     pb = torch.empty(rows, max(nb, 1), dtype=acc, device=device) if want_grad else cb
     tot = torch.empty(rows, k_members, g, 2, dtype=acc, device=device)
     part = torch.empty(rows, k_members, g, 3, dtype=acc, device=device)
     offsets = torch.empty(rows, 2 * g, dtype=acc, device=device)
-    s_ws = torch.empty(rows, ne + 1, dtype=acc, device=device)
-    dots = torch.empty(rows, 2, dtype=acc, device=device)
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
         m = r1 - r0
         xs, ys = x[r0:r1], y[r0:r1]
         act = active[r0:r1].to(torch.int8).contiguous() if active is not None else bad
         has_mask = active is not None
-        gxs = gx[r0:r1] if want_gx else dummy
-        gys = gy[r0:r1] if want_gy else dummy
-        jt.lse_partial_kernel[(m * g,)](xs, ys, xs.stride(0), ys.stride(0), act, lse_part, v, g, chunk,
+        lse_rows = lse_part[r0:r1]
+        jt.lse_partial_kernel[(m * g,)](xs, ys, xs.stride(0), ys.stride(0), act, lse_rows, v, g, chunk,
                                         HAS_MASK=has_mask, ACC=acc_tl, BLOCK=min(block, chunk), **extra)
         jt.prefix_kernel[(m * k_members * g,)](
-            xs, ys, xs.stride(0), ys.stride(0), act, lse_part, ts.perms, lv.boundary_index, lv.token_weights_first,
+            xs, ys, xs.stride(0), ys.stride(0), act, lse_rows, ts.perms, lv.boundary_index, lv.token_weights_first,
             cb, pb, cb.shape[1], tot, part, v, k_members, g, chunk,
             HAS_MASK=has_mask, WANT_GRAD=want_grad, ACC=acc_tl, BLOCK=min(block, chunk), GBLOCK=gblock,
-            SCAN=scan or TILES_SCAN, IDENTITY=lv.identity_order, **extra,
+            SCAN=scan, IDENTITY=lv.identity_order, **extra,
         )
         jt.edge_kernel[(m,)](
-            act, lse_part, bad[r0:r1], cb, pb, cb.shape[1], tot, part, offsets,
+            act, lse_rows, bad[r0:r1], cb, pb, cb.shape[1], tot, part, offsets,
             lv.edge_starts, lv.edge_ends, lv.edge_start_boundary, lv.edge_end_boundary, lv.edge_weights,
-            lv.parent, lv.level_offsets, lv.member_levels, s_ws, ne, out[r0:r1], dots, k_members, g, chunk,
+            lv.parent, lv.level_offsets, lv.member_levels, s_all[r0:r1] if want_grad else s_all, ne,
+            out[r0:r1], dots[r0:r1], k_members, g, chunk,
             HAS_MASK=has_mask, WANT_GRAD=want_grad, ACC=acc_tl, GBLOCK=gblock, EBLOCK=eblock, **edge_extra,
         )
-        if want_grad:
-            jt.grad_kernel[(m * g,)](
-                xs, ys, xs.stride(0), ys.stride(0), act, lse_part, dots, ts.token_weights, lv.leaf, s_ws, ne,
-                gxs, gys, gxs.stride(0) if want_gx else 0, gys.stride(0) if want_gy else 0,
-                v, k_members, g, chunk,
-                HAS_MASK=has_mask, WANT_GX=want_gx, WANT_GY=want_gy, ACC=acc_tl, BLOCK=min(block, chunk),
-                GBLOCK=gblock, **extra,
-            )
+    return TilesState(lse_part=lse_part, dots=dots, s=s_all, chunk=chunk, block=block, num_warps=num_warps,
+                      interpret=interpret)
+
+
+def _tiles_gradient(x, y, active, lv: TritonLevels, ts: TritonStructure, state: TilesState,
+                    scale: torch.Tensor | None, want_gx: bool, want_gy: bool):
+    """Launch 4 of "tiles": ``(gx, gy)`` in the logits' dtype, each row times ``scale[r]`` (1 if None)."""
+    import triton  # noqa: PLC0415
+    import triton.language as tl  # noqa: PLC0415
+
+    from tokenmover.kernels import tree_triton_tiles_jit as jt  # noqa: PLC0415
+
+    n, v = x.shape
+    acc = state.lse_part.dtype
+    gx = torch.empty_like(x, memory_format=torch.contiguous_format) if want_gx else None  # (n, V)
+    gy = torch.empty_like(y, memory_format=torch.contiguous_format) if want_gy else None
+    if n == 0:
+        return gx, gy
+    dummy = torch.zeros(1, dtype=acc, device=x.device)
+    g = triton.cdiv(v, state.chunk)
+    extra = {} if state.interpret else {"num_warps": state.num_warps or TILES_WARPS}
+    act = active.to(torch.int8).contiguous() if active is not None else dummy
+    scale = scale.to(acc).contiguous() if scale is not None else None
+    jt.grad_kernel[(n * g,)](
+        x, y, x.stride(0), y.stride(0), act, state.lse_part, state.dots, ts.token_weights, lv.leaf,
+        state.s, lv.num_edges, scale if scale is not None else dummy,
+        gx if want_gx else dummy, gy if want_gy else dummy,
+        gx.stride(0) if want_gx else 0, gy.stride(0) if want_gy else 0,
+        v, ts.num_members, g, state.chunk,
+        HAS_MASK=active is not None, HAS_SCALE=scale is not None, WANT_GX=want_gx, WANT_GY=want_gy,
+        ACC=tl.float64 if acc == torch.float64 else tl.float32, BLOCK=min(state.block, state.chunk),
+        GBLOCK=triton.next_power_of_2(g), **extra,
+    )
+    return gx, gy
 
 
 class _TritonTreeFunction(torch.autograd.Function):
-    """Forward computes values and gradients in one kernel; backward scales the gradients in place.
+    """Values in forward; gradients made in forward and scaled in place in backward ("levels",
+    "scatter"), or made in backward from the saved tree state, already scaled ("tiles").
 
-    The saved gradients are consumed by backward (scaled in place): a second backward through
-    the same graph (``retain_graph=True``) raises autograd's in-place modification error.
+    "levels" / "scatter": the saved gradients are consumed by backward (scaled in place), so a
+    second backward through the same graph (``retain_graph=True``) raises autograd's in-place
+    modification error. "tiles": the forward saves ``S`` (n, E + 1), the dot products and the
+    softmax partials (``save_for_backward``, so activation checkpointing drops and recomputes
+    them); backward writes ``c_r * dW_r/dx`` in one launch. No gradient exists before backward
+    and none is rescaled afterwards.
     """
 
     @staticmethod
     def forward(ctx, x, y, active, ts, row_offset, options):  # noqa: D102
         want_gx, want_gy = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        out, gx, gy, bad = tree_rows(x.detach(), y.detach(), active, ts, want_gx, want_gy, **options)
+        x, y = x.detach(), y.detach()
+        x = x if x.stride(-1) == 1 else x.contiguous()
+        y = y if y.stride(-1) == 1 else y.contiguous()
+        options = dict(options)
+        max_workspace = options.pop("max_workspace_bytes", MAX_WORKSPACE_BYTES)
+        ctx.deferred = resolve_algorithm(ts, options.get("algorithm", "auto")) == "tiles"
+        if ctx.deferred:
+            n = x.shape[0]
+            acc = torch.float64 if torch.float64 in (x.dtype, y.dtype) else torch.float32
+            out = torch.empty(n, dtype=acc, device=x.device)
+            bad = torch.zeros(n, dtype=torch.int8, device=x.device)
+            state = _tiles_forward(
+                x, y, active, ts.levels, ts, out, bad, want_gx or want_gy, acc, options["block"],
+                options["num_warps"], options["chunk"], options["edge_block"], options["edge_warps"],
+                options["scan"], max_workspace, x.device.type == "cpu",
+            )
+        else:
+            out, gx, gy, bad = tree_rows(x, y, active, ts, want_gx, want_gy, max_workspace_bytes=max_workspace,
+                                         **options)
         if bool(bad.any()):
             raise ValueError(describe_bad_rows(bad.cpu(), row_offset))
-        ctx.save_for_backward(gx, gy)
+        if ctx.deferred:
+            ctx.ts, ctx.state = ts, dataclasses.replace(state, lse_part=None, dots=None, s=None)
+            act = active if active is not None else torch.empty(0, dtype=torch.bool, device=x.device)
+            ctx.has_mask = active is not None
+            ctx.save_for_backward(x, y, act, state.lse_part, state.dots, state.s)
+        else:
+            ctx.save_for_backward(gx, gy)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):  # noqa: D102
+        want_gx, want_gy = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if ctx.deferred:
+            x, y, act, lse_part, dots, s = ctx.saved_tensors
+            state = dataclasses.replace(ctx.state, lse_part=lse_part, dots=dots, s=s)
+            grad_x, grad_y = _tiles_gradient(x, y, act if ctx.has_mask else None, ctx.ts.levels, ctx.ts, state,
+                                             grad_out, want_gx, want_gy)
+            return grad_x, grad_y, None, None, None, None
         gx, gy = ctx.saved_tensors
         grad_x = gx.mul_(grad_out[:, None].to(gx.dtype)) if gx is not None else None
         grad_y = gy.mul_(grad_out[:, None].to(gy.dtype)) if gy is not None else None
@@ -497,13 +584,15 @@ def tree_wasserstein_triton(
     edge_block: int | None = None,
     edge_warps: int | None = None,
     scan: int | None = None,
+    max_workspace_bytes: int = MAX_WORKSPACE_BYTES,
 ) -> torch.Tensor:
     """Per-row distance of flattened (N, V) logits; (N,) float32 (float64 for float64 logits).
 
     ``chunk_size`` (rows per launch) defaults to all rows: the kernel's memory does not grow
     with the number of rows, only the gradients (N, V in the logits' dtype) do. ``block``,
     ``num_programs``, ``num_warps``, ``algorithm``, ``chunk``, ``edge_block``, ``edge_warps`` and
-    ``scan`` are passed to :func:`tree_rows`.
+    ``scan`` are passed to :func:`tree_rows`; ``max_workspace_bytes`` bounds the per-launch
+    workspace (not the gradients, nor the "tiles" state kept for backward: ``4 (E + 1)`` bytes a row).
     """
     device = policy.device
     if not available(device):
@@ -512,7 +601,8 @@ def tree_wasserstein_triton(
     ts = pack_for_triton(structure, device, acc)
     resolve_algorithm(ts, algorithm)  # a bad name or an unusable choice fails before any launch
     options = {"block": block, "num_programs": num_programs, "num_warps": num_warps, "algorithm": algorithm,
-               "chunk": chunk, "edge_block": edge_block, "edge_warps": edge_warps, "scan": scan}
+               "chunk": chunk, "edge_block": edge_block, "edge_warps": edge_warps, "scan": scan,
+               "max_workspace_bytes": max_workspace_bytes}
     n = policy.shape[0]
     pieces = []
     for sl in iter_chunks(n, chunk_size if chunk_size is not None else n, policy.shape[1]):

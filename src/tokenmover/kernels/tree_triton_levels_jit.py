@@ -97,11 +97,12 @@ def _edge_levels(es_ptr, ee_ptr, ew_ptr, parent_ptr, level_ptr, l_lo, l_hi, c_ro
 
 
 @triton.jit
-def _gradient_levels(x_row, y_row, lse_x, lse_y, tw_ptr, leaf_ptr, s_row, gx_row, gy_row, dot_p, dot_q,
+def _gradient_levels(x_row, y_row, lse_x, lse_y, tw_ptr, leaf_ptr, s_row, gx_row, gy_row, dot_p, dot_q, scale,
                      start, end, V, K,
                      WANT_GX: tl.constexpr, WANT_GY: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
     """Columns [start, end) of a row: g_i = t_i sign(p_i - q_i) + sum_k S[leaf_k(i)], then
-    dW/dx = p (g - <p, g>) and dW/dy = -q (g - <q, g>) in the logits' dtype."""
+    dW/dx = scale p (g - <p, g>) and dW/dy = -scale q (g - <q, g>) in the logits' dtype
+    (``scale``: the incoming gradient of the row's value, 1 when the gradient is made eagerly)."""
     offs = tl.arange(0, BLOCK)
     for s0 in range(start, end, BLOCK):
         idx = s0 + offs
@@ -113,9 +114,9 @@ def _gradient_levels(x_row, y_row, lse_x, lse_y, tw_ptr, leaf_ptr, s_row, gx_row
             leaf = tl.load(leaf_ptr + tl.cast(k, tl.int64) * V + idx, mask=msk, other=0)
             g += tl.load(s_row + leaf, mask=msk, other=0.0)
         if WANT_GX:
-            tl.store(gx_row + idx, (p * (g - dot_p)).to(gx_row.dtype.element_ty), mask=msk)
+            tl.store(gx_row + idx, (scale * p * (g - dot_p)).to(gx_row.dtype.element_ty), mask=msk)
         if WANT_GY:
-            tl.store(gy_row + idx, (-q * (g - dot_q)).to(gy_row.dtype.element_ty), mask=msk)
+            tl.store(gy_row + idx, (-scale * q * (g - dot_q)).to(gy_row.dtype.element_ty), mask=msk)
 
 
 @triton.jit
@@ -177,7 +178,7 @@ def tree_levels_kernel(
             tl.store(out_ptr + row, total)
             if WANT_GRAD:
                 _gradient_levels(
-                    x_row, y_row, lse_x, lse_y, tw_ptr, leaf_ptr, s_row, gx_row, gy_row, dot_p, dot_q, 0, V, V, K,
+                    x_row, y_row, lse_x, lse_y, tw_ptr, leaf_ptr, s_row, gx_row, gy_row, dot_p, dot_q, 1.0, 0, V, V, K,
                     WANT_GX, WANT_GY, ACC, BLOCK,
                 )
         else:

@@ -20,7 +20,10 @@ For a row with ``p = softmax(x)``, ``q = softmax(y)``, ``d = p - q``:
    ``C(j) = C_loc[j] + offset[chunk of j]``, ``W += w_e |mass_e|``, ``S_e = w_e sign(mass_e) +
    S_parent``, and ``<p, g>``, ``<q, g>``; writes ``W``, the two dot products and ``S``.
 4. ``grad_kernel`` (row, chunk of columns): ``g_i = t_i sign(d_i) + sum_k S_{leaf_k(i)}``,
-   ``dW/dx = p (g - <p, g>)``, ``dW/dy = -q (g - <q, g>)``, in the logits' dtype, column order.
+   ``dW/dx = c p (g - <p, g>)``, ``dW/dy = -c q (g - <q, g>)``, in the logits' dtype, column
+   order, where ``c`` is the incoming gradient of the row's value: the autograd function runs
+   this launch in backward, from ``S``, the dot products and the log-sum-exp partials saved by
+   the forward launches (1 - 3), so no gradient is made before it is needed or scaled afterwards.
 
 Passes over a row's logits: 1 + K + 1, each spread over many programs. Accumulation in ``ACC``.
 """
@@ -118,6 +121,26 @@ def _cumsum(v, BLOCK: tl.constexpr, SCAN: tl.constexpr):
 
 
 @triton.jit
+def _add2(a0, a1, b0, b1):
+    return a0 + b0, a1 + b1
+
+
+@triton.jit
+def _cumsum2(u, v, BLOCK: tl.constexpr, TWO_LEVEL: tl.constexpr):
+    """Inclusive prefix sums of two (BLOCK,) tiles in one scan (shared exchanges done once for
+    both); two-level when TWO_LEVEL (rows of 32, then the row totals), as :func:`_cumsum`."""
+    if TWO_LEVEL and BLOCK >= 64:
+        ru = tl.reshape(u, (BLOCK // 32, 32))
+        rv = tl.reshape(v, (BLOCK // 32, 32))
+        su, sv = tl.associative_scan((ru, rv), 1, _add2)
+        tu, tv = tl.reduce((ru, rv), 1, _add2)
+        bu, bv = tl.associative_scan((tu, tv), 0, _add2)
+        return tl.reshape(su + (bu - tu)[:, None], (BLOCK,)), tl.reshape(sv + (bv - tv)[:, None], (BLOCK,))
+    else:
+        return tl.associative_scan((u, v), 0, _add2)
+
+
+@triton.jit
 def prefix_kernel(x_ptr, y_ptr, stride_x, stride_y, active_ptr, lse_part_ptr,
                   perm_ptr, bidx_ptr, tw0_ptr,  # (K, V) int32, (K, V + 1) int32 (-1: no boundary), (V,)
                   cb_ptr, pb_ptr, nb,  # (n, NB) chunk-local prefix sums at boundaries
@@ -125,7 +148,12 @@ def prefix_kernel(x_ptr, y_ptr, stride_x, stride_y, active_ptr, lse_part_ptr,
                   V, K, G, L,
                   HAS_MASK: tl.constexpr, WANT_GRAD: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
                   GBLOCK: tl.constexpr, SCAN: tl.constexpr, IDENTITY: tl.constexpr):
-    """IDENTITY: the (single) member's order is the column order: contiguous loads, no gather."""
+    """IDENTITY: the (single) member's order is the column order: contiguous loads, no gather.
+
+    SCAN: 1 / 2 one- / two-level ``tl.cumsum`` per array and five block sums per tile; 3 / 4 the
+    same scans fused into one two-array ``associative_scan``, the carries from one two-array
+    ``reduce``, and the singleton sums kept per lane until the end (2 block-wide exchanges per
+    tile instead of 7)."""
     pid = tl.program_id(0)
     c = pid % G
     k = (pid // G) % K
@@ -149,28 +177,63 @@ def prefix_kernel(x_ptr, y_ptr, stride_x, stride_y, active_ptr, lse_part_ptr,
         carry_p = _zero(ACC, BLOCK)
         start = c * L
         end = tl.minimum(start + L, V)
-        for s0 in range(start, end, BLOCK):
-            pos = s0 + offs
-            msk = pos < end
-            if IDENTITY:
-                tok = pos
-            else:
-                tok = tl.load(perm_row + pos, mask=msk, other=0)
-            p = _probs(x_row, tok, msk, lse_x, ACC)  # (BLOCK,) in member order
-            q = _probs(y_row, tok, msk, lse_y, ACC)
-            d = p - q
-            t = tl.load(tw0_ptr + pos, mask=msk & ((pos * 0 + k) == 0), other=0.0).to(ACC)  # member 0 only
-            val += tl.sum(t * tl.abs(d), 0)
-            b = tl.load(bidx_row + pos + 1, mask=msk, other=-1)
-            at_edge = msk & (b >= 0)
-            tl.store(cb_row + b, carry_c + _cumsum(d, BLOCK, SCAN), mask=at_edge)
-            carry_c += tl.sum(d, 0)
-            if WANT_GRAD:
-                s = _signed(t, d)
-                dot_p += tl.sum(p * s, 0)
-                dot_q += tl.sum(q * s, 0)
-                tl.store(pb_row + b, carry_p + _cumsum(p, BLOCK, SCAN), mask=at_edge)
-                carry_p += tl.sum(p, 0)
+        if SCAN >= 3:
+            val_l = tl.zeros([BLOCK], ACC)  # per-lane sums, reduced once after the loop
+            dot_p_l = tl.zeros([BLOCK], ACC)
+            dot_q_l = tl.zeros([BLOCK], ACC)
+            for s0 in range(start, end, BLOCK):
+                pos = s0 + offs
+                msk = pos < end
+                if IDENTITY:
+                    tok = pos
+                else:
+                    tok = tl.load(perm_row + pos, mask=msk, other=0)
+                p = _probs(x_row, tok, msk, lse_x, ACC)  # (BLOCK,) in member order
+                q = _probs(y_row, tok, msk, lse_y, ACC)
+                d = p - q
+                t = tl.load(tw0_ptr + pos, mask=msk & ((pos * 0 + k) == 0), other=0.0).to(ACC)  # member 0 only
+                val_l += t * tl.abs(d)
+                b = tl.load(bidx_row + pos + 1, mask=msk, other=-1)
+                at_edge = msk & (b >= 0)
+                if WANT_GRAD:
+                    s = _signed(t, d)
+                    dot_p_l += p * s
+                    dot_q_l += q * s
+                    cum_d, cum_p = _cumsum2(d, p, BLOCK, SCAN == 4)
+                    tl.store(cb_row + b, carry_c + cum_d, mask=at_edge)
+                    tl.store(pb_row + b, carry_p + cum_p, mask=at_edge)
+                    tile_d, tile_p = tl.reduce((d, p), 0, _add2)
+                    carry_c += tile_d
+                    carry_p += tile_p
+                else:
+                    tl.store(cb_row + b, carry_c + _cumsum(d, BLOCK, SCAN - 2), mask=at_edge)
+                    carry_c += tl.sum(d, 0)
+            val += tl.sum(val_l, 0)
+            dot_p += tl.sum(dot_p_l, 0)
+            dot_q += tl.sum(dot_q_l, 0)
+        else:
+            for s0 in range(start, end, BLOCK):
+                pos = s0 + offs
+                msk = pos < end
+                if IDENTITY:
+                    tok = pos
+                else:
+                    tok = tl.load(perm_row + pos, mask=msk, other=0)
+                p = _probs(x_row, tok, msk, lse_x, ACC)  # (BLOCK,) in member order
+                q = _probs(y_row, tok, msk, lse_y, ACC)
+                d = p - q
+                t = tl.load(tw0_ptr + pos, mask=msk & ((pos * 0 + k) == 0), other=0.0).to(ACC)  # member 0 only
+                val += tl.sum(t * tl.abs(d), 0)
+                b = tl.load(bidx_row + pos + 1, mask=msk, other=-1)
+                at_edge = msk & (b >= 0)
+                tl.store(cb_row + b, carry_c + _cumsum(d, BLOCK, SCAN), mask=at_edge)
+                carry_c += tl.sum(d, 0)
+                if WANT_GRAD:
+                    s = _signed(t, d)
+                    dot_p += tl.sum(p * s, 0)
+                    dot_q += tl.sum(q * s, 0)
+                    tl.store(pb_row + b, carry_p + _cumsum(p, BLOCK, SCAN), mask=at_edge)
+                    carry_p += tl.sum(p, 0)
         slot = (r * K + k) * G + c
         tl.store(tot_ptr + 2 * slot, carry_c)
         tl.store(tot_ptr + 2 * slot + 1, carry_p)
@@ -212,7 +275,8 @@ def edge_kernel(active_ptr, lse_part_ptr, bad_ptr, cb_ptr, pb_ptr, nb, tot_ptr, 
         s_row = s_ptr + r * (ne + 1)
         offc_row = off_ptr + r * (2 * G)
         offp_row = offc_row + G
-        tl.store(s_row, _zero(ACC, EBLOCK))
+        if WANT_GRAD:
+            tl.store(s_row, _zero(ACC, EBLOCK))  # S_0 = 0: "no edge"
         goffs = tl.arange(0, GBLOCK)
         gm = goffs < G
         eoffs = tl.arange(0, EBLOCK)
@@ -264,10 +328,12 @@ def edge_kernel(active_ptr, lse_part_ptr, bad_ptr, cb_ptr, pb_ptr, nb, tot_ptr, 
 @triton.jit
 def grad_kernel(x_ptr, y_ptr, stride_x, stride_y, active_ptr, lse_part_ptr, dots_ptr,
                 tw_ptr, leaf_ptr, s_ptr, ne,  # (V,), (K, V) int32, (n, E + 1)
+                scale_ptr,  # (n,) incoming gradient of each row's value, read when HAS_SCALE
                 gx_ptr, gy_ptr, stride_gx, stride_gy,
                 V, K, G, L,
-                HAS_MASK: tl.constexpr, WANT_GX: tl.constexpr, WANT_GY: tl.constexpr,
+                HAS_MASK: tl.constexpr, HAS_SCALE: tl.constexpr, WANT_GX: tl.constexpr, WANT_GY: tl.constexpr,
                 ACC: tl.constexpr, BLOCK: tl.constexpr, GBLOCK: tl.constexpr):
+    """Columns of one chunk of one row: the gradients, times the row's scale (1 without HAS_SCALE)."""
     pid = tl.program_id(0)
     c = pid % G
     r = (pid // G).to(tl.int64)
@@ -285,7 +351,10 @@ def grad_kernel(x_ptr, y_ptr, stride_x, stride_y, active_ptr, lse_part_ptr, dots
         x_row = x_ptr + r * stride_x
         y_row = y_ptr + r * stride_y
         s_row = s_ptr + r * (ne + 1)
-        _gradient_levels(x_row, y_row, lse_x, lse_y, tw_ptr, leaf_ptr, s_row, gx_row, gy_row, dot_p, dot_q,
+        scale = _zero(ACC, BLOCK) + 1.0
+        if HAS_SCALE:
+            scale = tl.load(scale_ptr + r).to(ACC)
+        _gradient_levels(x_row, y_row, lse_x, lse_y, tw_ptr, leaf_ptr, s_row, gx_row, gy_row, dot_p, dot_q, scale,
                          start, end, V, K, WANT_GX, WANT_GY, ACC, BLOCK)
     else:
         _zero_pass(gx_row, gy_row, start, end, WANT_GX, WANT_GY, BLOCK)
