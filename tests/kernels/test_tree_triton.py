@@ -264,12 +264,14 @@ def test_bad_rows_raise_value_error_naming_the_input(which, value, name, algorit
         tree_triton.tree_wasserstein_triton(x, y, None, structure, algorithm=algorithm, chunk=16)
 
 
-@pytest.mark.parametrize("algorithm", ["levels", "scatter"])
-def test_second_backward_through_the_same_graph_raises(algorithm):
-    """"levels" / "scatter" scale the saved gradient in place (no extra (N, V) copy): backward runs once."""
+@pytest.mark.parametrize("options", [{"algorithm": "levels"}, {"algorithm": "scatter"},
+                                     {"algorithm": "tiles", "gradient": "forward"}])
+def test_second_backward_through_the_same_graph_raises(options):
+    """Gradients made in forward are scaled in place (no extra (N, V) copy): backward runs once."""
     structure = structures(30)["cluster_tree"]
     x = random_logits(2, 30, seed=20).requires_grad_()
-    values = tree_triton.tree_wasserstein_triton(x, random_logits(2, 30, seed=21), None, structure, algorithm=algorithm)
+    values = tree_triton.tree_wasserstein_triton(x, random_logits(2, 30, seed=21), None, structure, **options)
+    assert all(t.data_ptr() != x.data_ptr() for t in values.grad_fn.saved_tensors if t is not None)  # the gradient
     values.sum().backward(retain_graph=True)
     with pytest.raises(RuntimeError):
         values.sum().backward()
@@ -288,6 +290,19 @@ def test_backend_resolution(monkeypatch):
     if torch.cuda.is_available():  # pragma: no cover - GPU machines only
         monkeypatch.setattr(tree_triton, "HAVE_TRITON", True)
         assert tree_module._resolve_backend("auto", torch.device("cuda")) == "triton"
+
+
+def test_gradient_mode_forward_matches_and_bad_mode_raises():
+    structure = structures(60)["forest"]
+    x, y = random_logits(3, 60, seed=47), random_logits(3, 60, seed=48)
+    w = torch.randn(3, dtype=torch.float64, generator=torch.Generator().manual_seed(49))
+    ref = values_and_grads(x, y, structure, "numba", w)
+    xs = x.clone().requires_grad_()
+    vals = tree_triton.tree_wasserstein_triton(xs, y, None, structure, algorithm="tiles", gradient="forward", block=16)
+    (vals * w).sum().backward()
+    assert rel_err(vals, ref[0]) < 1e-12 and rel_err(xs.grad, ref[1]) < 1e-12
+    with pytest.raises(ValueError, match="gradient must be one of"):
+        tree_triton.tree_wasserstein_triton(xs, y, None, structure, gradient="later")
 
 
 @pytest.mark.parametrize("grads", ["both", "policy", "reference"])

@@ -65,6 +65,7 @@ TILES_EDGE_BLOCK = 256
 TILES_EDGE_WARPS = 4
 TILES_SCAN = 2  # 1: tl.cumsum over the tile; 2: two-level (rows of 32); 3 / 4: the same, fused (see prefix_kernel)
 SCANS = (1, 2, 3, 4)
+GRADIENT_MODES = ("backward", "forward")  # where "tiles" makes the gradient (see tree_wasserstein_triton)
 
 
 def interpret_mode() -> bool:
@@ -528,7 +529,8 @@ class _TritonTreeFunction(torch.autograd.Function):
         y = y if y.stride(-1) == 1 else y.contiguous()
         options = dict(options)
         max_workspace = options.pop("max_workspace_bytes", MAX_WORKSPACE_BYTES)
-        ctx.deferred = resolve_algorithm(ts, options.get("algorithm", "auto")) == "tiles"
+        gradient = options.pop("gradient", "backward")
+        ctx.deferred = gradient == "backward" and resolve_algorithm(ts, options.get("algorithm", "auto")) == "tiles"
         if ctx.deferred:
             n = x.shape[0]
             acc = torch.float64 if torch.float64 in (x.dtype, y.dtype) else torch.float32
@@ -585,8 +587,16 @@ def tree_wasserstein_triton(
     edge_warps: int | None = None,
     scan: int | None = None,
     max_workspace_bytes: int = MAX_WORKSPACE_BYTES,
+    gradient: str = "backward",
 ) -> torch.Tensor:
     """Per-row distance of flattened (N, V) logits; (N,) float32 (float64 for float64 logits).
+
+    ``gradient`` (where the "tiles" kernels make the gradient; the other kernels always use
+    ``"forward"``): ``"backward"`` (default) keeps ``S`` (N, E + 1) float32 plus references to
+    both logit tensors and writes the scaled gradient in backward (one pass, nothing wasted under
+    activation checkpointing, a retained graph can be reused); ``"forward"`` writes the gradient
+    in forward in the logits' dtype and keeps only it (backward rescales it in place): less held
+    memory when the caller frees its logits before backward.
 
     ``chunk_size`` (rows per launch) defaults to all rows: the kernel's memory does not grow
     with the number of rows, only the gradients (N, V in the logits' dtype) do. ``block``,
@@ -600,9 +610,11 @@ def tree_wasserstein_triton(
     acc = torch.float64 if torch.float64 in (policy.dtype, ref.dtype) else torch.float32
     ts = pack_for_triton(structure, device, acc)
     resolve_algorithm(ts, algorithm)  # a bad name or an unusable choice fails before any launch
+    if gradient not in GRADIENT_MODES:
+        raise ValueError(f"gradient must be one of {GRADIENT_MODES}, got {gradient!r}")
     options = {"block": block, "num_programs": num_programs, "num_warps": num_warps, "algorithm": algorithm,
                "chunk": chunk, "edge_block": edge_block, "edge_warps": edge_warps, "scan": scan,
-               "max_workspace_bytes": max_workspace_bytes}
+               "max_workspace_bytes": max_workspace_bytes, "gradient": gradient}
     n = policy.shape[0]
     pieces = []
     for sl in iter_chunks(n, chunk_size if chunk_size is not None else n, policy.shape[1]):
