@@ -5,14 +5,15 @@ Rows (the policy's logits require grad, the reference's do not, as in RL fine-tu
   kl eager          plain PyTorch KL(p || q): log_softmax in float32, sum p (log p - log q)
   kl compile        the same function under torch.compile
   k3 (TRL)          TRL GRPO's per-token k3 at the sampled token (float32 logsumexp + gather)
-  tree / forest / sliced   the Triton kernel (tokenmover.kernels.tree_triton, algorithm "auto":
-                    "levels" for trees/forests, "scatter" for chains) on a cluster tree, a forest
-                    of 4 trees, 16 chains, built here from random clustered points (in parallel
-                    worker processes, before CUDA starts)
-  tree (scatter)    the tree on the general "scatter" kernel, for comparison
-  tree (leaf order) the tree on logits that arrive already in its leaf order (what a model with
-                    its output layer permuted once would produce): no gather by permutation
-then a tuning sweep of the tree kernel at the largest V (tile size, warps, programs per SM),
+  tree / forest / sliced   the Triton kernel (tokenmover.kernels.tree_triton; "tiles" for trees
+                    and forests, gradient made in backward; "levels" and "scatter" for comparison;
+                    "scatter" for chains) on a cluster tree, a forest of 4 trees, 16 chains, built
+                    here from random clustered points (in parallel worker processes, before CUDA starts)
+  tree (leaf order) the tree on logits that arrive already in its leaf order (what
+                    LogitHead(row_order=structure.leaf_order()) produces by projecting onto the
+                    output-layer rows in leaf order): no gather by permutation
+then a tuning sweep of the "tiles" kernels at the largest V (gradient made in forward vs backward,
+token vs leaf order, tile size, positions per program, warps, scan form, edge tiles),
   tree (torch)      the vectorised torch backend, for comparison (skipped when time runs short)
   sinkhorn top-64   tokenmover's "sinkhorn" method, when it is registered
 plus the bytes floor: reading both bf16 logit rows and writing the bf16 gradient once, at the copy
@@ -281,7 +282,8 @@ def sweep_configs(device: torch.device, small: bool) -> list[dict]:
              for b, c, w, sc in ((512, 8192, 4, 2), (512, 8192, 4, 3), (512, 8192, 4, 4), (1024, 8192, 4, 4),
                                  (1024, 8192, 8, 3), (2048, 8192, 8, 4), (256, 4096, 2, 3))]
     edges = [{"order": "token", "edge_block": e, "edge_warps": w} for e, w in ((128, 4), (512, 4), (1024, 8))]
-    return tiles + edges
+    forward_made = [{"order": o, "gradient": "forward"} for o in ("token", "leaf")]  # the pre-deferral path
+    return forward_made + tiles + edges
 
 
 def main() -> int:
