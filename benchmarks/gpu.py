@@ -280,7 +280,8 @@ def sweep_configs(device: torch.device, small: bool) -> list[dict]:
     tiles = [{"order": o, "block": b, "chunk": c, "num_warps": w, "scan": sc}
              for o in ("leaf", "token")
              for b, c, w, sc in ((512, 8192, 4, 2), (512, 8192, 4, 3), (512, 8192, 4, 4), (1024, 8192, 4, 4),
-                                 (1024, 8192, 8, 3), (2048, 8192, 8, 4), (256, 4096, 2, 3))]
+                                 (1024, 8192, 8, 3), (2048, 8192, 8, 4), (256, 4096, 2, 3),
+                                 (512, 8192, 1, 1), (256, 8192, 1, 3), (1024, 8192, 2, 4))]  # 1 warp: no block barriers
     edges = [{"order": "token", "edge_block": e, "edge_warps": w} for e, w in ((128, 4), (512, 4), (1024, 8))]
     forward_made = [{"order": o, "gradient": "forward"} for o in ("token", "leaf")]  # the pre-deferral path
     return forward_made + tiles + edges
