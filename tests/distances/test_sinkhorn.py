@@ -359,20 +359,45 @@ def test_difference_is_closer_to_emd2_than_marginals_when_p_near_q(objective):
     assert np.median(err_diff) < 0.5 * np.median(err_marg)
 
 
-def test_difference_equals_emd2_of_the_tail_collapsed_problem():
-    # With a located tail both formulations solve OT between the tail-collapsed distributions;
-    # the difference formulation's transport value tends to its exact W1 (POT emd2 on the atoms).
-    from tokenmover.distances.sinkhorn import _build_problem
+def test_difference_equals_emd2_of_the_tail_collapsed_moved_masses():
+    # Located tail, difference formulation: the tail atoms are the tail parts of (p - q)_+ and
+    # (q - p)_+ at their barycenters; the transport value tends to the exact W1 between the two
+    # collapsed moved masses (POT emd2 on the atoms).
+    from tokenmover.distances.sinkhorn import _build_problem, jordan_parts
 
     pts, x, y = _near_pairs(v=40, n=3, seed=23, noise=0.5)
     val = sinkhorn_wasserstein(
         x, y, pts, k=4, epsilon=0.003, objective="transport", formulation="difference", tol=1e-10, max_iter=100_000
     )
     support = topk_union_support(x, y, 4)
-    a, b, cost = _build_problem(x.softmax(-1), y.softmax(-1), support, pts, "euclidean", "located", None)
+    pos, neg = jordan_parts(x.softmax(-1), y.softmax(-1))
+    a, b, cost = _build_problem(pos, neg, support, pts, "euclidean", "located", None)
     for i in range(3):
         exact = ot.emd2(a[i].numpy(), b[i].numpy(), cost[i].numpy())
         assert abs(float(val[i]) - exact) < 1e-4 * exact
+
+
+def test_difference_located_tail_is_within_its_bound_of_the_full_problem():
+    # |tail-collapsed - full| <= A spread(A) + B spread(B): tail masses of (p - q)_+ and (q - p)_+
+    # with the mean distance of their tokens to their barycenters (triangle inequality).
+    from tokenmover.distances.sinkhorn import jordan_parts
+
+    pts, x, y = _near_pairs(v=40, n=4, seed=32, noise=0.5)
+    kw = dict(epsilon=0.01, objective="transport", formulation="difference", tol=1e-10, max_iter=100_000)
+    full = sinkhorn_wasserstein(x, y, pts, k=40, **kw)
+    part = sinkhorn_wasserstein(x, y, pts, k=3, **kw)
+    support = topk_union_support(x, y, 3)
+    pos, neg = jordan_parts(x.softmax(-1), y.softmax(-1))
+    for i in range(4):
+        outside = torch.ones(40, dtype=torch.bool)
+        outside[support.ids[i]] = False
+        bound = 0.0
+        for part_mass in (pos[i], neg[i]):
+            w = part_mass * outside
+            centre = (w[:, None] * pts).sum(0) / w.sum()
+            bound += float((w * (pts - centre).norm(dim=1)).sum())
+        assert abs(float(part[i]) - float(full[i])) <= bound + 0.01 * 3  # + entropic slack O(eps)
+    assert not torch.allclose(part, full)
 
 
 @pytest.mark.parametrize(

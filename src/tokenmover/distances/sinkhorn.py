@@ -128,7 +128,11 @@ def _tail_to_tail_cost(x: torch.Tensor, y: torch.Tensor, metric: str) -> torch.T
 
 
 def _build_problem(p, q, support, pts, metric: str, tail: str, dust_cost: float | None):
-    """Masses ``a, b`` (n, S) and cost (n, S, S) of each position's reduced problem."""
+    """Masses ``a, b`` (n, S) and cost (n, S, S) of each position's reduced problem.
+
+    ``p, q`` (n, V): the two distributions, or (``formulation="difference"``) the moved masses
+    ``(p - q)_+`` and ``(q - p)_+``; the tail atoms are then built from those.
+    """
     n = p.shape[0]
     if support is None:  # full vocabulary: one cost block shared by every position
         with torch.no_grad():
@@ -204,29 +208,34 @@ def _moved_mass_floor(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).tiny ** 0.5
 
 
-def _difference_objective(a, b, cost, options, objective, reports, objective_fn, merge_tails: bool):
-    """``m * value(alpha, beta)`` per row, ``alpha = (a - b)_+ / m``, ``beta = (b - a)_+ / m``.
+def jordan_parts(p: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``((p - q)_+, (q - p)_+)`` per token, as ``((|d| + d) / 2, (|d| - d) / 2)`` with ``d = p - q``.
 
-    Positive and negative parts are taken per slot (the tail atoms are slots of their own), as
-    ``((|d| + d) / 2, (|d| - d) / 2)``: exact zeros where the other side dominates (disjoint
-    supports), and at a tie ``a_i = b_i`` autograd's ``sign(0) = 0`` gives each part slope 1/2,
-    i.e. the midpoint of the two one-sided derivatives. Each part is normalised by its own sum
-    (equal in exact arithmetic; round-off would otherwise unbalance a small moved mass), and
-    ``m`` is their mean. Rows with a part at or below :func:`_moved_mass_floor` (p = q up to
-    that) are not solved: value 0, gradient 0 (a subgradient of W1 at p = q). With
-    ``merge_tails``, the two located tail atoms count as one when their barycenters coincide
-    (so p = q gives no moved mass).
+    Exact zeros where the other side dominates (disjoint supports). At a tie ``p_v = q_v``
+    autograd's ``sign(0) = 0`` gives each part slope 1/2: the subgradient used at the kink is the
+    midpoint of the two one-sided derivatives.
     """
-    if merge_tails:  # located tail: slots -2 (p's tail, mass in a) and -1 (q's tail, mass in b)
-        # coincident barycenters (cost exactly 0) are one atom: put q's tail mass on p's slot
-        shift = (cost[:, -2, -1] == 0).to(b.dtype)[:, None] * b[:, -1:]  # (n, 1)
-        b = torch.cat([b[:, :-2], b[:, -2:-1] + shift, b[:, -1:] - shift], 1)
-    d = a - b  # (n, S)
+    d = p - q
     mag = d.abs()
-    pos = 0.5 * (mag + d)  # (n, S) exact 0 where d <= 0
-    neg = 0.5 * (mag - d)
+    return 0.5 * (mag + d), 0.5 * (mag - d)
+
+
+def _difference_objective(pos, neg, cost, options, objective, reports, objective_fn, net_last: bool):
+    """``m * value(alpha, beta)`` per row, ``alpha = pos / |pos|``, ``beta = neg / |neg|``, ``m`` their mean mass.
+
+    ``pos, neg`` (n, S): the moved masses ``(p - q)_+``, ``(q - p)_+`` on the slots (from
+    :func:`jordan_parts`). ``net_last``: the last slot is one atom of both sides (the dust atom),
+    whose two masses are netted to their positive/negative parts here. Each part is normalised by
+    its own sum (equal in exact arithmetic; round-off would otherwise unbalance a small moved
+    mass). Rows with a part at or below :func:`_moved_mass_floor` (p = q up to that) are not
+    solved: value 0, gradient 0 (a subgradient of W1 at p = q).
+    """
+    if net_last:
+        last_pos, last_neg = jordan_parts(pos[:, -1:], neg[:, -1:])
+        pos = torch.cat([pos[:, :-1], last_pos], 1)
+        neg = torch.cat([neg[:, :-1], last_neg], 1)
     m_pos, m_neg = pos.sum(-1), neg.sum(-1)  # (n,)
-    floor = _moved_mass_floor(a.dtype)
+    floor = _moved_mass_floor(pos.dtype)
     moving = (m_pos > floor) & (m_neg > floor)
     out = m_pos * 0.0  # (n,) zero, connected to the graph (zero gradient) even if no row moves
     if not bool(moving.any()):
@@ -355,11 +364,13 @@ def sinkhorn_wasserstein(
         support = topk_union_support(xs, ys, k)
         p = torch.softmax(xs.to(dtype), dim=-1)  # (c, V)
         q = torch.softmax(ys.to(dtype), dim=-1)
-        a, b, cost = _build_problem(p, q, support, pts, metric, tail, dust_cost)
         if formulation == "difference":
-            merge = tail == "located" and support is not None
-            pieces.append(_difference_objective(a, b, cost, options, objective, reports, objective_fn, merge))
+            pos, neg = jordan_parts(p, q)  # (c, V) each
+            a, b, cost = _build_problem(pos, neg, support, pts, metric, tail, dust_cost)
+            net = tail == "dust" and support is not None
+            pieces.append(_difference_objective(a, b, cost, options, objective, reports, objective_fn, net))
         else:
+            a, b, cost = _build_problem(p, q, support, pts, metric, tail, dust_cost)
             pieces.append(objective_fn(a, b, cost, options, objective, reports))
     values = torch.cat(pieces) if len(pieces) > 1 else pieces[0]  # (m,)
     if active is not None:
