@@ -17,7 +17,19 @@ Speed. Forward + backward (gradient w.r.t. the policy logits) on the untrimmed d
 scaled to 1,000 positions, and the peak extra resident memory (Linux ``VmHWM`` after resetting
 it), measured in the same process, one method after another.
 
-Run (CPU, a few minutes):  ``python benchmarks/sinkhorn.py``
+Sinkhorn rows come in both formulations (``formulation="difference"``: OT between
+``(p - q)_+`` and ``(q - p)_+``; ``"marginals"``: OT between p and q), with the solver's
+iterations (at the target eps, max over the solves of the call) and marginal error.
+
+Two more sections, same JSON:
+
+- ``near``: the same accuracy protocol with a smaller weight noise (``--near-sigma``, p ~ q: the
+  regularizer's regime), Sinkhorn rows only.
+- ``synthetic``: N = 256 positions, V = 49,152 (SmolLM2's embeddings as points), k = 64,
+  ``x ~ N(0, scale^2)``, ``y = x + noise * N(0, 1)``: seconds (fwd + bwd) and iterations of
+  both formulations at the default tol / max_iter, full KL for scale.
+
+Run (CPU):  ``python benchmarks/sinkhorn.py``  (``--skip-real`` for the synthetic part only)
 """
 
 from __future__ import annotations
@@ -26,6 +38,7 @@ import argparse
 import itertools
 import json
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -116,6 +129,7 @@ def run_benchmark(
     time_positions: int = 64,
     time_positions_sinkhorn: dict | None = None,
     sigma: float = 0.1,
+    formulations=("difference", "marginals"),
     log=print,
 ) -> dict:
     """Rows (method, k, seconds per 1,000 positions fwd+bwd, peak MiB, Spearman, median rel. error).
@@ -141,23 +155,13 @@ def run_benchmark(
     }
     rows = []
 
-    def add_row(name, k, fn, n_time, n_acc_rows, extra=None):
+    def add_row(name, k, fn, n_time, n_acc_rows, stats=None, extra=None):
         sec, mib = time_fwd_bwd(fn, pol[:n_time], ref[:n_time])
-        with torch.no_grad():
-            values = fn(pol_t[:n_acc_rows], ref_t[:n_acc_rows]).double().numpy()
-        ex = exact[:n_acc_rows]
-        row = {
-            "method": name,
-            "k": k,
-            "sec_per_1000": sec * 1000 / n_time,
-            "peak_mib": mib,
-            "timed_positions": n_time,
-            "accuracy_positions": n_acc_rows,
-            "spearman": _spearman(values, ex),
-            "median_rel_error": float(np.median(np.abs(values - ex) / ex)),
-            "median_ratio": float(np.median(values / ex)),
-            **(extra or {}),
-        }
+        timing_stats = dict(stats) if stats is not None else None
+        row = _accuracy_row(name, k, fn, pol_t[:n_acc_rows], ref_t[:n_acc_rows], exact[:n_acc_rows], stats)
+        row.update(sec_per_1000=sec * 1000 / n_time, peak_mib=mib, timed_positions=n_time, **(extra or {}))
+        if timing_stats is not None:
+            row["solver_timing_run"] = timing_stats
         rows.append(row)
         log(_format_row(row))
 
@@ -165,17 +169,17 @@ def run_benchmark(
     for name, structure in structures.items():
         add_row(name, None, lambda x, y, s=structure, m=name: distance(x, y, m, structure=s), time_positions, n_acc)
     for k in ks:
-        # "transport" needs autograd through the iterations: its graph grows with iterations x k^2,
-        # ~15 GB at k=512 here, so it is timed for k <= 128 only
-        for objective in ("divergence", "transport") if k <= 128 else ("divergence",):
-            stats: dict = {}
-            kw = dict(points=points, k=k, epsilon=epsilon, max_iter=max_iter, objective=objective)
-
-            def fn(x, y, kw=kw, stats=stats):
-                return distance(x, y, "sinkhorn", stats=stats, **kw)
-
-            n_rows = acc_positions_k512 if k >= 512 else n_acc
-            add_row(f"sinkhorn[{objective}]", k, fn, time_positions_sinkhorn.get(k, 4), n_rows, {"solver": stats})
+        for formulation in formulations:
+            # "transport" needs autograd through the iterations: its graph grows with iterations x k^2,
+            # ~15 GB at k=512 here, so it is timed for k <= 128 only
+            for objective in ("divergence", "transport") if k <= 128 else ("divergence",):
+                stats: dict = {}
+                fn = _sinkhorn_fn(points, k, epsilon, max_iter, objective, formulation, stats)
+                n_rows = acc_positions_k512 if k >= 512 else n_acc
+                add_row(
+                    f"sinkhorn[{objective}/{formulation}]", k, fn, time_positions_sinkhorn.get(k, 4), n_rows, stats,
+                    {"formulation": formulation, "objective": objective},
+                )
     return {
         "setup": {
             "model": "SmolLM2-135M-Instruct",
@@ -186,20 +190,154 @@ def run_benchmark(
             "tol": 1e-4,
             "trim_m": trim_m,
             "torch_threads": torch.get_num_threads(),
+            "median_moved_mass": _median_moved_mass(pol, ref),
         },
         "rows": rows,
     }
 
 
+def _median_moved_mass(pol, ref) -> float:
+    """Median over positions of ``||p - q||_1 / 2`` (the mass the difference formulation moves)."""
+    return float((0.5 * (pol.softmax(-1) - ref.softmax(-1)).abs().sum(-1)).median())
+
+
+def _sinkhorn_fn(points, k, epsilon, max_iter, objective, formulation, stats):
+    from tokenmover import distance
+
+    kw = dict(points=points, k=k, epsilon=epsilon, max_iter=max_iter, objective=objective, formulation=formulation)
+
+    def fn(x, y):
+        return distance(x, y, "sinkhorn", stats=stats, **kw)
+
+    return fn
+
+
+def _accuracy_row(name, k, fn, pol_t, ref_t, exact, stats=None) -> dict:
+    """Values on the trimmed distributions against exact W1 (no gradient); solver stats if given."""
+    with torch.no_grad():
+        values = fn(pol_t, ref_t).double().numpy()
+    row = {
+        "method": name,
+        "k": k,
+        "accuracy_positions": len(exact),
+        "spearman": _spearman(values, exact),
+        "median_rel_error": float(np.median(np.abs(values - exact) / exact)),
+        "median_ratio": float(np.median(values / exact)),
+    }
+    if stats is not None:
+        row["solver"] = dict(stats)
+    return row
+
+
+def run_near(
+    ks=(32, 128),
+    *,
+    sigma: float = 0.02,
+    epsilon: float = 0.1,
+    max_iter: int = 300,
+    trim_m: int = 256,
+    n_lines: int = 4,
+    log=print,
+) -> dict:
+    """Accuracy (and iterations) of both formulations when p ~ q (small weight noise)."""
+    t0 = time.perf_counter()
+    pol, ref, points = smollm2_pairs(n_lines=n_lines, sigma=sigma)
+    pol_t, ref_t, keep = trim(pol, ref, trim_m)
+    exact = exact_trimmed(pol_t, ref_t, keep, points)
+    moved = _median_moved_mass(pol, ref)
+    log(f"near: sigma={sigma}, {pol.shape[0]} positions, median moved mass {moved:.3f}, median W1 {np.median(exact):.4f}")
+    log(_header())
+    rows = []
+    for k in ks:
+        for formulation in ("difference", "marginals"):
+            for objective in ("divergence", "transport"):
+                stats: dict = {}
+                fn = _sinkhorn_fn(points, k, epsilon, max_iter, objective, formulation, stats)
+                t1 = time.perf_counter()
+                row = _accuracy_row(f"sinkhorn[{objective}/{formulation}]", k, fn, pol_t, ref_t, exact, stats)
+                row.update(formulation=formulation, objective=objective, forward_seconds=time.perf_counter() - t1)
+                rows.append(row)
+                log(_format_row(row))
+    return {
+        "setup": {"sigma": sigma, "epsilon": epsilon, "max_iter": max_iter, "tol": 1e-4, "trim_m": trim_m,
+                  "positions": int(pol.shape[0]), "median_moved_mass": moved,
+                  "seconds": time.perf_counter() - t0},
+        "rows": rows,
+    }
+
+
+def run_synthetic(
+    points: torch.Tensor | None = None,
+    *,
+    n: int = 256,
+    k: int = 64,
+    scale: float = 3.0,
+    noise: float = 0.1,
+    epsilon: float = 0.1,
+    seed: int = 0,
+    log=print,
+) -> dict:
+    """Seconds (fwd + bwd) and iterations of both formulations on synthetic p ~ q logits."""
+    from tokenmover import distance
+
+    if points is None:
+        from tokenmover.assets import load_smollm2
+
+        model, _ = load_smollm2()
+        points = model.get_input_embeddings().weight.detach().float().clone()
+        del model
+    v = points.shape[0]
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, v, generator=g) * scale
+    y = x + noise * torch.randn(n, v, generator=g)
+    moved = _median_moved_mass(x, y)
+    p = x.softmax(-1)
+    top_mass = float(p.topk(k, -1).values.sum(-1).median())
+    log(f"synthetic: N={n}, V={v}, k={k}, x ~ N(0, {scale}^2), y = x + {noise} N(0, 1): "
+        f"median moved mass {moved:.3f}, median top-{k} mass {top_mass:.3f}")
+    rows = []
+    sec, _ = time_fwd_bwd(lambda a, b: distance(a, b, "kl"), x, y)
+    rows.append({"method": "kl", "seconds": sec})
+    log(f"  full KL: {sec:.3f} s")
+    for formulation in ("difference", "marginals"):
+        stats: dict = {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # the marginals formulation may hit max_iter
+            sec, _ = time_fwd_bwd(
+                lambda a, b, f=formulation, st=stats: distance(
+                    a, b, "sinkhorn", points=points, k=k, epsilon=epsilon, formulation=f, stats=st
+                ),
+                x,
+                y,
+            )
+        rows.append({"method": f"sinkhorn[divergence/{formulation}]", "formulation": formulation, "seconds": sec,
+                     "iterations": stats["iterations"], "marginal_error": stats["marginal_error"]})
+        log(f"  sinkhorn {formulation:<10}: {sec:.2f} s, {stats['iterations']} iterations, "
+            f"marginal error {stats['marginal_error']:.1e}")
+    return {
+        "setup": {"n": n, "v": v, "k": k, "scale": scale, "noise": noise, "epsilon": epsilon, "tol": 1e-4,
+                  "max_iter": 1000, "objective": "divergence", "median_moved_mass": moved,
+                  "median_top_k_mass": top_mass, "torch_threads": torch.get_num_threads()},
+        "rows": rows,
+    }
+
+
 def _header() -> str:
-    return f"{'method':<22}{'k':>5}{'s/1000 pos':>12}{'peak MiB':>10}{'Spearman':>10}{'med.rel.err':>12}{'med.ratio':>10}"
+    return (
+        f"{'method':<34}{'k':>5}{'s/1000 pos':>12}{'peak MiB':>10}{'Spearman':>10}{'med.rel.err':>12}"
+        f"{'med.ratio':>10}{'iters':>7}{'marg.err':>10}"
+    )
 
 
 def _format_row(r) -> str:
     k = "-" if r["k"] is None else str(r["k"])
+    sec = f"{r['sec_per_1000']:>12.2f}" if "sec_per_1000" in r else f"{'-':>12}"
+    mib = f"{r['peak_mib']:>10.0f}" if "peak_mib" in r else f"{'-':>10}"
+    solver = r.get("solver")
+    iters = f"{solver['iterations']:>7d}{solver['marginal_error']:>10.1e}" if solver else f"{'-':>7}{'-':>10}"
     return (
-        f"{r['method']:<22}{k:>5}{r['sec_per_1000']:>12.2f}{r['peak_mib']:>10.0f}"
-        f"{r['spearman']:>10.3f}{r['median_rel_error']:>12.3f}{r['median_ratio']:>10.3f}"
+        f"{r['method']:<34}{k:>5}{sec}{mib}"
+        f"{r['spearman']:>10.3f}{r['median_rel_error']:>12.3f}{r['median_ratio']:>10.3f}{iters}"
     )
 
 
@@ -209,15 +347,17 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    colors = {None: "tab:gray", "difference": "tab:blue", "marginals": "tab:orange"}
     for r in result["rows"]:
-        label = r["method"] if r["k"] is None else f"{r['method']} k={r['k']}"
-        ax.scatter(r["sec_per_1000"], r["median_rel_error"], s=40)
+        label = r["method"] if r["k"] is None else f"{r.get('objective', r['method'])[:5]}. k={r['k']}"
+        ax.scatter(r["sec_per_1000"], r["median_rel_error"], s=40, color=colors[r.get("formulation")])
         ax.annotate(label, (r["sec_per_1000"], r["median_rel_error"]), fontsize=7, xytext=(4, 2), textcoords="offset points")
     ax.set_xscale("log")
+    ax.set_yscale("log")
     ax.set_xlabel("seconds per 1,000 positions, fwd + bwd (CPU, shared machine)")
     ax.set_ylabel("median |value - W1| / W1 (trimmed exact W1)")
-    ax.set_title("SmolLM2 next-token distributions: speed vs accuracy")
+    ax.set_title("SmolLM2 next-token distributions: speed vs accuracy\n(sinkhorn divergence/transport: blue = difference, orange = marginals formulation)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -231,16 +371,32 @@ def main(argv=None) -> int:
     ap.add_argument("--trim", type=int, default=256)
     ap.add_argument("--lines", type=int, default=4)
     ap.add_argument("--sigma", type=float, default=0.1)
+    ap.add_argument("--near-sigma", type=float, default=0.02, help="weight noise of the p ~ q section (0: skip it)")
+    ap.add_argument("--near-ks", type=int, nargs="+", default=[32, 128])
+    ap.add_argument("--synthetic-n", type=int, default=256, help="positions of the synthetic timing (0: skip it)")
+    ap.add_argument("--synthetic-noise", type=float, default=0.1)
+    ap.add_argument("--skip-real", action="store_true", help="only the synthetic timing")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     torch.manual_seed(0)
-    result = run_benchmark(
-        args.ks, epsilon=args.epsilon, max_iter=args.max_iter, trim_m=args.trim, n_lines=args.lines, sigma=args.sigma
-    )
+    result: dict = {}
+    if not args.skip_real:
+        result = run_benchmark(
+            args.ks, epsilon=args.epsilon, max_iter=args.max_iter, trim_m=args.trim, n_lines=args.lines, sigma=args.sigma
+        )
+        if args.near_sigma > 0:
+            result["near"] = run_near(
+                args.near_ks, sigma=args.near_sigma, epsilon=args.epsilon, max_iter=args.max_iter, trim_m=args.trim,
+                n_lines=args.lines,
+            )
+    if args.synthetic_n > 0:
+        result["synthetic"] = run_synthetic(n=args.synthetic_n, noise=args.synthetic_noise, epsilon=args.epsilon)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "sinkhorn_benchmark.json").write_text(json.dumps(result, indent=2))
-    plot(result, args.out / "sinkhorn_benchmark.png")
-    print(f"wrote {args.out / 'sinkhorn_benchmark.json'} and .png")
+    name = "sinkhorn_benchmark" if not args.skip_real else "sinkhorn_benchmark_synthetic"
+    (args.out / f"{name}.json").write_text(json.dumps(result, indent=2))
+    if "rows" in result:
+        plot(result, args.out / f"{name}.png")
+    print(f"wrote {args.out / name}.json" + (" and .png" if "rows" in result else ""))
     return 0
 
 
