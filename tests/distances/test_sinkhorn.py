@@ -12,6 +12,7 @@ from tokenmover.distances._topk_support import topk_union_support
 from tokenmover.distances.sinkhorn import sinkhorn_wasserstein
 
 TIGHT = dict(tol=1e-12, max_iter=200_000)
+MARGINALS = dict(formulation="marginals")  # OT between p and q themselves (POT's problem)
 
 
 def _problem(v=12, d=3, n=3, seed=0, scale=2.0):
@@ -33,7 +34,7 @@ def _entropic_reference(a, b, m, eps):
 def test_full_support_matches_pot_sinkhorn2(eps):
     pts, x, y = _problem()
     m = torch.cdist(pts, pts).numpy()
-    ours = sinkhorn_wasserstein(x, y, pts, k=12, epsilon=eps, objective="transport", **TIGHT)
+    ours = sinkhorn_wasserstein(x, y, pts, k=12, epsilon=eps, objective="transport", **MARGINALS, **TIGHT)
     for i in range(x.shape[0]):
         a, b = x[i].softmax(-1).numpy(), y[i].softmax(-1).numpy()
         ref = ot.sinkhorn2(a, b, m, eps, method="sinkhorn_log", stopThr=1e-14, numItermax=1_000_000)
@@ -44,8 +45,8 @@ def test_entropic_and_divergence_match_pot_plans():
     pts, x, y = _problem(seed=1)
     m = torch.cdist(pts, pts).numpy()
     eps = 0.5
-    ent = sinkhorn_wasserstein(x, y, pts, k=12, epsilon=eps, objective="entropic", **TIGHT)
-    div = sinkhorn_wasserstein(x, y, pts, k=12, epsilon=eps, objective="divergence", **TIGHT)
+    ent = sinkhorn_wasserstein(x, y, pts, k=12, epsilon=eps, objective="entropic", **MARGINALS, **TIGHT)
+    div = sinkhorn_wasserstein(x, y, pts, k=12, epsilon=eps, objective="divergence", **MARGINALS, **TIGHT)
     for i in range(x.shape[0]):
         a, b = x[i].softmax(-1).numpy(), y[i].softmax(-1).numpy()
         ab = _entropic_reference(a, b, m, eps)
@@ -60,20 +61,22 @@ def test_tends_to_emd2_as_eps_shrinks():
     exact = np.array([ot.emd2(x[i].softmax(-1).numpy(), y[i].softmax(-1).numpy(), m) for i in range(3)])
     gaps = []
     for eps in (0.3, 0.1, 0.03, 0.01):
-        val = sinkhorn_wasserstein(x, y, pts, k=12, epsilon=eps, objective="transport", tol=1e-10, max_iter=100_000)
+        val = sinkhorn_wasserstein(
+            x, y, pts, k=12, epsilon=eps, objective="transport", tol=1e-10, max_iter=100_000, **MARGINALS
+        )
         gaps.append(np.abs(val.numpy() - exact).max())
     assert all(later < earlier for earlier, later in zip(gaps, gaps[1:]))
     assert gaps[-1] < 2e-3 * exact.min()
-    div = sinkhorn_wasserstein(x, y, pts, k=12, epsilon=0.01, tol=1e-10, max_iter=100_000)
+    div = sinkhorn_wasserstein(x, y, pts, k=12, epsilon=0.01, tol=1e-10, max_iter=100_000, **MARGINALS)
     assert np.abs(div.numpy() - exact).max() < 0.05 * exact.min()
 
 
 def test_divergence_is_zero_on_equal_inputs_and_positive_otherwise():
     pts, x, y = _problem(v=30, seed=3)
     # p = q is Sinkhorn's slowest case (near-identity kernel on a shared support): large eps
-    same = sinkhorn_wasserstein(x, x.clone(), pts, k=4, epsilon=1.0, tol=1e-11, max_iter=100_000)
+    same = sinkhorn_wasserstein(x, x.clone(), pts, k=4, epsilon=1.0, tol=1e-11, max_iter=100_000, **MARGINALS)
     assert same.abs().max() < 1e-9
-    diff = sinkhorn_wasserstein(x, y, pts, k=4, epsilon=1.0, tol=1e-11, max_iter=100_000)
+    diff = sinkhorn_wasserstein(x, y, pts, k=4, epsilon=1.0, tol=1e-11, max_iter=100_000, **MARGINALS)
     assert (diff > 0).all()
 
 
@@ -83,7 +86,7 @@ def test_envelope_gradient_equals_autograd_through_iterations(objective, tail):
     pts, x, y = _problem(v=30, seed=4)
     x.requires_grad_(True)
     y.requires_grad_(True)
-    kw = dict(k=4, epsilon=0.3, objective=objective, tail=tail, **TIGHT)
+    kw = dict(k=4, epsilon=0.3, objective=objective, tail=tail, **MARGINALS, **TIGHT)
     v_env = sinkhorn_wasserstein(x, y, pts, grad="envelope", **kw)
     g_env = torch.autograd.grad(v_env.sum(), (x, y))
     v_auto = sinkhorn_wasserstein(x, y, pts, grad="autograd", **kw)
@@ -107,7 +110,7 @@ def test_gradcheck_float64(kw):
     y.requires_grad_(True)
 
     def fn(a, b):
-        return sinkhorn_wasserstein(a, b, pts, k=2, epsilon=0.5, tol=1e-12, max_iter=20_000, **kw)
+        return sinkhorn_wasserstein(a, b, pts, k=2, epsilon=0.5, tol=1e-12, max_iter=20_000, **MARGINALS, **kw)
 
     assert torch.autograd.gradcheck(fn, (x, y), eps=1e-6, atol=1e-6)
 
@@ -115,8 +118,9 @@ def test_gradcheck_float64(kw):
 def test_located_tail_is_within_its_bound_of_the_full_problem():
     # Tail-collapsed OT differs from the full-support OT by at most tail mass x tail spread.
     pts, x, y = _problem(v=40, d=3, n=4, seed=6, scale=3.0)
-    full = sinkhorn_wasserstein(x, y, pts, k=40, epsilon=0.05, objective="transport", tol=1e-10, max_iter=100_000)
-    part = sinkhorn_wasserstein(x, y, pts, k=5, epsilon=0.05, objective="transport", tol=1e-10, max_iter=100_000)
+    kw = dict(epsilon=0.05, objective="transport", tol=1e-10, max_iter=100_000, **MARGINALS)
+    full = sinkhorn_wasserstein(x, y, pts, k=40, **kw)
+    part = sinkhorn_wasserstein(x, y, pts, k=5, **kw)
     support = topk_union_support(x, y, 5)
     for i in range(4):
         outside = torch.ones(40, dtype=torch.bool)
@@ -188,7 +192,9 @@ def test_geometry_object_and_metrics():
     l2 = sinkhorn_wasserstein(x, y, geometry=Geometry(pts, "l2_euclidean"), k=4, epsilon=0.3)
     unit = pts / pts.norm(dim=1, keepdim=True)
     torch.testing.assert_close(l2, sinkhorn_wasserstein(x, y, unit, k=4, epsilon=0.3))
-    cos = sinkhorn_wasserstein(x, y, pts, metric="cosine", k=15, epsilon=0.1, objective="transport", **TIGHT)
+    cos = sinkhorn_wasserstein(
+        x, y, pts, metric="cosine", k=15, epsilon=0.1, objective="transport", **MARGINALS, **TIGHT
+    )
     m = 1 - unit.numpy() @ unit.numpy().T
     np.fill_diagonal(m, 0)
     ref = ot.sinkhorn2(x[0].softmax(-1).numpy(), y[0].softmax(-1).numpy(), m, 0.1, method="sinkhorn_log", stopThr=1e-14)

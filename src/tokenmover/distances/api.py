@@ -65,8 +65,8 @@ register_method(
         ("points", "geometry", "k", "epsilon", "objective", "tail", "dust_cost", "metric", "grad",
          "formulation", "tol", "max_iter", "scaling", "stats"),
         True,
-        "entropic OT on the union of both top-k supports, tail mass kept (Sinkhorn divergence by "
-        "default); needs points= (V, d) or geometry=",
+        "entropic OT on the union of both top-k supports, tail mass kept (Sinkhorn divergence between "
+        "(p-q)+ and (q-p)+ by default); needs points= (V, d) or geometry=",
     ),
 )
 register_method("kl", Method(_kl.kl, (), (), True, "full KL(policy || reference)"))
