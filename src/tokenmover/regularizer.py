@@ -121,6 +121,11 @@ class Regularizer(nn.Module):
         return Regularizer(self.method, mode=self.mode, structure=structure, chunk_size=self.chunk_size, **kwargs)
 
     @property
+    def method_kwargs(self) -> dict:
+        """The method's keyword arguments (``structure``, ``backend``, ...), a copy."""
+        return dict(self._kwargs)
+
+    @property
     def num_tokens(self) -> int | None:
         """V the regularizer is tied to (its structure's, or a cost's / points' rows), else None."""
         if self.structure is not None:

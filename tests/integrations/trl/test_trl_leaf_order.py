@@ -15,7 +15,12 @@ from torch import nn
 
 from tokenmover import build_chains, build_cluster_forest
 from tokenmover.integrations.trl.config import TransportArguments
-from tokenmover.integrations.trl.transport import LogitHead, leaf_order_view, transport_from_hidden
+from tokenmover.integrations.trl.transport import (
+    LogitHead,
+    leaf_order_pays,
+    leaf_order_view,
+    transport_from_hidden,
+)
 from tokenmover.regularizer import Regularizer
 from tokenmover.structures import TransportStructure, build_cluster_tree
 
@@ -136,7 +141,7 @@ def test_leaf_order_changes_nothing_but_the_work(method, kind, backend, chunk_si
     structure = None if kind is None else _structure(kind)
     common = dict(policy=policy, ref=ref, h_pol=h_pol, h_ref=h_ref, tokens=tokens)
     term0, gh0, gw0 = _run(method, structure, False, chunk_size, backend, **common)
-    term1, gh1, gw1 = _run(method, structure, True, chunk_size, backend, **common)
+    term1, gh1, gw1 = _run(method, structure, "always", chunk_size, backend, **common)
     assert term0.penalty.abs().max() > 1e-3
     torch.testing.assert_close(term1.penalty, term0.penalty, rtol=0, atol=1e-10)
     for name in ("ref_token_logps", "policy_token_logps", "policy_entropy"):
@@ -178,6 +183,28 @@ def test_leaf_order_view_is_built_once_and_only_where_it_helps():
     assert leaf_order_view(Regularizer("tree", structure=structure.in_leaf_order())) is None
 
 
+def test_leaf_order_is_used_by_default_only_where_it_pays():
+    tree, forest = _structure("tree"), _structure("forest")
+    torch_tree = Regularizer("tree", structure=tree, backend="torch")
+    assert leaf_order_pays(torch_tree, "cpu", num_rows=2 * D, hidden_size=D)
+    assert not leaf_order_pays(torch_tree, "cpu", num_rows=2 * D - 1, hidden_size=D)  # gathers cost more
+    assert not leaf_order_pays(Regularizer("tree", structure=tree, backend="numba"), "cpu", 10**6, D)
+    assert not leaf_order_pays(Regularizer("tree", structure=tree), "cpu", 10**6, D)  # auto: numba on CPU
+    assert not leaf_order_pays(Regularizer("forest", structure=forest, backend="torch"), "cpu", 10**6, D)
+    assert not leaf_order_pays(Regularizer("k3"), "cpu", 10**6, D)
+    # the default (leaf_order=True) on a tree with the torch backend and N >= 2d equals token order
+    torch.manual_seed(5)
+    policy, ref = nn.Linear(D, V).double(), nn.Linear(D, V).double()
+    h_pol, h_ref = torch.randn(2 * D, D, dtype=torch.float64), torch.randn(2 * D, D, dtype=torch.float64)
+    on = transport_from_hidden(h_pol, h_ref, LogitHead(policy), LogitHead(ref), torch_tree)
+    assert leaf_order_view(torch_tree) is not None
+    off = transport_from_hidden(h_pol, h_ref, LogitHead(policy), LogitHead(ref), torch_tree, leaf_order=False)
+    torch.testing.assert_close(on.penalty, off.penalty, rtol=0, atol=1e-12)
+    reg = torch_tree
+    with pytest.raises(ValueError, match="leaf_order must be"):
+        transport_from_hidden(h_pol, h_ref, LogitHead(policy), LogitHead(ref), reg, leaf_order="auto")
+
+
 def test_transport_from_hidden_refuses_heads_with_their_own_row_order():
     lin = nn.Linear(D, V)
     reg = Regularizer("tree", structure=_structure("tree"))
@@ -188,3 +215,50 @@ def test_transport_from_hidden_refuses_heads_with_their_own_row_order():
 
 def test_config_field_defaults_to_leaf_order():
     assert TransportArguments().transport_leaf_order is True
+
+
+# ---------------------------------------------------------------------------------------------- GRPO adapter
+def _grpo(tiny_dir, tokenizer, tmp_path, **overrides):
+    from datasets import Dataset
+
+    from tokenmover.integrations.trl import TransportGRPOConfig, TransportGRPOTrainer
+
+    values = dict(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to=[], save_strategy="no",
+                  logging_steps=1, learning_rate=1e-2, seed=0, disable_tqdm=True, per_device_train_batch_size=4,
+                  num_generations=4, max_completion_length=6, max_steps=1, beta=0.0, transport_coef=0.3,
+                  transport_backend="torch")
+    values.update(overrides)
+    prompts = ["w3 w4 w5", "w6 w7 w8", "w9 w10 w11", "w12 w13 w14"]
+    return TransportGRPOTrainer(model=tiny_dir, reward_funcs=lambda completions, **kw: [0.0] * len(completions),
+                                args=TransportGRPOConfig(**values), train_dataset=Dataset.from_dict({"prompt": prompts}),
+                                processing_class=tokenizer), prompts
+
+
+def test_grpo_adapter_with_leaf_order_gives_the_same_loss_and_gradient(tiny_dir, tokenizer, tmp_path, monkeypatch):
+    from tokenmover.integrations.trl import transport
+
+    # the tiny batch (< 2 d positions) would not pay for the row gathers: take the leaf-order path anyway
+    monkeypatch.setattr(transport, "leaf_order_pays", lambda *args: True)
+    on, prompts = _grpo(tiny_dir, tokenizer, tmp_path / "on")
+    off, _ = _grpo(tiny_dir, tokenizer, tmp_path / "off", transport_leaf_order=False)
+    assert on.args.transport_leaf_order is True
+    torch.manual_seed(0)
+    for trainer in (on, off):
+        trainer.model.train()
+        trainer.current_gradient_accumulation_steps = 1
+    batch = on._generate_and_score_completions([{"prompt": p} for p in prompts])
+    grads, losses = [], []
+    for trainer in (on, off):
+        with torch.no_grad():  # move the policy away from the reference, the same way in both
+            head = trainer.model.get_output_embeddings().weight
+            head.add_(0.5 * torch.randn(head.shape, generator=torch.Generator().manual_seed(1)))
+        loss = trainer.compute_loss(trainer.model, batch)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(trainer.model.get_output_embeddings().weight.grad.clone())
+    assert leaf_order_view(on.transport) is not None  # the leaf-order twin was built and used
+    assert on._metrics["train"]["transport/distance"][-1] > 1e-3
+    assert on._metrics["train"]["transport/distance"][-1] == pytest.approx(
+        off._metrics["train"]["transport/distance"][-1], rel=1e-5)
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)

@@ -17,10 +17,11 @@ Every adapter reads the same fields (defaults in brackets):
 - ``transport_chunk_size`` [None]: completion positions projected to (chunk, V) logits at a time;
   None keeps a (chunk, V) float32 block near 64 MiB.
 - ``transport_backend`` ["auto"]: kernel of the tree methods (``auto`` | ``numba`` | ``torch`` | ``triton``).
-- ``transport_leaf_order`` [True]: for the tree methods, project the hidden states onto the LM-head
-  rows taken in the structure's leaf order, so the logits arrive in that order and the distance
-  skips its gather by permutation (same values; see :mod:`tokenmover.integrations.trl.transport`).
-  False computes the logits in token order.
+- ``transport_leaf_order`` [True]: where it pays (a one-member structure, i.e. a tree, on the
+  ``torch`` or ``triton`` backend, with at least 2 x hidden-size completion positions), project the
+  hidden states onto the LM-head rows taken in the structure's leaf order, so the logits arrive in
+  that order and the distance skips its gather by permutation (same values; see
+  :mod:`tokenmover.integrations.trl.transport`). False always computes the logits in token order.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ class TransportArguments:
     )
     transport_leaf_order: bool = field(
         default=True,
-        metadata={"help": "Tree methods: logits in the structure's leaf order (LM-head rows permuted once)."},
+        metadata={"help": "Trees on torch/triton: logits in the structure's leaf order (LM-head rows gathered)."},
     )
 
     def _check_transport_fields(self, *, needs_gradient: bool) -> None:

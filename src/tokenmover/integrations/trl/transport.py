@@ -21,7 +21,9 @@ head gathered once per call, V * d, instead of the kernels gathering every (C, V
 autograd sends the gradient back to ``W`` through the index), and the distance runs on
 ``structure.in_leaf_order()``, whose member 0 has the identity perm. Values and gradients are those of
 the token-order computation up to float round-off; token ids ``y_t`` are read at column
-``o^{-1}[y_t]``. ``leaf_order=False`` (config ``transport_leaf_order``) turns this off.
+``o^{-1}[y_t]``. By default this happens only where it pays (:func:`leaf_order_pays`: a one-member
+structure on the torch or Triton backend, N >= 2 d positions; not on numba, whose CPU kernel
+measured no gain); ``leaf_order=False`` (config ``transport_leaf_order=False``) turns it off.
 """
 
 from __future__ import annotations
@@ -131,8 +133,9 @@ class LogitHead:
         if weight.dim() != 2 or weight.shape[0] != self.row_order.numel():
             return None
         order = self.row_order.to(weight.device)
-        weight = weight.index_select(0, order)  # (V, d) rows in the new column order
-        bias = None if bias is None else bias.index_select(0, order)  # (V,)
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+        weight = _PermuteRows.apply(weight, order, inverse)  # (V, d) rows in the new column order
+        bias = None if bias is None else _PermuteRows.apply(bias, order, inverse)  # (V,)
         if cast is not None:
             weight = weight.to(cast)
             bias = None if bias is None else bias.to(cast)
@@ -161,6 +164,21 @@ class LogitHead:
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.project(hidden, self.ordered_linear())
+
+
+class _PermuteRows(torch.autograd.Function):
+    """``w[order]`` for a permutation ``order`` of the rows; backward gathers by the inverse
+    (``grad_w = grad[inverse]``) instead of autograd's scatter-add of ``index_select``."""
+
+    @staticmethod
+    def forward(ctx, w: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        return w.index_select(0, order)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
 
 
 def _linear_parts(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, torch.dtype | None] | None:
@@ -292,6 +310,31 @@ class _LeafView:
 _LEAF_VIEWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def leaf_order_pays(regularizer: Regularizer, device: torch.device | str, num_rows: int, hidden_size: int) -> bool:
+    """Whether logits in leaf order save more than the LM-head row gathers they cost.
+
+    The gathers cost ~V * d per call (policy forward and backward, reference forward); the saving is
+    the distance's (N, V) gather and scatter by perm. True for a one-member structure (a tree) on the
+    ``torch`` or ``triton`` backend (as resolved on ``device``) with ``num_rows >= 2 * hidden_size``
+    (on one CPU thread at V = 49,152, d = 576 the torch backend breaks even near N = 1.6 d,
+    ``benchmarks/leaf_order.py``). False on ``numba``: its per-row kernel keeps the row in cache and
+    measured no gain; and False for forests and chains, where only member 0 would be in order
+    (Triton's ``identity_order`` needs one member).
+    """
+    from tokenmover.distances.tree import _resolve_backend
+
+    structure = regularizer.structure
+    if structure is None or "structure" not in METHODS[regularizer.method].needs or structure.num_members != 1:
+        return False
+    if num_rows < 2 * hidden_size:
+        return False
+    try:
+        backend = _resolve_backend(regularizer.method_kwargs.get("backend", "auto"), torch.device(device))
+    except ValueError:  # the distance itself will say why
+        return False
+    return backend in ("torch", "triton")
+
+
 def leaf_order_view(regularizer: Regularizer) -> _LeafView | None:
     """The leaf-order twin of ``regularizer`` (cached), or None when it has no use for one.
 
@@ -349,7 +392,7 @@ def transport_from_hidden(
     chunk_size: int | None = None,
     want_entropy: bool = False,
     want_policy_token_logps: bool = False,
-    leaf_order: bool = True,
+    leaf_order: bool | str = True,
 ) -> TransportTerm:
     """``D_t`` for N positions from the final hidden states of policy (N, d) and reference (N, d').
 
@@ -362,8 +405,9 @@ def transport_from_hidden(
         chunk_size: positions per chunk (default: a (chunk, V) float32 block near 64 MiB).
         want_entropy: also return the policy's per-position entropy (detached).
         want_policy_token_logps: also return ``log pi(y_t | s_t)`` of ``tokens`` (detached).
-        leaf_order: for a method with a structure, produce the logits in the structure's leaf order
-            (see the module docstring): same results, no gather by permutation in the distance.
+        leaf_order: produce the logits in the structure's leaf order (see the module docstring; same
+            results): ``True`` where it pays (:func:`leaf_order_pays`: a tree on the torch/Triton
+            backend and N >= 2 d), ``"always"`` for every method with a structure, ``False`` never.
 
     Returns:
         :class:`TransportTerm`. Each chunk's (C, V) logits exist only inside the chunk; with a
@@ -389,7 +433,11 @@ def transport_from_hidden(
     use_checkpoint = torch.is_grad_enabled() and policy_hidden.requires_grad and n > chunk_size
     if policy_head.row_order is not None or ref_head.row_order is not None:
         raise ValueError("transport_from_hidden orders the logits itself: pass heads without row_order")
-    view = leaf_order_view(regularizer) if leaf_order else None
+    if leaf_order not in (True, False, "always"):
+        raise ValueError(f"leaf_order must be True, False or 'always', got {leaf_order!r}")
+    hidden_size = int(policy_hidden.shape[1])
+    wanted = leaf_order == "always" or (leaf_order is True and leaf_order_pays(regularizer, device, n, hidden_size))
+    view = leaf_order_view(regularizer) if wanted else None
     columns = None  # column of each token id in the logits (None: token order)
     if view is not None:
         order, columns = _on(view, device)
