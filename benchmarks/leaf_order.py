@@ -1,0 +1,210 @@
+"""CPU benchmark: tree penalty from hidden states with the logits in token order vs in leaf order.
+
+SmolLM2-like sizes: V = 49,152 tokens, d = 576, N = 512 (``--rows``) random hidden states; a cluster
+tree (:func:`tokenmover.build_cluster_tree`, branching 8, leaves of 32) over random clustered points
+(V/256 centres in 32 dimensions, as ``benchmarks/gpu.py`` builds them). The policy's hidden states
+and LM-head weight require grad; the reference head is a frozen perturbed copy.
+
+Rows, each timed as forward + backward (median of ``--repeats`` after one warm-up, repeats of all
+rows interleaved so that load changes on a shared machine hit all alike):
+
+- ``distance``: the tree distance alone on (N, V) float32 logits given in token order
+  (``structure``) or already in leaf order (``x[:, o]`` with ``structure.in_leaf_order()``);
+- ``head+distance``: ``LogitHead(W)(h)`` -> distance, vs ``LogitHead(W, row_order=o)(h)`` (the rows
+  of W gathered once, ``h @ W[o].T``) -> distance on ``structure.in_leaf_order()``;
+- ``transport_from_hidden``: the TRL adapter's function (default chunking, checkpointed chunks),
+  ``leaf_order=False`` vs ``"always"`` (its default, ``True``, picks leaf order only where it pays:
+  a tree on the torch backend, not numba).
+
+for the ``torch`` and ``numba`` backends, with ``torch.set_num_threads(1)`` and one numba thread.
+Also checks that both orders give the same penalty and gradients. Prints a table and writes JSON.
+
+    python benchmarks/leaf_order.py [--rows 512 2048] [--repeats 5] [--out benchmarks/results/leaf_order_cpu.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+
+def _parse(argv):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--vocab", type=int, default=49_152)
+    ap.add_argument("--hidden", type=int, default=576)
+    ap.add_argument("--rows", type=int, nargs="+", default=[512], help="positions N (one run per value)")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--backends", default="torch,numba")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/leaf_order_cpu.json"))
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = _parse(argv)
+    os.environ.setdefault("NUMBA_NUM_THREADS", "1")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+    from torch import nn
+
+    try:
+        import tokenmover  # noqa: F401
+    except ImportError:  # a checkout without `pip install -e .`
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    from tokenmover import build_cluster_tree, distance
+    from tokenmover.integrations.trl.transport import LogitHead, leaf_order_pays, transport_from_hidden
+    from tokenmover.regularizer import Regularizer
+
+    torch.set_num_threads(1)
+    try:
+        import numba
+
+        numba.set_num_threads(1)
+    except ImportError:
+        pass
+    v, d, n = args.vocab, args.hidden, args.rows
+    backends = [b for b in args.backends.split(",") if b]
+
+    # ------------------------------------------------------------------ inputs
+    gen = torch.Generator().manual_seed(0)
+    t0 = time.perf_counter()
+    centres = torch.randn(max(2, v // 256), 32, generator=gen)
+    points = centres[torch.randint(centres.shape[0], (v,), generator=gen)] + 0.3 * torch.randn(v, 32, generator=gen)
+    structure = build_cluster_tree(points, seed=0, branching=8, leaf_size=32)
+    build_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    leaf = structure.in_leaf_order()
+    relabel_s = time.perf_counter() - t0
+    order = structure.leaf_order()
+    weight = (3.0 / d**0.5) * torch.randn(v, d, generator=gen)  # logits of std ~3
+    policy_head = nn.Linear(d, v, bias=False)
+    ref_head = nn.Linear(d, v, bias=False)
+    with torch.no_grad():
+        policy_head.weight.copy_(weight)
+        ref_head.weight.copy_(weight + (0.3 / d**0.5) * torch.randn(v, d, generator=gen))
+    ref_head.requires_grad_(False)
+    def measure(n, results, checks):
+        gen_n = torch.Generator().manual_seed(n)
+        hidden = torch.randn(n, d, generator=gen_n)
+        ref_hidden = hidden + 0.1 * torch.randn(n, d, generator=gen_n)
+        with torch.no_grad():
+            x_tok = policy_head(hidden)  # (N, V) token order
+            y_tok = ref_head(ref_hidden)
+        x_leaf, y_leaf = x_tok[:, order].contiguous(), y_tok[:, order].contiguous()
+
+        # ------------------------------------------------------------------ the timed steps
+        def distance_step(backend, in_leaf):
+            x = (x_leaf if in_leaf else x_tok).detach().requires_grad_(True)
+            y = y_leaf if in_leaf else y_tok
+            values = distance(x, y, "tree", structure=leaf if in_leaf else structure, backend=backend)
+            values.sum().backward()
+            return values.detach(), x.grad
+
+        def head_step(backend, in_leaf):
+            h = hidden.detach().requires_grad_(True)
+            policy_head.weight.grad = None
+            row_order = order if in_leaf else None
+            x = LogitHead(policy_head, row_order=row_order)(h)  # (N, V)
+            with torch.no_grad():
+                y = LogitHead(ref_head, row_order=row_order)(ref_hidden)
+            values = distance(x, y, "tree", structure=leaf if in_leaf else structure, backend=backend)
+            values.sum().backward()
+            return values.detach(), (h.grad, policy_head.weight.grad)
+
+        regularizers = {b: Regularizer("tree", structure=structure, backend=b) for b in backends}
+
+        def adapter_step(backend, in_leaf):
+            h = hidden.detach().requires_grad_(True)
+            policy_head.weight.grad = None
+            term = transport_from_hidden(h, ref_hidden, LogitHead(policy_head), LogitHead(ref_head),
+                                         regularizers[backend], leaf_order="always" if in_leaf else False)
+            term.penalty.sum().backward()
+            return term.penalty.detach(), (h.grad, policy_head.weight.grad)
+
+        stages = {"distance": distance_step, "head+distance": head_step, "transport_from_hidden": adapter_step}
+        rows = [(stage, b, in_leaf) for stage in stages for b in backends for in_leaf in (False, True)]
+
+        # ------------------------------------------------------------------ correctness (one run each)
+        for stage, fn in stages.items():
+            for b in backends:
+                tok_vals, tok_grads = fn(b, False)
+                leaf_vals, leaf_grads = fn(b, True)
+                if stage == "distance":  # gradient w.r.t. the logits: back to token order
+                    tok_grads, leaf_grads = (tok_grads,), (leaf_grads[:, torch.argsort(order)],)
+                checks[(n, stage, b)] = {
+                    "max_abs_diff_penalty": float((tok_vals - leaf_vals).abs().max()),
+                    "max_rel_diff_grads": max(
+                        float((a - c).abs().max() / a.abs().max().clamp_min(1e-30)) for a, c in zip(tok_grads, leaf_grads)
+                    ),
+                    "mean_penalty": float(tok_vals.double().mean()),
+                }
+
+        # ------------------------------------------------------------------ timing
+        times: dict[tuple, list[float]] = {row: [] for row in rows}
+        for row in rows:  # warm-up (numba compilation, allocator)
+            stages[row[0]](row[1], row[2])
+        for _ in range(args.repeats):
+            for row in rows:
+                t0 = time.perf_counter()
+                stages[row[0]](row[1], row[2])
+                times[row].append(time.perf_counter() - t0)
+
+        for stage in stages:
+            for b in backends:
+                tok = statistics.median(times[(stage, b, False)])
+                lf = statistics.median(times[(stage, b, True)])
+                results.append({
+                    "rows": n,
+                    "stage": stage,
+                    "backend": b,
+                    "adapter_default_uses_leaf_order": leaf_order_pays(regularizers[b], "cpu", n, d),
+                    "token_order_ms": 1e3 * tok,
+                    "leaf_order_ms": 1e3 * lf,
+                    "speedup": tok / lf,
+                    "token_order_all_ms": [1e3 * t for t in times[(stage, b, False)]],
+                    "leaf_order_all_ms": [1e3 * t for t in times[(stage, b, True)]],
+                    **checks[(n, stage, b)],
+                })
+
+    results, checks = [], {}
+    for n in args.rows:
+        measure(n, results, checks)
+
+    header = f"{'N':>5} {'stage':<22} {'backend':<7} {'token order':>12} {'leaf order':>11} {'speedup':>8}"
+    print(f"V={v}, d={d}, cluster tree ({structure.num_edges} edges), fwd+bwd, median of {args.repeats}, 1 thread")
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        print(f"{r['rows']:>5} {r['stage']:<22} {r['backend']:<7} {r['token_order_ms']:>9.1f} ms "
+              f"{r['leaf_order_ms']:>8.1f} ms {r['speedup']:>7.2f}x")
+    worst = max(c["max_rel_diff_grads"] for c in checks.values())
+    print(f"token vs leaf order: max |penalty diff| {max(c['max_abs_diff_penalty'] for c in checks.values()):.2e}, "
+          f"max relative gradient diff {worst:.2e}")
+
+    record = {
+        "benchmark": "leaf_order_cpu",
+        "command": "python benchmarks/leaf_order.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "vocab": v,
+        "hidden": d,
+        "rows": args.rows,
+        "repeats": args.repeats,
+        "structure": {"kind": structure.kind, "num_edges": structure.num_edges, "build_s": build_s,
+                      "in_leaf_order_s": relabel_s},
+        "threads": {"torch": torch.get_num_threads(), "numba": os.environ.get("NUMBA_NUM_THREADS")},
+        "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                    "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__},
+        "results": results,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
