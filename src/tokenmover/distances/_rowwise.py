@@ -35,7 +35,9 @@ class _RowwiseChunked(torch.autograd.Function):
             grads_x.append(None if gx is None else gx.to(x.dtype))
             grads_y.append(None if gy is None else gy.to(y.dtype))
             slices.append(sl)
-        ctx.slices, ctx.grads_x, ctx.grads_y = slices, grads_x, grads_y
+        # through save_for_backward, so that activation checkpointing drops and recomputes them
+        ctx.save_for_backward(*grads_x, *grads_y)
+        ctx.slices = slices
         ctx.shapes = (x.shape, x.dtype, y.dtype, x.device)
         out = torch.cat(values) if len(values) > 1 else values[0]
         return out.to(torch.float64 if out.dtype == torch.float64 else torch.float32)
@@ -44,14 +46,16 @@ class _RowwiseChunked(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):  # noqa: D102
         shape, x_dtype, y_dtype, device = ctx.shapes
+        saved = ctx.saved_tensors
+        grads_x, grads_y = saved[: len(ctx.slices)], saved[len(ctx.slices):]
         grad_x = grad_y = None
         if ctx.needs_input_grad[0]:
             grad_x = torch.empty(shape, dtype=x_dtype, device=device)
-            for sl, g in zip(ctx.slices, ctx.grads_x):
+            for sl, g in zip(ctx.slices, grads_x):
                 torch.mul(g, grad_out[sl, None].to(x_dtype), out=grad_x[sl])
         if ctx.needs_input_grad[1]:
             grad_y = torch.empty(shape, dtype=y_dtype, device=device)
-            for sl, g in zip(ctx.slices, ctx.grads_y):
+            for sl, g in zip(ctx.slices, grads_y):
                 torch.mul(g, grad_out[sl, None].to(y_dtype), out=grad_y[sl])
         return grad_x, grad_y, None, None, None
 
@@ -63,15 +67,21 @@ def rowwise_chunked(
     return _RowwiseChunked.apply(x, y, mask, chunk_fn, chunk_size)
 
 
+def _keep(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
 def autograd_chunk(values_fn: Callable[[torch.Tensor, torch.Tensor, slice], torch.Tensor]) -> ChunkFn:
     """A chunk function from a differentiable per-row ``values_fn(x, y, rows) -> (n,)`` via autograd.
 
-    The chunk's graph lives only inside this call: its per-row gradients are taken at once.
+    The chunk's graph lives only inside this call: its per-row gradients are taken at once. Its
+    saved tensors bypass any outer saved-tensor hooks (identity hooks, innermost wins): under
+    activation checkpointing they would otherwise count as dropped and be recomputed again and again.
     """
 
     def chunk_fn(x, y, active, want_gx, want_gy, row_offset):
         rows = slice(row_offset, row_offset + x.shape[0])
-        with torch.enable_grad():
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
             xc = x.detach().requires_grad_(want_gx)
             yc = y.detach().requires_grad_(want_gy)
             values = values_fn(xc, yc, rows, active)
