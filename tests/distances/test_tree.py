@@ -238,3 +238,19 @@ def test_leaf_order_logits_match_token_order_for_every_backend(kind, backend, rn
     values.sum().backward()
     torch.testing.assert_close(values, expected.detach(), rtol=0, atol=1e-12)
     torch.testing.assert_close(xo.grad, x.grad[:, order], rtol=0, atol=1e-12)
+
+
+def test_numba_backend_leaves_torchs_thread_count_alone():
+    """numba's OpenMP layer sets the OpenMP thread count when it starts; torch's is restored."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch; torch.set_num_threads(1)\n"
+        "from tokenmover import build_cluster_tree, distance\n"
+        "t = build_cluster_tree(torch.randn(50, 3))\n"
+        "distance(torch.randn(2, 50), torch.randn(2, 50), 'tree', structure=t, backend='numba')\n"
+        "print(torch.get_num_threads())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "1"

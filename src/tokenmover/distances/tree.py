@@ -69,6 +69,7 @@ def _fused_numba(x, y, active, packed: PackedStructure, want_gx: bool, want_gy: 
     out = torch.empty(n, dtype=dtype)
     bad = torch.zeros(n, dtype=torch.int8)
     act = torch.ones(n, dtype=torch.bool) if active is None else active.contiguous()
+    torch_threads = torch.get_num_threads()  # numba's OpenMP layer resets it when it starts
     tree_cpu.tree_rows(
         p.numpy(),
         q.numpy(),
@@ -86,6 +87,8 @@ def _fused_numba(x, y, active, packed: PackedStructure, want_gx: bool, want_gy: 
         out.numpy(),
         bad.numpy(),
     )
+    if torch.get_num_threads() != torch_threads:
+        torch.set_num_threads(torch_threads)
     if active is not None and not bool(active.all()):
         # inactive rows were skipped by the kernel: their probabilities are not gradients
         if want_gx:
