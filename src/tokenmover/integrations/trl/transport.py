@@ -12,6 +12,14 @@ for completion positions t in chunks of C,
 under :func:`torch.utils.checkpoint.checkpoint` when a gradient is needed and there is more than
 one chunk, so the backward pass recomputes each chunk's logits instead of keeping them all: peak
 extra memory is O(C * V) whatever N is.
+
+Frozen LM head (no parameter of the policy's head requires grad, as with LoRA/PEFT adapters that
+leave ``lm_head`` alone): the penalty of a position depends on its own hidden state only, so each
+chunk's gradient ``G_t = dD_t/dh_t`` (C, d) is made right after its values, as Liger-Kernel's fused
+linear losses do, and the chunk's logits are freed; backward returns ``c_t G_t`` for the incoming
+gradient ``c``. No recomputation (per chunk: 2 projections + the distance's forward and backward +
+one (C, V) x (V, d) product, against 4 projections, 2 forwards, 1 backward and the product with
+checkpointing), and only (N, d) is kept between forward and backward.
 ``scale`` / ``softcap`` follow the model config exactly as TRL's fused head reads them.
 
 Leaf order. For the tree methods (a :class:`~tokenmover.TransportStructure` with member 0's leaf
@@ -411,7 +419,9 @@ def transport_from_hidden(
 
     Returns:
         :class:`TransportTerm`. Each chunk's (C, V) logits exist only inside the chunk; with a
-        gradient and several chunks they are recomputed in the backward pass (activation checkpointing).
+        gradient and several chunks they are recomputed in the backward pass (activation
+        checkpointing), unless the policy's head is frozen (:func:`head_is_frozen`): then each
+        chunk's gradient to the hidden states is made in forward (module docstring).
     """
     if policy_hidden.dim() != 2 or ref_hidden.dim() != 2 or policy_hidden.shape[0] != ref_hidden.shape[0]:
         raise ValueError(
@@ -466,18 +476,53 @@ def transport_from_hidden(
                     entropy = -(logp.exp() * logp).sum(-1)  # (C,)
         return penalty, ref_lp, pol_lp, entropy
 
-    pieces = []
+    needs_grad = torch.is_grad_enabled() and policy_hidden.requires_grad
+    frozen = needs_grad and head_is_frozen(policy_head, policy_linear)
+    pieces, row_grads = [], []
     for sl in iter_chunks(n, chunk_size, vocab_size):
         tok = None if tokens is None else tokens[sl].to(device)
         if tok is not None and columns is not None:
             tok = columns[tok]  # (C,) column of each token in leaf-order logits
+        if frozen:  # gradient to the hidden states now, logits freed with the chunk
+            h_chunk = policy_hidden[sl].detach().requires_grad_()
+            out = one_chunk(h_chunk, ref_hidden[sl], tok, policy_linear, ref_linear)
+            (grad,) = torch.autograd.grad(out[0].sum(), h_chunk)  # (C, d): rows are independent
+            row_grads.append(grad)
+            pieces.append((out[0].detach(),) + out[1:])
+            continue
         args = (policy_hidden[sl], ref_hidden[sl], tok, policy_linear, ref_linear)
         pieces.append(checkpoint(one_chunk, *args, use_reentrant=False) if use_checkpoint else one_chunk(*args))
     penalty = torch.cat([p[0] for p in pieces])
+    if frozen:
+        penalty = _RowGradients.apply(policy_hidden, penalty, torch.cat(row_grads))
     ref_lp = None if tokens is None else torch.cat([p[1] for p in pieces])
     pol_lp = torch.cat([p[2] for p in pieces]) if want_policy_token_logps else None
     entropy = torch.cat([p[3] for p in pieces]) if want_entropy else None
     return TransportTerm(penalty=penalty, ref_token_logps=ref_lp, policy_token_logps=pol_lp, policy_entropy=entropy)
+
+
+def head_is_frozen(head: LogitHead, linear=None) -> bool:
+    """True when nothing of ``head`` (its module's parameters, or the ordered ``W[o]``, ``b[o]``) needs a gradient."""
+    if linear is not None and any(isinstance(t, torch.Tensor) and t.requires_grad for t in linear[:2]):
+        return False
+    return not any(p.requires_grad for p in head.lm_head.parameters())
+
+
+class _RowGradients(torch.autograd.Function):
+    """``values`` (N,) as a function of ``hidden`` (N, d) whose per-row gradients ``row_grads``
+    (N, d) are already known (row r of the values depends on row r of ``hidden`` only):
+    backward returns ``grad_out[:, None] * row_grads``."""
+
+    @staticmethod
+    def forward(ctx, hidden, values, row_grads):  # noqa: D102
+        ctx.save_for_backward(row_grads)
+        return values
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):  # noqa: D102
+        (row_grads,) = ctx.saved_tensors
+        return grad_out[:, None].to(row_grads.dtype) * row_grads, None, None
 
 
 def completion_hidden(hidden: torch.Tensor, num_completion_tokens: int) -> torch.Tensor:
