@@ -155,6 +155,10 @@ def test_relabelled_structure_is_not_saved_and_the_original_round_trips(rng, tmp
     tree = random_tree(20, rng)
     with pytest.raises(ValueError, match="refusing to save a relabelled structure"):
         tree.in_leaf_order().save_pretrained(tmp_path / "leaf")
+    from tokenmover.structures.io import save_structure
+
+    with pytest.raises(ValueError, match="refusing to save a relabelled structure"):
+        save_structure(tree.in_leaf_order(), tmp_path / "leaf")  # the module-level entry point too
     assert not (tmp_path / "leaf").exists()
     tree.save_pretrained(tmp_path / "orig")
     loaded = TransportStructure.from_pretrained(tmp_path / "orig")

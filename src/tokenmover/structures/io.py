@@ -109,8 +109,15 @@ def save_structure(
     """Save ``structure`` as ``folder/NAME.{safetensors,json}``.
 
     ``vocab_fingerprint`` (default: ``structure.metadata["vocab_fingerprint"]`` if present) is
-    stored so that loading can refuse a different tokenizer.
+    stored so that loading can refuse a different tokenizer. A relabelled structure
+    (``relabel()`` / ``in_leaf_order()``) is refused: its token ids are not the tokenizer's.
     """
+    if structure.metadata.get("relabelled"):
+        raise ValueError(
+            "refusing to save a relabelled structure (relabel()/in_leaf_order()): its token ids are not the "
+            "tokenizer's, so loading it would silently mismatch the logits; save the original structure "
+            "and relabel it after loading"
+        )
     tensors = {key: getattr(structure, key) for key in _STRUCTURE_TENSORS}
     fingerprint = vocab_fingerprint or structure.metadata.get("vocab_fingerprint")
     facts = {

@@ -283,13 +283,6 @@ class TransportStructure:
         """
         from tokenmover.structures.io import save_structure
 
-        if self.metadata.get("relabelled"):
-            raise ValueError(
-                "refusing to save a relabelled structure (relabel()/in_leaf_order()): its token ids are not the "
-                "tokenizer's, so loading it would silently mismatch the logits; save the original structure "
-                "and relabel it after loading"
-            )
-
         return save_structure(self, folder, name=name, vocab_fingerprint=vocab_fingerprint)
 
     @classmethod
