@@ -279,17 +279,17 @@ def test_second_backward_through_the_same_graph_raises(options):
 
 def test_backend_resolution(monkeypatch):
     cpu = torch.device("cpu")
-    assert tree_module._resolve_backend("auto", cpu) == "numba"  # CPU keeps numba
-    assert tree_module._resolve_backend("triton", cpu) == "triton"  # interpreter allowed
+    assert tree_module.resolve_backend("auto", cpu) == "numba"  # CPU keeps numba
+    assert tree_module.resolve_backend("triton", cpu) == "triton"  # interpreter allowed
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="CUDA"):
-        tree_module._resolve_backend("triton", cpu)
+        tree_module.resolve_backend("triton", cpu)
     monkeypatch.setattr(tree_triton, "HAVE_TRITON", False)
     with pytest.raises(ValueError, match="pip install triton"):
-        tree_module._resolve_backend("triton", cpu)
+        tree_module.resolve_backend("triton", cpu)
     if torch.cuda.is_available():  # pragma: no cover - GPU machines only
         monkeypatch.setattr(tree_triton, "HAVE_TRITON", True)
-        assert tree_module._resolve_backend("auto", torch.device("cuda")) == "triton"
+        assert tree_module.resolve_backend("auto", torch.device("cuda")) == "triton"
 
 
 def test_gradient_mode_forward_matches_and_bad_mode_raises():

@@ -44,7 +44,9 @@ from tokenmover.structures.transport_structure import PackedStructure, Transport
 BACKENDS = ("auto", "numba", "torch", "triton")
 
 
-def _resolve_backend(backend: str, device: torch.device) -> str:
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The kernel ``backend`` ("auto" | "numba" | "torch" | "triton") means on ``device``; ValueError
+    (naming why) when it cannot run there."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
     if backend == "auto":
@@ -213,7 +215,7 @@ def tree_wasserstein(
             f"the logits have V={inputs.num_tokens}"
         )
     device = inputs.policy.device
-    resolved = _resolve_backend(backend, device)
+    resolved = resolve_backend(backend, device)
     if resolved == "triton":
         values = tree_triton.tree_wasserstein_triton(
             inputs.policy, inputs.ref, inputs.mask, structure, chunk_size=chunk_size

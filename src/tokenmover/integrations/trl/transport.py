@@ -329,7 +329,7 @@ def leaf_order_pays(regularizer: Regularizer, device: torch.device | str, num_ro
     measured no gain; and False for forests and chains, where only member 0 would be in order
     (Triton's ``identity_order`` needs one member).
     """
-    from tokenmover.distances.tree import _resolve_backend
+    from tokenmover.distances.tree import resolve_backend
 
     structure = regularizer.structure
     if structure is None or "structure" not in METHODS[regularizer.method].needs or structure.num_members != 1:
@@ -337,7 +337,7 @@ def leaf_order_pays(regularizer: Regularizer, device: torch.device | str, num_ro
     if num_rows < 2 * hidden_size:
         return False
     try:
-        backend = _resolve_backend(regularizer.method_kwargs.get("backend", "auto"), torch.device(device))
+        backend = resolve_backend(regularizer.method_kwargs.get("backend", "auto"), torch.device(device))
     except ValueError:  # the distance itself will say why
         return False
     return backend in ("torch", "triton")
