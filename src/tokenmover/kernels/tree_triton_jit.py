@@ -39,6 +39,28 @@ def _signed(w, m):
 
 
 @triton.jit
+def _is_nonfinite(x):
+    """NaN or +Inf (-Inf is a token with probability 0)."""
+    return (x != x) | (x == float("inf"))
+
+
+@triton.jit
+def _online_lse_step(run_max, run_sum, x):
+    """Per lane, the running max and the running sum of exp(. - max) after one more tile ``x``."""
+    new_max = tl.maximum(run_max, x)
+    shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # avoids -inf - -inf
+    return new_max, run_sum * tl.exp(run_max - shift) + tl.exp(x - shift)
+
+
+@triton.jit
+def _online_lse_total(run_max, run_sum):
+    """(max, sum of exp(. - max)) over all lanes of an online log-sum-exp."""
+    top = tl.max(run_max, 0)
+    shift = tl.where(top == float("-inf"), 0.0, top)
+    return top, tl.sum(run_sum * tl.exp(run_max - shift), 0)
+
+
+@triton.jit
 def _row_lse(row_ptr, V, ACC: tl.constexpr, BLOCK: tl.constexpr):
     """log-sum-exp of one row in one online pass; also whether the row is unusable
     (NaN or +Inf anywhere, or every entry -Inf)."""
@@ -49,14 +71,9 @@ def _row_lse(row_ptr, V, ACC: tl.constexpr, BLOCK: tl.constexpr):
     for start in range(0, V, BLOCK):
         idx = start + offs
         x = tl.load(row_ptr + idx, mask=idx < V, other=float("-inf")).to(ACC)
-        nonfinite += ((x != x) | (x == float("inf"))).to(tl.int32)
-        new_max = tl.maximum(run_max, x)
-        shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # avoids -inf - -inf
-        run_sum = run_sum * tl.exp(run_max - shift) + tl.exp(x - shift)
-        run_max = new_max
-    row_max = tl.max(run_max, 0)
-    shift = tl.where(row_max == float("-inf"), 0.0, row_max)
-    total = tl.sum(run_sum * tl.exp(run_max - shift), 0)
+        nonfinite += _is_nonfinite(x).to(tl.int32)
+        run_max, run_sum = _online_lse_step(run_max, run_sum, x)
+    row_max, total = _online_lse_total(run_max, run_sum)
     lse = row_max + tl.log(total)
     bad = (tl.sum(nonfinite, 0) > 0) | (row_max == float("-inf"))
     return lse, bad

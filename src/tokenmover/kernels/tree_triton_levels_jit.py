@@ -66,6 +66,19 @@ def _gather_member(x_row, y_row, lse_x, lse_y, perm_row, flag_row, tw0_ptr, firs
 
 
 @triton.jit
+def _edge_signs(w, mass, pm, e, em, parent_ptr, s_row):
+    """For edges ``e`` (mask ``em``) with ``mass = P(e) - Q(e)`` and ``pm = P(e)`` (the policy's and
+    the reference's mass below the edge): ``s_e = w_e sign(mass_e)``, ``S_e = s_e + S_parent(e)``
+    stored at ``s_row[e + 1]`` (the parent level's S must be stored already); returns ``s_e P(e)``
+    and ``s_e Q(e)``, the edges' terms of ``<p, g>`` and ``<q, g>``."""
+    s = _signed(w, mass)
+    par = tl.load(parent_ptr + e, mask=em, other=0)  # 1 + parent's index, 0: none
+    s_par = tl.load(s_row + par, mask=em, other=0.0)
+    tl.store(s_row + e + 1, s + s_par, mask=em)
+    return s * pm, s * (pm - mass)
+
+
+@triton.jit
 def _edge_levels(es_ptr, ee_ptr, ew_ptr, parent_ptr, level_ptr, l_lo, l_hi, c_row, p_row, s_row,
                  WANT_GRAD: tl.constexpr, ACC: tl.constexpr, EBLOCK: tl.constexpr):
     """Edges of one member, level by level (parents first): W, dots, and S_e = s_e + S_parent."""
@@ -86,12 +99,9 @@ def _edge_levels(es_ptr, ee_ptr, ew_ptr, parent_ptr, level_ptr, l_lo, l_hi, c_ro
             val += w * tl.abs(mass)
             if WANT_GRAD:
                 pm = tl.load(p_row + e_pos, mask=em, other=0.0) - tl.load(p_row + s_pos, mask=em, other=0.0)
-                s = _signed(w, mass)
-                dot_p += s * pm
-                dot_q += s * (pm - mass)
-                par = tl.load(parent_ptr + e, mask=em, other=0)  # 1 + parent's index, 0: none
-                s_par = tl.load(s_row + par, mask=em, other=0.0)
-                tl.store(s_row + e + 1, s + s_par, mask=em)
+                edge_p, edge_q = _edge_signs(w, mass, pm, e, em, parent_ptr, s_row)
+                dot_p += edge_p
+                dot_q += edge_q
         tl.debug_barrier()  # the next level reads this level's S
     return tl.sum(val, 0), tl.sum(dot_p, 0), tl.sum(dot_q, 0)
 

@@ -33,8 +33,16 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from tokenmover.kernels.tree_triton_jit import _probs, _signed, _zero, _zero_pass
-from tokenmover.kernels.tree_triton_levels_jit import _gradient_levels
+from tokenmover.kernels.tree_triton_jit import (
+    _is_nonfinite,
+    _online_lse_step,
+    _online_lse_total,
+    _probs,
+    _signed,
+    _zero,
+    _zero_pass,
+)
+from tokenmover.kernels.tree_triton_levels_jit import _edge_signs, _gradient_levels
 
 
 @triton.jit
@@ -66,25 +74,17 @@ def lse_partial_kernel(x_ptr, y_ptr, stride_x, stride_y, active_ptr, lse_part_pt
             msk = idx < end
             x = tl.load(x_row + idx, mask=msk, other=float("-inf")).to(ACC)
             y = tl.load(y_row + idx, mask=msk, other=float("-inf")).to(ACC)
-            bx += ((x != x) | (x == float("inf"))).to(ACC)
-            by += ((y != y) | (y == float("inf"))).to(ACC)
-            nx = tl.maximum(mx, x)
-            hx = tl.where(nx == float("-inf"), 0.0, nx)
-            sx = sx * tl.exp(mx - hx) + tl.exp(x - hx)
-            mx = nx
-            ny = tl.maximum(my, y)
-            hy = tl.where(ny == float("-inf"), 0.0, ny)
-            sy = sy * tl.exp(my - hy) + tl.exp(y - hy)
-            my = ny
+            bx += _is_nonfinite(x).to(ACC)
+            by += _is_nonfinite(y).to(ACC)
+            mx, sx = _online_lse_step(mx, sx, x)
+            my, sy = _online_lse_step(my, sy, y)
         base = lse_part_ptr + 6 * (r * G + c)
-        row_mx = tl.max(mx, 0)
-        hx = tl.where(row_mx == float("-inf"), 0.0, row_mx)
-        tl.store(base, row_mx)
-        tl.store(base + 1, tl.sum(sx * tl.exp(mx - hx), 0))
-        row_my = tl.max(my, 0)
-        hy = tl.where(row_my == float("-inf"), 0.0, row_my)
-        tl.store(base + 2, row_my)
-        tl.store(base + 3, tl.sum(sy * tl.exp(my - hy), 0))
+        chunk_mx, chunk_sx = _online_lse_total(mx, sx)
+        chunk_my, chunk_sy = _online_lse_total(my, sy)
+        tl.store(base, chunk_mx)
+        tl.store(base + 1, chunk_sx)
+        tl.store(base + 2, chunk_my)
+        tl.store(base + 3, chunk_sy)
         tl.store(base + 4, tl.sum(bx, 0))
         tl.store(base + 5, tl.sum(by, 0))
 
@@ -177,63 +177,50 @@ def prefix_kernel(x_ptr, y_ptr, stride_x, stride_y, active_ptr, lse_part_ptr,
         carry_p = _zero(ACC, BLOCK)
         start = c * L
         end = tl.minimum(start + L, V)
-        if SCAN >= 3:
-            val_l = tl.zeros([BLOCK], ACC)  # per-lane sums, reduced once after the loop
-            dot_p_l = tl.zeros([BLOCK], ACC)
-            dot_q_l = tl.zeros([BLOCK], ACC)
-            for s0 in range(start, end, BLOCK):
-                pos = s0 + offs
-                msk = pos < end
-                if IDENTITY:
-                    tok = pos
-                else:
-                    tok = tl.load(perm_row + pos, mask=msk, other=0)
-                p = _probs(x_row, tok, msk, lse_x, ACC)  # (BLOCK,) in member order
-                q = _probs(y_row, tok, msk, lse_y, ACC)
-                d = p - q
-                t = tl.load(tw0_ptr + pos, mask=msk & ((pos * 0 + k) == 0), other=0.0).to(ACC)  # member 0 only
+        FUSED: tl.constexpr = SCAN >= 3
+        LEVELS: tl.constexpr = 2 - SCAN % 2  # 1: one-level scan, 2: two-level
+        val_l = tl.zeros([BLOCK], ACC)  # FUSED: per-lane sums, reduced once after the loop
+        dot_p_l = tl.zeros([BLOCK], ACC)
+        dot_q_l = tl.zeros([BLOCK], ACC)
+        for s0 in range(start, end, BLOCK):
+            pos = s0 + offs
+            msk = pos < end
+            if IDENTITY:
+                tok = pos
+            else:
+                tok = tl.load(perm_row + pos, mask=msk, other=0)
+            p = _probs(x_row, tok, msk, lse_x, ACC)  # (BLOCK,) in member order
+            q = _probs(y_row, tok, msk, lse_y, ACC)
+            d = p - q
+            t = tl.load(tw0_ptr + pos, mask=msk & ((pos * 0 + k) == 0), other=0.0).to(ACC)  # member 0 only
+            b = tl.load(bidx_row + pos + 1, mask=msk, other=-1)
+            at_edge = msk & (b >= 0)
+            s = _signed(t, d)
+            if FUSED:
                 val_l += t * tl.abs(d)
-                b = tl.load(bidx_row + pos + 1, mask=msk, other=-1)
-                at_edge = msk & (b >= 0)
+            else:
+                val += tl.sum(t * tl.abs(d), 0)
+            if FUSED and WANT_GRAD:
+                dot_p_l += p * s
+                dot_q_l += q * s
+                cum_d, cum_p = _cumsum2(d, p, BLOCK, LEVELS == 2)
+                tl.store(cb_row + b, carry_c + cum_d, mask=at_edge)
+                tl.store(pb_row + b, carry_p + cum_p, mask=at_edge)
+                tile_d, tile_p = tl.reduce((d, p), 0, _add2)
+                carry_c += tile_d
+                carry_p += tile_p
+            else:
+                tl.store(cb_row + b, carry_c + _cumsum(d, BLOCK, LEVELS), mask=at_edge)
+                carry_c += tl.sum(d, 0)
                 if WANT_GRAD:
-                    s = _signed(t, d)
-                    dot_p_l += p * s
-                    dot_q_l += q * s
-                    cum_d, cum_p = _cumsum2(d, p, BLOCK, SCAN == 4)
-                    tl.store(cb_row + b, carry_c + cum_d, mask=at_edge)
-                    tl.store(pb_row + b, carry_p + cum_p, mask=at_edge)
-                    tile_d, tile_p = tl.reduce((d, p), 0, _add2)
-                    carry_c += tile_d
-                    carry_p += tile_p
-                else:
-                    tl.store(cb_row + b, carry_c + _cumsum(d, BLOCK, SCAN - 2), mask=at_edge)
-                    carry_c += tl.sum(d, 0)
+                    dot_p += tl.sum(p * s, 0)
+                    dot_q += tl.sum(q * s, 0)
+                    tl.store(pb_row + b, carry_p + _cumsum(p, BLOCK, LEVELS), mask=at_edge)
+                    carry_p += tl.sum(p, 0)
+        if FUSED:
             val += tl.sum(val_l, 0)
             dot_p += tl.sum(dot_p_l, 0)
             dot_q += tl.sum(dot_q_l, 0)
-        else:
-            for s0 in range(start, end, BLOCK):
-                pos = s0 + offs
-                msk = pos < end
-                if IDENTITY:
-                    tok = pos
-                else:
-                    tok = tl.load(perm_row + pos, mask=msk, other=0)
-                p = _probs(x_row, tok, msk, lse_x, ACC)  # (BLOCK,) in member order
-                q = _probs(y_row, tok, msk, lse_y, ACC)
-                d = p - q
-                t = tl.load(tw0_ptr + pos, mask=msk & ((pos * 0 + k) == 0), other=0.0).to(ACC)  # member 0 only
-                val += tl.sum(t * tl.abs(d), 0)
-                b = tl.load(bidx_row + pos + 1, mask=msk, other=-1)
-                at_edge = msk & (b >= 0)
-                tl.store(cb_row + b, carry_c + _cumsum(d, BLOCK, SCAN), mask=at_edge)
-                carry_c += tl.sum(d, 0)
-                if WANT_GRAD:
-                    s = _signed(t, d)
-                    dot_p += tl.sum(p * s, 0)
-                    dot_q += tl.sum(q * s, 0)
-                    tl.store(pb_row + b, carry_p + _cumsum(p, BLOCK, SCAN), mask=at_edge)
-                    carry_p += tl.sum(p, 0)
         slot = (r * K + k) * G + c
         tl.store(tot_ptr + 2 * slot, carry_c)
         tl.store(tot_ptr + 2 * slot + 1, carry_p)
@@ -311,12 +298,9 @@ def edge_kernel(active_ptr, lse_part_ptr, bad_ptr, cb_ptr, pb_ptr, nb, tot_ptr, 
                     val += w * tl.abs(mass)
                     if WANT_GRAD:
                         pm = _boundary(pb_row, offp_row, be, je, L, em) - _boundary(pb_row, offp_row, bs, js, L, em)
-                        s = _signed(w, mass)
-                        dot_p += s * pm
-                        dot_q += s * (pm - mass)
-                        par = tl.load(parent_ptr + e, mask=em, other=0)  # 1 + parent's index, 0: none
-                        s_par = tl.load(s_row + par, mask=em, other=0.0)
-                        tl.store(s_row + e + 1, s + s_par, mask=em)
+                        edge_p, edge_q = _edge_signs(w, mass, pm, e, em, parent_ptr, s_row)
+                        dot_p += edge_p
+                        dot_q += edge_q
                 tl.debug_barrier()  # the next level reads this level's S
         tl.store(out_ptr + r, tl.sum(val, 0))
         tl.store(dots_ptr + 2 * r, tl.sum(dot_p, 0))
