@@ -2,9 +2,9 @@
 (per chunk, Liger-style) vs the checkpointed path (recomputed in backward).
 
 SmolLM2-like sizes: V = 49,152, d = 576, N = 1,024 positions (``--rows``) in chunks of 128
-(``--chunk``); policy head = a frozen Linear (as with LoRA/PEFT, which leave ``lm_head`` alone),
-reference head = a frozen perturbed copy; methods ``tree`` (numba, a cluster tree over random
-clustered points as ``benchmarks/gpu.py`` builds them) and ``kl``. Timed: forward +
+(``--chunk``); the synthetic vocabulary and heads of ``leaf_order.py``
+(``_adapter_setup.vocab_and_heads``), the policy head frozen (as with LoRA/PEFT, which leave
+``lm_head`` alone); methods ``tree`` (numba, a cluster tree over the points) and ``kl``. Timed: forward +
 ``torch.autograd.grad(loss, h)``, median of ``--repeats`` after one warm-up, both paths
 interleaved. The checkpointed path is what the adapter does when the head is trainable; here it
 is produced by flagging the head's weight ``requires_grad`` and asking only for the hidden
@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import sys
 import time
 from pathlib import Path
+
+from _adapter_setup import single_thread_cpu, vocab_and_heads
 
 
 def _parse(argv):
@@ -39,30 +40,16 @@ def _parse(argv):
 
 def main(argv=None) -> int:
     args = _parse(argv)
-    os.environ.setdefault("NUMBA_NUM_THREADS", "1")
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    single_thread_cpu()
     import torch
-    from torch import nn
 
-    try:
-        import tokenmover  # noqa: F401
-    except ImportError:  # a checkout without `pip install -e .`
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     from tokenmover import build_cluster_tree
     from tokenmover.integrations.trl.transport import LogitHead, head_is_frozen, transport_from_hidden
     from tokenmover.regularizer import Regularizer
 
-    torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(0)
     v, d, n = args.vocab, args.hidden, args.rows
-    centres = torch.randn(max(2, v // 256), 32, generator=gen)
-    points = centres[torch.randint(centres.shape[0], (v,), generator=gen)] + 0.3 * torch.randn(v, 32, generator=gen)
-    policy = nn.Linear(d, v, bias=False)
-    ref = nn.Linear(d, v, bias=False)
-    with torch.no_grad():
-        policy.weight.copy_(0.05 * torch.randn(v, d, generator=gen))
-        ref.weight.copy_(policy.weight + 0.01 * torch.randn(v, d, generator=gen))
-    ref.requires_grad_(False)
+    points, policy, ref = vocab_and_heads(v, d, gen)
     h_pol = torch.randn(n, d, generator=gen)
     h_ref = h_pol + 0.1 * torch.randn(n, d, generator=gen)
     regs = {}

@@ -33,6 +33,8 @@ import sys
 import time
 from pathlib import Path
 
+from _adapter_setup import single_thread_cpu, vocab_and_heads
+
 
 def _parse(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -47,47 +49,26 @@ def _parse(argv):
 
 def main(argv=None) -> int:
     args = _parse(argv)
-    os.environ.setdefault("NUMBA_NUM_THREADS", "1")
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    single_thread_cpu()
     import torch
-    from torch import nn
 
-    try:
-        import tokenmover  # noqa: F401
-    except ImportError:  # a checkout without `pip install -e .`
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     from tokenmover import build_cluster_tree, distance
     from tokenmover.integrations.trl.transport import LogitHead, leaf_order_pays, transport_from_hidden
     from tokenmover.regularizer import Regularizer
 
-    torch.set_num_threads(1)
-    try:
-        import numba
-
-        numba.set_num_threads(1)
-    except ImportError:
-        pass
     v, d, n = args.vocab, args.hidden, args.rows
     backends = [b for b in args.backends.split(",") if b]
 
     # ------------------------------------------------------------------ inputs
     gen = torch.Generator().manual_seed(0)
+    points, policy_head, ref_head = vocab_and_heads(v, d, gen)
     t0 = time.perf_counter()
-    centres = torch.randn(max(2, v // 256), 32, generator=gen)
-    points = centres[torch.randint(centres.shape[0], (v,), generator=gen)] + 0.3 * torch.randn(v, 32, generator=gen)
     structure = build_cluster_tree(points, seed=0, branching=8, leaf_size=32)
     build_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     leaf = structure.in_leaf_order()
     relabel_s = time.perf_counter() - t0
     order = structure.leaf_order()
-    weight = (3.0 / d**0.5) * torch.randn(v, d, generator=gen)  # logits of std ~3
-    policy_head = nn.Linear(d, v, bias=False)
-    ref_head = nn.Linear(d, v, bias=False)
-    with torch.no_grad():
-        policy_head.weight.copy_(weight)
-        ref_head.weight.copy_(weight + (0.3 / d**0.5) * torch.randn(v, d, generator=gen))
-    ref_head.requires_grad_(False)
     def measure(n, results, checks):
         gen_n = torch.Generator().manual_seed(n)
         hidden = torch.randn(n, d, generator=gen_n)
