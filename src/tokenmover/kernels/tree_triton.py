@@ -260,6 +260,16 @@ def _levels(packed: PackedStructure, device: torch.device, dtype: torch.dtype) -
     )
 
 
+def accumulation_dtype(x: torch.Tensor, y: torch.Tensor) -> torch.dtype:
+    """float64 when either logit tensor is float64, else float32 (also for bf16/fp16 logits)."""
+    return torch.float64 if torch.float64 in (x.dtype, y.dtype) else torch.float32
+
+
+def _unit_stride(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with contiguous rows (the kernels index a row as ``ptr + r * stride + j``)."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 def _nonempty(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous() if t.numel() else torch.zeros(1, dtype=t.dtype, device=t.device)
 
@@ -324,17 +334,15 @@ def tree_rows(
 
     n, v = x.shape
     device = x.device
-    acc = torch.float64 if (x.dtype == torch.float64 or y.dtype == torch.float64) else torch.float32
-    x = x if x.stride(-1) == 1 else x.contiguous()
-    y = y if y.stride(-1) == 1 else y.contiguous()
+    acc = accumulation_dtype(x, y)
+    x, y = _unit_stride(x), _unit_stride(y)
     interpret = device.type == "cpu"
     want_grad = want_gx or want_gy
     resolved = resolve_algorithm(ts, algorithm)
     if resolved == "tiles":  # its own defaults (TILES_*), its own gradient allocation
-        out = torch.empty(n, dtype=acc, device=device)
-        bad = torch.zeros(n, dtype=torch.int8, device=device)
-        state = _tiles_forward(x, y, active, ts.levels, ts, out, bad, want_grad, acc, block, num_warps, chunk,
-                               edge_block, edge_warps, scan, max_workspace_bytes, interpret)
+        out, bad, state = _tiles_forward(x, y, active, ts, want_grad, block=block, num_warps=num_warps, chunk=chunk,
+                                         edge_block=edge_block, edge_warps=edge_warps, scan=scan,
+                                         max_workspace_bytes=max_workspace_bytes)
         gx, gy = _tiles_gradient(x, y, active, ts.levels, ts, state, None, want_gx, want_gy) if want_grad else (None, None)
         return out, gx, gy, bad
     if block is None:
@@ -413,11 +421,12 @@ class TilesState:
     interpret: bool
 
 
-def _tiles_forward(x, y, active, lv: TritonLevels, ts: TritonStructure, out, bad, want_grad: bool, acc, block,
-                   num_warps, chunk, edge_block, edge_warps, scan, max_workspace_bytes: int,
-                   interpret: bool) -> TilesState:
-    """Launches 1 - 3 of "tiles" over groups of rows (the per-row workspaces bound a group): values
-    into ``out``, bad-row flags into ``bad``, and (``want_grad``) the state of the gradient launch."""
+def _tiles_forward(x, y, active, ts: TritonStructure, want_grad: bool, *, block=None, num_warps=None, chunk=None,
+                   edge_block=None, edge_warps=None, scan=None,
+                   max_workspace_bytes: int = MAX_WORKSPACE_BYTES) -> tuple[torch.Tensor, torch.Tensor, TilesState]:
+    """Launches 1 - 3 of "tiles" over groups of rows (the per-row workspaces bound a group) on
+    (n, V) logits with contiguous rows: values (n,) in the accumulation dtype, bad-row flags (n,)
+    int8, and (``want_grad``) the state of the gradient launch."""
     import triton  # noqa: PLC0415
     import triton.language as tl  # noqa: PLC0415
 
@@ -425,6 +434,11 @@ def _tiles_forward(x, y, active, lv: TritonLevels, ts: TritonStructure, out, bad
 
     n, v = x.shape
     device = x.device
+    lv = ts.levels
+    acc = accumulation_dtype(x, y)
+    interpret = device.type == "cpu"
+    out = torch.empty(n, dtype=acc, device=device)
+    bad = torch.zeros(n, dtype=torch.int8, device=device)
     k_members = ts.num_members
     scan = scan or TILES_SCAN
     if scan not in SCANS:
@@ -473,8 +487,8 @@ def _tiles_forward(x, y, active, lv: TritonLevels, ts: TritonStructure, out, bad
             out[r0:r1], dots[r0:r1], k_members, g, chunk,
             HAS_MASK=has_mask, WANT_GRAD=want_grad, ACC=acc_tl, GBLOCK=gblock, EBLOCK=eblock, **edge_extra,
         )
-    return TilesState(lse_part=lse_part, dots=dots, s=s_all, chunk=chunk, block=block, num_warps=num_warps,
-                      interpret=interpret)
+    return out, bad, TilesState(lse_part=lse_part, dots=dots, s=s_all, chunk=chunk, block=block,
+                                num_warps=num_warps, interpret=interpret)
 
 
 def _tiles_gradient(x, y, active, lv: TritonLevels, ts: TritonStructure, state: TilesState,
@@ -524,26 +538,17 @@ class _TritonTreeFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, y, active, ts, row_offset, options):  # noqa: D102
         want_gx, want_gy = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        x, y = x.detach(), y.detach()
-        x = x if x.stride(-1) == 1 else x.contiguous()
-        y = y if y.stride(-1) == 1 else y.contiguous()
+        x, y = _unit_stride(x.detach()), _unit_stride(y.detach())
         options = dict(options)
-        max_workspace = options.pop("max_workspace_bytes", MAX_WORKSPACE_BYTES)
         gradient = options.pop("gradient", "backward")
-        ctx.deferred = gradient == "backward" and resolve_algorithm(ts, options.get("algorithm", "auto")) == "tiles"
+        algorithm = options.pop("algorithm", "auto")
+        num_programs = options.pop("num_programs", None)  # the one-program-per-row kernels' knob
+        ctx.deferred = gradient == "backward" and resolve_algorithm(ts, algorithm) == "tiles"
         if ctx.deferred:
-            n = x.shape[0]
-            acc = torch.float64 if torch.float64 in (x.dtype, y.dtype) else torch.float32
-            out = torch.empty(n, dtype=acc, device=x.device)
-            bad = torch.zeros(n, dtype=torch.int8, device=x.device)
-            state = _tiles_forward(
-                x, y, active, ts.levels, ts, out, bad, want_gx or want_gy, acc, options["block"],
-                options["num_warps"], options["chunk"], options["edge_block"], options["edge_warps"],
-                options["scan"], max_workspace, x.device.type == "cpu",
-            )
+            out, bad, state = _tiles_forward(x, y, active, ts, want_gx or want_gy, **options)
         else:
-            out, gx, gy, bad = tree_rows(x, y, active, ts, want_gx, want_gy, max_workspace_bytes=max_workspace,
-                                         **options)
+            out, gx, gy, bad = tree_rows(x, y, active, ts, want_gx, want_gy, algorithm=algorithm,
+                                         num_programs=num_programs, **options)
         if bool(bad.any()):
             raise ValueError(describe_bad_rows(bad.cpu(), row_offset))
         if ctx.deferred:
@@ -607,8 +612,7 @@ def tree_wasserstein_triton(
     device = policy.device
     if not available(device):
         raise ValueError(unavailable_reason(device))
-    acc = torch.float64 if torch.float64 in (policy.dtype, ref.dtype) else torch.float32
-    ts = pack_for_triton(structure, device, acc)
+    ts = pack_for_triton(structure, device, accumulation_dtype(policy, ref))
     resolve_algorithm(ts, algorithm)  # a bad name or an unusable choice fails before any launch
     if gradient not in GRADIENT_MODES:
         raise ValueError(f"gradient must be one of {GRADIENT_MODES}, got {gradient!r}")
