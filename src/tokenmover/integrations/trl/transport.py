@@ -48,6 +48,7 @@ from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 from tokenmover.distances._inputs import default_chunk_size, iter_chunks
+from tokenmover.distances._rowwise import autograd_chunk, rowwise_chunked
 from tokenmover.distances.api import METHODS
 from tokenmover.regularizer import Regularizer
 from tokenmover.structures.transport_structure import TransportStructure
@@ -476,53 +477,36 @@ def transport_from_hidden(
                     entropy = -(logp.exp() * logp).sum(-1)  # (C,)
         return penalty, ref_lp, pol_lp, entropy
 
-    needs_grad = torch.is_grad_enabled() and policy_hidden.requires_grad
-    frozen = needs_grad and head_is_frozen(policy_head, policy_linear)
-    pieces, row_grads = [], []
-    for sl in iter_chunks(n, chunk_size, vocab_size):
+    def chunk_tokens(sl: slice) -> torch.Tensor | None:
         tok = None if tokens is None else tokens[sl].to(device)
         if tok is not None and columns is not None:
             tok = columns[tok]  # (C,) column of each token in leaf-order logits
-        if frozen:  # gradient to the hidden states now, logits freed with the chunk
-            h_chunk = policy_hidden[sl].detach().requires_grad_()
-            out = one_chunk(h_chunk, ref_hidden[sl], tok, policy_linear, ref_linear)
-            (grad,) = torch.autograd.grad(out[0].sum(), h_chunk)  # (C, d): rows are independent
-            row_grads.append(grad)
-            pieces.append((out[0].detach(),) + out[1:])
-            continue
-        args = (policy_hidden[sl], ref_hidden[sl], tok, policy_linear, ref_linear)
-        pieces.append(checkpoint(one_chunk, *args, use_reentrant=False) if use_checkpoint else one_chunk(*args))
-    penalty = torch.cat([p[0] for p in pieces])
-    if frozen:
-        penalty = _RowGradients.apply(policy_hidden, penalty, torch.cat(row_grads))
+        return tok
+
+    pieces = []
+    if torch.is_grad_enabled() and policy_hidden.requires_grad and head_is_frozen(policy_head):
+        # the per-row autograd node of the distances: each chunk's (C, d) gradient is taken in
+        # forward (rows are independent), its logits are freed with the chunk
+        def frozen_chunk(h_pol, h_ref, rows, _active):
+            out = one_chunk(h_pol, h_ref, chunk_tokens(rows), policy_linear, ref_linear)
+            pieces.append(out)
+            return out[0]
+
+        penalty = rowwise_chunked(policy_hidden, ref_hidden, None, autograd_chunk(frozen_chunk), chunk_size)
+    else:
+        for sl in iter_chunks(n, chunk_size, vocab_size):
+            args = (policy_hidden[sl], ref_hidden[sl], chunk_tokens(sl), policy_linear, ref_linear)
+            pieces.append(checkpoint(one_chunk, *args, use_reentrant=False) if use_checkpoint else one_chunk(*args))
+        penalty = torch.cat([p[0] for p in pieces])
     ref_lp = None if tokens is None else torch.cat([p[1] for p in pieces])
     pol_lp = torch.cat([p[2] for p in pieces]) if want_policy_token_logps else None
     entropy = torch.cat([p[3] for p in pieces]) if want_entropy else None
     return TransportTerm(penalty=penalty, ref_token_logps=ref_lp, policy_token_logps=pol_lp, policy_entropy=entropy)
 
 
-def head_is_frozen(head: LogitHead, linear=None) -> bool:
-    """True when nothing of ``head`` (its module's parameters, or the ordered ``W[o]``, ``b[o]``) needs a gradient."""
-    if linear is not None and any(isinstance(t, torch.Tensor) and t.requires_grad for t in linear[:2]):
-        return False
+def head_is_frozen(head: LogitHead) -> bool:
+    """True when no parameter of ``head``'s module needs a gradient (then neither do ``W[o]``, ``b[o]``)."""
     return not any(p.requires_grad for p in head.lm_head.parameters())
-
-
-class _RowGradients(torch.autograd.Function):
-    """``values`` (N,) as a function of ``hidden`` (N, d) whose per-row gradients ``row_grads``
-    (N, d) are already known (row r of the values depends on row r of ``hidden`` only):
-    backward returns ``grad_out[:, None] * row_grads``."""
-
-    @staticmethod
-    def forward(ctx, hidden, values, row_grads):  # noqa: D102
-        ctx.save_for_backward(row_grads)
-        return values
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):  # noqa: D102
-        (row_grads,) = ctx.saved_tensors
-        return grad_out[:, None].to(row_grads.dtype) * row_grads, None, None
 
 
 def completion_hidden(hidden: torch.Tensor, num_completion_tokens: int) -> torch.Tensor:
