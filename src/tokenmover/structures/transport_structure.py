@@ -245,8 +245,7 @@ class TransportStructure:
             raise ValueError(f"order must have shape ({v},), got {tuple(order_t.shape)}")
         if not torch.equal(torch.sort(order_t).values, torch.arange(v, dtype=torch.int64)):
             raise ValueError(f"order is not a permutation of 0..{v - 1} (missing or repeated token ids)")
-        inverse = torch.empty(v, dtype=torch.int64)
-        inverse[order_t] = torch.arange(v, dtype=torch.int64)  # inverse[old id] = new id
+        inverse = inverse_permutation(order_t)  # inverse[old id] = new id
         # perms stay permutations and the ranges are untouched, so the structure stays valid.
         return TransportStructure(
             num_tokens=v,
@@ -419,6 +418,13 @@ class TransportStructure:
             f"TransportStructure(kind={self.kind!r}, num_tokens={self.num_tokens}, "
             f"members={self.num_members}, edges={self.num_edges})"
         )
+
+
+def inverse_permutation(order: torch.Tensor) -> torch.Tensor:
+    """``inv`` with ``inv[order[j]] = j`` for a permutation ``order`` (V,) of ``0..V-1``, same device/dtype."""
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), dtype=order.dtype, device=order.device)
+    return inverse
 
 
 def _check_laminar(starts: np.ndarray, ends: np.ndarray, member: int) -> None:

@@ -51,7 +51,7 @@ from tokenmover.distances._inputs import default_chunk_size, iter_chunks
 from tokenmover.distances._rowwise import autograd_chunk, rowwise_chunked
 from tokenmover.distances.api import METHODS
 from tokenmover.regularizer import Regularizer
-from tokenmover.structures.transport_structure import TransportStructure
+from tokenmover.structures.transport_structure import TransportStructure, inverse_permutation
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -142,7 +142,7 @@ class LogitHead:
         if weight.dim() != 2 or weight.shape[0] != self.row_order.numel():
             return None
         order = self.row_order.to(weight.device)
-        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+        inverse = inverse_permutation(order)
         weight = _PermuteRows.apply(weight, order, inverse)  # (V, d) rows in the new column order
         bias = None if bias is None else _PermuteRows.apply(bias, order, inverse)  # (V,)
         if cast is not None:
@@ -358,8 +358,7 @@ def leaf_order_view(regularizer: Regularizer) -> _LeafView | None:
         order = structure.leaf_order()  # (V,)
         if torch.equal(order, torch.arange(order.numel(), dtype=order.dtype)):
             return None
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(order.numel(), dtype=order.dtype)
+        inverse = inverse_permutation(order)
         view = _LeafView(structure, regularizer.with_structure(structure.in_leaf_order()), order, inverse, {})
         _LEAF_VIEWS[regularizer] = view
     return view
