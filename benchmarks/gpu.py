@@ -13,7 +13,8 @@ Rows (the policy's logits require grad, the reference's do not, as in RL fine-tu
                     LogitHead(row_order=structure.leaf_order()) produces by projecting onto the
                     output-layer rows in leaf order): no gather by permutation
 then a tuning sweep of the "tiles" kernels at the largest V (gradient made in forward vs backward,
-token vs leaf order, tile size, positions per program, warps, scan form, edge tiles),
+token vs leaf order, tile size, positions per program, warps, scan form, rows per prefix program,
+edge tiles),
   tree (torch)      the vectorised torch backend, for comparison (skipped when time runs short)
   sinkhorn top-64   tokenmover's "sinkhorn" method, when it is registered
 plus the bytes floor: reading both bf16 logit rows and writing the bf16 gradient once, at the copy
@@ -273,18 +274,22 @@ def time_row(timings: list, v: int, name: str, fn, x, y, device, repeats: int, f
 def sweep_configs(device: torch.device, small: bool) -> list[dict]:
     """The "tiles" kernels' tuning sweep: logits order ("token" / "leaf": a leaf-order output
     layer), positions per tile, positions per program, warps, prefix-scan form (1-4, see
-    ``tree_triton_tiles_jit.prefix_kernel``), then edge tiles."""
+    ``tree_triton_tiles_jit.prefix_kernel``), rows per prefix program, then edge tiles."""
     if small:
         return [{"order": o, "block": 32, "chunk": 64, "num_warps": 4, "scan": sc} for o in ("token", "leaf") for sc in (2, 4)] + [
+            {"order": "leaf", "block": 32, "chunk": 64, "num_warps": 4, "scan": 3, "row_block": 4},
             {"order": "token", "edge_block": 32, "edge_warps": 4}]
     tiles = [{"order": o, "block": b, "chunk": c, "num_warps": w, "scan": sc}
              for o in ("leaf", "token")
              for b, c, w, sc in ((512, 8192, 4, 2), (512, 8192, 4, 3), (512, 8192, 4, 4), (1024, 8192, 4, 4),
                                  (1024, 8192, 8, 3), (2048, 8192, 8, 4), (256, 4096, 2, 3),
                                  (512, 8192, 1, 1), (256, 8192, 1, 3), (1024, 8192, 2, 4))]  # 1 warp: no block barriers
+    rows = [{"order": o, "block": b, "chunk": 8192, "num_warps": w, "scan": sc, "row_block": rb}  # one row per warp
+            for o in ("leaf", "token")
+            for b, w, sc, rb in ((256, 4, 3, 4), (256, 4, 1, 4), (256, 4, 2, 4), (256, 8, 3, 8), (256, 2, 3, 2))]
     edges = [{"order": "token", "edge_block": e, "edge_warps": w} for e, w in ((128, 4), (512, 4), (1024, 8))]
     forward_made = [{"order": o, "gradient": "forward"} for o in ("token", "leaf")]  # the pre-deferral path
-    return forward_made + tiles + edges
+    return forward_made + rows + tiles + edges
 
 
 def main() -> int:

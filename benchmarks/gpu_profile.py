@@ -32,14 +32,18 @@ from tokenmover.kernels import tree_triton_tiles_jit as jt  # noqa: E402
 
 KERNELS = ("lse_partial_kernel", "prefix_kernel", "edge_kernel", "grad_kernel")
 CONFIGS = [
-    {"order": order, "block": b, "num_warps": w, "scan": sc, "chunk": c}
-    for order, b, w, sc, c in (
-        ("token", 1024, 4, 1, 4096), ("token", 1024, 4, 2, 4096), ("token", 512, 4, 1, 4096),
-        ("token", 512, 4, 2, 4096), ("token", 1024, 8, 2, 4096), ("token", 256, 2, 1, 4096),
-        ("token", 512, 2, 2, 4096), ("token", 512, 4, 2, 8192), ("token", 256, 4, 2, 4096),
-        ("leaf", 1024, 4, 1, 4096), ("leaf", 512, 4, 2, 4096), ("leaf, no identity path", 512, 4, 2, 4096),
-        ("token", 512, 4, 3, 8192), ("token", 512, 4, 4, 8192), ("leaf", 512, 4, 2, 8192),
-        ("leaf", 512, 4, 3, 8192), ("leaf", 512, 4, 4, 8192), ("leaf", 1024, 4, 4, 8192),
+    {"order": order, "block": b, "num_warps": w, "scan": sc, "chunk": c, "row_block": rb}
+    for order, b, w, sc, c, rb in (
+        # the defaults, and what run 5 measured (token order: block / warps / scan / chunk)
+        ("token", 512, 4, 2, 8192, 1), ("leaf", 512, 4, 2, 8192, 1), ("leaf, no identity path", 512, 4, 2, 4096, 1),
+        ("leaf", 512, 4, 2, 4096, 1), ("token", 1024, 4, 2, 4096, 1),
+        # fused scans (session 3) and 1-warp programs (no block barriers)
+        ("token", 512, 4, 3, 8192, 1), ("leaf", 512, 4, 3, 8192, 1), ("leaf", 512, 4, 4, 8192, 1),
+        ("leaf", 512, 1, 3, 8192, 1), ("leaf", 256, 1, 3, 8192, 1), ("token", 256, 1, 3, 8192, 1),
+        # several rows per prefix program (session 4): one row per warp, order / weights / boundaries read once
+        ("leaf", 256, 4, 3, 8192, 4), ("leaf", 256, 4, 1, 8192, 4), ("leaf", 256, 4, 2, 8192, 4),
+        ("leaf", 256, 8, 3, 8192, 8), ("leaf", 256, 2, 3, 8192, 2), ("token", 256, 4, 3, 8192, 4),
+        ("token", 256, 8, 3, 8192, 8),
     )
 ]
 EVENTS: dict[str, list] = defaultdict(list)
@@ -128,7 +132,7 @@ def main() -> None:
         return run
 
     xp, yp = x[:, perm].contiguous(), y[:, perm].contiguous()
-    if args.configs:  # tuning: per-kernel times for each (block, warps, scan, chunk), token and leaf order
+    if args.configs:  # tuning: per-kernel times for each (block, warps, scan, chunk, rows per prefix program), token and leaf order
         result["configs"] = []
         from tokenmover import distance  # noqa: PLC0415
 
@@ -137,7 +141,7 @@ def main() -> None:
         ref.sum().backward()
         ref_grad_leaf = x64.grad[:, perm]
         for cfg in CONFIGS:
-            opts = {k: cfg[k] for k in ("block", "num_warps", "scan", "chunk")}
+            opts = {k: cfg[k] for k in ("block", "num_warps", "scan", "chunk", "row_block")}
             order = cfg["order"]
             structure = tree if order == "token" else leaf_tree
             if order == "leaf, no identity path":

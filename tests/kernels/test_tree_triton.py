@@ -144,7 +144,12 @@ def test_every_tree_kernel_matches_numba(kind, algorithm):
 @pytest.mark.parametrize(
     "options",
     [{"chunk": 40, "block": 16}, {"chunk": 64, "block": 64}, {"chunk": 1000, "block": 64}, {"max_workspace_bytes": 1},
-     {"chunk": 100, "block": 64, "scan": 2}, {"chunk": 100, "block": 32, "scan": 3}, {"chunk": 128, "block": 64, "scan": 4}],
+     {"chunk": 100, "block": 64, "scan": 2}, {"chunk": 100, "block": 32, "scan": 3}, {"chunk": 128, "block": 64, "scan": 4},
+     # several rows per prefix program: 5 rows = one full and one partial block of 4 / 2 ...
+     {"chunk": 100, "block": 64, "scan": 2, "row_block": 4}, {"chunk": 100, "block": 32, "scan": 3, "row_block": 2},
+     {"chunk": 64, "block": 32, "scan": 1, "row_block": 8}, {"chunk": 128, "block": 64, "scan": 4, "row_block": 4},
+     # ... or more rows per program than the launch has (one row per launch)
+     {"max_workspace_bytes": 1, "row_block": 4}],
 )
 def test_tiles_chunks_of_columns_and_rows(options):
     """Prefix sums restart at every chunk of columns (offsets added back at the edges); rows run
@@ -164,8 +169,8 @@ def test_tiles_chunks_of_columns_and_rows(options):
     assert rel_err(gx * w[:, None], ref[1]) < 1e-12 and rel_err(gy * w[:, None], ref[2]) < 1e-12
 
 
-@pytest.mark.parametrize("scan", [1, 2, 3, 4])
-def test_tiles_on_logits_in_leaf_order(scan):
+@pytest.mark.parametrize(("scan", "row_block"), [(1, 1), (2, 1), (3, 1), (4, 1), (2, 4), (3, 2)])
+def test_tiles_on_logits_in_leaf_order(scan, row_block):
     """A tree relabelled so that its leaf order is the token order (logits from a permuted output
     layer) takes the contiguous-load path and gives W(t, x) of the original tree."""
     tree = structures(200)["cluster_tree"]
@@ -178,7 +183,7 @@ def test_tiles_on_logits_in_leaf_order(scan):
     ref = values_and_grads(x, y, tree, "numba", w)
     xs = x[:, perm].clone().requires_grad_()
     vals = tree_triton.tree_wasserstein_triton(xs, y[:, perm], None, leaf_tree, algorithm="tiles", block=64,
-                                               chunk=128, scan=scan)
+                                               chunk=128, scan=scan, row_block=row_block)
     (vals * w).sum().backward()
     assert rel_err(vals, ref[0]) < 1e-12
     assert rel_err(xs.grad, ref[1][:, perm]) < 1e-12
@@ -223,6 +228,33 @@ def test_mask_zeroes_values_and_gradients_even_with_garbage_rows():
     assert torch.all(xs.grad[~mask] == 0) and torch.all(ys.grad[~mask] == 0)
     ref = distance(x[mask], y[mask], "tree", structure=structure, backend="numba")
     assert rel_err(values[mask], ref) < 1e-12
+
+
+@pytest.mark.parametrize("scan", [2, 3])
+def test_tiles_row_blocks_with_masked_and_garbage_rows(scan):
+    """Rows of one prefix program may be masked out (holding NaN) or past the last row: they
+    read nothing that reaches a live row and store nothing."""
+    structure = structures(130)["forest"]
+    x, y = random_logits(7, 130, seed=47), random_logits(7, 130, seed=48)
+    mask = torch.tensor([True, False, True, True, False, False, True])
+    x[~mask] = float("nan")
+    xs, ys = x.clone().requires_grad_(), y.clone().requires_grad_()
+    vals = tree_triton.tree_wasserstein_triton(xs, ys, mask, structure, algorithm="tiles", block=32, chunk=64,
+                                               scan=scan, row_block=4)
+    vals.sum().backward()
+    assert torch.all(vals[~mask] == 0)
+    assert torch.all(xs.grad[~mask] == 0) and torch.all(ys.grad[~mask] == 0)
+    ref = values_and_grads(x[mask], y[mask], structure, "numba", torch.ones(int(mask.sum()), dtype=torch.float64))
+    assert rel_err(vals[mask], ref[0]) < 1e-12
+    assert rel_err(xs.grad[mask], ref[1]) < 1e-12 and rel_err(ys.grad[mask], ref[2]) < 1e-12
+
+
+@pytest.mark.parametrize("row_block", [0, 3, -2])
+def test_tiles_row_block_must_be_a_power_of_two(row_block):
+    structure = structures(60)["cluster_tree"]
+    x, y = random_logits(2, 60, seed=49), random_logits(2, 60, seed=50)
+    with pytest.raises(ValueError, match="row_block must be a power of two"):
+        tree_triton.tree_wasserstein_triton(x, y, None, structure, algorithm="tiles", row_block=row_block)
 
 
 def test_policy_gradient_only_matches_numba():

@@ -65,6 +65,7 @@ TILES_EDGE_BLOCK = 256
 TILES_EDGE_WARPS = 4
 TILES_SCAN = 2  # 1: tl.cumsum over the tile; 2: two-level (rows of 32); 3 / 4: the same, fused (see prefix_kernel)
 SCANS = (1, 2, 3, 4)
+TILES_ROW_BLOCK = 1  # rows per prefix-kernel program (a power of two); 1 is what the H200 runs measured
 GRADIENT_MODES = ("backward", "forward")  # where "tiles" makes the gradient (see tree_wasserstein_triton)
 
 
@@ -316,6 +317,7 @@ def tree_rows(
     edge_block: int | None = None,
     edge_warps: int | None = None,
     scan: int | None = None,
+    row_block: int | None = None,
     max_workspace_bytes: int = MAX_WORKSPACE_BYTES,
 ):
     """Run the fused kernel on (n, V) logits. Returns (values (n,), gx, gy, bad flags (n,) int8).
@@ -342,7 +344,7 @@ def tree_rows(
     if resolved == "tiles":  # its own defaults (TILES_*), its own gradient allocation
         out, bad, state = _tiles_forward(x, y, active, ts, want_grad, block=block, num_warps=num_warps, chunk=chunk,
                                          edge_block=edge_block, edge_warps=edge_warps, scan=scan,
-                                         max_workspace_bytes=max_workspace_bytes)
+                                         row_block=row_block, max_workspace_bytes=max_workspace_bytes)
         gx, gy = _tiles_gradient(x, y, active, ts.levels, ts, state, None, want_gx, want_gy) if want_grad else (None, None)
         return out, gx, gy, bad
     if block is None:
@@ -422,7 +424,7 @@ class TilesState:
 
 
 def _tiles_forward(x, y, active, ts: TritonStructure, want_grad: bool, *, block=None, num_warps=None, chunk=None,
-                   edge_block=None, edge_warps=None, scan=None,
+                   edge_block=None, edge_warps=None, scan=None, row_block=None,
                    max_workspace_bytes: int = MAX_WORKSPACE_BYTES) -> tuple[torch.Tensor, torch.Tensor, TilesState]:
     """Launches 1 - 3 of "tiles" over groups of rows (the per-row workspaces bound a group) on
     (n, V) logits with contiguous rows: values (n,) in the accumulation dtype, bad-row flags (n,)
@@ -443,6 +445,9 @@ def _tiles_forward(x, y, active, ts: TritonStructure, want_grad: bool, *, block=
     scan = scan or TILES_SCAN
     if scan not in SCANS:
         raise ValueError(f"scan must be one of {SCANS}, got {scan!r}")
+    row_block = TILES_ROW_BLOCK if row_block is None else row_block
+    if row_block < 1 or row_block & (row_block - 1):
+        raise ValueError(f"row_block must be a power of two, got {row_block!r}")
     if block is None:
         block = INTERPRET_BLOCK if interpret else TILES_BLOCK
     chunk = chunk or (4 * block if interpret else TILES_CHUNK)
@@ -474,10 +479,10 @@ def _tiles_forward(x, y, active, ts: TritonStructure, want_grad: bool, *, block=
         lse_rows = lse_part[r0:r1]
         jt.lse_partial_kernel[(m * g,)](xs, ys, xs.stride(0), ys.stride(0), act, lse_rows, v, g, chunk,
                                         HAS_MASK=has_mask, ACC=acc_tl, BLOCK=min(block, chunk), **extra)
-        jt.prefix_kernel[(m * k_members * g,)](
+        jt.prefix_kernel[(triton.cdiv(m, row_block) * k_members * g,)](
             xs, ys, xs.stride(0), ys.stride(0), act, lse_rows, ts.perms, lv.boundary_index, lv.token_weights_first,
-            cb, pb, cb.shape[1], tot, part, v, k_members, g, chunk,
-            HAS_MASK=has_mask, WANT_GRAD=want_grad, ACC=acc_tl, BLOCK=min(block, chunk), GBLOCK=gblock,
+            cb, pb, cb.shape[1], tot, part, m, v, k_members, g, chunk,
+            HAS_MASK=has_mask, WANT_GRAD=want_grad, ACC=acc_tl, ROWS=row_block, BLOCK=min(block, chunk), GBLOCK=gblock,
             SCAN=scan, IDENTITY=lv.identity_order, **extra,
         )
         jt.edge_kernel[(m,)](
@@ -591,6 +596,7 @@ def tree_wasserstein_triton(
     edge_block: int | None = None,
     edge_warps: int | None = None,
     scan: int | None = None,
+    row_block: int | None = None,
     max_workspace_bytes: int = MAX_WORKSPACE_BYTES,
     gradient: str = "backward",
 ) -> torch.Tensor:
@@ -605,8 +611,10 @@ def tree_wasserstein_triton(
 
     ``chunk_size`` (rows per launch) defaults to all rows: the kernel's memory does not grow
     with the number of rows, only the gradients (N, V in the logits' dtype) do. ``block``,
-    ``num_programs``, ``num_warps``, ``algorithm``, ``chunk``, ``edge_block``, ``edge_warps`` and
-    ``scan`` are passed to :func:`tree_rows`; ``max_workspace_bytes`` bounds the per-launch
+    ``num_programs``, ``num_warps``, ``algorithm``, ``chunk``, ``edge_block``, ``edge_warps``,
+    ``scan`` and ``row_block`` (rows per "tiles" prefix program: the member order, boundary
+    indices and singleton weights are then read once for that many rows; default 1) are passed
+    to :func:`tree_rows`; ``max_workspace_bytes`` bounds the per-launch
     workspace (not the gradients, nor the "tiles" state kept for backward: ``4 (E + 1)`` bytes a row).
     """
     device = policy.device
@@ -618,7 +626,7 @@ def tree_wasserstein_triton(
         raise ValueError(f"gradient must be one of {GRADIENT_MODES}, got {gradient!r}")
     options = {"block": block, "num_programs": num_programs, "num_warps": num_warps, "algorithm": algorithm,
                "chunk": chunk, "edge_block": edge_block, "edge_warps": edge_warps, "scan": scan,
-               "max_workspace_bytes": max_workspace_bytes, "gradient": gradient}
+               "row_block": row_block, "max_workspace_bytes": max_workspace_bytes, "gradient": gradient}
     n = policy.shape[0]
     pieces = []
     for sl in iter_chunks(n, chunk_size if chunk_size is not None else n, policy.shape[1]):

@@ -46,10 +46,13 @@ def _is_nonfinite(x):
 
 @triton.jit
 def _online_lse_step(run_max, run_sum, x):
-    """Per lane, the running max and the running sum of exp(. - max) after one more tile ``x``."""
-    new_max = tl.maximum(run_max, x)
-    shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # avoids -inf - -inf
-    return new_max, run_sum * tl.exp(run_max - shift) + tl.exp(x - shift)
+    """Per lane, the running max ``m`` and the running sum ``s`` of exp(. - m) after one more
+    tile ``x``, with one exponential per entry: ``e = exp(-|x - m|)``; a new maximum (x > m) gives
+    ``(x, s e + 1)``, otherwise ``(m, s + e)``. ``x = -inf`` adds nothing (also when m = -inf)."""
+    gap = tl.where(x == float("-inf"), float("-inf"), x - run_max)  # avoids -inf - -inf
+    e = tl.exp(-tl.abs(gap))
+    up = gap > 0
+    return tl.where(up, x, run_max), tl.where(up, run_sum * e + 1.0, run_sum + e)
 
 
 @triton.jit

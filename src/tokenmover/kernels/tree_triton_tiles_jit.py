@@ -90,34 +90,44 @@ def lse_partial_kernel(x_ptr, y_ptr, stride_x, stride_y, active_ptr, lse_part_pt
 
 
 @triton.jit
-def _combine(part_row, which, G, GBLOCK: tl.constexpr):
-    """log-sum-exp of a row from its chunks' (max, sum) at offsets which, which + 1."""
+def _combine(part_rows, which, G, GBLOCK: tl.constexpr):
+    """log-sum-exp of rows from their chunks' (max, sum) at offsets which, which + 1;
+    ``part_rows`` (R,) pointers to each row's partials, result (R,)."""
     goffs = tl.arange(0, GBLOCK)
     gm = goffs < G
-    m = tl.load(part_row + 6 * goffs + which, mask=gm, other=float("-inf"))
-    s = tl.load(part_row + 6 * goffs + which + 1, mask=gm, other=0.0)
-    top = tl.max(m, 0)
+    ptrs = part_rows[:, None] + 6 * goffs[None, :] + which  # (R, GBLOCK)
+    m = tl.load(ptrs, mask=gm[None, :], other=float("-inf"))
+    s = tl.load(ptrs + 1, mask=gm[None, :], other=0.0)
+    top = tl.max(m, 1)  # (R,)
     shift = tl.where(top == float("-inf"), 0.0, top)
-    return top + tl.log(tl.sum(s * tl.exp(m - shift), 0))
+    return top + tl.log(tl.sum(s * tl.exp(m - shift[:, None]), 1))
+
+
+@triton.jit
+def _rows_lses(lse_part_ptr, r, G, GBLOCK: tl.constexpr):
+    """(lse_x, lse_y) of the rows ``r`` (R,) int64, each (R,)."""
+    part_rows = lse_part_ptr + 6 * r * G
+    return _combine(part_rows, 0, G, GBLOCK), _combine(part_rows, 2, G, GBLOCK)
 
 
 @triton.jit
 def _row_lses(lse_part_ptr, r, G, GBLOCK: tl.constexpr):
-    part_row = lse_part_ptr + 6 * r * G
-    return _combine(part_row, 0, G, GBLOCK), _combine(part_row, 2, G, GBLOCK)
+    """(lse_x, lse_y) of one row ``r`` (a scalar), as scalars."""
+    lse_x, lse_y = _rows_lses(lse_part_ptr, r + tl.zeros([1], tl.int64), G, GBLOCK)
+    return tl.sum(lse_x, 0), tl.sum(lse_y, 0)
 
 
 @triton.jit
-def _cumsum(v, BLOCK: tl.constexpr, SCAN: tl.constexpr):
-    """Inclusive prefix sum of a (BLOCK,) tile: ``tl.cumsum`` (SCAN=1) or two-level (SCAN=2:
-    rows of 32 scanned, then the exclusive prefix of the row totals added)."""
+def _cumsum(v, ROWS: tl.constexpr, BLOCK: tl.constexpr, SCAN: tl.constexpr):
+    """Inclusive prefix sums along axis 1 of a (ROWS, BLOCK) tile: ``tl.cumsum`` (SCAN=1) or
+    two-level (SCAN=2: runs of 32 scanned, then the exclusive prefix of the run totals added)."""
     if SCAN == 2 and BLOCK >= 64:
-        rows = tl.reshape(v, (BLOCK // 32, 32))
-        totals = tl.sum(rows, 1)
-        before = tl.cumsum(totals, 0) - totals
-        return tl.reshape(tl.cumsum(rows, 1) + before[:, None], (BLOCK,))
+        runs = tl.reshape(v, (ROWS, BLOCK // 32, 32))
+        totals = tl.sum(runs, 2)
+        before = tl.cumsum(totals, 1) - totals
+        return tl.reshape(tl.cumsum(runs, 2) + before[:, :, None], (ROWS, BLOCK))
     else:
-        return tl.cumsum(v, 0)
+        return tl.cumsum(v, 1)
 
 
 @triton.jit
@@ -126,18 +136,19 @@ def _add2(a0, a1, b0, b1):
 
 
 @triton.jit
-def _cumsum2(u, v, BLOCK: tl.constexpr, TWO_LEVEL: tl.constexpr):
-    """Inclusive prefix sums of two (BLOCK,) tiles in one scan (shared exchanges done once for
-    both); two-level when TWO_LEVEL (rows of 32, then the row totals), as :func:`_cumsum`."""
+def _cumsum2(u, v, ROWS: tl.constexpr, BLOCK: tl.constexpr, TWO_LEVEL: tl.constexpr):
+    """Inclusive prefix sums along axis 1 of two (ROWS, BLOCK) tiles in one scan (shared
+    exchanges done once for both); two-level when TWO_LEVEL, as :func:`_cumsum`."""
     if TWO_LEVEL and BLOCK >= 64:
-        ru = tl.reshape(u, (BLOCK // 32, 32))
-        rv = tl.reshape(v, (BLOCK // 32, 32))
-        su, sv = tl.associative_scan((ru, rv), 1, _add2)
-        tu, tv = tl.reduce((ru, rv), 1, _add2)
-        bu, bv = tl.associative_scan((tu, tv), 0, _add2)
-        return tl.reshape(su + (bu - tu)[:, None], (BLOCK,)), tl.reshape(sv + (bv - tv)[:, None], (BLOCK,))
+        ru = tl.reshape(u, (ROWS, BLOCK // 32, 32))
+        rv = tl.reshape(v, (ROWS, BLOCK // 32, 32))
+        su, sv = tl.associative_scan((ru, rv), 2, _add2)
+        tu, tv = tl.reduce((ru, rv), 2, _add2)
+        bu, bv = tl.associative_scan((tu, tv), 1, _add2)
+        return (tl.reshape(su + (bu - tu)[:, :, None], (ROWS, BLOCK)),
+                tl.reshape(sv + (bv - tv)[:, :, None], (ROWS, BLOCK)))
     else:
-        return tl.associative_scan((u, v), 0, _add2)
+        return tl.associative_scan((u, v), 1, _add2)
 
 
 @triton.jit
@@ -145,43 +156,48 @@ def prefix_kernel(x_ptr, y_ptr, stride_x, stride_y, active_ptr, lse_part_ptr,
                   perm_ptr, bidx_ptr, tw0_ptr,  # (K, V) int32, (K, V + 1) int32 (-1: no boundary), (V,)
                   cb_ptr, pb_ptr, nb,  # (n, NB) chunk-local prefix sums at boundaries
                   tot_ptr, part_ptr,  # (n, K, G, 2) chunk totals of d and p; (n, K, G, 3) singleton sums
-                  V, K, G, L,
-                  HAS_MASK: tl.constexpr, WANT_GRAD: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
-                  GBLOCK: tl.constexpr, SCAN: tl.constexpr, IDENTITY: tl.constexpr):
-    """IDENTITY: the (single) member's order is the column order: contiguous loads, no gather.
+                  n, V, K, G, L,
+                  HAS_MASK: tl.constexpr, WANT_GRAD: tl.constexpr, ACC: tl.constexpr, ROWS: tl.constexpr,
+                  BLOCK: tl.constexpr, GBLOCK: tl.constexpr, SCAN: tl.constexpr, IDENTITY: tl.constexpr):
+    """One program: ROWS rows, member k, chunk c, in (ROWS, BLOCK) tiles. The member's order,
+    boundary indices and singleton weights are loaded once for all ROWS rows; every scan and sum
+    runs along a row (axis 1).
 
-    SCAN: 1 / 2 one- / two-level ``tl.cumsum`` per array and five block sums per tile; 3 / 4 the
-    same scans fused into one two-array ``associative_scan``, the carries from one two-array
-    ``reduce``, and the singleton sums kept per lane until the end (2 block-wide exchanges per
-    tile instead of 7)."""
+    IDENTITY: the (single) member's order is the column order: contiguous loads, no gather.
+
+    SCAN: 1 / 2 one- / two-level ``tl.cumsum`` per array and five sums per tile; 3 / 4 the same
+    scans fused into one two-array ``associative_scan``, the carries from one two-array
+    ``reduce``, and the singleton sums kept per lane until the end (2 exchanges per tile
+    instead of 7)."""
     pid = tl.program_id(0)
     c = pid % G
     k = (pid // G) % K
-    r = (pid // (G * K)).to(tl.int64)
-    active = 1
+    r = (pid // (G * K)).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # (ROWS,)
+    live = r < n
+    r = tl.minimum(r, n - 1)  # rows past the last one read row n - 1 and store nothing
     if HAS_MASK:
-        active = tl.load(active_ptr + r).to(tl.int32)
-    if active != 0:
-        lse_x, lse_y = _row_lses(lse_part_ptr, r, G, GBLOCK)
-        x_row = x_ptr + r * stride_x
-        y_row = y_ptr + r * stride_y
+        live &= tl.load(active_ptr + r).to(tl.int32) != 0
+    if tl.max(live.to(tl.int32), 0) != 0:
+        lse_x, lse_y = _rows_lses(lse_part_ptr, r, G, GBLOCK)  # (ROWS,)
+        x_rows = (x_ptr + r * stride_x)[:, None]  # (ROWS, 1)
+        y_rows = (y_ptr + r * stride_y)[:, None]
         perm_row = perm_ptr + k.to(tl.int64) * V
         bidx_row = bidx_ptr + k.to(tl.int64) * (V + 1)
-        cb_row = cb_ptr + r * nb
-        pb_row = pb_ptr + r * nb
+        cb_rows = (cb_ptr + r * nb)[:, None]
+        pb_rows = (pb_ptr + r * nb)[:, None]
         offs = tl.arange(0, BLOCK)
-        val = _zero(ACC, BLOCK)  # scalars: fewer live registers than (BLOCK,) accumulators
-        dot_p = _zero(ACC, BLOCK)
-        dot_q = _zero(ACC, BLOCK)
-        carry_c = _zero(ACC, BLOCK)
-        carry_p = _zero(ACC, BLOCK)
+        carry_c = tl.zeros([ROWS], ACC)
+        carry_p = tl.zeros([ROWS], ACC)
         start = c * L
         end = tl.minimum(start + L, V)
         FUSED: tl.constexpr = SCAN >= 3
         LEVELS: tl.constexpr = 2 - SCAN % 2  # 1: one-level scan, 2: two-level
-        val_l = tl.zeros([BLOCK], ACC)  # FUSED: per-lane sums, reduced once after the loop
-        dot_p_l = tl.zeros([BLOCK], ACC)
-        dot_q_l = tl.zeros([BLOCK], ACC)
+        val_l = tl.zeros([ROWS, BLOCK], ACC)  # per-lane sums, reduced once after the loop
+        dot_p_l = tl.zeros([ROWS, BLOCK], ACC)
+        dot_q_l = tl.zeros([ROWS, BLOCK], ACC)
+        val = tl.zeros([ROWS], ACC)  # SCAN 1 / 2: per-tile sums
+        dot_p = tl.zeros([ROWS], ACC)
+        dot_q = tl.zeros([ROWS], ACC)
         for s0 in range(start, end, BLOCK):
             pos = s0 + offs
             msk = pos < end
@@ -189,44 +205,45 @@ def prefix_kernel(x_ptr, y_ptr, stride_x, stride_y, active_ptr, lse_part_ptr,
                 tok = pos
             else:
                 tok = tl.load(perm_row + pos, mask=msk, other=0)
-            p = _probs(x_row, tok, msk, lse_x, ACC)  # (BLOCK,) in member order
-            q = _probs(y_row, tok, msk, lse_y, ACC)
+            msk2 = live[:, None] & msk[None, :]  # (ROWS, BLOCK)
+            p = _probs(x_rows, tok[None, :], msk2, lse_x[:, None], ACC)  # (ROWS, BLOCK) in member order
+            q = _probs(y_rows, tok[None, :], msk2, lse_y[:, None], ACC)
             d = p - q
-            t = tl.load(tw0_ptr + pos, mask=msk & ((pos * 0 + k) == 0), other=0.0).to(ACC)  # member 0 only
-            b = tl.load(bidx_row + pos + 1, mask=msk, other=-1)
-            at_edge = msk & (b >= 0)
+            t = tl.load(tw0_ptr + pos, mask=msk & ((pos * 0 + k) == 0), other=0.0).to(ACC)[None, :]  # member 0 only
+            b = tl.load(bidx_row + pos + 1, mask=msk, other=-1)[None, :]  # the same for every row
+            at_edge = msk2 & (b >= 0)
             s = _signed(t, d)
             if FUSED:
                 val_l += t * tl.abs(d)
             else:
-                val += tl.sum(t * tl.abs(d), 0)
+                val += tl.sum(t * tl.abs(d), 1)
             if FUSED and WANT_GRAD:
                 dot_p_l += p * s
                 dot_q_l += q * s
-                cum_d, cum_p = _cumsum2(d, p, BLOCK, LEVELS == 2)
-                tl.store(cb_row + b, carry_c + cum_d, mask=at_edge)
-                tl.store(pb_row + b, carry_p + cum_p, mask=at_edge)
-                tile_d, tile_p = tl.reduce((d, p), 0, _add2)
+                cum_d, cum_p = _cumsum2(d, p, ROWS, BLOCK, LEVELS == 2)
+                tl.store(cb_rows + b, carry_c[:, None] + cum_d, mask=at_edge)
+                tl.store(pb_rows + b, carry_p[:, None] + cum_p, mask=at_edge)
+                tile_d, tile_p = tl.reduce((d, p), 1, _add2)
                 carry_c += tile_d
                 carry_p += tile_p
             else:
-                tl.store(cb_row + b, carry_c + _cumsum(d, BLOCK, LEVELS), mask=at_edge)
-                carry_c += tl.sum(d, 0)
+                tl.store(cb_rows + b, carry_c[:, None] + _cumsum(d, ROWS, BLOCK, LEVELS), mask=at_edge)
+                carry_c += tl.sum(d, 1)
                 if WANT_GRAD:
-                    dot_p += tl.sum(p * s, 0)
-                    dot_q += tl.sum(q * s, 0)
-                    tl.store(pb_row + b, carry_p + _cumsum(p, BLOCK, LEVELS), mask=at_edge)
-                    carry_p += tl.sum(p, 0)
+                    dot_p += tl.sum(p * s, 1)
+                    dot_q += tl.sum(q * s, 1)
+                    tl.store(pb_rows + b, carry_p[:, None] + _cumsum(p, ROWS, BLOCK, LEVELS), mask=at_edge)
+                    carry_p += tl.sum(p, 1)
         if FUSED:
-            val += tl.sum(val_l, 0)
-            dot_p += tl.sum(dot_p_l, 0)
-            dot_q += tl.sum(dot_q_l, 0)
-        slot = (r * K + k) * G + c
-        tl.store(tot_ptr + 2 * slot, carry_c)
-        tl.store(tot_ptr + 2 * slot + 1, carry_p)
-        tl.store(part_ptr + 3 * slot, val)
-        tl.store(part_ptr + 3 * slot + 1, dot_p)
-        tl.store(part_ptr + 3 * slot + 2, dot_q)
+            val += tl.sum(val_l, 1)
+            dot_p += tl.sum(dot_p_l, 1)
+            dot_q += tl.sum(dot_q_l, 1)
+        slot = (r * K + k) * G + c  # (ROWS,)
+        tl.store(tot_ptr + 2 * slot, carry_c, mask=live)
+        tl.store(tot_ptr + 2 * slot + 1, carry_p, mask=live)
+        tl.store(part_ptr + 3 * slot, val, mask=live)
+        tl.store(part_ptr + 3 * slot + 1, dot_p, mask=live)
+        tl.store(part_ptr + 3 * slot + 2, dot_q, mask=live)
 
 
 @triton.jit
