@@ -9,6 +9,9 @@ Rows (the policy's logits require grad, the reference's do not, as in RL fine-tu
                     and forests, gradient made in backward; "levels" and "scatter" for comparison;
                     "scatter" for chains) on a cluster tree, a forest of 4 trees, 16 chains, built
                     here from random clustered points (in parallel worker processes, before CUDA starts)
+  tree (tiles, tuned) the same with tune=True: block / warps / scan / rows per prefix program
+                    picked by timing tiles_tuning.CANDIDATES here, once per shape (the first,
+                    untimed run tunes; every candidate is also checked for correctness)
   tree (leaf order) the tree on logits that arrive already in its leaf order (what
                     LogitHead(row_order=structure.leaf_order()) produces by projecting onto the
                     output-layer rows in leaf order): no gather by permutation
@@ -66,7 +69,7 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from tokenmover import METHODS, TransportStructure, build_chains, build_cluster_tree, distance  # noqa: E402
-from tokenmover.kernels import tree_triton  # noqa: E402
+from tokenmover.kernels import tiles_tuning, tree_triton  # noqa: E402
 
 T_START = time.perf_counter()
 
@@ -209,20 +212,24 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
 
 # ----------------------------------------------------------------------------- correctness
 def triton_tree(structure: TransportStructure, **options):
-    """f(x, y) -> (N,) with the Triton kernel and the given tuning options."""
+    """f(x, y) -> (N,) with the Triton kernel and the given tuning options; the "tiles" defaults
+    (``tune=False``) unless the options say ``tune=True`` or set tile knobs."""
+    options.setdefault("tune", False)
     return lambda a, b: tree_triton.tree_wasserstein_triton(a, b, None, structure, **options)
 
 
-def check_correctness(structures: dict, v: int, device: torch.device, n: int) -> list[dict]:
+def check_correctness(structures: dict, v: int, device: torch.device, n: int, small: bool) -> list[dict]:
     """Triton on bf16 and float32 logits against the torch backend in float64 on the same logits."""
     rows = []
     gen = torch.Generator(device=device).manual_seed(1)
     x = (3 * torch.randn(n, v, generator=gen, device=device)).to(torch.bfloat16)
     y = (x.float() + torch.randn(n, v, generator=gen, device=device)).to(torch.bfloat16)
-    cases = [("tree", "tiles"), ("tree", "levels"), ("tree", "scatter"), ("forest", "tiles"), ("forest", "levels"),
-             ("forest", "scatter"), ("sliced", "scatter")]
+    cases = [("tree", "tiles", {}), ("tree", "levels", {}), ("tree", "scatter", {}), ("forest", "tiles", {}),
+             ("forest", "levels", {}), ("forest", "scatter", {}), ("sliced", "scatter", {})]
+    # every configuration the tuner may pick ("tree (tiles, tuned)" rows)
+    cases += [("tree", "tiles", cand) for cand in tiles_tuning.CANDIDATES[1:]]
     refs = {}
-    for name, algorithm in cases:
+    for name, algorithm, knobs in cases:
         s = structures[name]
         if name not in refs:
             x64 = x.detach().double().requires_grad_()
@@ -234,14 +241,17 @@ def check_correctness(structures: dict, v: int, device: torch.device, n: int) ->
         # may take the other sign than in float64 (both are valid subgradients)
         for dtype, tol_v, tol_g in ((torch.bfloat16, 1e-4, 2e-2), (torch.float32, 1e-4, 2e-2)):
             xt = x.detach().to(dtype).clone().requires_grad_()
-            got = triton_tree(s, algorithm=algorithm)(xt, y.to(dtype))
+            if small and knobs:  # interpreter-sized tiles
+                knobs = {**knobs, "block": 32, "chunk": 64}
+            got = triton_tree(s, algorithm=algorithm, **knobs)(xt, y.to(dtype))
             got.sum().backward()
             ev, eg, eg_max = rel_err(got, ref), rel_l2(xt.grad, ref_grad), rel_err(xt.grad, ref_grad)
             ok = ev < tol_v and eg < tol_g
-            rows.append({"V": v, "structure": f"{name} ({algorithm})", "logits": str(dtype).replace("torch.", ""),
+            label = f"{name} ({algorithm}{''.join(f' {k}={val}' for k, val in knobs.items())})"
+            rows.append({"V": v, "structure": label, "logits": str(dtype).replace("torch.", ""),
                          "rel_err_value": ev, "rel_err_grad": eg, "rel_err_grad_max": eg_max, "ok": ok})
             if not ok:
-                PROBLEMS.append(f"{name} ({algorithm}) {dtype} V={v}: value {ev:.2e} grad {eg:.2e}")
+                PROBLEMS.append(f"{label} {dtype} V={v}: value {ev:.2e} grad {eg:.2e}")
     xk = x.float().requires_grad_()
     xk64 = x.double().requires_grad_()
     kl32, kl64 = kl_plain(xk, y), kl_plain(xk64, y.double())
@@ -302,6 +312,8 @@ def main() -> int:
         print(f"cannot run: {tree_triton.unavailable_reason(device)}")
         return 2
     all_structures = build_all_structures(vocab, small)  # before CUDA starts: forked workers
+    if small:  # the interpreter: tune over two candidates, one timed run each
+        tiles_tuning.CANDIDATES, tiles_tuning.TUNE_REPEATS = tiles_tuning.CANDIDATES[:2], 1
     info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton interpreter)",
             "torch": torch.__version__, "triton": __import__("triton").__version__, "N": n, "repeats": repeats,
             "note": "" if device.type == "cuda" else "CPU interpreter: timings are meaningless, this is a smoke test"}
@@ -327,15 +339,18 @@ def main() -> int:
     for v in vocab:
         print(f"V = {v}", flush=True)
         structures = all_structures[v]
-        correctness += check_correctness(structures, v, device, n=4 if small else 16)
+        correctness += check_correctness(structures, v, device, n=4 if small else 16, small=small)
         x, y, tokens = logits(v, n, device)
         rows = [("kl eager", kl_plain), ("k3 (TRL)", lambda a, b, t=tokens: k3_trl(a, b, t))]
         if compiled_kl is not None:
             rows.insert(1, ("kl compile", compiled_kl))
+        tuned = {"tune": True} if not small else {"tune": True, "chunk": 64}
         rows += [("tree (tiles)", triton_tree(structures["tree"], algorithm="tiles")),
+                 ("tree (tiles, tuned)", triton_tree(structures["tree"], algorithm="tiles", **tuned)),
                  ("tree (levels)", triton_tree(structures["tree"], algorithm="levels")),
                  ("tree (scatter)", triton_tree(structures["tree"], algorithm="scatter")),
                  ("forest (tiles)", triton_tree(structures["forest"], algorithm="tiles")),
+                 ("forest (tiles, tuned)", triton_tree(structures["forest"], algorithm="tiles", **tuned)),
                  ("forest (levels)", triton_tree(structures["forest"], algorithm="levels"))]
         for name, fn in rows:
             if not any(name.startswith(skip) for skip in ARGS.skip):
@@ -346,13 +361,14 @@ def main() -> int:
         yp = y[:, perm]
         del x, y
         leaf_tree = tree_in_leaf_order(structures["tree"])
-        for algorithm in ("tiles", "levels"):
-            name = f"tree leaf-order logits ({algorithm})"
+        for label, options in (("tiles", {}), ("tiles, tuned", tuned), ("levels", {})):
+            name = f"tree leaf-order logits ({label})"
             if not any(name.startswith(skip) for skip in ARGS.skip):
-                time_row(timings, v, name, triton_tree(leaf_tree, algorithm=algorithm), xp, yp, device, repeats,
-                         floors[v])
+                time_row(timings, v, name, triton_tree(leaf_tree, algorithm=label.split(",")[0], **options), xp, yp,
+                         device, repeats, floors[v])
         del xp, yp
         timings.append({"V": v, "method": "bytes floor", "ms": 1e3 * floors[v], "peak_extra_gib": None, "x_floor": 1.0})
+        info["tuned"] = [{"key": list(key), **cfg} for key, cfg in tiles_tuning.tuned_configs().items()]
         if device.type == "cuda":
             torch.cuda.empty_cache()
         save()

@@ -4,9 +4,10 @@
 
     W_r = sum_k a_k W_{T_k}(softmax(policy_r), softmax(ref_r))
 
-and its gradients in the forward pass. The gradients are written once, in the logits' dtype (bf16
-in -> bf16 gradient), and scaled in place by the incoming gradient in backward (Liger-Kernel's
-trick): no (N, V) float32 tensor is ever made. Accumulation is float32 (float64 for float64
+and its gradients, written once in the logits' dtype (bf16 in -> bf16 gradient): ``"tiles"`` makes
+them in backward, already scaled by the incoming gradient, from the small state its forward kept
+(``gradient="backward"``, the default); the other kernels make them in forward and scale them in
+place in backward (Liger-Kernel's trick). No (N, V) float32 tensor is ever made. Accumulation is float32 (float64 for float64
 logits). The only extra memory is a workspace capped by ``max_workspace_bytes`` (default 512 MiB):
 per program (``"levels"``, ``"scatter"``) or per row of a launch (``"tiles"``: prefix sums at the
 edge boundaries, per-edge signs, per-chunk partials; rows run in several launches when needed).
@@ -23,7 +24,9 @@ Three kernel families, picked by ``algorithm``:
 - ``"scatter"`` (:mod:`tokenmover.kernels.tree_triton_jit`), for any structure (chains too): one
   program per row with a per-program gradient workspace updated in member order.
 
-``"auto"`` (default) takes ``"tiles"`` where it applies, else ``"scatter"``. All read the
+``"auto"`` (default) takes ``"tiles"`` where it applies, else ``"scatter"``. On CUDA the
+``"tiles"`` tile configuration is picked by timing a few candidates once per problem shape
+(:mod:`tokenmover.kernels.tiles_tuning`) unless the caller sets it. All read the
 structure's packed arrays (:meth:`TransportStructure.packed`) converted to int32 indices once per
 (structure, device, dtype) and cached.
 
@@ -581,6 +584,24 @@ class _TritonTreeFunction(torch.autograd.Function):
         return grad_x, grad_y, None, None, None, None
 
 
+def _tuned_knobs(policy: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor | None, ts: TritonStructure,
+                 options: dict, tune: bool | None) -> dict:
+    """The tile knobs :func:`tiles_tuning.tune_tiles` picks for these logits ({} when not tuning)."""
+    from tokenmover.kernels import tiles_tuning  # noqa: PLC0415
+
+    if not tiles_tuning.should_tune(tune, policy.device, options):
+        return {}
+    given = [knob for knob in tiles_tuning.KNOBS if options.get(knob) is not None]
+    if given:
+        raise ValueError(f"tune=True picks {tiles_tuning.KNOBS} itself; do not also pass {given}")
+    rows = tiles_tuning.TUNE_ROWS
+    x, y = _unit_stride(policy[:rows].detach()), _unit_stride(ref[:rows].detach())
+    want_grad = torch.is_grad_enabled() and (policy.requires_grad or ref.requires_grad)
+    fixed = {k: options[k] for k in ("chunk", "edge_block", "edge_warps", "max_workspace_bytes")
+             if options[k] is not None}
+    return tiles_tuning.tune_tiles(x, y, None if mask is None else mask[:rows], ts, want_grad, fixed=fixed)
+
+
 def tree_wasserstein_triton(
     policy: torch.Tensor,
     ref: torch.Tensor,
@@ -599,6 +620,7 @@ def tree_wasserstein_triton(
     row_block: int | None = None,
     max_workspace_bytes: int = MAX_WORKSPACE_BYTES,
     gradient: str = "backward",
+    tune: bool | None = None,
 ) -> torch.Tensor:
     """Per-row distance of flattened (N, V) logits; (N,) float32 (float64 for float64 logits).
 
@@ -616,6 +638,12 @@ def tree_wasserstein_triton(
     indices and singleton weights are then read once for that many rows; default 1) are passed
     to :func:`tree_rows`; ``max_workspace_bytes`` bounds the per-launch
     workspace (not the gradients, nor the "tiles" state kept for backward: ``4 (E + 1)`` bytes a row).
+
+    ``tune`` ("tiles" only): pick ``block``, ``num_warps``, ``scan`` and ``row_block`` by timing a
+    few candidates on this card and these rows, once per problem shape
+    (:mod:`tokenmover.kernels.tiles_tuning`). ``None`` (default): on CUDA when none of those four
+    is given and ``TOKENMOVER_TRITON_TUNE`` is not ``0``; True: always (also on the CPU
+    interpreter); False: never (the ``TILES_*`` defaults).
     """
     device = policy.device
     if not available(device):
@@ -627,6 +655,8 @@ def tree_wasserstein_triton(
     options = {"block": block, "num_programs": num_programs, "num_warps": num_warps, "algorithm": algorithm,
                "chunk": chunk, "edge_block": edge_block, "edge_warps": edge_warps, "scan": scan,
                "row_block": row_block, "max_workspace_bytes": max_workspace_bytes, "gradient": gradient}
+    if resolve_algorithm(ts, algorithm) == "tiles":
+        options.update(_tuned_knobs(policy, ref, mask, ts, options, tune))
     n = policy.shape[0]
     pieces = []
     for sl in iter_chunks(n, chunk_size if chunk_size is not None else n, policy.shape[1]):

@@ -1,0 +1,148 @@
+"""Pick the "tiles" kernels' tile configuration on the card they run on, once per problem shape.
+
+The best tile configuration of the prefix kernel (positions per tile, warps, scan form, rows per
+program) depends on the card, on V and on whether the logits arrive in the tree's leaf order;
+docs/gpu.md has the H200 numbers. :func:`tune_tiles` times a short list of candidates
+(:data:`CANDIDATES`, the measured default first) on the caller's own rows, forward and gradient
+launches together, keeps the fastest, and caches it per
+
+    (device, V, logits dtypes, members, edges, leaf-order logits, gradient wanted).
+
+:func:`tokenmover.kernels.tree_triton.tree_wasserstein_triton` calls it on CUDA when no tile knob
+(``block``, ``num_warps``, ``scan``, ``row_block``) is given and ``tune`` is not False; the
+environment variable ``TOKENMOVER_TRITON_TUNE=0`` turns that default off. The first call for a
+new shape pays the compiles and a few timed runs of every candidate (seconds); later calls only
+look up the cache (:func:`tuned_configs`). Values never depend on the configuration: every
+candidate computes the same float32 sums (tested against float64 references).
+
+A candidate that cannot run on the card (too many registers or too much shared memory for it) is
+skipped with a warning; if none runs, the last error is raised.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import statistics
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+# (block, num_warps, scan, row_block); the first is the default of tree_triton (TILES_*)
+CANDIDATES: tuple[dict, ...] = (
+    {"block": 512, "num_warps": 4, "scan": 2, "row_block": 1},  # fastest measured on the H200 (run 5)
+    {"block": 512, "num_warps": 4, "scan": 3, "row_block": 1},  # fused scans: fewer barriers
+    {"block": 256, "num_warps": 1, "scan": 3, "row_block": 1},  # one warp: no block barriers
+    {"block": 256, "num_warps": 4, "scan": 3, "row_block": 4},  # one row per warp
+    {"block": 256, "num_warps": 8, "scan": 3, "row_block": 8},
+    {"block": 256, "num_warps": 4, "scan": 1, "row_block": 4},
+    {"block": 1024, "num_warps": 4, "scan": 4, "row_block": 1},
+)
+TUNE_ROWS = 1024  # rows of the caller's batch timed per candidate
+TUNE_REPEATS = 3  # timed runs per candidate (median), after one untimed run that compiles
+ENV_FLAG = "TOKENMOVER_TRITON_TUNE"
+KNOBS = ("block", "num_warps", "scan", "row_block")
+
+_TUNED: dict[tuple, dict] = {}
+
+
+def tuned_configs() -> dict[tuple, dict]:
+    """The configurations picked so far in this process: key -> ``{block, num_warps, scan,
+    row_block, ms}`` (``ms``: the winner's median time on the tuning rows)."""
+    return {key: dict(cfg) for key, cfg in _TUNED.items()}
+
+
+def clear_tuned() -> None:
+    """Forget every picked configuration (the next call on each shape tunes again)."""
+    _TUNED.clear()
+
+
+def should_tune(tune: bool | None, device: torch.device, options: dict) -> bool:
+    """``tune`` True: always; False: never; None (default): on CUDA, when no tile knob is given,
+    ``TOKENMOVER_TRITON_TUNE`` is not ``0`` and no CUDA graph is being captured (timing needs
+    synchronisation; a capture uses the defaults)."""
+    if tune is not None:
+        return bool(tune)
+    if device.type != "cuda" or os.environ.get(ENV_FLAG, "1") == "0":
+        return False
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return False
+    return all(options.get(knob) is None for knob in KNOBS)
+
+
+def elapsed_ms(run: Callable[[], object], device: torch.device, repeats: int | None = None) -> float:
+    """Median wall time of ``run()`` in milliseconds over ``repeats`` runs (default
+    :data:`TUNE_REPEATS`) after one untimed run (CUDA events on a GPU, ``time.perf_counter``
+    elsewhere)."""
+    repeats = TUNE_REPEATS if repeats is None else repeats
+    run()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            run()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            run()
+            times.append(1e3 * (time.perf_counter() - t0))
+    return statistics.median(times)
+
+
+def tune_key(x: torch.Tensor, y: torch.Tensor, ts, want_grad: bool) -> tuple:
+    lv = ts.levels
+    return (str(x.device), x.shape[1], str(x.dtype), str(y.dtype), ts.num_members, lv.num_edges,
+            bool(lv.identity_order), bool(want_grad))
+
+
+def tune_tiles(x: torch.Tensor, y: torch.Tensor, active: torch.Tensor | None, ts, want_grad: bool, *,
+               fixed: dict | None = None, candidates: Sequence[dict] | None = None, rows: int = TUNE_ROWS,
+               timer: Callable[[Callable[[], object], torch.device], float] = elapsed_ms) -> dict:
+    """The fastest of ``candidates`` (each a dict of :data:`KNOBS`; default :data:`CANDIDATES`)
+    for (n, V) logits with contiguous rows, timed on their first ``rows`` rows; cached per
+    :func:`tune_key`.
+
+    ``fixed``: the other "tiles" options (``chunk``, ``edge_block``, ...) used for every
+    candidate. Returns the knobs of the winner (without its time)."""
+    from tokenmover.kernels.tree_triton import _tiles_forward, _tiles_gradient  # noqa: PLC0415 (circular)
+
+    key = tune_key(x, y, ts, want_grad)
+    if key in _TUNED:
+        return {k: _TUNED[key][k] for k in KNOBS}
+    candidates = CANDIDATES if candidates is None else candidates
+    if not candidates:
+        raise ValueError("tune_tiles needs at least one candidate configuration")
+    for cand in candidates:
+        if set(cand) != set(KNOBS):
+            raise ValueError(f"a tuning candidate sets exactly {KNOBS}, got {sorted(cand)}")
+    fixed = dict(fixed or {})
+    xs, ys = x[:rows], y[:rows]
+    act = None if active is None else active[:rows]
+    best, best_ms, last_error = None, math.inf, None
+    for cand in candidates:
+        def run(cand=cand):
+            _, _, state = _tiles_forward(xs, ys, act, ts, want_grad, **fixed, **cand)
+            if want_grad:
+                _tiles_gradient(xs, ys, act, ts.levels, ts, state, None, True, False)
+
+        try:
+            ms = timer(run, x.device)
+        except Exception as exc:  # a configuration the card cannot run (registers, shared memory)
+            logger.warning("tiles tuning: %s failed on %s: %s: %s", cand, x.device, type(exc).__name__, exc)
+            last_error = exc
+            continue
+        logger.debug("tiles tuning: %s %.3f ms", cand, ms)
+        if ms < best_ms:
+            best, best_ms = cand, ms
+    if best is None:
+        raise last_error
+    _TUNED[key] = {**{k: best[k] for k in KNOBS}, "ms": best_ms}
+    logger.info("tiles tuning for %s: %s (%.3f ms on %d rows)", key, best, best_ms, xs.shape[0])
+    return {k: best[k] for k in KNOBS}

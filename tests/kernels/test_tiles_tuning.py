@@ -1,0 +1,141 @@
+"""Picking the "tiles" tile configuration (tokenmover.kernels.tiles_tuning), under TRITON_INTERPRET=1.
+
+Timings on the interpreter mean nothing, so the choice is checked with a timer that returns a
+known time per candidate; the values of the tuned call are checked against numba (1e-12, float64)."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton", reason="the triton package is not installed: the GPU backend cannot be tested")
+
+from tests.conftest import random_logits  # noqa: E402
+from tokenmover import build_cluster_forest, distance  # noqa: E402
+from tokenmover.kernels import tiles_tuning, tree_triton  # noqa: E402
+
+if not tree_triton.interpret_mode():
+    pytest.skip("TRITON_INTERPRET is set to 0: these CPU tests need Triton's interpreter", allow_module_level=True)
+
+SMALL = [  # interpreter-sized tiles
+    {"block": 32, "num_warps": 4, "scan": 2, "row_block": 1},
+    {"block": 16, "num_warps": 4, "scan": 3, "row_block": 4},
+    {"block": 32, "num_warps": 1, "scan": 1, "row_block": 2},
+]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cache():
+    tiles_tuning.clear_tuned()
+    yield
+    tiles_tuning.clear_tuned()
+
+
+def forest(v=120):
+    pts = torch.randn(v, 4, generator=torch.Generator().manual_seed(0))
+    return build_cluster_forest(pts, 2, branching=4, leaf_size=5)
+
+
+def packed(structure):
+    return tree_triton.pack_for_triton(structure, torch.device("cpu"), torch.float64)
+
+
+class FakeTimer:
+    """Runs each candidate once (so it must work) and reports ``ms_of(candidate)``."""
+
+    def __init__(self, ms_of):
+        self.ms_of, self.calls = ms_of, []
+
+    def __call__(self, run, device):
+        cand = run.__defaults__[0]
+        self.calls.append(cand)
+        run()
+        return self.ms_of(cand)
+
+
+def test_picks_the_fastest_candidate_and_caches_it():
+    structure = forest()
+    x, y = random_logits(5, 120, seed=1), random_logits(5, 120, seed=2)
+    timer = FakeTimer(lambda c: {1: 3.0, 4: 1.0, 2: 2.0}[c["row_block"]])
+    ts = packed(structure)
+    got = tiles_tuning.tune_tiles(x, y, None, ts, True, candidates=SMALL, timer=timer)
+    assert got == SMALL[1]
+    assert len(timer.calls) == 3
+    again = tiles_tuning.tune_tiles(x, y, None, ts, True, candidates=SMALL, timer=timer)
+    assert again == SMALL[1] and len(timer.calls) == 3  # cached: nothing timed
+    (key, cfg), = tiles_tuning.tuned_configs().items()
+    assert key == tiles_tuning.tune_key(x, y, ts, True) and cfg["ms"] == 1.0
+    # another shape key (no gradient wanted) is tuned on its own
+    tiles_tuning.tune_tiles(x, y, None, ts, False, candidates=SMALL, timer=timer)
+    assert len(timer.calls) == 6 and len(tiles_tuning.tuned_configs()) == 2
+
+
+def test_failing_candidates_are_skipped_and_all_failing_raises(caplog):
+    structure = forest()
+    x, y = random_logits(3, 120, seed=3), random_logits(3, 120, seed=4)
+    ts = packed(structure)
+    bad = {"block": 32, "num_warps": 4, "scan": 9, "row_block": 1}  # _tiles_forward refuses scan=9
+    with caplog.at_level(logging.WARNING, logger="tokenmover.kernels.tiles_tuning"):
+        got = tiles_tuning.tune_tiles(x, y, None, ts, True, candidates=[bad, SMALL[0]],
+                                      timer=FakeTimer(lambda c: 1.0))
+    assert got == SMALL[0]
+    assert "scan must be one of" in caplog.text
+    tiles_tuning.clear_tuned()
+    with pytest.raises(ValueError, match="scan must be one of"):
+        tiles_tuning.tune_tiles(x, y, None, ts, True, candidates=[bad], timer=FakeTimer(lambda c: 1.0))
+
+
+def test_candidates_must_set_every_knob_and_not_be_empty():
+    x, y = random_logits(2, 120, seed=5), random_logits(2, 120, seed=6)
+    ts = packed(forest())
+    with pytest.raises(ValueError, match="sets exactly"):
+        tiles_tuning.tune_tiles(x, y, None, ts, True, candidates=[{"block": 32}])
+    with pytest.raises(ValueError, match="at least one candidate"):
+        tiles_tuning.tune_tiles(x, y, None, ts, True, candidates=[])
+
+
+def test_tuned_call_matches_numba_with_a_mask(monkeypatch):
+    """tune=True through tree_wasserstein_triton: the picked knobs are used and values and
+    gradients equal the numba backend's."""
+    monkeypatch.setattr(tiles_tuning, "CANDIDATES", tuple(SMALL))
+    structure = forest()
+    x, y = random_logits(6, 120, seed=7), random_logits(6, 120, seed=8)
+    mask = torch.tensor([True, True, False, True, False, True])
+    xs = x.clone().requires_grad_()
+    vals = tree_triton.tree_wasserstein_triton(xs, y, mask, structure, tune=True)
+    (vals * torch.arange(1.0, 7.0, dtype=torch.float64)).sum().backward()
+    xr = x.clone().requires_grad_()
+    ref = distance(xr, y, "tree", structure=structure, backend="numba", mask=mask)
+    (ref * torch.arange(1.0, 7.0, dtype=torch.float64)).sum().backward()
+    assert float((vals - ref).detach().abs().max()) <= 1e-12 * float(ref.detach().abs().max())
+    assert float((xs.grad - xr.grad).abs().max()) <= 1e-12 * float(xr.grad.abs().max())
+    (cfg,) = tiles_tuning.tuned_configs().values()
+    assert {k: cfg[k] for k in tiles_tuning.KNOBS} in SMALL
+
+
+def test_when_to_tune(monkeypatch):
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    none = dict.fromkeys(tiles_tuning.KNOBS)
+    assert tiles_tuning.should_tune(None, cuda, none)
+    assert not tiles_tuning.should_tune(None, cpu, none)  # the interpreter: only when asked
+    assert tiles_tuning.should_tune(True, cpu, none)
+    assert not tiles_tuning.should_tune(False, cuda, none)
+    assert not tiles_tuning.should_tune(None, cuda, {**none, "scan": 3})  # a knob given: the caller decides
+    monkeypatch.setenv(tiles_tuning.ENV_FLAG, "0")
+    assert not tiles_tuning.should_tune(None, cuda, none)
+
+
+def test_tune_true_with_a_knob_raises():
+    x, y = random_logits(2, 120, seed=9), random_logits(2, 120, seed=10)
+    with pytest.raises(ValueError, match="do not also pass"):
+        tree_triton.tree_wasserstein_triton(x, y, None, forest(), tune=True, block=32)
+
+
+def test_elapsed_ms_runs_once_untimed_then_repeats():
+    calls = []
+    ms = tiles_tuning.elapsed_ms(lambda: calls.append(1), torch.device("cpu"), repeats=4)
+    assert len(calls) == 5 and ms >= 0.0
