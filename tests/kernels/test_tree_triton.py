@@ -103,6 +103,23 @@ def test_half_precision_logits_accumulate_in_float32(dtype):
     assert rel_err(gy, ref[2]) < 2e-2
 
 
+@pytest.mark.parametrize(("scan", "row_block"), [(2, 4), (3, 2)])
+def test_bf16_logits_with_several_rows_per_prefix_program(scan, row_block):
+    """bf16 logits in float32 math on the (rows, tile) prefix path: the same tolerances as above."""
+    structure = structures(200)["forest"]
+    x = random_logits(5, 200, seed=51, dtype=torch.bfloat16)
+    y = random_logits(5, 200, seed=52, dtype=torch.bfloat16)
+    w = torch.rand(5, dtype=torch.float64, generator=torch.Generator().manual_seed(53)) + 0.5
+    xs = x.clone().requires_grad_()
+    vals = tree_triton.tree_wasserstein_triton(xs, y, None, structure, algorithm="tiles", block=32, chunk=64,
+                                               scan=scan, row_block=row_block)
+    (vals.double() * w).sum().backward()
+    ref = values_and_grads(x.double(), y.double(), structure, "numba", w)
+    assert vals.dtype == torch.float32 and xs.grad.dtype == torch.bfloat16
+    assert rel_err(vals, ref[0]) < 1e-5
+    assert rel_err(xs.grad, ref[1]) < 2e-2
+
+
 def test_many_rows_per_program_and_chunks_reuse_workspaces():
     """5 rows on 2 programs: the per-program workspaces (difference array included) are reused."""
     structure = structures(150)["forest"]
