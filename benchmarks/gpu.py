@@ -25,8 +25,8 @@ bandwidth measured here.
 
 Run:  python benchmarks/gpu.py --out DIR              (CUDA; ~4-6 minutes on an H100/H200)
       python benchmarks/gpu.py --device cpu --small   (smoke test under TRITON_INTERPRET=1)
-Needs only torch and triton (and numpy, which tokenmover's structures use); numba/POT/geomloss
-are never imported. Writes DIR/gpu_benchmark.json after every stage and prints the tables. Exit code 1 when a
+Needs torch, triton and tokenmover's own dependencies (numpy, numba, scipy, pyyaml; the device
+image has them all); POT and geomloss are never imported. Writes DIR/gpu_benchmark.json after every stage and prints the tables. Exit code 1 when a
 correctness check fails.
 """
 
