@@ -7,7 +7,8 @@ Rows (the policy's logits require grad, the reference's do not, as in RL fine-tu
   k3 (TRL)          TRL GRPO's per-token k3 at the sampled token (float32 logsumexp + gather)
   tree / forest / sliced   the Triton kernel (tokenmover.kernels.tree_triton; "tiles" for trees
                     and forests, gradient made in backward; "levels" and "scatter" for comparison;
-                    "scatter" for chains) on a cluster tree, a forest of 4 trees, 16 chains, built
+                    "chains" for the 16 chains of sliced, "scatter" as an optional comparison row)
+                    on a cluster tree, a forest of 4 trees, 16 chains, built
                     here from random clustered points (in parallel worker processes, before CUDA starts)
   tree (tiles, tuned) the same with tune=True: block / warps / scan / rows per prefix program
                     picked by timing tiles_tuning.CANDIDATES here, once per shape (the first,
@@ -225,7 +226,7 @@ def check_correctness(structures: dict, v: int, device: torch.device, n: int, sm
     x = (3 * torch.randn(n, v, generator=gen, device=device)).to(torch.bfloat16)
     y = (x.float() + torch.randn(n, v, generator=gen, device=device)).to(torch.bfloat16)
     cases = [("tree", "tiles", {}), ("tree", "levels", {}), ("tree", "scatter", {}), ("forest", "tiles", {}),
-             ("forest", "levels", {}), ("forest", "scatter", {}), ("sliced", "scatter", {})]
+             ("forest", "levels", {}), ("forest", "scatter", {}), ("sliced", "chains", {}), ("sliced", "scatter", {})]
     # every configuration the tuner may pick ("tree (tiles, tuned)" rows)
     cases += [("tree", "tiles", cand) for cand in tiles_tuning.CANDIDATES[1:]]
     refs = {}
@@ -351,7 +352,8 @@ def main() -> int:
                  ("tree (scatter)", triton_tree(structures["tree"], algorithm="scatter")),
                  ("forest (tiles)", triton_tree(structures["forest"], algorithm="tiles")),
                  ("forest (tiles, tuned)", triton_tree(structures["forest"], algorithm="tiles", **tuned)),
-                 ("forest (levels)", triton_tree(structures["forest"], algorithm="levels"))]
+                 ("forest (levels)", triton_tree(structures["forest"], algorithm="levels")),
+                 ("sliced (chains)", triton_tree(structures["sliced"], algorithm="chains"))]
         for name, fn in rows:
             if not any(name.startswith(skip) for skip in ARGS.skip):
                 time_row(timings, v, name, fn, x, y, device, repeats, floors[v])

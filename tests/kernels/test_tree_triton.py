@@ -207,7 +207,8 @@ def test_tiles_on_logits_in_leaf_order(scan, row_block):
 
 
 def test_levels_kernel_applies_to_trees_only():
-    """Chains (prefix members) and trees deeper than MAX_LEVELS run on the scatter kernel."""
+    """Chains (prefix members; the "chains" kernels) and trees deeper than MAX_LEVELS (the scatter
+    kernel) have no "levels" arrays."""
     cpu = torch.device("cpu")
     chains = structures(50)["chains"]
     assert tree_triton.pack_for_triton(chains, cpu, torch.float64).levels is None

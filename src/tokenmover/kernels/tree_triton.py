@@ -12,7 +12,7 @@ logits). The only extra memory is a workspace capped by ``max_workspace_bytes`` 
 per program (``"levels"``, ``"scatter"``) or per row of a launch (``"tiles"``: prefix sums at the
 edge boundaries, per-edge signs, per-chunk partials; rows run in several launches when needed).
 
-Three kernel families, picked by ``algorithm``:
+Four kernel families, picked by ``algorithm``:
 
 - ``"tiles"`` (:mod:`tokenmover.kernels.tree_triton_tiles_jit`), for structures whose members are
   all trees with at most ``MAX_LEVELS`` edge levels: four launches, each row cut into chunks of
@@ -21,10 +21,14 @@ Three kernel families, picked by ``algorithm``:
 - ``"levels"`` (:mod:`tokenmover.kernels.tree_triton_levels_jit`), same structures, one program
   per row: the gradient of each token is read off the tree (the summed edge signs of its deepest
   edge and that edge's ancestors); 1 + K + 1 passes over a row.
-- ``"scatter"`` (:mod:`tokenmover.kernels.tree_triton_jit`), for any structure (chains too): one
-  program per row with a per-program gradient workspace updated in member order.
+- ``"chains"`` (:mod:`tokenmover.kernels.tree_triton_chains_jit`, host
+  :mod:`tokenmover.kernels.chains_triton`), for structures made only of chains (sliced): each
+  (row, member, chunk) a program, prefix and suffix sums joined through chunk totals; the
+  gradient is made in forward.
+- ``"scatter"`` (:mod:`tokenmover.kernels.tree_triton_jit`), for any structure: one program per
+  row with a per-program gradient workspace updated in member order.
 
-``"auto"`` (default) takes ``"tiles"`` where it applies, else ``"scatter"``. On CUDA the
+``"auto"`` (default) takes ``"tiles"`` or ``"chains"`` where they apply, else ``"scatter"``. On CUDA the
 ``"tiles"`` tile configuration is picked by timing a few candidates once per problem shape
 (:mod:`tokenmover.kernels.tiles_tuning`) unless the caller sets it. All read the
 structure's packed arrays (:meth:`TransportStructure.packed`) converted to int32 indices once per
@@ -46,6 +50,7 @@ import numpy as np
 import torch
 
 from tokenmover.distances._inputs import describe_bad_rows, iter_chunks
+from tokenmover.kernels.chains_triton import chain_leaf, chain_rows
 from tokenmover.structures.transport_structure import PackedStructure, TransportStructure
 
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
@@ -59,7 +64,7 @@ INTERPRET_EBLOCK = 16
 PROGRAMS_PER_SM = 4
 MAX_WORKSPACE_BYTES = 512 << 20
 MAX_LEVELS = 256  # deeper trees (MST orders) use the scatter kernel: one barrier per level
-ALGORITHMS = ("auto", "tiles", "levels", "scatter")
+ALGORITHMS = ("auto", "tiles", "levels", "scatter", "chains")
 # "tiles" defaults: the fastest of the configurations measured on an H200 at V = 262,144 (docs/gpu.md)
 TILES_CHUNK = 8192  # positions per program
 TILES_BLOCK = 512
@@ -111,6 +116,7 @@ class TritonStructure:
     member_kind: torch.Tensor  # (K,) int32: row of prefix_weights for a chain, -1 for a tree
     prefix_weights: torch.Tensor  # (K_prefix, V + 1), at least one row
     levels: TritonLevels | None = None  # the "levels" kernel's arrays; None where it does not apply
+    chain_leaf: torch.Tensor | None = None  # (K, V) int32 for all-chain structures ("chains"), else None
 
 
 @dataclass(frozen=True)
@@ -169,8 +175,10 @@ def _convert(packed: PackedStructure, device: torch.device, dtype: torch.dtype) 
     if prefix_weights.shape[0] == 0:  # the kernel needs a valid pointer
         prefix_weights = torch.zeros(1, v + 1, dtype=dtype, device=device)
     levels = None if bool(is_prefix.any()) else _levels(packed, device, dtype)
+    all_chains = bool(is_prefix.all()) and 1 + is_prefix.numel() * v < 2**31
     return TritonStructure(
         levels=levels,
+        chain_leaf=chain_leaf(packed.perms.to(device)) if all_chains else None,
         num_tokens=v,
         num_members=int(packed.perms.shape[0]),
         has_tree=bool((~is_prefix).any()) and packed.edge_starts.numel() > 0,
@@ -291,16 +299,19 @@ def _num_programs(n_rows: int, per_program_bytes: int, device: torch.device,
 
 
 def resolve_algorithm(ts: TritonStructure, algorithm: str) -> str:
-    """``"levels"`` or ``"scatter"`` for ``algorithm`` in :data:`ALGORITHMS`."""
+    """The kernel family that runs ``algorithm`` (one of :data:`ALGORITHMS`) on ``ts``: ``"auto"``
+    is ``"tiles"`` for all-tree structures, ``"chains"`` for all-chain ones, else ``"scatter"``."""
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
     if algorithm in ("levels", "tiles") and ts.levels is None:
         raise ValueError(
             f"algorithm={algorithm!r} needs a structure whose members are all trees with at most "
-            f"{MAX_LEVELS} edge levels (chains and deeper trees use algorithm='scatter')"
+            f"{MAX_LEVELS} edge levels (chains use algorithm='chains', deeper trees 'scatter')"
         )
+    if algorithm == "chains" and ts.chain_leaf is None:
+        raise ValueError("algorithm='chains' needs a structure whose members are all chains (trees use 'tiles')")
     if algorithm == "auto":
-        return "tiles" if ts.levels is not None else "scatter"
+        return "tiles" if ts.levels is not None else ("chains" if ts.chain_leaf is not None else "scatter")
     return algorithm
 
 
@@ -350,6 +361,9 @@ def tree_rows(
                                          row_block=row_block, max_workspace_bytes=max_workspace_bytes)
         gx, gy = _tiles_gradient(x, y, active, ts.levels, ts, state, None, want_gx, want_gy) if want_grad else (None, None)
         return out, gx, gy, bad
+    if resolved == "chains":
+        return chain_rows(x, y, active, ts, want_gx, want_gy, block=block, num_warps=num_warps, chunk=chunk,
+                          max_workspace_bytes=max_workspace_bytes)
     if block is None:
         block = INTERPRET_BLOCK if interpret else GPU_BLOCK
     eblock = INTERPRET_EBLOCK if interpret else GPU_EBLOCK

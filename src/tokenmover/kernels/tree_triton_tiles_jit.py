@@ -247,6 +247,18 @@ def prefix_kernel(x_ptr, y_ptr, stride_x, stride_y, active_ptr, lse_part_ptr,
 
 
 @triton.jit
+def _store_bad_flag(lse_part_ptr, bad_ptr, r, G, GBLOCK: tl.constexpr):
+    """bad[r] = 1 (policy) or 2 (reference) for a row with NaN / +Inf or no mass (lse = -inf), else 0."""
+    lse_x, lse_y = _row_lses(lse_part_ptr, r, G, GBLOCK)
+    goffs = tl.arange(0, GBLOCK)
+    nonfinite_x = tl.sum(tl.load(lse_part_ptr + 6 * (r * G + goffs) + 4, mask=goffs < G, other=0.0), 0)
+    nonfinite_y = tl.sum(tl.load(lse_part_ptr + 6 * (r * G + goffs) + 5, mask=goffs < G, other=0.0), 0)
+    bad_x = (nonfinite_x > 0) | (lse_x == float("-inf"))
+    bad_y = (nonfinite_y > 0) | (lse_y == float("-inf"))
+    tl.store(bad_ptr + r, tl.where(bad_x, 1, tl.where(bad_y, 2, 0)).to(tl.int8))
+
+
+@triton.jit
 def _boundary(cb_row, off_row, bid, j, L, em):
     """C(j) = C_loc[bid] + offset[(j - 1) // L] for j > 0; C(0) = 0."""
     inner = em & (j > 0)
@@ -267,13 +279,7 @@ def edge_kernel(active_ptr, lse_part_ptr, bad_ptr, cb_ptr, pb_ptr, nb, tot_ptr, 
     if HAS_MASK:
         active = tl.load(active_ptr + r).to(tl.int32)
     if active != 0:
-        lse_x, lse_y = _row_lses(lse_part_ptr, r, G, GBLOCK)
-        goffs_b = tl.arange(0, GBLOCK)
-        nonfinite_x = tl.sum(tl.load(lse_part_ptr + 6 * (r * G + goffs_b) + 4, mask=goffs_b < G, other=0.0), 0)
-        nonfinite_y = tl.sum(tl.load(lse_part_ptr + 6 * (r * G + goffs_b) + 5, mask=goffs_b < G, other=0.0), 0)
-        bad_x = (nonfinite_x > 0) | (lse_x == float("-inf"))
-        bad_y = (nonfinite_y > 0) | (lse_y == float("-inf"))
-        tl.store(bad_ptr + r, tl.where(bad_x, 1, tl.where(bad_y, 2, 0)).to(tl.int8))
+        _store_bad_flag(lse_part_ptr, bad_ptr, r, G, GBLOCK)
         cb_row = cb_ptr + r * nb
         pb_row = pb_ptr + r * nb
         s_row = s_ptr + r * (ne + 1)
