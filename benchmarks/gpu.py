@@ -285,10 +285,12 @@ def time_row(timings: list, v: int, name: str, fn, x, y, device, repeats: int, f
 def sweep_configs(device: torch.device, small: bool) -> list[dict]:
     """The "tiles" kernels' tuning sweep: logits order ("token" / "leaf": a leaf-order output
     layer), positions per tile, positions per program, warps, prefix-scan form (1-4, see
-    ``tree_triton_tiles_jit.prefix_kernel``), rows per prefix program, then edge tiles."""
+    ``tree_triton_tiles_jit.prefix_kernel``), rows per prefix program, then the "chains" kernels
+    of sliced (tile, warps, positions per program, workspace), then edge tiles."""
     if small:
         return [{"order": o, "block": 32, "chunk": 64, "num_warps": 4, "scan": sc} for o in ("token", "leaf") for sc in (2, 4)] + [
             {"order": "leaf", "block": 32, "chunk": 64, "num_warps": 4, "scan": 3, "row_block": 4},
+            {"order": "sliced", "block": 32, "chunk": 64, "num_warps": 4},
             {"order": "token", "edge_block": 32, "edge_warps": 4}]
     tiles = [{"order": o, "block": b, "chunk": c, "num_warps": w, "scan": sc}
              for o in ("leaf", "token")
@@ -300,7 +302,9 @@ def sweep_configs(device: torch.device, small: bool) -> list[dict]:
             for b, w, sc, rb in ((256, 4, 3, 4), (256, 4, 1, 4), (256, 4, 2, 4), (256, 8, 3, 8), (256, 2, 3, 2))]
     edges = [{"order": "token", "edge_block": e, "edge_warps": w} for e, w in ((128, 4), (512, 4), (1024, 8))]
     forward_made = [{"order": o, "gradient": "forward"} for o in ("token", "leaf")]  # the pre-deferral path
-    return forward_made + rows + tiles + edges
+    chains = [{"order": "sliced", "block": b, "num_warps": w, "chunk": c, "max_workspace_bytes": ws << 20}
+              for b, w, c, ws in ((256, 4, 8192, 512), (1024, 8, 8192, 512), (512, 4, 4096, 512), (512, 4, 8192, 2048))]
+    return forward_made + rows + tiles + chains + edges
 
 
 def main() -> int:
@@ -382,14 +386,17 @@ def main() -> int:
         tree = all_structures[v]["tree"]
         perm = tree.perms[0].to(device)
         inputs = {"token": (x, y, tree),
-                  "leaf": (x.detach()[:, perm].requires_grad_(), y[:, perm], tree_in_leaf_order(tree))}
+                  "leaf": (x.detach()[:, perm].requires_grad_(), y[:, perm], tree_in_leaf_order(tree)),
+                  "sliced": (x, y, all_structures[v]["sliced"])}
         for cfg in sweep_configs(device, small):
             if time.perf_counter() - T_START > ARGS.budget_s:
                 break
-            name = "tree tiles " + " ".join(f"{k}={val}" for k, val in cfg.items())
+            algorithm = "chains" if cfg["order"] == "sliced" else "tiles"
+            name = ("sliced chains " if algorithm == "chains" else "tree tiles ") + " ".join(
+                f"{k}={val}" for k, val in cfg.items() if k != "order" or algorithm == "tiles")
             a, b, structure = inputs[cfg["order"]]
             options = {k: val for k, val in cfg.items() if k != "order"}
-            time_row(timings, v, name, triton_tree(structure, algorithm="tiles", **options), a, b, device,
+            time_row(timings, v, name, triton_tree(structure, algorithm=algorithm, **options), a, b, device,
                      max(1, repeats - 2), floors[v], sweep=cfg)
         del x, y, inputs
         save()

@@ -120,13 +120,15 @@ def test_tuned_call_matches_numba_with_a_mask(monkeypatch):
 def test_when_to_tune(monkeypatch):
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     none = dict.fromkeys(tiles_tuning.KNOBS)
-    assert tiles_tuning.should_tune(None, cuda, none)
-    assert not tiles_tuning.should_tune(None, cpu, none)  # the interpreter: only when asked
-    assert tiles_tuning.should_tune(True, cpu, none)
-    assert not tiles_tuning.should_tune(False, cuda, none)
-    assert not tiles_tuning.should_tune(None, cuda, {**none, "scan": 3})  # a knob given: the caller decides
+    n = tiles_tuning.TUNE_MIN_ROWS
+    assert tiles_tuning.should_tune(None, cuda, none, n)
+    assert not tiles_tuning.should_tune(None, cuda, none, n - 1)  # too few rows to time: defaults
+    assert not tiles_tuning.should_tune(None, cpu, none, n)  # the interpreter: only when asked
+    assert tiles_tuning.should_tune(True, cpu, none, 1)
+    assert not tiles_tuning.should_tune(False, cuda, none, n)
+    assert not tiles_tuning.should_tune(None, cuda, {**none, "scan": 3}, n)  # a knob given: the caller decides
     monkeypatch.setenv(tiles_tuning.ENV_FLAG, "0")
-    assert not tiles_tuning.should_tune(None, cuda, none)
+    assert not tiles_tuning.should_tune(None, cuda, none, n)
 
 
 def test_tune_true_with_a_knob_raises():

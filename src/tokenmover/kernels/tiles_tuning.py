@@ -10,7 +10,8 @@ launches together, keeps the fastest, and caches it per
 
 :func:`tokenmover.kernels.tree_triton.tree_wasserstein_triton` calls it on CUDA when no tile knob
 (``block``, ``num_warps``, ``scan``, ``row_block``) is given and ``tune`` is not False; the
-environment variable ``TOKENMOVER_TRITON_TUNE=0`` turns that default off. The first call for a
+environment variable ``TOKENMOVER_TRITON_TUNE=0`` turns that default off, and batches of fewer
+than :data:`TUNE_MIN_ROWS` rows run the defaults without tuning. The first call for a
 new shape pays the compiles and a few timed runs of every candidate (seconds); later calls only
 look up the cache (:func:`tuned_configs`). Values never depend on the configuration: every
 candidate computes the same float32 sums (tested against float64 references).
@@ -43,6 +44,7 @@ CANDIDATES: tuple[dict, ...] = (
     {"block": 1024, "num_warps": 4, "scan": 4, "row_block": 1},
 )
 TUNE_ROWS = 1024  # rows of the caller's batch timed per candidate
+TUNE_MIN_ROWS = 256  # smaller batches run the defaults (a choice timed on a few rows would be noise)
 TUNE_REPEATS = 3  # timed runs per candidate (median), after one untimed run that compiles
 ENV_FLAG = "TOKENMOVER_TRITON_TUNE"
 KNOBS = ("block", "num_warps", "scan", "row_block")
@@ -61,13 +63,14 @@ def clear_tuned() -> None:
     _TUNED.clear()
 
 
-def should_tune(tune: bool | None, device: torch.device, options: dict) -> bool:
+def should_tune(tune: bool | None, device: torch.device, options: dict, n_rows: int) -> bool:
     """``tune`` True: always; False: never; None (default): on CUDA, when no tile knob is given,
-    ``TOKENMOVER_TRITON_TUNE`` is not ``0`` and no CUDA graph is being captured (timing needs
-    synchronisation; a capture uses the defaults)."""
+    ``TOKENMOVER_TRITON_TUNE`` is not ``0``, the batch has at least :data:`TUNE_MIN_ROWS` rows
+    and no CUDA graph is being captured (timing needs synchronisation; a capture uses the
+    defaults)."""
     if tune is not None:
         return bool(tune)
-    if device.type != "cuda" or os.environ.get(ENV_FLAG, "1") == "0":
+    if device.type != "cuda" or os.environ.get(ENV_FLAG, "1") == "0" or n_rows < TUNE_MIN_ROWS:
         return False
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         return False

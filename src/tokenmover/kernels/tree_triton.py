@@ -603,7 +603,7 @@ def _tuned_knobs(policy: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor | N
     """The tile knobs :func:`tiles_tuning.tune_tiles` picks for these logits ({} when not tuning)."""
     from tokenmover.kernels import tiles_tuning  # noqa: PLC0415
 
-    if not tiles_tuning.should_tune(tune, policy.device, options):
+    if not tiles_tuning.should_tune(tune, policy.device, options, policy.shape[0]):
         return {}
     given = [knob for knob in tiles_tuning.KNOBS if options.get(knob) is not None]
     if given:
