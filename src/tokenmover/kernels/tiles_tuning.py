@@ -13,8 +13,10 @@ launches together, keeps the fastest, and caches it per
 environment variable ``TOKENMOVER_TRITON_TUNE=0`` turns that default off, and batches of fewer
 than :data:`TUNE_MIN_ROWS` rows run the defaults without tuning. The first call for a
 new shape pays the compiles and a few timed runs of every candidate (seconds); later calls only
-look up the cache (:func:`tuned_configs`). Values never depend on the configuration: every
-candidate computes the same float32 sums (tested against float64 references).
+look up the cache (:func:`tuned_configs`). Every candidate computes the same quantities; they
+differ only in float32 summation order (tile sizes), so values agree to rounding (each is
+checked against float64 references) but not bit for bit. A pick can differ between runs when two
+candidates time alike: for bitwise-reproducible runs set ``TOKENMOVER_TRITON_TUNE=0`` or the knobs.
 
 A candidate that cannot run on the card (too many registers or too much shared memory for it) is
 skipped with a warning; if none runs, the last error is raised.
