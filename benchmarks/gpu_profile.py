@@ -7,6 +7,7 @@ times ``torch.index_select`` of both logit tensors by the leaf order (the explic
 caller could do instead of the in-kernel gather) and the plain copy of both tensors.
 
 Run:  python benchmarks/gpu_profile.py --out DIR [--vocab 262144]     (CUDA only; ~1 minute)
+      python benchmarks/gpu_profile.py --out DIR --sliced    (adds the "chains" kernels of sliced)
       python benchmarks/gpu_profile.py --out DIR --configs   (per-kernel times for each tuning
                                                               config of CONFIGS; ~2 minutes)
 """
@@ -26,11 +27,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tokenmover import build_cluster_tree  # noqa: E402
+from tokenmover import build_chains, build_cluster_tree  # noqa: E402
 from tokenmover.kernels import tree_triton  # noqa: E402
+from tokenmover.kernels import tree_triton_chains_jit as jc  # noqa: E402
 from tokenmover.kernels import tree_triton_tiles_jit as jt  # noqa: E402
 
 KERNELS = ("lse_partial_kernel", "prefix_kernel", "edge_kernel", "grad_kernel")
+CHAIN_KERNELS = ("chain_totals_kernel", "chain_edges_kernel", "chain_suffix_kernel", "chain_finish_kernel")
 CONFIGS = [
     {"order": order, "block": b, "num_warps": w, "scan": sc, "chunk": c, "row_block": rb}
     for order, b, w, sc, c, rb in (
@@ -79,8 +82,9 @@ def per_kernel_ms(fn, repeats: int) -> dict:
         fn()
         torch.cuda.synchronize()
         walls.append(1e3 * (time.perf_counter() - t0))
-        for name in KERNELS:
-            sums[name].append(sum(s.elapsed_time(e) for s, e in EVENTS[name]))
+        for name in KERNELS + CHAIN_KERNELS:
+            if EVENTS[name]:
+                sums[name].append(sum(s.elapsed_time(e) for s, e in EVENTS[name]))
     out = {name: statistics.median(v) for name, v in sums.items()}
     out["wall"] = statistics.median(walls)
     return out
@@ -106,9 +110,12 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=8192)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--configs", action="store_true", help="per-kernel times for each entry of CONFIGS")
+    ap.add_argument("--sliced", action="store_true", help="also per-kernel times of sliced (16 chains, 'chains')")
     args = ap.parse_args()
     for name in KERNELS:
         setattr(jt, name, Timed(name, getattr(jt, name)))
+    for name in CHAIN_KERNELS:
+        setattr(jc, name, Timed(name, getattr(jc, name)))
     argv, sys.argv = sys.argv, sys.argv[:1]  # gpu.py parses sys.argv when imported
     from gpu import clustered_points, tree_in_leaf_order  # noqa: PLC0415
     sys.argv = argv
@@ -172,6 +179,15 @@ def main() -> None:
         result["index_select both by leaf order"] = event_ms(
             lambda: (x.index_select(1, perm), y.index_select(1, perm)), 5)
         result["copy both"] = event_ms(lambda: (x.clone(), y.clone()), 5)
+    if args.sliced:  # the "chains" kernels: 16 chains over the same points, token order
+        chains = build_chains(clustered_points(v, 32, torch.device("cpu")), 16)
+
+        def sliced_fwd_bwd():
+            xa = x.detach().requires_grad_()
+            tree_triton.tree_wasserstein_triton(xa, y, None, chains, algorithm="chains").sum().backward()
+
+        result["sliced (16 chains)"] = per_kernel_ms(sliced_fwd_bwd, 3)
+        print(json.dumps({"sliced (16 chains)": result["sliced (16 chains)"]}), flush=True)
     print(json.dumps(result, indent=1))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gpu_profile.json").write_text(json.dumps(result, indent=1))
