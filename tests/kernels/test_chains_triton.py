@@ -138,3 +138,10 @@ def test_chain_leaf_indexes_each_members_positions():
     # token 2 sits at position 0 of member 0 and position 1 of member 1
     assert leaf.tolist() == [[2, 3, 1], [6, 4, 5]]
     assert leaf.dtype == torch.int32
+
+
+@pytest.mark.parametrize("algorithm", ["chains", "scatter"])
+def test_zero_rows_raise_a_clear_error(algorithm):
+    empty = torch.zeros(0, 40, dtype=torch.float64)
+    with pytest.raises(ValueError, match="no positions"):
+        tree_triton.tree_wasserstein_triton(empty, empty, None, chains(40, seed=19), algorithm=algorithm)

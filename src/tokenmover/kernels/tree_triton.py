@@ -662,6 +662,8 @@ def tree_wasserstein_triton(
     device = policy.device
     if not available(device):
         raise ValueError(unavailable_reason(device))
+    if policy.shape[0] == 0:
+        raise ValueError("no positions: the logits have 0 rows")
     ts = pack_for_triton(structure, device, accumulation_dtype(policy, ref))
     resolve_algorithm(ts, algorithm)  # a bad name or an unusable choice fails before any launch
     if gradient not in GRADIENT_MODES:
