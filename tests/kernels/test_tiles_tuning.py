@@ -141,3 +141,21 @@ def test_elapsed_ms_runs_once_untimed_then_repeats():
     calls = []
     ms = tiles_tuning.elapsed_ms(lambda: calls.append(1), torch.device("cpu"), repeats=4)
     assert len(calls) == 5 and ms >= 0.0
+
+
+def test_out_of_memory_while_timing_keeps_the_defaults(caplog):
+    """A training step that leaves no room for the timing runs gets the first candidate (the
+    defaults), cached, and a warning; nothing is raised."""
+    x, y = random_logits(3, 120, seed=11), random_logits(3, 120, seed=12)
+    ts = packed(forest())
+
+    def timer(run, device):
+        if run.__defaults__[0] is SMALL[1]:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return 1.0 if run.__defaults__[0] is SMALL[0] else 0.5
+
+    with caplog.at_level(logging.WARNING, logger="tokenmover.kernels.tiles_tuning"):
+        got = tiles_tuning.tune_tiles(x, y, None, ts, True, candidates=SMALL, timer=timer)
+    assert got == SMALL[0]
+    assert "out of memory" in caplog.text
+    assert tiles_tuning.tune_tiles(x, y, None, ts, True, candidates=SMALL, timer=None) == SMALL[0]  # cached

@@ -19,7 +19,9 @@ checked against float64 references) but not bit for bit. A pick can differ betwe
 candidates time alike: for bitwise-reproducible runs set ``TOKENMOVER_TRITON_TUNE=0`` or the knobs.
 
 A candidate that cannot run on the card (too many registers or too much shared memory for it) is
-skipped with a warning; if none runs, the last error is raised.
+skipped with a warning; if none runs, the last error is raised. Timing needs memory for the
+gradient of up to :data:`TUNE_ROWS` rows: if the card runs out of it, tuning stops with a warning
+and the first candidate (the defaults) is kept for that shape.
 """
 
 from __future__ import annotations
@@ -139,6 +141,11 @@ def tune_tiles(x: torch.Tensor, y: torch.Tensor, active: torch.Tensor | None, ts
 
         try:
             ms = timer(run, x.device)
+        except torch.OutOfMemoryError:  # the caller's step leaves no room to time in: keep the defaults
+            logger.warning("tiles tuning: out of memory on %s while timing %s; using the defaults %s",
+                           x.device, cand, candidates[0])
+            best, best_ms = candidates[0], math.nan
+            break
         except Exception as exc:  # a configuration the card cannot run (registers, shared memory)
             logger.warning("tiles tuning: %s failed on %s: %s: %s", cand, x.device, type(exc).__name__, exc)
             last_error = exc
