@@ -317,8 +317,9 @@ def main() -> int:
         print(f"cannot run: {tree_triton.unavailable_reason(device)}")
         return 2
     all_structures = build_all_structures(vocab, small)  # before CUDA starts: forked workers
-    if small:  # the interpreter: tune over two candidates, one timed run each
-        tiles_tuning.CANDIDATES, tiles_tuning.TUNE_REPEATS = tiles_tuning.CANDIDATES[:2], 1
+    if small:  # the interpreter: tune over two interpreter-sized candidates, one timed run each
+        tiles_tuning.CANDIDATES = tuple({**c, "block": 32, "chunk": 64} for c in tiles_tuning.CANDIDATES[2:4])
+        tiles_tuning.TUNE_REPEATS = 1
     info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton interpreter)",
             "torch": torch.__version__, "triton": __import__("triton").__version__, "N": n, "repeats": repeats,
             "note": "" if device.type == "cuda" else "CPU interpreter: timings are meaningless, this is a smoke test"}
@@ -349,7 +350,7 @@ def main() -> int:
         rows = [("kl eager", kl_plain), ("k3 (TRL)", lambda a, b, t=tokens: k3_trl(a, b, t))]
         if compiled_kl is not None:
             rows.insert(1, ("kl compile", compiled_kl))
-        tuned = {"tune": True} if not small else {"tune": True, "chunk": 64}
+        tuned = {"tune": True}
         rows += [("tree (tiles)", triton_tree(structures["tree"], algorithm="tiles")),
                  ("tree (tiles, tuned)", triton_tree(structures["tree"], algorithm="tiles", **tuned)),
                  ("tree (levels)", triton_tree(structures["tree"], algorithm="levels")),

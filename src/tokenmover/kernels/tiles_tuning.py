@@ -1,7 +1,7 @@
 """Pick the "tiles" kernels' tile configuration on the card they run on, once per problem shape.
 
 The best tile configuration of the prefix kernel (positions per tile, warps, scan form, rows per
-program) depends on the card, on V and on whether the logits arrive in the tree's leaf order;
+program, positions per program) depends on the card, on V and on whether the logits arrive in the tree's leaf order;
 docs/gpu.md has the H200 numbers. :func:`tune_tiles` times a short list of candidates
 (:data:`CANDIDATES`, the measured default first) on the caller's own rows, forward and gradient
 launches together, keeps the fastest, and caches it per
@@ -9,7 +9,7 @@ launches together, keeps the fastest, and caches it per
     (device, V, logits dtypes, members, edges, leaf-order logits, gradient wanted).
 
 :func:`tokenmover.kernels.tree_triton.tree_wasserstein_triton` calls it on CUDA when no tile knob
-(``block``, ``num_warps``, ``scan``, ``row_block``) is given and ``tune`` is not False; the
+(``block``, ``num_warps``, ``scan``, ``row_block``, ``chunk``) is given and ``tune`` is not False; the
 environment variable ``TOKENMOVER_TRITON_TUNE=0`` turns that default off, and batches of fewer
 than :data:`TUNE_MIN_ROWS` rows run the defaults without tuning. The first call for a
 new shape pays the compiles and a few timed runs of every candidate (seconds); later calls only
@@ -37,21 +37,23 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-# (block, num_warps, scan, row_block); the first is the default of tree_triton (TILES_*)
+# (positions per tile, warps, scan form, rows per prefix program, positions per program);
+# the first is tree_triton's default (TILES_*)
 CANDIDATES: tuple[dict, ...] = (
-    {"block": 512, "num_warps": 4, "scan": 2, "row_block": 1},  # fastest measured on the H200 (run 5)
-    {"block": 512, "num_warps": 4, "scan": 3, "row_block": 1},  # fused scans: fewer barriers
-    {"block": 256, "num_warps": 1, "scan": 3, "row_block": 1},  # one warp: no block barriers
-    {"block": 256, "num_warps": 4, "scan": 3, "row_block": 4},  # one row per warp
-    {"block": 256, "num_warps": 8, "scan": 3, "row_block": 8},
-    {"block": 256, "num_warps": 4, "scan": 1, "row_block": 4},
-    {"block": 1024, "num_warps": 4, "scan": 4, "row_block": 1},
+    {"block": 512, "num_warps": 4, "scan": 2, "row_block": 1, "chunk": 8192},  # fastest measured, token order (H200 run 5)
+    {"block": 512, "num_warps": 4, "scan": 2, "row_block": 1, "chunk": 4096},  # fastest measured, leaf order (run 5)
+    {"block": 512, "num_warps": 4, "scan": 3, "row_block": 1, "chunk": 8192},  # fused scans: fewer barriers
+    {"block": 256, "num_warps": 1, "scan": 3, "row_block": 1, "chunk": 8192},  # one warp: no block barriers
+    {"block": 256, "num_warps": 4, "scan": 3, "row_block": 4, "chunk": 8192},  # one row per warp
+    {"block": 256, "num_warps": 8, "scan": 3, "row_block": 8, "chunk": 8192},
+    {"block": 256, "num_warps": 4, "scan": 1, "row_block": 4, "chunk": 8192},
+    {"block": 1024, "num_warps": 4, "scan": 4, "row_block": 1, "chunk": 8192},
 )
 TUNE_ROWS = 1024  # rows of the caller's batch timed per candidate
 TUNE_MIN_ROWS = 256  # smaller batches run the defaults (a choice timed on a few rows would be noise)
 TUNE_REPEATS = 3  # timed runs per candidate (median), after one untimed run that compiles
 ENV_FLAG = "TOKENMOVER_TRITON_TUNE"
-KNOBS = ("block", "num_warps", "scan", "row_block")
+KNOBS = ("block", "num_warps", "scan", "row_block", "chunk")
 
 _TUNED: dict[tuple, dict] = {}
 
@@ -116,7 +118,7 @@ def tune_tiles(x: torch.Tensor, y: torch.Tensor, active: torch.Tensor | None, ts
     for (n, V) logits with contiguous rows, timed on their first ``rows`` rows; cached per
     :func:`tune_key`.
 
-    ``fixed``: the other "tiles" options (``chunk``, ``edge_block``, ...) used for every
+    ``fixed``: the other "tiles" options (``edge_block``, ``edge_warps``, ...) used for every
     candidate. Returns the knobs of the winner (without its time)."""
     from tokenmover.kernels.tree_triton import _tiles_forward, _tiles_gradient  # noqa: PLC0415 (circular)
 

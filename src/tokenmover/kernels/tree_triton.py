@@ -611,7 +611,7 @@ def _tuned_knobs(policy: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor | N
     rows = tiles_tuning.TUNE_ROWS
     x, y = _unit_stride(policy[:rows].detach()), _unit_stride(ref[:rows].detach())
     want_grad = torch.is_grad_enabled() and (policy.requires_grad or ref.requires_grad)
-    fixed = {k: options[k] for k in ("chunk", "edge_block", "edge_warps", "max_workspace_bytes")
+    fixed = {k: options[k] for k in ("edge_block", "edge_warps", "max_workspace_bytes")
              if options[k] is not None}
     return tiles_tuning.tune_tiles(x, y, None if mask is None else mask[:rows], ts, want_grad, fixed=fixed)
 
@@ -653,9 +653,9 @@ def tree_wasserstein_triton(
     to :func:`tree_rows`; ``max_workspace_bytes`` bounds the per-launch
     workspace (not the gradients, nor the "tiles" state kept for backward: ``4 (E + 1)`` bytes a row).
 
-    ``tune`` ("tiles" only): pick ``block``, ``num_warps``, ``scan`` and ``row_block`` by timing a
-    few candidates on this card and these rows, once per problem shape
-    (:mod:`tokenmover.kernels.tiles_tuning`). ``None`` (default): on CUDA when none of those four
+    ``tune`` ("tiles" only): pick ``block``, ``num_warps``, ``scan``, ``row_block`` and ``chunk``
+    by timing a few candidates on this card and these rows, once per problem shape
+    (:mod:`tokenmover.kernels.tiles_tuning`). ``None`` (default): on CUDA when none of those five
     is given and ``TOKENMOVER_TRITON_TUNE`` is not ``0``; True: always (also on the CPU
     interpreter); False: never (the ``TILES_*`` defaults).
     """
