@@ -1,27 +1,28 @@
 """Pick the "tiles" kernels' tile configuration on the card they run on, once per problem shape.
 
-The best tile configuration of the prefix kernel (positions per tile, warps, scan form, rows per
-program, positions per program) depends on the card, on V and on whether the logits arrive in the tree's leaf order;
-docs/gpu.md has the H200 numbers. :func:`tune_tiles` times a short list of candidates
-(:data:`CANDIDATES`, the measured default first) on the caller's own rows, forward and gradient
-launches together, keeps the fastest, and caches it per
+The best configuration of the prefix kernel (positions per tile, warps, scan form, rows per
+program, positions per program) depends on the card, on V and on whether the logits arrive in
+the tree's leaf order; docs/gpu.md has the H200 numbers. :func:`tune_tiles` times a short list
+of candidates (:data:`CANDIDATES`, the measured default first) on the caller's own rows, forward
+and gradient launches together, keeps the fastest, and caches it per
 
     (device, V, logits dtypes, members, edges, leaf-order logits, gradient wanted).
 
-:func:`tokenmover.kernels.tree_triton.tree_wasserstein_triton` calls it on CUDA when no tile knob
-(``block``, ``num_warps``, ``scan``, ``row_block``, ``chunk``) is given and ``tune`` is not False; the
-environment variable ``TOKENMOVER_TRITON_TUNE=0`` turns that default off, and batches of fewer
-than :data:`TUNE_MIN_ROWS` rows run the defaults without tuning. The first call for a
-new shape pays the compiles and a few timed runs of every candidate (seconds); later calls only
-look up the cache (:func:`tuned_configs`). Every candidate computes the same quantities; they
-differ only in float32 summation order (tile sizes), so values agree to rounding (each is
-checked against float64 references) but not bit for bit. A pick can differ between runs when two
-candidates time alike: for bitwise-reproducible runs set ``TOKENMOVER_TRITON_TUNE=0`` or the knobs.
+:func:`tokenmover.kernels.tree_triton.tree_wasserstein_triton` calls it on CUDA when no tile
+knob (:data:`KNOBS`) is given and ``tune`` is not False; ``TOKENMOVER_TRITON_TUNE=0`` turns that
+default off, and batches of fewer than :data:`TUNE_MIN_ROWS` rows run the defaults untuned.
+The first call for a new shape pays the compiles and a few timed runs of every candidate
+(seconds); later calls look up the cache (:func:`tuned_configs`).
 
-A candidate that cannot run on the card (too many registers or too much shared memory for it) is
-skipped with a warning; if none runs, the last error is raised. Timing needs memory for the
-gradient of up to :data:`TUNE_ROWS` rows: if the card runs out of it, tuning stops with a warning
-and the first candidate (the defaults) is kept for that shape.
+Every candidate computes the same quantities, in a different float32 summation order: values
+agree to rounding (each is checked against float64 references), not bit for bit, and a pick can
+differ between runs when two candidates time alike. For bitwise-reproducible runs set
+``TOKENMOVER_TRITON_TUNE=0`` or the knobs.
+
+A candidate that cannot run on the card (too many registers or too much shared memory for it)
+is skipped with a warning; if none runs, the last error is raised. Timing needs memory for the
+gradient of up to :data:`TUNE_ROWS` rows: if the card runs out of it, tuning stops with a
+warning and the first candidate (the defaults) is kept for that shape.
 """
 
 from __future__ import annotations
