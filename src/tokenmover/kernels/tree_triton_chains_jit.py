@@ -32,7 +32,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from tokenmover.kernels.tree_triton_jit import _probs, _signed, _zero
+from tokenmover.kernels.tree_triton_jit import _member_probs, _row_active, _signed, _zero
 from tokenmover.kernels.tree_triton_tiles_jit import _row_lses, _store_bad_flag
 
 
@@ -49,9 +49,7 @@ def chain_totals_kernel(x_ptr, y_ptr, stride_x, stride_y, active_ptr, lse_part_p
                         V, K, G, L,
                         HAS_MASK: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, GBLOCK: tl.constexpr):
     r, k, c = _program(G, K)
-    active = 1
-    if HAS_MASK:
-        active = tl.load(active_ptr + r).to(tl.int32)
+    active = _row_active(active_ptr, r, HAS_MASK)
     if active != 0:
         lse_x, lse_y = _row_lses(lse_part_ptr, r, G, GBLOCK)
         x_row = x_ptr + r * stride_x
@@ -65,9 +63,7 @@ def chain_totals_kernel(x_ptr, y_ptr, stride_x, stride_y, active_ptr, lse_part_p
         for s0 in range(start, end, BLOCK):
             pos = s0 + offs
             msk = pos < end
-            tok = tl.load(perm_row + pos, mask=msk, other=0)
-            p = _probs(x_row, tok, msk, lse_x, ACC)
-            q = _probs(y_row, tok, msk, lse_y, ACC)
+            _, p, q = _member_probs(perm_row, x_row, y_row, lse_x, lse_y, pos, msk, ACC)
             sum_d += p - q
             sum_p += p
         slot = (r * K + k) * G + c
@@ -85,9 +81,7 @@ def chain_edges_kernel(x_ptr, y_ptr, stride_x, stride_y, active_ptr, lse_part_pt
                        HAS_MASK: tl.constexpr, WANT_GRAD: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
                        GBLOCK: tl.constexpr):
     r, k, c = _program(G, K)
-    active = 1
-    if HAS_MASK:
-        active = tl.load(active_ptr + r).to(tl.int32)
+    active = _row_active(active_ptr, r, HAS_MASK)
     if active != 0:
         lse_x, lse_y = _row_lses(lse_part_ptr, r, G, GBLOCK)
         x_row = x_ptr + r * stride_x
@@ -110,9 +104,7 @@ def chain_edges_kernel(x_ptr, y_ptr, stride_x, stride_y, active_ptr, lse_part_pt
         for s0 in range(start, end, BLOCK):
             pos = s0 + offs
             msk = pos < end
-            tok = tl.load(perm_row + pos, mask=msk, other=0)
-            p = _probs(x_row, tok, msk, lse_x, ACC)  # (BLOCK,) in member order
-            q = _probs(y_row, tok, msk, lse_y, ACC)
+            tok, p, q = _member_probs(perm_row, x_row, y_row, lse_x, lse_y, pos, msk, ACC)  # (BLOCK,) in member order
             d = p - q
             cum_c = carry_c + tl.cumsum(d, 0)  # C_j: mass of the edge holding positions 0..j
             w = tl.load(w_row + pos + 1, mask=msk, other=0.0).to(ACC)
@@ -141,9 +133,7 @@ def chain_suffix_kernel(active_ptr, s_ptr, ne, stot_ptr, V, K, G, L,
     """G_i = sum_{j >= i} sigma_j, written over sigma: the later chunks' totals plus the chunk's
     own suffix (its total minus the exclusive prefix)."""
     r, k, c = _program(G, K)
-    active = 1
-    if HAS_MASK:
-        active = tl.load(active_ptr + r).to(tl.int32)
+    active = _row_active(active_ptr, r, HAS_MASK)
     if active != 0:
         s_row = s_ptr + r * (ne + 1) + 1 + k.to(tl.int64) * V
         slots = (r * K + k) * G
@@ -168,9 +158,7 @@ def chain_finish_kernel(active_ptr, lse_part_ptr, bad_ptr, part_ptr, s_ptr, ne, 
                         HAS_MASK: tl.constexpr, WANT_GRAD: tl.constexpr, ACC: tl.constexpr, GBLOCK: tl.constexpr):
     """One program per row: bad-row flag, W and the two dot products from the (K, G) partials."""
     r = tl.program_id(0).to(tl.int64)
-    active = 1
-    if HAS_MASK:
-        active = tl.load(active_ptr + r).to(tl.int32)
+    active = _row_active(active_ptr, r, HAS_MASK)
     if active != 0:
         _store_bad_flag(lse_part_ptr, bad_ptr, r, G, GBLOCK)
         goffs = tl.arange(0, GBLOCK)

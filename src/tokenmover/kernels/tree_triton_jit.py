@@ -88,6 +88,22 @@ def _probs(row_ptr, idx, msk, lse, ACC: tl.constexpr):
 
 
 @triton.jit
+def _member_probs(perm_row, x_row, y_row, lse_x, lse_y, pos, msk, ACC: tl.constexpr):
+    """Member-order positions ``pos`` of one row: the tokens there and their ``p``, ``q``."""
+    tok = tl.load(perm_row + pos, mask=msk, other=0)
+    return tok, _probs(x_row, tok, msk, lse_x, ACC), _probs(y_row, tok, msk, lse_y, ACC)
+
+
+@triton.jit
+def _row_active(active_ptr, r, HAS_MASK: tl.constexpr):
+    """1, or with a mask row r's entry (0: masked out, skipped)."""
+    active = 1
+    if HAS_MASK:
+        active = tl.load(active_ptr + r).to(tl.int32)
+    return active
+
+
+@triton.jit
 def _singleton_pass(x_row, y_row, lse_x, lse_y, tw_ptr, g_row, V,
                     WANT_GRAD: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.arange(0, BLOCK)
@@ -125,9 +141,7 @@ def _chain_pass(x_row, y_row, lse_x, lse_y, perm_row, w_row, g_row, V,
     for start in range(0, V, BLOCK):
         pos = start + offs
         msk = pos < V
-        tok = tl.load(perm_row + pos, mask=msk, other=0)
-        p = _probs(x_row, tok, msk, lse_x, ACC)  # (BLOCK,) in member order
-        q = _probs(y_row, tok, msk, lse_y, ACC)
+        tok, p, q = _member_probs(perm_row, x_row, y_row, lse_x, lse_y, pos, msk, ACC)  # (BLOCK,) in member order
         d = p - q
         c = carry_c + tl.cumsum(d, 0)  # C_{pos + 1}: mass of the edge [0, pos + 1)
         w = tl.load(w_row + pos + 1, mask=msk, other=0.0).to(ACC)
@@ -158,9 +172,8 @@ def _tree_pass(x_row, y_row, lse_x, lse_y, perm_row, es_ptr, ee_ptr, ew_ptr, lo,
     for start in range(0, V, BLOCK):
         pos = start + offs
         msk = pos < V
-        tok = tl.load(perm_row + pos, mask=msk, other=0)
-        p = _probs(x_row, tok, msk, lse_x, ACC)
-        d = p - _probs(y_row, tok, msk, lse_y, ACC)
+        _, p, q = _member_probs(perm_row, x_row, y_row, lse_x, lse_y, pos, msk, ACC)
+        d = p - q
         tl.store(c_row + pos + 1, carry_c + tl.cumsum(d, 0), mask=msk)  # c_row[0] stays 0
         carry_c += tl.sum(d, 0)
         if WANT_GRAD:
@@ -263,9 +276,7 @@ def tree_rows_kernel(
         y_row = y_ptr + r * stride_y
         gx_row = gx_ptr + r * stride_gx
         gy_row = gy_ptr + r * stride_gy
-        active = 1
-        if HAS_MASK:
-            active = tl.load(active_ptr + row).to(tl.int32)
+        active = _row_active(active_ptr, row, HAS_MASK)
         if active != 0:
             lse_x, bad_x = _row_lse(x_row, V, ACC, BLOCK)
             lse_y, bad_y = _row_lse(y_row, V, ACC, BLOCK)

@@ -31,7 +31,15 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from tokenmover.kernels.tree_triton_jit import _probs, _row_lse, _signed, _zero, _zero_pass
+from tokenmover.kernels.tree_triton_jit import (
+    _member_probs,
+    _probs,
+    _row_active,
+    _row_lse,
+    _signed,
+    _zero,
+    _zero_pass,
+)
 
 
 @triton.jit
@@ -47,9 +55,7 @@ def _gather_member(x_row, y_row, lse_x, lse_y, perm_row, flag_row, tw0_ptr, firs
     for start in range(0, V, BLOCK):
         pos = start + offs
         msk = pos < V
-        tok = tl.load(perm_row + pos, mask=msk, other=0)
-        p = _probs(x_row, tok, msk, lse_x, ACC)  # (BLOCK,) in member order
-        q = _probs(y_row, tok, msk, lse_y, ACC)
+        _, p, q = _member_probs(perm_row, x_row, y_row, lse_x, lse_y, pos, msk, ACC)  # (BLOCK,) in member order
         d = p - q
         t = tl.load(tw0_ptr + pos, mask=msk & first, other=0.0).to(ACC)
         val += t * tl.abs(d)
@@ -159,9 +165,7 @@ def tree_levels_kernel(
         y_row = y_ptr + r * stride_y
         gx_row = gx_ptr + r * stride_gx
         gy_row = gy_ptr + r * stride_gy
-        active = 1
-        if HAS_MASK:
-            active = tl.load(active_ptr + row).to(tl.int32)
+        active = _row_active(active_ptr, row, HAS_MASK)
         if active != 0:
             lse_x, bad_x = _row_lse(x_row, V, ACC, BLOCK)
             lse_y, bad_y = _row_lse(y_row, V, ACC, BLOCK)

@@ -38,6 +38,7 @@ from tokenmover.kernels.tree_triton_jit import (
     _online_lse_step,
     _online_lse_total,
     _probs,
+    _row_active,
     _signed,
     _zero,
     _zero_pass,
@@ -54,9 +55,7 @@ def lse_partial_kernel(x_ptr, y_ptr, stride_x, stride_y, active_ptr, lse_part_pt
     pid = tl.program_id(0)
     c = pid % G
     r = (pid // G).to(tl.int64)
-    active = 1
-    if HAS_MASK:
-        active = tl.load(active_ptr + r).to(tl.int32)
+    active = _row_active(active_ptr, r, HAS_MASK)
     if active != 0:
         offs = tl.arange(0, BLOCK)
         start = c * L
@@ -275,9 +274,7 @@ def edge_kernel(active_ptr, lse_part_ptr, bad_ptr, cb_ptr, pb_ptr, nb, tot_ptr, 
                 HAS_MASK: tl.constexpr, WANT_GRAD: tl.constexpr, ACC: tl.constexpr,
                 GBLOCK: tl.constexpr, EBLOCK: tl.constexpr):
     r = tl.program_id(0).to(tl.int64)
-    active = 1
-    if HAS_MASK:
-        active = tl.load(active_ptr + r).to(tl.int32)
+    active = _row_active(active_ptr, r, HAS_MASK)
     if active != 0:
         _store_bad_flag(lse_part_ptr, bad_ptr, r, G, GBLOCK)
         cb_row = cb_ptr + r * nb
@@ -348,9 +345,7 @@ def grad_kernel(x_ptr, y_ptr, stride_x, stride_y, active_ptr, lse_part_ptr, dots
     gy_row = gy_ptr + r * stride_gy
     start = c * L
     end = tl.minimum(start + L, V)
-    active = 1
-    if HAS_MASK:
-        active = tl.load(active_ptr + r).to(tl.int32)
+    active = _row_active(active_ptr, r, HAS_MASK)
     if active != 0:
         lse_x, lse_y = _row_lses(lse_part_ptr, r, G, GBLOCK)
         dot_p = tl.load(dots_ptr + 2 * r)
