@@ -1,0 +1,110 @@
+"""Compile the "tiles" prefix and log-sum-exp kernels for a GPU architecture without a GPU, and
+count what one iteration of their main loop costs in machine code (SASS).
+
+For each configuration: registers per thread (from ``cuobjdump --dump-resource-usage``), and in
+the longest loop of the kernel the instructions, block barriers (``BAR``), warp shuffles, shared
+memory stores / loads and special-function ops (``MUFU``: the exponentials). Pointers, row
+strides, V and the chunk length are marked divisible by 16, as Triton's runtime specialises them
+at V = 262,144, so loads are vectorised as on the card. Logits bf16, math float32, no mask.
+
+Run:  python benchmarks/sass_counts.py [--arch 90]      (needs a triton wheel with its NVIDIA
+backend, which ships ptxas and cuobjdump; no GPU). docs/gpu.md's compile tables come from this
+script with triton 3.6.0, the device image's version
+(``pip install --no-deps --target DIR triton==3.6.0`` and ``PYTHONPATH=DIR``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from tokenmover.kernels import tree_triton_tiles_jit as jt  # noqa: E402
+
+DIVISIBLE_BY_16 = {"stride_x", "stride_y", "nb", "V", "L"}
+POINTER_TYPES = {"x_ptr": "*bf16", "y_ptr": "*bf16", "active_ptr": "*i8", "perm_ptr": "*i32", "bidx_ptr": "*i32"}
+# (leaf-order logits, rows per program, positions per tile, warps, scan form) of docs/gpu.md's table
+PREFIX_CONFIGS = [(1, 1, 512, 4, 2), (1, 1, 512, 4, 3), (1, 1, 256, 1, 3), (1, 1, 512, 1, 3), (1, 4, 256, 4, 3),
+                  (1, 4, 256, 4, 2), (1, 8, 256, 8, 3), (0, 1, 512, 4, 2), (0, 4, 256, 4, 3)]
+BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+
+
+def compile_cubin(fn, consts: dict, num_warps: int, arch: int) -> bytes:
+    signature = {n: ("constexpr" if n in consts else POINTER_TYPES.get(n, "*fp32" if n.endswith("_ptr") else "i32"))
+                 for n in fn.arg_names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
+             if n not in consts and (n.endswith("_ptr") or n in DIVISIBLE_BY_16)}
+    source = ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps}).asm["cubin"]
+
+
+def cuobjdump(cubin: bytes, flag: str) -> str:
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+    try:
+        return subprocess.run([str(BIN / "cuobjdump"), flag, f.name], capture_output=True, text=True, check=True).stdout
+    finally:
+        os.unlink(f.name)
+
+
+def opcode(instruction: str) -> str:
+    """``@!P0 LDG.E.128 R4, ...`` -> ``LDG``."""
+    return re.sub(r"^@!?U?P\w+\s+", "", instruction).split()[0].split(".")[0]
+
+
+def loop_counts(sass: str) -> dict:
+    """Opcode counts of the longest backward branch's body (the main loop) and its length."""
+    addresses, instructions = [], []
+    for line in sass.splitlines():
+        m = re.match(r"/\*([0-9a-f]{4,})\*/\s+(.*?);", line.strip())
+        if m:
+            addresses.append(int(m.group(1), 16))
+            instructions.append(m.group(2).strip())
+    index = {a: i for i, a in enumerate(addresses)}
+    loops = [(index[int(m.group(1), 16)], i) for i, ins in enumerate(instructions)
+             if (m := re.search(r"BRA\s+(0x[0-9a-f]+)", ins)) and int(m.group(1), 16) < addresses[i] - 16]
+    if not loops:
+        return {"instructions": 0}
+    lo, hi = max(loops, key=lambda ab: ab[1] - ab[0])
+    ops = collections.Counter(opcode(ins) for ins in instructions[lo:hi + 1])
+    return {"instructions": hi - lo + 1, **{op: ops[op] for op in ("BAR", "SHFL", "STS", "LDS", "MUFU")}}
+
+
+def report(name: str, cubin: bytes, positions: int, threads: int) -> None:
+    """``positions``: (position, row) pairs one loop iteration handles; ``threads``: per program."""
+    registers = re.search(r"REG:(\d+)", cuobjdump(cubin, "--dump-resource-usage")).group(1)
+    loop = loop_counts(cuobjdump(cubin, "--dump-sass"))
+    per_position = loop["instructions"] * threads / positions
+    barriers = 1000 * loop.get("BAR", 0) / positions
+    print(f"{name:40s} registers {registers:>3s}  loop {loop}  per position and row (per thread): "
+          f"{per_position:.1f} instructions, barriers per 1,000: {barriers:.1f}", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--arch", type=int, default=90, help="compute capability as an integer (90: H100/H200)")
+    args = ap.parse_args()
+    print(f"triton {triton.__version__}, sm_{args.arch}")
+    for identity, rows, block, warps, scan in PREFIX_CONFIGS:
+        consts = {"HAS_MASK": False, "ACC": tl.float32, "WANT_GRAD": True, "ROWS": rows, "BLOCK": block,
+                  "GBLOCK": 32, "SCAN": scan, "IDENTITY": bool(identity)}
+        name = f"prefix {'leaf' if identity else 'token'} {rows}x{block} warps={warps} scan={scan}"
+        report(name, compile_cubin(jt.prefix_kernel, consts, warps, args.arch), rows * block, 32 * warps)
+    consts = {"HAS_MASK": False, "ACC": tl.float32, "BLOCK": 512}
+    report("lse_partial 512 warps=4", compile_cubin(jt.lse_partial_kernel, consts, 4, args.arch), 512, 128)
+
+
+if __name__ == "__main__":
+    main()
