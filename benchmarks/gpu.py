@@ -376,6 +376,9 @@ def main() -> int:
         del xp, yp
         timings.append({"V": v, "method": "bytes floor", "ms": 1e3 * floors[v], "peak_extra_gib": None, "x_floor": 1.0})
         info["tuned"] = [{"key": list(key), **cfg} for key, cfg in tiles_tuning.tuned_configs().items()]
+        for entry in info["tuned"]:  # every candidate's time on the tuning rows: a sweep for free
+            if entry["key"][1] == v:
+                print("tuned", json.dumps(entry), flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
         save()

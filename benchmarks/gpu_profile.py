@@ -8,7 +8,7 @@ caller could do instead of the in-kernel gather) and the plain copy of both tens
 
 Run:  python benchmarks/gpu_profile.py --out DIR [--vocab 262144]     (CUDA only; ~1 minute)
       python benchmarks/gpu_profile.py --out DIR --sliced    (adds the "chains" kernels of sliced)
-      python benchmarks/gpu_profile.py --out DIR --configs   (per-kernel times for each tuning
+      python benchmarks/gpu_profile.py --out DIR --configs [--budget-s S]   (per-kernel times for each tuning
                                                               config of CONFIGS; ~2 minutes)
 """
 
@@ -38,17 +38,16 @@ CONFIGS = [
     {"order": order, "block": b, "num_warps": w, "scan": sc, "chunk": c, "row_block": rb}
     for order, b, w, sc, c, rb in (
         # the defaults, and what run 5 measured (token order: block / warps / scan / chunk)
-        ("token", 512, 4, 2, 8192, 1), ("leaf", 512, 4, 2, 8192, 1), ("leaf, no identity path", 512, 4, 2, 4096, 1),
-        ("leaf", 512, 4, 2, 4096, 1), ("token", 1024, 4, 2, 4096, 1),
-        # fused scans (session 3) and 1-warp programs (no block barriers)
-        ("token", 512, 4, 3, 8192, 1), ("leaf", 512, 4, 3, 8192, 1), ("leaf", 512, 4, 4, 8192, 1),
-        ("leaf", 512, 1, 3, 8192, 1), ("leaf", 256, 1, 3, 8192, 1), ("token", 256, 1, 3, 8192, 1),
+        ("token", 512, 4, 2, 8192, 1), ("leaf", 512, 4, 2, 8192, 1), ("leaf", 512, 4, 2, 4096, 1),
         # several rows per prefix program (session 4): one row per warp, order / weights / boundaries read once
-        ("leaf", 256, 4, 3, 8192, 4), ("leaf", 256, 4, 1, 8192, 4), ("leaf", 256, 4, 2, 8192, 4),
-        ("leaf", 256, 8, 3, 8192, 8), ("leaf", 256, 2, 3, 8192, 2), ("token", 256, 4, 3, 8192, 4),
-        ("token", 256, 8, 3, 8192, 8),
+        ("leaf", 256, 4, 3, 8192, 4), ("leaf", 256, 8, 3, 8192, 8), ("token", 256, 4, 3, 8192, 4),
+        # fused scans (session 3) and 1-warp programs (no block barriers)
+        ("leaf", 512, 4, 3, 8192, 1), ("leaf", 256, 1, 3, 8192, 1), ("token", 512, 4, 3, 8192, 1),
+        ("leaf", 256, 4, 1, 8192, 4), ("leaf", 256, 4, 2, 8192, 4), ("leaf", 256, 2, 3, 8192, 2),
+        ("token", 256, 8, 3, 8192, 8), ("leaf", 512, 4, 4, 8192, 1), ("leaf", 512, 1, 3, 8192, 1),
+        ("token", 256, 1, 3, 8192, 1), ("token", 1024, 4, 2, 4096, 1), ("leaf, no identity path", 512, 4, 2, 4096, 1),
     )
-]
+]  # most informative first: --budget-s cuts the tail
 EVENTS: dict[str, list] = defaultdict(list)
 
 
@@ -111,7 +110,15 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--configs", action="store_true", help="per-kernel times for each entry of CONFIGS")
     ap.add_argument("--sliced", action="store_true", help="also per-kernel times of sliced (16 chains, 'chains')")
+    ap.add_argument("--orders", nargs="+", default=["token", "leaf"], choices=["token", "leaf"],
+                    help="without --configs: which logit orders to time (one order under ncu, say)")
+    ap.add_argument("--budget-s", type=float, default=float("inf"), help="--configs: skip the rest past this time")
     args = ap.parse_args()
+    t_start = time.perf_counter()
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after every configuration: a run cut short still leaves its numbers
+        (args.out / "gpu_profile.json").write_text(json.dumps(result, indent=1))
     for name in KERNELS:
         setattr(jt, name, Timed(name, getattr(jt, name)))
     for name in CHAIN_KERNELS:
@@ -148,6 +155,9 @@ def main() -> None:
         ref.sum().backward()
         ref_grad_leaf = x64.grad[:, perm]
         for cfg in CONFIGS:
+            if time.perf_counter() - t_start > args.budget_s:
+                result["configs"].append({**cfg, "error": "skipped: time budget"})
+                continue
             opts = {k: cfg[k] for k in ("block", "num_warps", "scan", "chunk", "row_block")}
             order = cfg["order"]
             structure = tree if order == "token" else leaf_tree
@@ -171,11 +181,14 @@ def main() -> None:
             row = {"order": order, **opts, "rel_err_value": err_v, "rel_err_grad_l2": err_g, **per_kernel_ms(run, 3)}
             result["configs"].append(row)
             print(json.dumps(row), flush=True)
+            save()
             if order == "leaf, no identity path":
                 tree_triton._CACHE.pop((id(leaf_tree), str(xp.device), torch.float32), None)
     else:
-        result["token order"] = per_kernel_ms(fwd_bwd(x, y, tree), args.repeats)
-        result["leaf order"] = per_kernel_ms(fwd_bwd(xp, yp, leaf_tree), args.repeats)
+        if "token" in args.orders:
+            result["token order"] = per_kernel_ms(fwd_bwd(x, y, tree), args.repeats)
+        if "leaf" in args.orders:
+            result["leaf order"] = per_kernel_ms(fwd_bwd(xp, yp, leaf_tree), args.repeats)
         result["index_select both by leaf order"] = event_ms(
             lambda: (x.index_select(1, perm), y.index_select(1, perm)), 5)
         result["copy both"] = event_ms(lambda: (x.clone(), y.clone()), 5)
@@ -189,8 +202,7 @@ def main() -> None:
         result["sliced (16 chains)"] = per_kernel_ms(sliced_fwd_bwd, 3)
         print(json.dumps({"sliced (16 chains)": result["sliced (16 chains)"]}), flush=True)
     print(json.dumps(result, indent=1))
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gpu_profile.json").write_text(json.dumps(result, indent=1))
+    save()
 
 
 if __name__ == "__main__":

@@ -69,6 +69,8 @@ def test_picks_the_fastest_candidate_and_caches_it():
     assert again == SMALL[1] and len(timer.calls) == 3  # cached: nothing timed
     (key, cfg), = tiles_tuning.tuned_configs().items()
     assert key == tiles_tuning.tune_key(x, y, ts, True) and cfg["ms"] == 1.0
+    assert [t["ms"] for t in cfg["timed"]] == [3.0, 1.0, 2.0]  # every candidate's time is kept
+    assert [{k: t[k] for k in tiles_tuning.KNOBS} for t in cfg["timed"]] == list(SMALL)
     # another shape key (no gradient wanted) is tuned on its own
     tiles_tuning.tune_tiles(x, y, None, ts, False, candidates=SMALL, timer=timer)
     assert len(timer.calls) == 6 and len(tiles_tuning.tuned_configs()) == 2

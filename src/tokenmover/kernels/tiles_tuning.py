@@ -62,8 +62,9 @@ _TUNED: dict[tuple, dict] = {}
 
 def tuned_configs() -> dict[tuple, dict]:
     """The configurations picked so far in this process: key -> ``{block, num_warps, scan,
-    row_block, ms}`` (``ms``: the winner's median time on the tuning rows)."""
-    return {key: dict(cfg) for key, cfg in _TUNED.items()}
+    row_block, chunk, ms, timed}`` (``ms``: the winner's median time on the tuning rows;
+    ``timed``: every candidate that ran, each with its ``ms``)."""
+    return {key: {**cfg, "timed": [dict(t) for t in cfg["timed"]]} for key, cfg in _TUNED.items()}
 
 
 def clear_tuned() -> None:
@@ -137,6 +138,7 @@ def tune_tiles(x: torch.Tensor, y: torch.Tensor, active: torch.Tensor | None, ts
     xs, ys = x[:rows], y[:rows]
     act = None if active is None else active[:rows]
     best, best_ms = None, math.inf
+    timed = []  # every candidate that ran, with its time
     for cand in candidates:
         def run(cand=cand):
             _, _, state = _tiles_forward(xs, ys, act, ts, want_grad, **fixed, **cand)
@@ -154,11 +156,12 @@ def tune_tiles(x: torch.Tensor, y: torch.Tensor, active: torch.Tensor | None, ts
             logger.warning("tiles tuning: %s failed on %s: %s: %s", cand, x.device, type(exc).__name__, exc)
             continue
         logger.debug("tiles tuning: %s %.3f ms", cand, ms)
+        timed.append({**cand, "ms": ms})
         if ms < best_ms:
             best, best_ms = cand, ms
     if best is None:  # nothing ran: the caller's own launch with the defaults reports why
         logger.warning("tiles tuning: no candidate ran on %s; using the defaults %s", x.device, candidates[0])
         best, best_ms = candidates[0], math.nan
-    _TUNED[key] = {**{k: best[k] for k in KNOBS}, "ms": best_ms}
+    _TUNED[key] = {**{k: best[k] for k in KNOBS}, "ms": best_ms, "timed": timed}
     logger.info("tiles tuning for %s: %s (%.3f ms on %d rows)", key, best, best_ms, xs.shape[0])
     return {k: best[k] for k in KNOBS}
