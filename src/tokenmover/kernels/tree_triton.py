@@ -674,8 +674,12 @@ def tree_wasserstein_triton(
     if resolve_algorithm(ts, algorithm) == "tiles":
         options.update(_tuned_knobs(policy, ref, mask, ts, options, tune))
     n = policy.shape[0]
-    pieces = []
-    for sl in iter_chunks(n, chunk_size if chunk_size is not None else n, policy.shape[1]):
-        active = None if mask is None else mask[sl]
-        pieces.append(_TritonTreeFunction.apply(policy[sl], ref[sl], active, ts, sl.start, options))
-    return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+    size = chunk_size if chunk_size is not None else n
+    slices = list(iter_chunks(n, size, policy.shape[1]))
+    if len(slices) == 1:  # no view: a view's SliceBackward would write the gradient into a zero-filled (N, V) copy
+        return _TritonTreeFunction.apply(policy, ref, mask, ts, 0, options)
+    # split views: one SplitBackward concatenates the chunks' gradients once (slices would each
+    # zero-fill a whole (N, V) gradient and autograd would sum them)
+    pieces = [_TritonTreeFunction.apply(pol, rf, None if mask is None else mask[sl], ts, sl.start, options)
+              for sl, pol, rf in zip(slices, policy.split(size), ref.split(size), strict=True)]
+    return torch.cat(pieces)
