@@ -48,7 +48,25 @@ CONFIGS = [
         ("token", 256, 1, 3, 8192, 1), ("token", 1024, 4, 2, 4096, 1), ("leaf, no identity path", 512, 4, 2, 4096, 1),
     )
 ]  # most informative first: --budget-s cuts the tail
+# session 5, leaf order around the fastest prefix configuration measured (256 / 1 warp / scan 3):
+# the log-sum-exp pass's own tile (lse_block / lse_warps: tree_triton.TILES_LSE_*), the edge
+# kernel's tile and warps, rows per launch group (max_workspace_bytes), and prefix neighbours
+BEST_LEAF = {"order": "leaf", "block": 256, "num_warps": 1, "scan": 3, "chunk": 8192, "row_block": 1}
+FOCUS_CONFIGS = [
+    BEST_LEAF,
+    {**BEST_LEAF, "lse_block": 512, "lse_warps": 4}, {**BEST_LEAF, "lse_block": 2048, "lse_warps": 8},
+    {**BEST_LEAF, "lse_block": 2048, "lse_warps": 4},
+    {**BEST_LEAF, "edge_block": 1024, "edge_warps": 8}, {**BEST_LEAF, "edge_block": 512, "edge_warps": 4},
+    {**BEST_LEAF, "edge_block": 128, "edge_warps": 4}, {**BEST_LEAF, "edge_block": 2048, "edge_warps": 8},
+    {**BEST_LEAF, "edge_block": 256, "edge_warps": 2},
+    {**BEST_LEAF, "max_workspace_bytes": 2048 << 20}, {**BEST_LEAF, "edge_block": 1024, "edge_warps": 8, "max_workspace_bytes": 2048 << 20},
+    {**BEST_LEAF, "block": 512, "num_warps": 2}, {**BEST_LEAF, "block": 128}, {**BEST_LEAF, "chunk": 16384},
+    {**BEST_LEAF, "chunk": 4096}, {**BEST_LEAF, "block": 512, "num_warps": 2, "row_block": 2},
+    {"order": "token", "block": 512, "num_warps": 4, "scan": 3, "chunk": 8192, "row_block": 1},
+    {"order": "token", "block": 512, "num_warps": 4, "scan": 3, "chunk": 8192, "row_block": 1, "edge_block": 1024, "edge_warps": 8},
+]
 EVENTS: dict[str, list] = defaultdict(list)
+LSE_DEFAULTS = (tree_triton.TILES_LSE_BLOCK, tree_triton.TILES_LSE_WARPS)
 
 
 class Timed:
@@ -109,6 +127,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=8192)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--configs", action="store_true", help="per-kernel times for each entry of CONFIGS")
+    ap.add_argument("--focus", action="store_true", help="with --configs: FOCUS_CONFIGS instead of CONFIGS")
     ap.add_argument("--sliced", action="store_true", help="also per-kernel times of sliced (16 chains, 'chains')")
     ap.add_argument("--orders", nargs="+", default=["token", "leaf"], choices=["token", "leaf"],
                     help="without --configs: which logit orders to time (one order under ncu, say)")
@@ -154,11 +173,13 @@ def main() -> None:
         ref = distance(x64, y[:16].double(), "tree", structure=tree, backend="torch")
         ref.sum().backward()
         ref_grad_leaf = x64.grad[:, perm]
-        for cfg in CONFIGS:
+        for cfg in FOCUS_CONFIGS if args.focus else CONFIGS:
             if time.perf_counter() - t_start > args.budget_s:
                 result["configs"].append({**cfg, "error": "skipped: time budget"})
                 continue
-            opts = {k: cfg[k] for k in ("block", "num_warps", "scan", "chunk", "row_block")}
+            opts = {k: val for k, val in cfg.items() if k not in ("order", "lse_block", "lse_warps")}
+            tree_triton.TILES_LSE_BLOCK = cfg.get("lse_block", LSE_DEFAULTS[0])
+            tree_triton.TILES_LSE_WARPS = cfg.get("lse_warps", LSE_DEFAULTS[1])
             order = cfg["order"]
             structure = tree if order == "token" else leaf_tree
             if order == "leaf, no identity path":
@@ -178,7 +199,7 @@ def main() -> None:
             want_grad = x64.grad if order == "token" else ref_grad_leaf
             err_v = float(((got.double() - ref).abs().max() / ref.abs().max()).item())
             err_g = float((torch.linalg.vector_norm(xa.grad.double() - want_grad) / torch.linalg.vector_norm(want_grad)).item())
-            row = {"order": order, **opts, "rel_err_value": err_v, "rel_err_grad_l2": err_g, **per_kernel_ms(run, 3)}
+            row = {**cfg, "rel_err_value": err_v, "rel_err_grad_l2": err_g, **per_kernel_ms(run, 3)}
             result["configs"].append(row)
             print(json.dumps(row), flush=True)
             save()

@@ -31,6 +31,7 @@ import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from tokenmover.kernels import tree_triton  # noqa: E402
 from tokenmover.kernels import tree_triton_tiles_jit as jt  # noqa: E402
 
 DIVISIBLE_BY_16 = {"stride_x", "stride_y", "nb", "V", "L"}
@@ -102,8 +103,10 @@ def main() -> None:
                   "GBLOCK": 32, "SCAN": scan, "IDENTITY": bool(identity)}
         name = f"prefix {'leaf' if identity else 'token'} {rows}x{block} warps={warps} scan={scan}"
         report(name, compile_cubin(jt.prefix_kernel, consts, warps, args.arch), rows * block, 32 * warps)
-    consts = {"HAS_MASK": False, "ACC": tl.float32, "BLOCK": 512}
-    report("lse_partial 512 warps=4", compile_cubin(jt.lse_partial_kernel, consts, 4, args.arch), 512, 128)
+    for block, warps in ((512, 4), (tree_triton.TILES_LSE_BLOCK, tree_triton.TILES_LSE_WARPS)):
+        consts = {"HAS_MASK": False, "ACC": tl.float32, "BLOCK": block}
+        report(f"lse_partial {block} warps={warps}", compile_cubin(jt.lse_partial_kernel, consts, warps, args.arch),
+               block, 32 * warps)
 
 
 if __name__ == "__main__":

@@ -314,6 +314,33 @@ def test_bad_rows_raise_value_error_naming_the_input(which, value, name, algorit
         tree_triton.tree_wasserstein_triton(x, y, None, structure, algorithm=algorithm, chunk=16)
 
 
+@pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
+@pytest.mark.parametrize("algorithm", ["tiles", "levels", "scatter"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_non_finite_logits_are_found_from_the_log_sum_exp_state(algorithm, dtype):
+    """The log-sum-exp pass finds NaN / +inf from its end state (a NaN makes the running sum NaN,
+    a +inf makes the running max +inf), not by testing every entry: NaN or +inf first, last, twice,
+    next to -inf, in either input, are all found; -inf entries and rows of very negative logits are not bad."""
+    structure = structures(40)["cluster_tree"]
+    nan, inf = float("nan"), float("inf")
+    cases = [("x", [(1, 0, nan)]), ("x", [(1, 39, inf)]), ("y", [(2, 5, inf), (2, 6, inf)]),
+             ("y", [(0, 3, -inf), (0, 4, nan)]), ("x", [(2, 0, inf), (2, 1, nan)]), ("y", [(1, 17, inf)])]
+    for which, entries in cases:
+        x, y = random_logits(3, 40, seed=30).to(dtype), random_logits(3, 40, seed=31).to(dtype)
+        for r, c, value in entries:
+            (x if which == "x" else y)[r, c] = value
+        with pytest.raises(ValueError, match="policy_logits" if which == "x" else "ref_logits"):
+            tree_triton.tree_wasserstein_triton(x, y, None, structure, algorithm=algorithm, chunk=16)
+    x, y = random_logits(3, 40, seed=32).to(dtype), random_logits(3, 40, seed=33).to(dtype)
+    x[0, :39] = -inf  # one token left: a point mass
+    x[1] = -300.0  # far below the usual logits, one token above the rest
+    x[1, 5] = -298.0
+    y[2, ::2] = -inf
+    got = tree_triton.tree_wasserstein_triton(x, y, None, structure, algorithm=algorithm, chunk=16)
+    want = distance(x.double(), y.double(), "tree", structure=structure, backend="numba")
+    assert rel_err(got, want) < (1e-12 if dtype == torch.float64 else 1e-5)
+
+
 @pytest.mark.parametrize("options", [{"algorithm": "levels"}, {"algorithm": "scatter"},
                                      {"algorithm": "tiles", "gradient": "forward"}])
 def test_second_backward_through_the_same_graph_raises(options):

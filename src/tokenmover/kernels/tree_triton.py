@@ -70,6 +70,9 @@ TILES_CHUNK = 8192  # positions per program
 TILES_BLOCK = 512
 TILES_WARPS = 4
 TILES_EDGE_BLOCK = 256
+# the log-sum-exp pass has its own tile: 8 bf16 a thread (16-byte loads), whatever the prefix kernel's
+TILES_LSE_BLOCK = 1024
+TILES_LSE_WARPS = 4
 TILES_EDGE_WARPS = 4
 TILES_SCAN = 2  # 1: tl.cumsum over the tile; 2: two-level (rows of 32); 3 / 4: the same, fused (see prefix_kernel)
 SCANS = (1, 2, 3, 4)
@@ -475,6 +478,8 @@ def _tiles_forward(x, y, active, ts: TritonStructure, want_grad: bool, *, block=
     per_row = acc_bytes * (2 * max(nb, 1) + 5 * k_members * g + 2 * g + 2)
     rows = max(1, min(n, max_workspace_bytes // per_row))
     extra = {} if interpret else {"num_warps": num_warps or TILES_WARPS}
+    lse_extra = {} if interpret else {"num_warps": TILES_LSE_WARPS}
+    lse_block = block if interpret else TILES_LSE_BLOCK
     edge_extra = {} if interpret else {"num_warps": edge_warps or TILES_EDGE_WARPS}
     eblock = INTERPRET_EBLOCK if interpret else (edge_block or TILES_EDGE_BLOCK)
     gblock = triton.next_power_of_2(g)
@@ -495,7 +500,7 @@ def _tiles_forward(x, y, active, ts: TritonStructure, want_grad: bool, *, block=
         has_mask = active is not None
         lse_rows = lse_part[r0:r1]
         jt.lse_partial_kernel[(m * g,)](xs, ys, xs.stride(0), ys.stride(0), act, lse_rows, v, g, chunk,
-                                        HAS_MASK=has_mask, ACC=acc_tl, BLOCK=min(block, chunk), **extra)
+                                        HAS_MASK=has_mask, ACC=acc_tl, BLOCK=min(lse_block, chunk), **lse_extra)
         jt.prefix_kernel[(triton.cdiv(m, row_block) * k_members * g,)](
             xs, ys, xs.stride(0), ys.stride(0), act, lse_rows, ts.perms, lv.boundary_index, lv.token_weights_first,
             cb, pb, cb.shape[1], tot, part, m, v, k_members, g, chunk,

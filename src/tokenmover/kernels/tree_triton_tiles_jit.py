@@ -34,7 +34,8 @@ import triton
 import triton.language as tl
 
 from tokenmover.kernels.tree_triton_jit import (
-    _is_nonfinite,
+    _lse_floor,
+    _lse_lane_bad,
     _online_lse_step,
     _online_lse_total,
     _probs,
@@ -49,7 +50,8 @@ from tokenmover.kernels.tree_triton_levels_jit import _edge_signs, _gradient_lev
 @triton.jit
 def lse_partial_kernel(x_ptr, y_ptr, stride_x, stride_y, active_ptr, lse_part_ptr, V, G, L,
                        HAS_MASK: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    """Per (row, chunk of columns): running max and sum of exp for x and y, and non-finite counts.
+    """Per (row, chunk of columns): running max and sum of exp for x and y, and how many lanes saw
+    a NaN or +inf (read off the end state, :func:`_lse_lane_bad`: no per-entry test).
 
     lse_part[r, c] = (max_x, sum_x, max_y, sum_y, nonfinite_x, nonfinite_y) in ACC."""
     pid = tl.program_id(0)
@@ -62,19 +64,15 @@ def lse_partial_kernel(x_ptr, y_ptr, stride_x, stride_y, active_ptr, lse_part_pt
         end = tl.minimum(start + L, V)
         x_row = x_ptr + r * stride_x
         y_row = y_ptr + r * stride_y
-        mx = tl.full([BLOCK], float("-inf"), ACC)
+        mx = _lse_floor(ACC, BLOCK)
         sx = tl.zeros([BLOCK], ACC)
-        my = tl.full([BLOCK], float("-inf"), ACC)
+        my = _lse_floor(ACC, BLOCK)
         sy = tl.zeros([BLOCK], ACC)
-        bx = tl.zeros([BLOCK], ACC)
-        by = tl.zeros([BLOCK], ACC)
         for s0 in range(start, end, BLOCK):
             idx = s0 + offs
             msk = idx < end
             x = tl.load(x_row + idx, mask=msk, other=float("-inf")).to(ACC)
             y = tl.load(y_row + idx, mask=msk, other=float("-inf")).to(ACC)
-            bx += _is_nonfinite(x).to(ACC)
-            by += _is_nonfinite(y).to(ACC)
             mx, sx = _online_lse_step(mx, sx, x)
             my, sy = _online_lse_step(my, sy, y)
         base = lse_part_ptr + 6 * (r * G + c)
@@ -84,8 +82,8 @@ def lse_partial_kernel(x_ptr, y_ptr, stride_x, stride_y, active_ptr, lse_part_pt
         tl.store(base + 1, chunk_sx)
         tl.store(base + 2, chunk_my)
         tl.store(base + 3, chunk_sy)
-        tl.store(base + 4, tl.sum(bx, 0))
-        tl.store(base + 5, tl.sum(by, 0))
+        tl.store(base + 4, tl.sum(_lse_lane_bad(mx, sx), 0))  # lanes that saw NaN / +inf
+        tl.store(base + 5, tl.sum(_lse_lane_bad(my, sy), 0))
 
 
 @triton.jit
