@@ -285,13 +285,19 @@ def time_row(timings: list, v: int, name: str, fn, x, y, device, repeats: int, f
 def sweep_configs(device: torch.device, small: bool) -> list[dict]:
     """The "tiles" kernels' tuning sweep: logits order ("token" / "leaf": a leaf-order output
     layer), positions per tile, positions per program, warps, prefix-scan form (1-4, see
-    ``tree_triton_tiles_jit.prefix_kernel``), rows per prefix program, then the "chains" kernels
-    of sliced (tile, warps, positions per program, workspace), then edge tiles."""
+    ``tree_triton_tiles_jit.prefix_kernel``), rows per prefix program, launch groups and edge
+    tiles, and the "chains" kernels of sliced (tile, warps, positions per program, workspace);
+    the newest questions first (the time budget cuts the tail)."""
     if small:
         return [{"order": o, "block": 32, "chunk": 64, "num_warps": 4, "scan": sc} for o in ("token", "leaf") for sc in (2, 4)] + [
             {"order": "leaf", "block": 32, "chunk": 64, "num_warps": 4, "scan": 3, "row_block": 4},
             {"order": "sliced", "block": 32, "chunk": 64, "num_warps": 4},
             {"order": "token", "edge_block": 32, "edge_warps": 4}]
+    best_leaf = {"order": "leaf", "block": 256, "chunk": 8192, "num_warps": 1, "scan": 3}  # session 5's fastest
+    around_defaults = (  # launch groups (workspace), edge tiles, the gradient made in forward
+        [{**best_leaf, "max_workspace_bytes": ws << 20} for ws in (512, 2048)]
+        + [{**best_leaf, "edge_block": e, "edge_warps": w} for e, w in ((64, 4), (128, 2), (128, 8), (256, 4))]
+        + [{"order": "token", "max_workspace_bytes": 2048 << 20}])
     tiles = [{"order": o, "block": b, "chunk": c, "num_warps": w, "scan": sc}
              for o in ("leaf", "token")
              for b, c, w, sc in ((512, 8192, 4, 2), (512, 8192, 4, 3), (512, 8192, 4, 4), (1024, 8192, 4, 4),
@@ -304,7 +310,7 @@ def sweep_configs(device: torch.device, small: bool) -> list[dict]:
     forward_made = [{"order": o, "gradient": "forward"} for o in ("token", "leaf")]  # the pre-deferral path
     chains = [{"order": "sliced", "block": b, "num_warps": w, "chunk": c, "max_workspace_bytes": ws << 20}
               for b, w, c, ws in ((256, 4, 8192, 512), (1024, 8, 8192, 512), (512, 4, 4096, 512), (512, 4, 8192, 2048))]
-    return forward_made + rows + tiles + chains + edges
+    return around_defaults + forward_made + chains + rows + tiles + edges
 
 
 def main() -> int:

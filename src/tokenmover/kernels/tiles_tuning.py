@@ -42,13 +42,13 @@ logger = logging.getLogger(__name__)
 # (positions per tile, warps, scan form, rows per prefix program, positions per program);
 # the first is tree_triton's default (TILES_*)
 CANDIDATES: tuple[dict, ...] = (
-    {"block": 512, "num_warps": 4, "scan": 2, "row_block": 1, "chunk": 8192},  # fastest measured, token order (H200 run 5)
-    {"block": 512, "num_warps": 4, "scan": 2, "row_block": 1, "chunk": 4096},  # fastest measured, leaf order (run 5)
-    {"block": 512, "num_warps": 4, "scan": 3, "row_block": 1, "chunk": 8192},  # fused scans: fewer barriers
-    {"block": 256, "num_warps": 1, "scan": 3, "row_block": 1, "chunk": 8192},  # one warp: no block barriers
-    {"block": 256, "num_warps": 4, "scan": 3, "row_block": 4, "chunk": 8192},  # one row per warp
-    {"block": 256, "num_warps": 8, "scan": 3, "row_block": 8, "chunk": 8192},
+    {"block": 512, "num_warps": 4, "scan": 3, "row_block": 1, "chunk": 8192},  # the defaults; fastest in token order (H200, session 5)
+    {"block": 256, "num_warps": 1, "scan": 3, "row_block": 1, "chunk": 8192},  # fastest in leaf order (session 5): no block barriers
+    {"block": 256, "num_warps": 1, "scan": 3, "row_block": 1, "chunk": 16384},
+    {"block": 256, "num_warps": 2, "scan": 3, "row_block": 2, "chunk": 8192},  # one row per warp
     {"block": 256, "num_warps": 4, "scan": 1, "row_block": 4, "chunk": 8192},
+    {"block": 512, "num_warps": 4, "scan": 2, "row_block": 1, "chunk": 8192},  # the defaults of sessions 2-4
+    {"block": 512, "num_warps": 4, "scan": 3, "row_block": 1, "chunk": 4096},
     {"block": 1024, "num_warps": 4, "scan": 4, "row_block": 1, "chunk": 8192},
 )
 TUNE_ROWS = 1024  # rows of the caller's batch timed per candidate

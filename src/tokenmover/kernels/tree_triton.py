@@ -62,19 +62,19 @@ GPU_WARPS = 8
 INTERPRET_BLOCK = 64
 INTERPRET_EBLOCK = 16
 PROGRAMS_PER_SM = 4
-MAX_WORKSPACE_BYTES = 512 << 20
+MAX_WORKSPACE_BYTES = 1 << 30  # per launch group; "tiles" at V = 262,144: ~4,000 rows (H200, session 5)
 MAX_LEVELS = 256  # deeper trees (MST orders) use the scatter kernel: one barrier per level
 ALGORITHMS = ("auto", "tiles", "levels", "scatter", "chains")
 # "tiles" defaults: the fastest of the configurations measured on an H200 at V = 262,144 (docs/gpu.md)
 TILES_CHUNK = 8192  # positions per program
 TILES_BLOCK = 512
 TILES_WARPS = 4
-TILES_EDGE_BLOCK = 256
-# the log-sum-exp pass has its own tile: 8 bf16 a thread (16-byte loads), whatever the prefix kernel's
-TILES_LSE_BLOCK = 1024
-TILES_LSE_WARPS = 4
+TILES_EDGE_BLOCK = 128  # H200, leaf order, 262k: 2.55 ms against 3.15 at 256 and 4.9 at 512 (session 5)
 TILES_EDGE_WARPS = 4
-TILES_SCAN = 2  # 1: tl.cumsum over the tile; 2: two-level (rows of 32); 3 / 4: the same, fused (see prefix_kernel)
+# the log-sum-exp pass has its own tile, whatever the prefix kernel's
+TILES_LSE_BLOCK = 512  # H200: 2.33 ms at 262k against 2.75 (1024 / 4 warps) and 3.3 (2048 / 8)
+TILES_LSE_WARPS = 4
+TILES_SCAN = 3  # 1: tl.cumsum over the tile; 2: two-level (rows of 32); 3 / 4: the same, fused (see prefix_kernel)
 SCANS = (1, 2, 3, 4)
 TILES_ROW_BLOCK = 1  # rows per prefix-kernel program (a power of two); 1 is what the H200 runs measured
 GRADIENT_MODES = ("backward", "forward")  # where "tiles" makes the gradient (see tree_wasserstein_triton)
