@@ -2,8 +2,8 @@
 
 :func:`chain_rows` runs the launches of :mod:`tokenmover.kernels.tree_triton_chains_jit` over
 groups of rows. Each row of a group needs ``G`` (K V float32: the summed edge signs at every
-member position), so a group holds ``max_workspace_bytes / (4 K V)`` rows (31 rows for 16 chains
-at V = 262,144 and 512 MiB), and the gradient is written in the forward launches, in the logits'
+member position), so a group holds ``max_workspace_bytes / (4 K V)`` rows (63 rows for 16 chains
+at V = 262,144 and the default 1 GiB), and the gradient is written in the forward launches, in the logits'
 dtype, as the ``"scatter"`` kernel does.
 """
 

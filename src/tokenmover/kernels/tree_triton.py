@@ -8,7 +8,7 @@ and its gradients, written once in the logits' dtype (bf16 in -> bf16 gradient):
 them in backward, already scaled by the incoming gradient, from the small state its forward kept
 (``gradient="backward"``, the default); the other kernels make them in forward and scale them in
 place in backward (Liger-Kernel's trick). No (N, V) float32 tensor is ever made. Accumulation is float32 (float64 for float64
-logits). The only extra memory is a workspace capped by ``max_workspace_bytes`` (default 512 MiB):
+logits). The only extra memory is a workspace capped by ``max_workspace_bytes`` (default 1 GiB):
 per program (``"levels"``, ``"scatter"``) or per row of a launch (``"tiles"``: prefix sums at the
 edge boundaries, per-edge signs, per-chunk partials; rows run in several launches when needed).
 
