@@ -48,22 +48,18 @@ CONFIGS = [
         ("token", 256, 1, 3, 8192, 1), ("token", 1024, 4, 2, 4096, 1), ("leaf, no identity path", 512, 4, 2, 4096, 1),
     )
 ]  # most informative first: --budget-s cuts the tail
-# session 5, leaf order around the fastest prefix configuration measured (256 / 1 warp / scan 3):
-# the log-sum-exp pass's own tile (lse_block / lse_warps: tree_triton.TILES_LSE_*), the edge
-# kernel's tile and warps, rows per launch group (max_workspace_bytes), and prefix neighbours
+# session 5, leaf order around the fastest prefix configuration measured (256 / 1 warp / fused scan):
+# edge tiles below the default 128 and launch groups (max_workspace_bytes) with them. (Run 5a's
+# list, which set the defaults: lse_block / lse_warps, edge tiles 128-2048, chunk and prefix
+# neighbours, is in benchmarks/results/gpu_h200_profile_focus_run5.json.)
 BEST_LEAF = {"order": "leaf", "block": 256, "num_warps": 1, "scan": 3, "chunk": 8192, "row_block": 1}
 FOCUS_CONFIGS = [
     BEST_LEAF,
-    {**BEST_LEAF, "lse_block": 512, "lse_warps": 4}, {**BEST_LEAF, "lse_block": 2048, "lse_warps": 8},
-    {**BEST_LEAF, "lse_block": 2048, "lse_warps": 4},
-    {**BEST_LEAF, "edge_block": 1024, "edge_warps": 8}, {**BEST_LEAF, "edge_block": 512, "edge_warps": 4},
-    {**BEST_LEAF, "edge_block": 128, "edge_warps": 4}, {**BEST_LEAF, "edge_block": 2048, "edge_warps": 8},
-    {**BEST_LEAF, "edge_block": 256, "edge_warps": 2},
-    {**BEST_LEAF, "max_workspace_bytes": 2048 << 20}, {**BEST_LEAF, "edge_block": 1024, "edge_warps": 8, "max_workspace_bytes": 2048 << 20},
-    {**BEST_LEAF, "block": 512, "num_warps": 2}, {**BEST_LEAF, "block": 128}, {**BEST_LEAF, "chunk": 16384},
-    {**BEST_LEAF, "chunk": 4096}, {**BEST_LEAF, "block": 512, "num_warps": 2, "row_block": 2},
-    {"order": "token", "block": 512, "num_warps": 4, "scan": 3, "chunk": 8192, "row_block": 1},
-    {"order": "token", "block": 512, "num_warps": 4, "scan": 3, "chunk": 8192, "row_block": 1, "edge_block": 1024, "edge_warps": 8},
+    {**BEST_LEAF, "edge_block": 64, "edge_warps": 4}, {**BEST_LEAF, "edge_block": 64, "edge_warps": 2},
+    {**BEST_LEAF, "edge_block": 128, "edge_warps": 2}, {**BEST_LEAF, "edge_block": 32, "edge_warps": 1},
+    {**BEST_LEAF, "edge_block": 64, "edge_warps": 1},
+    {**BEST_LEAF, "max_workspace_bytes": 512 << 20}, {**BEST_LEAF, "max_workspace_bytes": 2048 << 20},
+    {**BEST_LEAF, "edge_block": 64, "edge_warps": 2, "max_workspace_bytes": 2048 << 20},
 ]
 EVENTS: dict[str, list] = defaultdict(list)
 LSE_DEFAULTS = (tree_triton.TILES_LSE_BLOCK, tree_triton.TILES_LSE_WARPS)

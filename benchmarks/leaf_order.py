@@ -1,4 +1,4 @@
-"""CPU benchmark: tree penalty from hidden states with the logits in token order vs in leaf order.
+"""Tree penalty from hidden states with the logits in token order vs in leaf order (CPU or CUDA).
 
 SmolLM2-like sizes: V = 49,152 tokens, d = 576, N = 512 (``--rows``) random hidden states; a cluster
 tree (:func:`tokenmover.build_cluster_tree`, branching 8, leaves of 32) over random clustered points
@@ -20,6 +20,12 @@ for the ``torch`` and ``numba`` backends, with ``torch.set_num_threads(1)`` and 
 Also checks that both orders give the same penalty and gradients. Prints a table and writes JSON.
 
     python benchmarks/leaf_order.py [--rows 512 2048] [--repeats 5] [--out benchmarks/results/leaf_order_cpu.json]
+
+On a GPU (``--device cuda``: bf16 heads, hidden states and logits, the ``triton`` backend by
+default, CUDA-synchronised timing) ``--kl`` adds the baseline the regularizer replaces: the same
+head, then full KL under ``torch.compile`` (``benchmarks/gpu.py``'s ``kl_plain``):
+
+    python benchmarks/leaf_order.py --device cuda --vocab 262144 --hidden 2304 --rows 8192 --kl --out DIR/leaf_order_gpu.json
 """
 
 from __future__ import annotations
@@ -42,7 +48,10 @@ def _parse(argv):
     ap.add_argument("--hidden", type=int, default=576)
     ap.add_argument("--rows", type=int, nargs="+", default=[512], help="positions N (one run per value)")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--backends", default="torch,numba")
+    ap.add_argument("--backends", default=None, help="default: torch,numba on cpu, triton on cuda")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default=None, help="default: float32 on cpu, bfloat16 on cuda")
+    ap.add_argument("--kl", action="store_true", help="also head + full KL (torch.compile on cuda)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/leaf_order_cpu.json"))
     return ap.parse_args(argv)
 
@@ -57,22 +66,39 @@ def main(argv=None) -> int:
     from tokenmover.regularizer import Regularizer
 
     v, d, n = args.vocab, args.hidden, args.rows
-    backends = [b for b in args.backends.split(",") if b]
+    device = torch.device(args.device)
+    on_gpu = device.type == "cuda"
+    backends = [b for b in (args.backends or ("triton" if on_gpu else "torch,numba")).split(",") if b]
+    dtype = getattr(torch, args.dtype or ("bfloat16" if on_gpu else "float32"))
+
+    def sync():
+        if on_gpu:
+            torch.cuda.synchronize(device)
 
     # ------------------------------------------------------------------ inputs
     gen = torch.Generator().manual_seed(0)
     points, policy_head, ref_head = vocab_and_heads(v, d, gen)
+    policy_head.to(device, dtype)
+    ref_head.to(device, dtype)
     t0 = time.perf_counter()
     structure = build_cluster_tree(points, seed=0, branching=8, leaf_size=32)
     build_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     leaf = structure.in_leaf_order()
     relabel_s = time.perf_counter() - t0
-    order = structure.leaf_order()
+    order = structure.leaf_order().to(device)
+    kl_fn = None
+    if args.kl:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        argv_saved, sys.argv = sys.argv, sys.argv[:1]  # gpu.py parses sys.argv when imported
+        from gpu import kl_plain  # noqa: PLC0415
+        sys.argv = argv_saved
+        kl_fn = torch.compile(kl_plain, dynamic=False) if on_gpu else kl_plain
+
     def measure(n, results, checks):
         gen_n = torch.Generator().manual_seed(n)
-        hidden = torch.randn(n, d, generator=gen_n)
-        ref_hidden = hidden + 0.1 * torch.randn(n, d, generator=gen_n)
+        hidden = torch.randn(n, d, generator=gen_n).to(device, dtype)
+        ref_hidden = (hidden.float() + 0.1 * torch.randn(n, d, generator=gen_n).to(device)).to(dtype)
         with torch.no_grad():
             x_tok = policy_head(hidden)  # (N, V) token order
             y_tok = ref_head(ref_hidden)
@@ -107,8 +133,20 @@ def main(argv=None) -> int:
             term.penalty.sum().backward()
             return term.penalty.detach(), (h.grad, policy_head.weight.grad)
 
+        def kl_step(backend, in_leaf):  # the baseline: the same head, then full KL (orders do not matter)
+            h = hidden.detach().requires_grad_(True)
+            policy_head.weight.grad = None
+            x = LogitHead(policy_head)(h)  # (N, V)
+            with torch.no_grad():
+                y = LogitHead(ref_head)(ref_hidden)
+            values = kl_fn(x, y)
+            values.sum().backward()
+            return values.detach(), (h.grad, policy_head.weight.grad)
+
         stages = {"distance": distance_step, "head+distance": head_step, "transport_from_hidden": adapter_step}
         rows = [(stage, b, in_leaf) for stage in stages for b in backends for in_leaf in (False, True)]
+        if kl_fn is not None:
+            rows.append(("head+kl", "compile" if on_gpu else "eager", False))
 
         # ------------------------------------------------------------------ correctness (one run each)
         for stage, fn in stages.items():
@@ -127,15 +165,23 @@ def main(argv=None) -> int:
 
         # ------------------------------------------------------------------ timing
         times: dict[tuple, list[float]] = {row: [] for row in rows}
-        for row in rows:  # warm-up (numba compilation, allocator)
+        stages["head+kl"] = kl_step
+        for row in rows:  # warm-up (numba / Triton / torch.compile compilation, tuning, allocator)
             stages[row[0]](row[1], row[2])
         for _ in range(args.repeats):
             for row in rows:
+                sync()
                 t0 = time.perf_counter()
                 stages[row[0]](row[1], row[2])
+                sync()
                 times[row].append(time.perf_counter() - t0)
+        if kl_fn is not None:
+            kl_row = rows[-1]
+            results.append({"rows": n, "stage": "head+kl", "backend": kl_row[1],
+                            "ms": 1e3 * statistics.median(times[kl_row]),
+                            "all_ms": [1e3 * t for t in times[kl_row]]})
 
-        for stage in stages:
+        for stage in ("distance", "head+distance", "transport_from_hidden"):
             for b in backends:
                 tok = statistics.median(times[(stage, b, False)])
                 lf = statistics.median(times[(stage, b, True)])
@@ -143,7 +189,7 @@ def main(argv=None) -> int:
                     "rows": n,
                     "stage": stage,
                     "backend": b,
-                    "adapter_default_uses_leaf_order": leaf_order_pays(regularizers[b], "cpu", n, d),
+                    "adapter_default_uses_leaf_order": leaf_order_pays(regularizers[b], device.type, n, d),
                     "token_order_ms": 1e3 * tok,
                     "leaf_order_ms": 1e3 * lf,
                     "speedup": tok / lf,
@@ -157,10 +203,14 @@ def main(argv=None) -> int:
         measure(n, results, checks)
 
     header = f"{'N':>5} {'stage':<22} {'backend':<7} {'token order':>12} {'leaf order':>11} {'speedup':>8}"
-    print(f"V={v}, d={d}, cluster tree ({structure.num_edges} edges), fwd+bwd, median of {args.repeats}, 1 thread")
+    where = torch.cuda.get_device_name(device) if on_gpu else "1 thread"
+    print(f"V={v}, d={d}, cluster tree ({structure.num_edges} edges), {dtype}, fwd+bwd, median of {args.repeats}, {where}")
     print(header)
     print("-" * len(header))
     for r in results:
+        if r["stage"] == "head+kl":
+            print(f"{r['rows']:>5} {'head+kl':<22} {r['backend']:<7} {r['ms']:>9.1f} ms")
+            continue
         print(f"{r['rows']:>5} {r['stage']:<22} {r['backend']:<7} {r['token_order_ms']:>9.1f} ms "
               f"{r['leaf_order_ms']:>8.1f} ms {r['speedup']:>7.2f}x")
     worst = max(c["max_rel_diff_grads"] for c in checks.values())
@@ -168,7 +218,9 @@ def main(argv=None) -> int:
           f"max relative gradient diff {worst:.2e}")
 
     record = {
-        "benchmark": "leaf_order_cpu",
+        "benchmark": "leaf_order_gpu" if on_gpu else "leaf_order_cpu",
+        "device": where,
+        "dtype": str(dtype),
         "command": "python benchmarks/leaf_order.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "vocab": v,
         "hidden": d,
