@@ -5,11 +5,13 @@
 #   bash benchmarks/gpu_session.sh OUTDIR
 #
 # 1. benchmarks/gpu.py: correctness against float64 (every tuning candidate too), the issue's
-#    table with default and tuned "tiles" rows, then the tuning sweep; optional stages stop at
-#    240 s, the whole step at 330 s. Sinkhorn, the torch tree and the scatter kernel's sliced
-#    row are skipped (their numbers are in docs/gpu.md); sliced on the "chains" kernels is timed.
-# 2. benchmarks/gpu_profile.py --configs --sliced: per-kernel CUDA-event times of each
-#    configuration, token and leaf order, and of sliced's "chains" kernels (stopped at 220 s).
+#    table at V = 50,257 / 151,936 / 262,144 with default and tuned "tiles" rows (run 5: 236 s
+#    with this skip list), then the tuning sweep while --budget-s lasts. Sinkhorn, the torch tree
+#    and the scatter kernel's rows are skipped (their numbers are in docs/gpu.md).
+# 2. benchmarks/gpu_profile.py: per-kernel CUDA-event times at V = 262,144, token and leaf order.
+# 3. benchmarks/leaf_order.py --device cuda --kl: hidden states -> logits -> penalty, token vs leaf
+#    order, against the same head + compiled full KL. Needs TRL, which the device image lacks
+#    (carry its wheels); skipped without it.
 # Logs and JSON go to OUTDIR; a step cut short still leaves what it wrote.
 set -uo pipefail
 out=${1:?usage: bash benchmarks/gpu_session.sh OUTDIR}
@@ -17,5 +19,11 @@ py=${PYTHON:-python3}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$out/device.txt"
-timeout 330 "$py" benchmarks/gpu.py --out "$out" --budget-s 240 --skip sinkhorn "tree (torch)" "sliced (scatter)" 2>&1 | tee "$out/gpu.log"
-timeout 220 "$py" benchmarks/gpu_profile.py --out "$out" --configs --sliced 2>&1 | tee "$out/gpu_profile.log"
+timeout 330 "$py" benchmarks/gpu.py --out "$out" --budget-s 280 --skip sinkhorn "tree (torch)" "sliced (scatter)" "tree (scatter)" 2>&1 | tee "$out/gpu.log"
+timeout 60 "$py" benchmarks/gpu_profile.py --out "$out" 2>&1 | tee "$out/gpu_profile.log"
+if "$py" -c "import trl" 2>/dev/null; then
+  timeout 150 "$py" benchmarks/leaf_order.py --device cuda --vocab 262144 --hidden 2304 --rows 8192 --kl \
+    --out "$out/leaf_order_gpu.json" 2>&1 | tee "$out/leaf_order_gpu.log"
+else
+  echo "leaf_order.py skipped: TRL is not installed here" | tee "$out/leaf_order_gpu.log"
+fi

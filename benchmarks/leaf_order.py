@@ -26,6 +26,9 @@ default, CUDA-synchronised timing) ``--kl`` adds the baseline the regularizer re
 head, then full KL under ``torch.compile`` (``benchmarks/gpu.py``'s ``kl_plain``):
 
     python benchmarks/leaf_order.py --device cuda --vocab 262144 --hidden 2304 --rows 8192 --kl --out DIR/leaf_order_gpu.json
+
+Needs TRL (``LogitHead`` and ``transport_from_hidden`` live in ``tokenmover.integrations.trl``,
+which checks for it): the device machines' image has no TRL, so carry its wheels there.
 """
 
 from __future__ import annotations

@@ -464,3 +464,15 @@ def test_gradient_reaches_the_logits_without_a_view_copy():
     (got.double() * w).sum().backward()
     for a, b in ((got, want), (cx.grad, ref_x.grad), (cy.grad, ref_y.grad)):
         assert rel_err(a, b) < 1e-12
+
+
+def test_tile_defaults_depend_on_the_logits_order():
+    """Untuned "tiles" launches: 256 positions / 1 warp on leaf-order logits, 512 / 4 warps in
+    token order (the H200's fastest of each); knobs the caller sets are kept; the interpreter
+    uses its own small tile."""
+    defaults = tree_triton.tiles_tile_defaults
+    assert defaults(None, None, True, False) == (tree_triton.TILES_LEAF_BLOCK, tree_triton.TILES_LEAF_WARPS) == (256, 1)
+    assert defaults(None, None, False, False) == (tree_triton.TILES_BLOCK, tree_triton.TILES_WARPS) == (512, 4)
+    assert defaults(1024, None, True, False) == (1024, tree_triton.TILES_WARPS)
+    assert defaults(None, 8, True, False) == (tree_triton.TILES_BLOCK, 8)
+    assert defaults(None, None, True, True) == (tree_triton.INTERPRET_BLOCK, None)

@@ -389,6 +389,23 @@ class TransportTerm:
     policy_entropy: torch.Tensor | None = None
 
 
+GPU_CHUNK_BYTES = 1 << 30  # CUDA: (chunk, V) float32-sized blocks of 1 GiB (1,024 rows at V = 262,144)
+
+
+def transport_chunk_size(vocab_size: int, device: torch.device | str) -> int:
+    """Default positions per chunk of :func:`transport_from_hidden`: a (chunk, V) float32 block
+    near 64 MiB (:func:`~tokenmover.distances._inputs.default_chunk_size`), on CUDA near
+    :data:`GPU_CHUNK_BYTES`. On a GPU each chunk costs a fixed overhead: a few kernel launches
+    and one host synchronisation (the bad-row check) whatever its size, and the Triton kernels
+    tune their tiles only on chunks of 256 rows or more; at V = 262,144 the 64 MiB rule gives
+    64-row chunks (128 of them for 8,192 positions), 1 GiB gives 1,024 rows. This default is
+    reasoned from those counts, not timed on a GPU; ``transport_chunk_size`` in the config sets
+    the chunk explicitly."""
+    if torch.device(device).type == "cuda":
+        return max(1, GPU_CHUNK_BYTES // (4 * max(1, vocab_size)))
+    return default_chunk_size(vocab_size)
+
+
 def transport_from_hidden(
     policy_hidden: torch.Tensor,
     ref_hidden: torch.Tensor,
@@ -410,7 +427,8 @@ def transport_from_hidden(
         policy_head, ref_head: :class:`LogitHead` of each model.
         regularizer: the distance; its ``tokens`` (k1/k2/k3) come from ``tokens``.
         tokens: (N,) token ids at those positions (needed for k1/k2/k3 and for ``ref_token_logps``).
-        chunk_size: positions per chunk (default: a (chunk, V) float32 block near 64 MiB).
+        chunk_size: positions per chunk (default :func:`transport_chunk_size`: a (chunk, V)
+            float32 block near 64 MiB, near 1 GiB on CUDA).
         want_entropy: also return the policy's per-position entropy (detached).
         want_policy_token_logps: also return ``log pi(y_t | s_t)`` of ``tokens`` (detached).
         leaf_order: produce the logits in the structure's leaf order (see the module docstring; same
@@ -437,7 +455,7 @@ def transport_from_hidden(
         return TransportTerm(penalty=zero.float().reshape(1).expand(0))
     ref_hidden = ref_hidden.detach()
     vocab_size = int(policy_head.lm_head.weight.shape[0])
-    chunk_size = chunk_size or default_chunk_size(vocab_size)
+    chunk_size = chunk_size or transport_chunk_size(vocab_size, device)
     # Recompute in backward only when there are several chunks: one chunk's logits are the memory
     # bound anyway, and recomputing them would double the projection and distance work.
     use_checkpoint = torch.is_grad_enabled() and policy_hidden.requires_grad and n > chunk_size
