@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     import torch
 
     from tokenmover import build_cluster_tree
-    from tokenmover.integrations.trl.transport import LogitHead, head_is_frozen, transport_from_hidden
+    from tokenmover.fused_head import LogitHead, head_is_frozen, transport_from_hidden
     from tokenmover.regularizer import Regularizer
 
     gen = torch.Generator().manual_seed(0)

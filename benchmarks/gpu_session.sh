@@ -10,8 +10,7 @@
 #    and the scatter kernel's rows are skipped (their numbers are in docs/gpu.md).
 # 2. benchmarks/gpu_profile.py: per-kernel CUDA-event times at V = 262,144, token and leaf order.
 # 3. benchmarks/leaf_order.py --device cuda --kl: hidden states -> logits -> penalty, token vs leaf
-#    order, against the same head + compiled full KL. Needs TRL, which the device image lacks
-#    (carry its wheels); skipped without it.
+#    order, against the same head + compiled full KL (no TRL needed: tokenmover.fused_head).
 # Logs and JSON go to OUTDIR; a step cut short still leaves what it wrote.
 set -uo pipefail
 out=${1:?usage: bash benchmarks/gpu_session.sh OUTDIR}
@@ -21,9 +20,5 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$out/device.txt"
 timeout 330 "$py" benchmarks/gpu.py --out "$out" --budget-s 280 --skip sinkhorn "tree (torch)" "sliced (scatter)" "tree (scatter)" 2>&1 | tee "$out/gpu.log"
 timeout 60 "$py" benchmarks/gpu_profile.py --out "$out" 2>&1 | tee "$out/gpu_profile.log"
-if "$py" -c "import trl" 2>/dev/null; then
-  timeout 150 "$py" benchmarks/leaf_order.py --device cuda --vocab 262144 --hidden 2304 --rows 8192 --kl \
-    --out "$out/leaf_order_gpu.json" 2>&1 | tee "$out/leaf_order_gpu.log"
-else
-  echo "leaf_order.py skipped: TRL is not installed here" | tee "$out/leaf_order_gpu.log"
-fi
+timeout 150 "$py" benchmarks/leaf_order.py --device cuda --vocab 262144 --hidden 2304 --rows 8192 --kl \
+  --out "$out/leaf_order_gpu.json" 2>&1 | tee "$out/leaf_order_gpu.log"

@@ -12,14 +12,14 @@ import torch
 from torch import nn
 
 import tokenmover
-from tokenmover.geometry import VocabGeometry
-from tokenmover.integrations.trl.transport import (
+from tokenmover.fused_head import (
     GPU_CHUNK_BYTES,
     LogitHead,
     build_regularizer,
     transport_chunk_size,
     transport_from_hidden,
 )
+from tokenmover.geometry import VocabGeometry
 from tokenmover.regularizer import Regularizer
 from tokenmover.rl.models import tiny_model
 from tokenmover.structures import build_cluster_tree

@@ -267,7 +267,7 @@ class TransportStructure:
         """``relabel(leaf_order())``: member 0's perm becomes the identity ``arange(V)``.
 
         Pair it with logits whose columns come in that order (e.g. LM-head rows ``W[leaf_order()]``,
-        :class:`tokenmover.integrations.trl.transport.LogitHead` with ``row_order``); other members
+        :class:`tokenmover.fused_head.LogitHead` with ``row_order``); other members
         keep a (relabelled) perm.
         """
         return self.relabel(self.leaf_order())

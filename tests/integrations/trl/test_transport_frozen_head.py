@@ -9,7 +9,7 @@ pytest.importorskip("trl")
 import torch
 from torch import nn
 
-from tokenmover.integrations.trl.transport import LogitHead, head_is_frozen, transport_from_hidden
+from tokenmover.fused_head import LogitHead, head_is_frozen, transport_from_hidden
 from tokenmover.regularizer import Regularizer
 from tokenmover.structures import build_cluster_tree
 

@@ -32,14 +32,14 @@ from trl import DistillationTrainer
 from trl.trainer.distillation_trainer import _chunked_divergence_loss
 
 from tokenmover.distances.api import distance
-from tokenmover.integrations.trl.config import TransportDistillationConfig
-from tokenmover.integrations.trl.transport import (
+from tokenmover.fused_head import (
     LogitHead,
     build_regularizer,
     global_masked_mean,
     logits_vocab_size,
     transport_from_hidden,
 )
+from tokenmover.integrations.trl.config import TransportDistillationConfig
 from tokenmover.structures.transport_structure import TransportStructure
 
 _MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "image_sizes",
