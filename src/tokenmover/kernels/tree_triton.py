@@ -441,7 +441,7 @@ class TilesState:
     s: torch.Tensor
     chunk: int
     block: int
-    num_warps: int | None
+    num_warps: int | None  # resolved by tiles_tile_defaults (None under the interpreter)
     interpret: bool
 
 
@@ -549,7 +549,7 @@ def _tiles_gradient(x, y, active, lv: TritonLevels, ts: TritonStructure, state: 
         return gx, gy
     dummy = torch.zeros(1, dtype=acc, device=x.device)
     g = triton.cdiv(v, state.chunk)
-    extra = {} if state.interpret else {"num_warps": state.num_warps or TILES_WARPS}
+    extra = {} if state.interpret else {"num_warps": state.num_warps}  # resolved in forward
     act = active.to(torch.int8).contiguous() if active is not None else dummy
     scale = scale.to(acc).contiguous() if scale is not None else None
     jt.grad_kernel[(n * g,)](

@@ -95,9 +95,8 @@ def _combine(part_rows, which, G, GBLOCK: tl.constexpr):
     ptrs = part_rows[:, None] + 6 * goffs[None, :] + which  # (R, GBLOCK)
     m = tl.load(ptrs, mask=gm[None, :], other=float("-inf"))
     s = tl.load(ptrs + 1, mask=gm[None, :], other=0.0)
-    top = tl.max(m, 1)  # (R,)
-    shift = tl.where(top == float("-inf"), 0.0, top)
-    return top + tl.log(tl.sum(s * tl.exp(m - shift[:, None]), 1))
+    top = tl.max(m, 1)  # (R,) finite: every chunk's max is at least _lse_floor
+    return top + tl.log(tl.sum(s * tl.exp(m - top[:, None]), 1))
 
 
 @triton.jit
