@@ -103,7 +103,7 @@ def main() -> None:
                   "GBLOCK": 32, "SCAN": scan, "IDENTITY": bool(identity)}
         name = f"prefix {'leaf' if identity else 'token'} {rows}x{block} warps={warps} scan={scan}"
         report(name, compile_cubin(jt.prefix_kernel, consts, warps, args.arch), rows * block, 32 * warps)
-    for block, warps in ((512, 4), (tree_triton.TILES_LSE_BLOCK, tree_triton.TILES_LSE_WARPS)):
+    for block, warps in dict.fromkeys(((512, 4), (tree_triton.TILES_LSE_BLOCK, tree_triton.TILES_LSE_WARPS))):
         consts = {"HAS_MASK": False, "ACC": tl.float32, "BLOCK": block}
         report(f"lse_partial {block} warps={warps}", compile_cubin(jt.lse_partial_kernel, consts, warps, args.arch),
                block, 32 * warps)
