@@ -227,24 +227,32 @@ def check_correctness(structures: dict, v: int, device: torch.device, n: int, sm
     y = (x.float() + torch.randn(n, v, generator=gen, device=device)).to(torch.bfloat16)
     cases = [("tree", "tiles", {}), ("tree", "levels", {}), ("tree", "scatter", {}), ("forest", "tiles", {}),
              ("forest", "levels", {}), ("forest", "scatter", {}), ("sliced", "chains", {}), ("sliced", "scatter", {})]
-    # every configuration the tuner may pick ("tree (tiles, tuned)" rows)
+    # every configuration the tuner may pick ("tree (tiles, tuned)" rows), and the tree on
+    # leaf-order logits (contiguous loads; sign words or not), checked against the token-order reference
     cases += [("tree", "tiles", cand) for cand in tiles_tuning.CANDIDATES[1:]]
+    cases += [("tree leaf-order", "tiles", {"sign_words": sw}) for sw in (True, False)]
+    leaf_perm = structures["tree"].perms[0].to(device)
     refs = {}
     for name, algorithm, knobs in cases:
-        s = structures[name]
-        if name not in refs:
+        leaf = name == "tree leaf-order"
+        s = tree_in_leaf_order(structures["tree"]) if leaf else structures[name]
+        base = "tree" if leaf else name
+        if base not in refs:
             x64 = x.detach().double().requires_grad_()
-            ref = distance(x64, y.double(), "tree", structure=s, backend="torch")
+            ref = distance(x64, y.double(), "tree", structure=structures[base], backend="torch")
             ref.sum().backward()
-            refs[name] = (ref.detach(), x64.grad)
-        ref, ref_grad = refs[name]
+            refs[base] = (ref.detach(), x64.grad)
+        ref, ref_grad = refs[base]
+        xc, yc = (x[:, leaf_perm], y[:, leaf_perm]) if leaf else (x, y)
+        if leaf:
+            ref_grad = ref_grad[:, leaf_perm]
         # gradient tolerance in relative L2: an edge whose mass is within float32 rounding of 0
         # may take the other sign than in float64 (both are valid subgradients)
         for dtype, tol_v, tol_g in ((torch.bfloat16, 1e-4, 2e-2), (torch.float32, 1e-4, 2e-2)):
-            xt = x.detach().to(dtype).clone().requires_grad_()
+            xt = xc.detach().to(dtype).clone().requires_grad_()
             if small and knobs:  # interpreter-sized tiles
                 knobs = {**knobs, "block": 32, "chunk": 64}
-            got = triton_tree(s, algorithm=algorithm, **knobs)(xt, y.to(dtype))
+            got = triton_tree(s, algorithm=algorithm, **knobs)(xt, yc.to(dtype))
             got.sum().backward()
             ev, eg, eg_max = rel_err(got, ref), rel_l2(xt.grad, ref_grad), rel_err(xt.grad, ref_grad)
             ok = ev < tol_v and eg < tol_g

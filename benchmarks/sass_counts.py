@@ -34,8 +34,9 @@ from triton.compiler import ASTSource  # noqa: E402
 from tokenmover.kernels import tree_triton  # noqa: E402
 from tokenmover.kernels import tree_triton_tiles_jit as jt  # noqa: E402
 
-DIVISIBLE_BY_16 = {"stride_x", "stride_y", "nb", "V", "L"}
-POINTER_TYPES = {"x_ptr": "*bf16", "y_ptr": "*bf16", "active_ptr": "*i8", "perm_ptr": "*i32", "bidx_ptr": "*i32"}
+DIVISIBLE_BY_16 = {"stride_x", "stride_y", "stride_gx", "stride_gy", "nb", "nw", "V", "L"}
+POINTER_TYPES = {"x_ptr": "*bf16", "y_ptr": "*bf16", "gx_ptr": "*bf16", "gy_ptr": "*bf16", "active_ptr": "*i8",
+                 "perm_ptr": "*i32", "bidx_ptr": "*i32", "sign_ptr": "*i16", "leaf_ptr": "*i32"}
 # (leaf-order logits, rows per program, positions per tile, warps, scan form) of docs/gpu.md's table
 PREFIX_CONFIGS = [(1, 1, 512, 4, 2), (1, 1, 512, 4, 3), (1, 1, 256, 1, 3), (1, 1, 512, 1, 3), (1, 4, 256, 4, 3),
                   (1, 4, 256, 4, 2), (1, 8, 256, 8, 3), (0, 1, 512, 4, 2), (0, 4, 256, 4, 3)]
@@ -100,9 +101,20 @@ def main() -> None:
     print(f"triton {triton.__version__}, sm_{args.arch}")
     for identity, rows, block, warps, scan in PREFIX_CONFIGS:
         consts = {"HAS_MASK": False, "ACC": tl.float32, "WANT_GRAD": True, "ROWS": rows, "BLOCK": block,
-                  "GBLOCK": 32, "SCAN": scan, "IDENTITY": bool(identity)}
+                  "GBLOCK": 32, "SCAN": scan, "IDENTITY": bool(identity), "SIGNS": False}
         name = f"prefix {'leaf' if identity else 'token'} {rows}x{block} warps={warps} scan={scan}"
         report(name, compile_cubin(jt.prefix_kernel, consts, warps, args.arch), rows * block, 32 * warps)
+    # the leaf-order default tile with the sign words a policy-only gradient keeps
+    block, warps = tree_triton.TILES_LEAF_BLOCK, tree_triton.TILES_LEAF_WARPS
+    consts = {"HAS_MASK": False, "ACC": tl.float32, "WANT_GRAD": True, "ROWS": 1, "BLOCK": block,
+              "GBLOCK": 32, "SCAN": tree_triton.TILES_SCAN, "IDENTITY": True, "SIGNS": True}
+    report(f"prefix leaf 1x{block} warps={warps} + sign words",
+           compile_cubin(jt.prefix_kernel, consts, warps, args.arch), block, 32 * warps)
+    for signs in (False, True):  # the gradient launch, policy only, reading the reference or the sign words
+        consts = {"HAS_MASK": False, "HAS_SCALE": True, "WANT_GX": True, "WANT_GY": False, "ACC": tl.float32,
+                  "BLOCK": block, "GBLOCK": 32, "SIGNS": signs}
+        report(f"grad 1x{block} warps={warps} {'sign words' if signs else 'reads reference'}",
+               compile_cubin(jt.grad_kernel, consts, warps, args.arch), block, 32 * warps)
     for block, warps in dict.fromkeys(((512, 4), (tree_triton.TILES_LSE_BLOCK, tree_triton.TILES_LSE_WARPS))):
         consts = {"HAS_MASK": False, "ACC": tl.float32, "BLOCK": block}
         report(f"lse_partial {block} warps={warps}", compile_cubin(jt.lse_partial_kernel, consts, warps, args.arch),

@@ -22,9 +22,9 @@ if not tree_triton.interpret_mode():
     pytest.skip("TRITON_INTERPRET is set to 0: these CPU tests need Triton's interpreter", allow_module_level=True)
 
 SMALL = [  # interpreter-sized tiles
-    {"block": 32, "num_warps": 4, "scan": 2, "row_block": 1, "chunk": 64},
-    {"block": 16, "num_warps": 4, "scan": 3, "row_block": 4, "chunk": 48},
-    {"block": 32, "num_warps": 1, "scan": 1, "row_block": 2, "chunk": 1000},
+    {"block": 32, "num_warps": 4, "scan": 2, "row_block": 1, "chunk": 64, "sign_words": True},
+    {"block": 16, "num_warps": 4, "scan": 3, "row_block": 4, "chunk": 48, "sign_words": False},
+    {"block": 32, "num_warps": 1, "scan": 1, "row_block": 2, "chunk": 1000, "sign_words": True},
 ]
 
 
@@ -80,7 +80,7 @@ def test_failing_candidates_are_skipped_and_all_failing_keeps_the_first(caplog):
     structure = forest()
     x, y = random_logits(3, 120, seed=3), random_logits(3, 120, seed=4)
     ts = packed(structure)
-    bad = {"block": 32, "num_warps": 4, "scan": 9, "row_block": 1, "chunk": 64}  # _tiles_forward refuses scan=9
+    bad = {"block": 32, "num_warps": 4, "scan": 9, "row_block": 1, "chunk": 64, "sign_words": True}  # scan=9 is refused
     with caplog.at_level(logging.WARNING, logger="tokenmover.kernels.tiles_tuning"):
         got = tiles_tuning.tune_tiles(x, y, None, ts, True, candidates=[bad, SMALL[0]],
                                       timer=FakeTimer(lambda c: 1.0))

@@ -476,3 +476,72 @@ def test_tile_defaults_depend_on_the_logits_order():
     assert defaults(1024, None, True, False) == (1024, tree_triton.TILES_WARPS)
     assert defaults(None, 8, True, False) == (tree_triton.TILES_BLOCK, 8)
     assert defaults(None, None, True, True) == (tree_triton.INTERPRET_BLOCK, None)
+
+
+def leaf_order_tree(v: int):
+    """A cluster tree and the same tree relabelled so that its leaf order is the token order."""
+    tree = structures(v)["cluster_tree"]
+    return tree, dataclasses.replace(tree, perms=torch.arange(v)[None], _packed_cache={})
+
+
+@pytest.mark.parametrize(("v", "chunk", "block"), [(200, 128, 64), (200, 64, 32), (97, 256, 128), (300, 96, 32)])
+def test_policy_gradient_on_leaf_order_logits_reads_signs_not_the_reference(v, chunk, block):
+    """Leaf-order logits, policy-only gradient: the prefix launch keeps sign(p - q), 2 bits a
+    position, and the gradient launch reads them instead of the reference's logits. V not a
+    multiple of 8 (a partial last word), rows equal to their reference (d = 0 exactly: sign 0, zero
+    gradient) and masked rows; float64 within 1e-12 of numba. The gradient launch is given a NaN
+    reference: it must not read it."""
+    tree, leaf_tree = leaf_order_tree(v)
+    perm = tree.perms[0]
+    x, y = random_logits(5, v, seed=70), random_logits(5, v, seed=71)
+    y[1] = x[1]  # d = 0 everywhere
+    mask = torch.tensor([True, True, False, True, True])
+    w = torch.randn(5, dtype=torch.float64, generator=torch.Generator().manual_seed(72))
+    ref = values_and_grads(x, y, tree, "numba", w * mask)
+    ts = tree_triton.pack_for_triton(leaf_tree, torch.device("cpu"), torch.float64)
+    xl, yl = x[:, perm].contiguous(), y[:, perm].contiguous()
+    out, bad, state = tree_triton._tiles_forward(xl, yl, mask, ts, True, block=block, chunk=chunk, policy_only=True)
+    assert state.signs is not None and state.signs.shape == (5, (v + 7) // 8) and state.signs.dtype == torch.int16
+    assert not bool(bad.any()) and rel_err(out, ref[0] * mask) < 1e-12
+    # the encoding: bit j of word w is t d > 0 at position 8 w + j, bit 8 + j is t d < 0 (t >= 0: the
+    # singleton weight; where it is 0 the sign is not needed)
+    words = state.signs[mask].to(torch.int32) & 0xFFFF
+    bits = torch.arange(8)
+    up = ((words[:, :, None] >> bits) & 1).reshape(len(words), -1)[:, :v]
+    down = ((words[:, :, None] >> (bits + 8)) & 1).reshape(len(words), -1)[:, :v]
+    d = torch.softmax(xl[mask], 1) - torch.softmax(yl[mask], 1)
+    td = ts.levels.token_weights_first * d
+    sure = td.abs() > 1e-12  # away from float64 rounding of d
+    assert bool(((up - down) == torch.sign(td).to(up.dtype))[sure].all())
+    assert int((up & down).sum()) == 0 and int(up[1].sum() + down[1].sum()) == 0  # row 1: d = 0
+    scale = w * mask
+    gx, gy = tree_triton._tiles_gradient(xl, torch.full_like(yl, float("nan")), mask, ts.levels, ts, state, scale,
+                                         True, False)
+    assert gy is None and rel_err(gx, ref[1][:, perm]) < 1e-12
+    assert gx[1].abs().max() == 0 and out[1] == 0
+    # through autograd: the same signs path, and the reference's gradient (which needs q) still works
+    for want_y in (False, True):
+        xs, ys = xl.clone().requires_grad_(), yl.clone().requires_grad_(want_y)
+        vals = tree_triton.tree_wasserstein_triton(xs, ys, mask, leaf_tree, algorithm="tiles", block=block, chunk=chunk)
+        (vals * w).sum().backward()
+        assert rel_err(xs.grad, ref[1][:, perm]) < 1e-12
+        if want_y:
+            assert rel_err(ys.grad, ref[2][:, perm]) < 1e-12
+
+
+def test_sign_words_only_where_they_apply():
+    """Sign words need leaf-order logits, a policy-only gradient, tiles of a multiple of 8
+    positions and chunks of whole tiles, and sign_words not False; otherwise the gradient launch
+    reads the reference."""
+    tree, leaf_tree = leaf_order_tree(150)
+    x, y = random_logits(3, 150, seed=73), random_logits(3, 150, seed=74)
+    leaf_ts = tree_triton.pack_for_triton(leaf_tree, torch.device("cpu"), torch.float64)
+    token_ts = tree_triton.pack_for_triton(tree, torch.device("cpu"), torch.float64)
+    cases = [(leaf_ts, True, True, 64, 128, None, True), (leaf_ts, True, True, 16, 64, True, True),
+             (leaf_ts, True, True, 64, 128, False, False), (leaf_ts, True, False, 64, 128, None, False),
+             (leaf_ts, False, True, 64, 128, None, False), (leaf_ts, True, True, 4, 16, None, False),
+             (leaf_ts, True, True, 64, 100, None, False), (token_ts, True, True, 64, 128, None, False)]
+    for ts, want_grad, policy_only, block, chunk, sign_words, expected in cases:
+        _, _, state = tree_triton._tiles_forward(x, y, None, ts, want_grad, block=block, chunk=chunk,
+                                                 policy_only=policy_only, sign_words=sign_words)
+        assert (state.signs is not None) == expected, (want_grad, policy_only, block, chunk, sign_words)

@@ -1,7 +1,8 @@
 """Pick the "tiles" kernels' tile configuration on the card they run on, once per problem shape.
 
 The best configuration of the prefix kernel (positions per tile, warps, scan form, rows per
-program, positions per program) depends on the card, on V and on whether the logits arrive in
+program, positions per program, and on leaf-order logits whether the gradient launch reads sign
+words instead of the reference's logits) depends on the card, on V and on whether the logits arrive in
 the tree's leaf order; docs/gpu.md has the H200 numbers. :func:`tune_tiles` times a short list
 of candidates (:data:`CANDIDATES`, the measured default first) on the caller's own rows, forward
 and gradient launches together, keeps the fastest, and caches it per
@@ -39,30 +40,32 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-# (positions per tile, warps, scan form, rows per prefix program, positions per program);
+# (positions per tile, warps, scan form, rows per prefix program, positions per program, sign words);
 # the first is tree_triton's default (TILES_*)
-CANDIDATES: tuple[dict, ...] = (
+CANDIDATES: tuple[dict, ...] = tuple({**c, "sign_words": c.get("sign_words", True)} for c in (
     {"block": 512, "num_warps": 4, "scan": 3, "row_block": 1, "chunk": 8192},  # the defaults; fastest in token order (H200, session 5)
     {"block": 256, "num_warps": 1, "scan": 3, "row_block": 1, "chunk": 8192},  # fastest in leaf order (session 5): no block barriers
+    # the same without sign words (session 6 made them the default, untimed): the gradient reads the reference
+    {"block": 256, "num_warps": 1, "scan": 3, "row_block": 1, "chunk": 8192, "sign_words": False},
     {"block": 256, "num_warps": 1, "scan": 3, "row_block": 1, "chunk": 16384},
     {"block": 256, "num_warps": 2, "scan": 3, "row_block": 2, "chunk": 8192},  # one row per warp
     {"block": 256, "num_warps": 4, "scan": 1, "row_block": 4, "chunk": 8192},
     {"block": 512, "num_warps": 4, "scan": 2, "row_block": 1, "chunk": 8192},  # the defaults of sessions 2-4
     {"block": 512, "num_warps": 4, "scan": 3, "row_block": 1, "chunk": 4096},
     {"block": 1024, "num_warps": 4, "scan": 4, "row_block": 1, "chunk": 8192},
-)
+))
 TUNE_ROWS = 1024  # rows of the caller's batch timed per candidate
 TUNE_MIN_ROWS = 256  # smaller batches run the defaults (a choice timed on a few rows would be noise)
 TUNE_REPEATS = 3  # timed runs per candidate (median), after one untimed run that compiles
 ENV_FLAG = "TOKENMOVER_TRITON_TUNE"
-KNOBS = ("block", "num_warps", "scan", "row_block", "chunk")
+KNOBS = ("block", "num_warps", "scan", "row_block", "chunk", "sign_words")
 
 _TUNED: dict[tuple, dict] = {}
 
 
 def tuned_configs() -> dict[tuple, dict]:
     """The configurations picked so far in this process: key -> ``{block, num_warps, scan,
-    row_block, chunk, ms, timed}`` (``ms``: the winner's median time on the tuning rows;
+    row_block, chunk, sign_words, ms, timed}`` (``ms``: the winner's median time on the tuning rows;
     ``timed``: every candidate that ran, each with its ``ms``)."""
     return {key: {**cfg, "timed": [dict(t) for t in cfg["timed"]]} for key, cfg in _TUNED.items()}
 
@@ -141,7 +144,7 @@ def tune_tiles(x: torch.Tensor, y: torch.Tensor, active: torch.Tensor | None, ts
     timed = []  # every candidate that ran, with its time
     for cand in candidates:
         def run(cand=cand):
-            _, _, state = _tiles_forward(xs, ys, act, ts, want_grad, **fixed, **cand)
+            _, _, state = _tiles_forward(xs, ys, act, ts, want_grad, policy_only=True, **fixed, **cand)
             if want_grad:
                 _tiles_gradient(xs, ys, act, ts.levels, ts, state, None, True, False)
 

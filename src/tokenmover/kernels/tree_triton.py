@@ -79,6 +79,9 @@ TILES_LSE_WARPS = 4
 TILES_SCAN = 3  # 1: tl.cumsum over the tile; 2: two-level (rows of 32); 3 / 4: the same, fused (see prefix_kernel)
 SCANS = (1, 2, 3, 4)
 TILES_ROW_BLOCK = 1  # rows per prefix-kernel program (a power of two); 1 is what the H200 runs measured
+# leaf-order logits, policy-only gradient: the prefix launch keeps sign(p - q) (V / 4 bytes a row) and
+# the gradient launch skips the reference's logits (session 6: not yet timed on a card; tuned both ways)
+TILES_SIGN_WORDS = True
 GRADIENT_MODES = ("backward", "forward")  # where "tiles" makes the gradient (see tree_wasserstein_triton)
 
 
@@ -144,7 +147,7 @@ class TritonLevels:
     level_offsets: torch.Tensor  # (L_total + 1,) int32: level l owns edges [off[l], off[l + 1])
     member_levels: torch.Tensor  # (K + 1,) int32: member k owns levels [ml[k], ml[k + 1])
     num_boundaries: int  # prefix indices j >= 1 where some edge of some member starts or ends
-    boundary_index: torch.Tensor  # (K, V + 1) int32: compact index of (member k, prefix index j), -1: none
+    boundary_index: torch.Tensor  # (K, V) int32: compact index of (member k, prefix index pos + 1), -1: none
     edge_start_boundary: torch.Tensor  # (E,) int32: compact index of the edge's start (0 for j = 0)
     edge_end_boundary: torch.Tensor  # (E,) int32
     identity_order: bool  # one member whose order is the token order (logits arrive in leaf order)
@@ -270,7 +273,9 @@ def _levels(packed: PackedStructure, device: torch.device, dtype: torch.dtype) -
         level_offsets=torch.tensor(level_offsets, dtype=torch.int32, device=device),
         member_levels=torch.tensor(member_levels, dtype=torch.int32, device=device),
         num_boundaries=num_boundaries,
-        boundary_index=torch.from_numpy(boundary_index).to(device),
+        # the prefix kernel reads the slot of the prefix after each position: (K, V), so that a
+        # tile's indices start 16-byte aligned and load as vectors (index j = 0 is never a boundary)
+        boundary_index=torch.from_numpy(np.ascontiguousarray(boundary_index[:, 1:])).to(device),
         edge_start_boundary=_nonempty(torch.from_numpy(esb).to(device)),
         edge_end_boundary=_nonempty(torch.from_numpy(eeb).to(device)),
         identity_order=k_members == 1 and bool(np.array_equal(perms[0], np.arange(v))),
@@ -337,6 +342,7 @@ def tree_rows(
     edge_warps: int | None = None,
     scan: int | None = None,
     row_block: int | None = None,
+    sign_words: bool | None = None,
     max_workspace_bytes: int = MAX_WORKSPACE_BYTES,
 ):
     """Run the fused kernel on (n, V) logits. Returns (values (n,), gx, gy, bad flags (n,) int8).
@@ -363,7 +369,8 @@ def tree_rows(
     if resolved == "tiles":  # its own defaults (TILES_*), its own gradient allocation
         out, bad, state = _tiles_forward(x, y, active, ts, want_grad, block=block, num_warps=num_warps, chunk=chunk,
                                          edge_block=edge_block, edge_warps=edge_warps, scan=scan,
-                                         row_block=row_block, max_workspace_bytes=max_workspace_bytes)
+                                         row_block=row_block, max_workspace_bytes=max_workspace_bytes,
+                                         sign_words=sign_words, policy_only=want_gx and not want_gy)
         gx, gy = _tiles_gradient(x, y, active, ts.levels, ts, state, None, want_gx, want_gy) if want_grad else (None, None)
         return out, gx, gy, bad
     if resolved == "chains":
@@ -433,12 +440,15 @@ class TilesState:
     """What the "tiles" gradient launch needs from the forward launches, for n rows.
 
     ``lse_part`` (n, G, 6) softmax partials, ``dots`` (n, 2) ``<p, g>`` and ``<q, g>``, ``s`` (n, E + 1)
-    summed edge signs ``S``. Memory: ``4 (E + 1)`` bytes a row (float32), against ``2 V`` for a
-    bf16 gradient; for one cluster tree E is about V / 8, so a quarter of the gradient it replaces."""
+    summed edge signs ``S``, and on leaf-order logits with a policy-only gradient ``signs``. Memory:
+    ``4 (E + 1)`` bytes a row (float32), plus ``V / 4`` for the signs, against ``2 V`` for a
+    bf16 gradient; for one cluster tree E is about V / 8, so a quarter of the gradient it replaces
+    (three eighths with the signs)."""
 
     lse_part: torch.Tensor
     dots: torch.Tensor
     s: torch.Tensor
+    signs: torch.Tensor | None  # (n, ceil(V / 8)) int16 signs of p - q, 2 bits a position (uses_sign_words)
     chunk: int
     block: int
     num_warps: int | None  # resolved by tiles_tile_defaults (None under the interpreter)
@@ -446,11 +456,17 @@ class TilesState:
 
 
 def _tiles_forward(x, y, active, ts: TritonStructure, want_grad: bool, *, block=None, num_warps=None, chunk=None,
-                   edge_block=None, edge_warps=None, scan=None, row_block=None,
-                   max_workspace_bytes: int = MAX_WORKSPACE_BYTES) -> tuple[torch.Tensor, torch.Tensor, TilesState]:
+                   edge_block=None, edge_warps=None, scan=None, row_block=None, sign_words=None,
+                   max_workspace_bytes: int = MAX_WORKSPACE_BYTES,
+                   policy_only: bool = False) -> tuple[torch.Tensor, torch.Tensor, TilesState]:
     """Launches 1 - 3 of "tiles" over groups of rows (the per-row workspaces bound a group) on
     (n, V) logits with contiguous rows: values (n,) in the accumulation dtype, bad-row flags (n,)
-    int8, and (``want_grad``) the state of the gradient launch."""
+    int8, and (``want_grad``) the state of the gradient launch.
+
+    ``policy_only`` (the gradient launch will want ``dW/dx`` only) and ``sign_words`` (default
+    ``TILES_SIGN_WORDS``): on logits in leaf order the prefix launch also keeps the signs of
+    ``p - q``, 2 bits a position (``V / 4`` bytes a row), so that the gradient launch reads the
+    policy's logits and not the reference's (:func:`uses_sign_words`)."""
     import triton  # noqa: PLC0415
     import triton.language as tl  # noqa: PLC0415
 
@@ -473,6 +489,9 @@ def _tiles_forward(x, y, active, ts: TritonStructure, want_grad: bool, *, block=
     block, num_warps = tiles_tile_defaults(block, num_warps, bool(lv.identity_order), interpret)
     chunk = chunk or (4 * block if interpret else TILES_CHUNK)
     g = triton.cdiv(v, chunk)
+    sign_words = TILES_SIGN_WORDS if sign_words is None else sign_words
+    signs = want_grad and policy_only and sign_words and uses_sign_words(lv, chunk, min(block, chunk))
+    nw = triton.cdiv(v, 8)  # int16 sign words a row
     nb, ne = lv.num_boundaries, lv.num_edges
     acc_tl = tl.float64 if acc == torch.float64 else tl.float32
     acc_bytes = 8 if acc == torch.float64 else 4
@@ -488,6 +507,7 @@ def _tiles_forward(x, y, active, ts: TritonStructure, want_grad: bool, *, block=
     lse_part = torch.empty(n, g, 6, dtype=acc, device=device)  # (n, G, 6)
     dots = torch.empty(n, 2, dtype=acc, device=device)  # (n, 2)
     s_all = torch.empty(n if want_grad else 1, ne + 1, dtype=acc, device=device)  # (n, E + 1)
+    sign_words = torch.empty(n if signs else 1, nw if signs else 1, dtype=torch.int16, device=device)  # (n, NW)
     cb = torch.empty(rows, max(nb, 1), dtype=acc, device=device)  # (rows, NB)
     pb = torch.empty(rows, max(nb, 1), dtype=acc, device=device) if want_grad else cb
     tot = torch.empty(rows, k_members, g, 2, dtype=acc, device=device)
@@ -504,9 +524,9 @@ def _tiles_forward(x, y, active, ts: TritonStructure, want_grad: bool, *, block=
                                         HAS_MASK=has_mask, ACC=acc_tl, BLOCK=min(lse_block, chunk), **lse_extra)
         jt.prefix_kernel[(triton.cdiv(m, row_block) * k_members * g,)](
             xs, ys, xs.stride(0), ys.stride(0), act, lse_rows, ts.perms, lv.boundary_index, lv.token_weights_first,
-            cb, pb, cb.shape[1], tot, part, m, v, k_members, g, chunk,
+            cb, pb, cb.shape[1], tot, part, sign_words[r0:r1] if signs else sign_words, nw, m, v, k_members, g, chunk,
             HAS_MASK=has_mask, WANT_GRAD=want_grad, ACC=acc_tl, ROWS=row_block, BLOCK=min(block, chunk), GBLOCK=gblock,
-            SCAN=scan, IDENTITY=lv.identity_order, **extra,
+            SCAN=scan, IDENTITY=lv.identity_order, SIGNS=signs, **extra,
         )
         jt.edge_kernel[(m,)](
             act, lse_rows, bad[r0:r1], cb, pb, cb.shape[1], tot, part, offsets,
@@ -515,8 +535,15 @@ def _tiles_forward(x, y, active, ts: TritonStructure, want_grad: bool, *, block=
             out[r0:r1], dots[r0:r1], k_members, g, chunk,
             HAS_MASK=has_mask, WANT_GRAD=want_grad, ACC=acc_tl, GBLOCK=gblock, EBLOCK=eblock, **edge_extra,
         )
-    return out, bad, TilesState(lse_part=lse_part, dots=dots, s=s_all, chunk=chunk, block=block,
-                                num_warps=num_warps, interpret=interpret)
+    return out, bad, TilesState(lse_part=lse_part, dots=dots, s=s_all, signs=sign_words if signs else None,
+                                chunk=chunk, block=block, num_warps=num_warps, interpret=interpret)
+
+
+def uses_sign_words(lv: TritonLevels, chunk: int, block: int) -> bool:
+    """Whether the "tiles" prefix launch can keep the signs of ``p - q`` for a policy-only gradient:
+    logits in the tree's leaf order, tiles of a multiple of 8 positions, chunks of whole tiles
+    (each tile then owns whole sign words, 8 positions each)."""
+    return bool(lv.identity_order) and block % 8 == 0 and chunk % block == 0
 
 
 def tiles_tile_defaults(block: int | None, num_warps: int | None, leaf_order: bool,
@@ -552,15 +579,17 @@ def _tiles_gradient(x, y, active, lv: TritonLevels, ts: TritonStructure, state: 
     extra = {} if state.interpret else {"num_warps": state.num_warps}  # resolved in forward
     act = active.to(torch.int8).contiguous() if active is not None else dummy
     scale = scale.to(acc).contiguous() if scale is not None else None
+    signs = state.signs is not None and not want_gy  # dW/dy needs q, so it reads the reference anyway
     jt.grad_kernel[(n * g,)](
         x, y, x.stride(0), y.stride(0), act, state.lse_part, state.dots, ts.token_weights, lv.leaf,
         state.s, lv.num_edges, scale if scale is not None else dummy,
         gx if want_gx else dummy, gy if want_gy else dummy,
         gx.stride(0) if want_gx else 0, gy.stride(0) if want_gy else 0,
+        state.signs if signs else state.lse_part, triton.cdiv(v, 8),
         v, ts.num_members, g, state.chunk,
         HAS_MASK=active is not None, HAS_SCALE=scale is not None, WANT_GX=want_gx, WANT_GY=want_gy,
         ACC=tl.float64 if acc == torch.float64 else tl.float32, BLOCK=min(state.block, state.chunk),
-        GBLOCK=triton.next_power_of_2(g), **extra,
+        GBLOCK=triton.next_power_of_2(g), SIGNS=signs, **extra,
     )
     return gx, gy
 
@@ -587,17 +616,20 @@ class _TritonTreeFunction(torch.autograd.Function):
         num_programs = options.pop("num_programs", None)  # the one-program-per-row kernels' knob
         ctx.deferred = gradient == "backward" and resolve_algorithm(ts, algorithm) == "tiles"
         if ctx.deferred:
-            out, bad, state = _tiles_forward(x, y, active, ts, want_gx or want_gy, **options)
+            out, bad, state = _tiles_forward(x, y, active, ts, want_gx or want_gy,
+                                             policy_only=want_gx and not want_gy, **options)
         else:
             out, gx, gy, bad = tree_rows(x, y, active, ts, want_gx, want_gy, algorithm=algorithm,
                                          num_programs=num_programs, **options)
         if bool(bad.any()):
             raise ValueError(describe_bad_rows(bad.cpu(), row_offset))
         if ctx.deferred:
-            ctx.ts, ctx.state = ts, dataclasses.replace(state, lse_part=None, dots=None, s=None)
+            ctx.ts, ctx.state = ts, dataclasses.replace(state, lse_part=None, dots=None, s=None, signs=None)
             act = active if active is not None else torch.empty(0, dtype=torch.bool, device=x.device)
             ctx.has_mask = active is not None
-            ctx.save_for_backward(x, y, act, state.lse_part, state.dots, state.s)
+            ctx.has_signs = state.signs is not None
+            signs = state.signs if ctx.has_signs else torch.empty(0, dtype=torch.int32, device=x.device)
+            ctx.save_for_backward(x, y, act, state.lse_part, state.dots, state.s, signs)
         else:
             ctx.save_for_backward(gx, gy)
         return out
@@ -607,8 +639,9 @@ class _TritonTreeFunction(torch.autograd.Function):
     def backward(ctx, grad_out):  # noqa: D102
         want_gx, want_gy = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if ctx.deferred:
-            x, y, act, lse_part, dots, s = ctx.saved_tensors
-            state = dataclasses.replace(ctx.state, lse_part=lse_part, dots=dots, s=s)
+            x, y, act, lse_part, dots, s, signs = ctx.saved_tensors
+            state = dataclasses.replace(ctx.state, lse_part=lse_part, dots=dots, s=s,
+                                        signs=signs if ctx.has_signs else None)
             grad_x, grad_y = _tiles_gradient(x, y, act if ctx.has_mask else None, ctx.ts.levels, ctx.ts, state,
                                              grad_out, want_gx, want_gy)
             return grad_x, grad_y, None, None, None, None
@@ -652,6 +685,7 @@ def tree_wasserstein_triton(
     edge_warps: int | None = None,
     scan: int | None = None,
     row_block: int | None = None,
+    sign_words: bool | None = None,
     max_workspace_bytes: int = MAX_WORKSPACE_BYTES,
     gradient: str = "backward",
     tune: bool | None = None,
@@ -672,10 +706,14 @@ def tree_wasserstein_triton(
     indices and singleton weights are then read once for that many rows; default 1) are passed
     to :func:`tree_rows`; ``max_workspace_bytes`` bounds the per-launch
     workspace (not the gradients, nor the "tiles" state kept for backward: ``4 (E + 1)`` bytes a row).
+    ``sign_words`` ("tiles" on logits in the tree's leaf order with a gradient for the policy
+    only; default ``TILES_SIGN_WORDS``, True): forward also keeps ``sign(p - q)``, 2 bits a
+    position (``V / 4`` bytes a row, until backward), and the gradient launch then reads the
+    policy's logits but not the reference's: 4 bytes a position instead of 6 for bf16 logits.
 
-    ``tune`` ("tiles" only): pick ``block``, ``num_warps``, ``scan``, ``row_block`` and ``chunk``
-    by timing a few candidates on this card and these rows, once per problem shape
-    (:mod:`tokenmover.kernels.tiles_tuning`). ``None`` (default): on CUDA when none of those five
+    ``tune`` ("tiles" only): pick ``block``, ``num_warps``, ``scan``, ``row_block``, ``chunk`` and
+    ``sign_words`` by timing a few candidates on this card and these rows, once per problem shape
+    (:mod:`tokenmover.kernels.tiles_tuning`). ``None`` (default): on CUDA when none of those six
     is given and ``TOKENMOVER_TRITON_TUNE`` is not ``0``; True: always (also on the CPU
     interpreter); False: never (the ``TILES_*`` defaults).
     """
@@ -690,7 +728,8 @@ def tree_wasserstein_triton(
         raise ValueError(f"gradient must be one of {GRADIENT_MODES}, got {gradient!r}")
     options = {"block": block, "num_programs": num_programs, "num_warps": num_warps, "algorithm": algorithm,
                "chunk": chunk, "edge_block": edge_block, "edge_warps": edge_warps, "scan": scan,
-               "row_block": row_block, "max_workspace_bytes": max_workspace_bytes, "gradient": gradient}
+               "row_block": row_block, "sign_words": sign_words, "max_workspace_bytes": max_workspace_bytes,
+               "gradient": gradient}
     if resolve_algorithm(ts, algorithm) == "tiles":
         options.update(_tuned_knobs(policy, ref, mask, ts, options, tune))
     n = policy.shape[0]

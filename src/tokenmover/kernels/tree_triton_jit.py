@@ -39,6 +39,34 @@ def _signed(w, m):
 
 
 @triton.jit
+def _bit_or(a, b):
+    return a | b
+
+
+@triton.jit
+def _pack_signs(d, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """Signs of a (ROWS, BLOCK) tile as (ROWS, BLOCK // 8) int16 words, 2 bits an entry: bit ``j``
+    of word ``w`` is ``d[8 w + j] > 0``, bit ``8 + j`` is ``d[8 w + j] < 0`` (:func:`_unpack_signs`).
+    A word covers 8 adjacent entries, which one thread holds in the tiles the kernels use, so
+    packing is a select per entry and an OR within the thread (no warp exchange)."""
+    lane = tl.arange(0, BLOCK) % 8
+    bits = tl.where(d > 0, (1 << lane)[None, :], tl.where(d < 0, (256 << lane)[None, :], 0))  # (ROWS, BLOCK)
+    return tl.reduce(tl.reshape(bits, (ROWS, BLOCK // 8, 8)), 2, _bit_or).to(tl.int16)
+
+
+@triton.jit
+def _unpack_signs(word_ptr, s0, nw, BLOCK: tl.constexpr):
+    """Entries ``s0 .. s0 + BLOCK`` (``s0`` a multiple of 8) of a row's sign words (``nw`` of them,
+    from :func:`_pack_signs`) as (BLOCK,) int32 in {-1, 0, 1}."""
+    words = s0 // 8 + tl.arange(0, BLOCK // 8)
+    packed = tl.load(word_ptr + words, mask=words < nw, other=0).to(tl.int32)  # (BLOCK / 8,)
+    lane = tl.arange(0, 8)
+    up = (packed[:, None] >> lane[None, :]) & 1  # (BLOCK / 8, 8)
+    down = (packed[:, None] >> (lane + 8)[None, :]) & 1
+    return tl.reshape(up - down, (BLOCK,))
+
+
+@triton.jit
 def _exp(x):
     """exp(x) as exp2(x log2 e): on NVIDIA GPUs one multiply and one ``MUFU.EX2`` with results
     below 2^-126 flushed to 0, where ``tl.exp`` adds a range test and two predicated multiplies

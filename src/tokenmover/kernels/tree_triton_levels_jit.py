@@ -37,6 +37,7 @@ from tokenmover.kernels.tree_triton_jit import (
     _row_active,
     _row_lse,
     _signed,
+    _unpack_signs,
     _zero,
     _zero_pass,
 )
@@ -114,18 +115,26 @@ def _edge_levels(es_ptr, ee_ptr, ew_ptr, parent_ptr, level_ptr, l_lo, l_hi, c_ro
 
 @triton.jit
 def _gradient_levels(x_row, y_row, lse_x, lse_y, tw_ptr, leaf_ptr, s_row, gx_row, gy_row, dot_p, dot_q, scale,
-                     start, end, V, K,
-                     WANT_GX: tl.constexpr, WANT_GY: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+                     start, end, V, K, sign_row, nw,
+                     WANT_GX: tl.constexpr, WANT_GY: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+                     SIGNS: tl.constexpr):
     """Columns [start, end) of a row: g_i = t_i sign(p_i - q_i) + sum_k S[leaf_k(i)], then
     dW/dx = scale p (g - <p, g>) and dW/dy = -scale q (g - <q, g>) in the logits' dtype
-    (``scale``: the incoming gradient of the row's value, 1 when the gradient is made eagerly)."""
+    (``scale``: the incoming gradient of the row's value, 1 when the gradient is made eagerly).
+
+    SIGNS (not with WANT_GY; ``start`` and ``BLOCK`` multiples of 8): ``sign(p_i - q_i)`` from the
+    ``nw`` sign words at ``sign_row`` (:func:`_unpack_signs`), so the reference's logits are not read."""
     offs = tl.arange(0, BLOCK)
     for s0 in range(start, end, BLOCK):
         idx = s0 + offs
         msk = idx < end
         p = _probs(x_row, idx, msk, lse_x, ACC)
-        q = _probs(y_row, idx, msk, lse_y, ACC)
-        g = _signed(tl.load(tw_ptr + idx, mask=msk, other=0.0).to(ACC), p - q)
+        t = tl.load(tw_ptr + idx, mask=msk, other=0.0).to(ACC)
+        if SIGNS:
+            g = t * _unpack_signs(sign_row, s0, nw, BLOCK).to(ACC)
+        else:
+            q = _probs(y_row, idx, msk, lse_y, ACC)
+            g = _signed(t, p - q)
         for k in range(K):
             leaf = tl.load(leaf_ptr + tl.cast(k, tl.int64) * V + idx, mask=msk, other=0)
             g += tl.load(s_row + leaf, mask=msk, other=0.0)
@@ -193,7 +202,7 @@ def tree_levels_kernel(
             if WANT_GRAD:
                 _gradient_levels(
                     x_row, y_row, lse_x, lse_y, tw_ptr, leaf_ptr, s_row, gx_row, gy_row, dot_p, dot_q, 1.0, 0, V, V, K,
-                    WANT_GX, WANT_GY, ACC, BLOCK,
+                    s_row, 0, WANT_GX, WANT_GY, ACC, BLOCK, False,
                 )
         else:
             tl.store(out_ptr + row, _zero(ACC, BLOCK))

@@ -38,6 +38,7 @@ from tokenmover.kernels.tree_triton_jit import (
     _lse_lane_bad,
     _online_lse_step,
     _online_lse_total,
+    _pack_signs,
     _probs,
     _row_active,
     _signed,
@@ -149,17 +150,23 @@ def _cumsum2(u, v, ROWS: tl.constexpr, BLOCK: tl.constexpr, TWO_LEVEL: tl.conste
 
 @triton.jit
 def prefix_kernel(x_ptr, y_ptr, stride_x, stride_y, active_ptr, lse_part_ptr,
-                  perm_ptr, bidx_ptr, tw0_ptr,  # (K, V) int32, (K, V + 1) int32 (-1: no boundary), (V,)
+                  perm_ptr, bidx_ptr, tw0_ptr,  # (K, V) int32, (K, V) int32 slot after each position (-1: none), (V,)
                   cb_ptr, pb_ptr, nb,  # (n, NB) chunk-local prefix sums at boundaries
                   tot_ptr, part_ptr,  # (n, K, G, 2) chunk totals of d and p; (n, K, G, 3) singleton sums
+                  sign_ptr, nw,  # (n, NW) int16 sign words of d (2 bits a position, _pack_signs), written when SIGNS
                   n, V, K, G, L,
                   HAS_MASK: tl.constexpr, WANT_GRAD: tl.constexpr, ACC: tl.constexpr, ROWS: tl.constexpr,
-                  BLOCK: tl.constexpr, GBLOCK: tl.constexpr, SCAN: tl.constexpr, IDENTITY: tl.constexpr):
+                  BLOCK: tl.constexpr, GBLOCK: tl.constexpr, SCAN: tl.constexpr, IDENTITY: tl.constexpr,
+                  SIGNS: tl.constexpr):
     """One program: ROWS rows, member k, chunk c, in (ROWS, BLOCK) tiles. The member's order,
     boundary indices and singleton weights are loaded once for all ROWS rows; every scan and sum
     runs along a row (axis 1).
 
     IDENTITY: the (single) member's order is the column order: contiguous loads, no gather.
+
+    SIGNS (IDENTITY only; ``BLOCK`` a multiple of 8, ``L`` of ``BLOCK``): also the signs of ``d``
+    in column order, 2 bits a position (:func:`_pack_signs`), so that the gradient launch needs
+    the policy's logits only (``sign(p_i - q_i)`` is all it reads of the reference).
 
     SCAN: 1 / 2 one- / two-level ``tl.cumsum`` per array and five sums per tile; 3 / 4 the same
     scans fused into one two-array ``associative_scan``, the carries from one two-array
@@ -178,9 +185,10 @@ def prefix_kernel(x_ptr, y_ptr, stride_x, stride_y, active_ptr, lse_part_ptr,
         x_rows = (x_ptr + r * stride_x)[:, None]  # (ROWS, 1)
         y_rows = (y_ptr + r * stride_y)[:, None]
         perm_row = perm_ptr + k.to(tl.int64) * V
-        bidx_row = bidx_ptr + k.to(tl.int64) * (V + 1)
+        bidx_row = bidx_ptr + k.to(tl.int64) * V
         cb_rows = (cb_ptr + r * nb)[:, None]
         pb_rows = (pb_ptr + r * nb)[:, None]
+        sign_rows = (sign_ptr + r * nw)[:, None]
         offs = tl.arange(0, BLOCK)
         carry_c = tl.zeros([ROWS], ACC)
         carry_p = tl.zeros([ROWS], ACC)
@@ -206,9 +214,13 @@ def prefix_kernel(x_ptr, y_ptr, stride_x, stride_y, active_ptr, lse_part_ptr,
             q = _probs(y_rows, tok[None, :], msk2, lse_y[:, None], ACC)
             d = p - q
             t = tl.load(tw0_ptr + pos, mask=msk & ((pos * 0 + k) == 0), other=0.0).to(ACC)[None, :]  # member 0 only
-            b = tl.load(bidx_row + pos + 1, mask=msk, other=-1)[None, :]  # the same for every row
+            b = tl.load(bidx_row + pos, mask=msk, other=-1)[None, :]  # the same for every row
             at_edge = msk2 & (b >= 0)
             s = _signed(t, d)
+            if SIGNS:
+                words = s0 // 8 + tl.arange(0, BLOCK // 8)  # (BLOCK / 8,) words of this tile
+                tl.store(sign_rows + words[None, :], _pack_signs(s, ROWS, BLOCK),
+                         mask=live[:, None] & (words < nw)[None, :])
             if FUSED:
                 val_l += t * tl.abs(d)
             else:
@@ -331,10 +343,12 @@ def grad_kernel(x_ptr, y_ptr, stride_x, stride_y, active_ptr, lse_part_ptr, dots
                 tw_ptr, leaf_ptr, s_ptr, ne,  # (V,), (K, V) int32, (n, E + 1)
                 scale_ptr,  # (n,) incoming gradient of each row's value, read when HAS_SCALE
                 gx_ptr, gy_ptr, stride_gx, stride_gy,
+                sign_ptr, nw,  # (n, NW) int16 sign words from prefix_kernel, read when SIGNS
                 V, K, G, L,
                 HAS_MASK: tl.constexpr, HAS_SCALE: tl.constexpr, WANT_GX: tl.constexpr, WANT_GY: tl.constexpr,
-                ACC: tl.constexpr, BLOCK: tl.constexpr, GBLOCK: tl.constexpr):
-    """Columns of one chunk of one row: the gradients, times the row's scale (1 without HAS_SCALE)."""
+                ACC: tl.constexpr, BLOCK: tl.constexpr, GBLOCK: tl.constexpr, SIGNS: tl.constexpr):
+    """Columns of one chunk of one row: the gradients, times the row's scale (1 without HAS_SCALE).
+    SIGNS: the signs of ``p - q`` from the sign words, the reference's logits unread."""
     pid = tl.program_id(0)
     c = pid % G
     r = (pid // G).to(tl.int64)
@@ -354,6 +368,6 @@ def grad_kernel(x_ptr, y_ptr, stride_x, stride_y, active_ptr, lse_part_ptr, dots
         if HAS_SCALE:
             scale = tl.load(scale_ptr + r).to(ACC)
         _gradient_levels(x_row, y_row, lse_x, lse_y, tw_ptr, leaf_ptr, s_row, gx_row, gy_row, dot_p, dot_q, scale,
-                         start, end, V, K, WANT_GX, WANT_GY, ACC, BLOCK)
+                         start, end, V, K, sign_ptr + r * nw, nw, WANT_GX, WANT_GY, ACC, BLOCK, SIGNS)
     else:
         _zero_pass(gx_row, gy_row, start, end, WANT_GX, WANT_GY, BLOCK)
