@@ -152,7 +152,8 @@ def main() -> None:
     leaf_tree = tree_in_leaf_order(tree)
     lv = tree_triton.pack_for_triton(tree, device, torch.float32).levels
     result = {"device": torch.cuda.get_device_name(device), "V": v, "N": n, "edges": lv.num_edges,
-              "boundaries": lv.num_boundaries, "levels": lv.num_levels}
+              "boundaries": tree_triton.tile_boundaries(lv, tree_triton.TILES_LEAF_BLOCK, tree_triton.TILES_CHUNK).num_boundaries,
+              "levels": lv.num_levels}
 
     def fwd_bwd(a, b, structure):
         def run():

@@ -545,3 +545,35 @@ def test_sign_words_only_where_they_apply():
         _, _, state = tree_triton._tiles_forward(x, y, None, ts, want_grad, block=block, chunk=chunk,
                                                  policy_only=policy_only, sign_words=sign_words)
         assert (state.signs is not None) == expected, (want_grad, policy_only, block, chunk, sign_words)
+
+
+@pytest.mark.parametrize(("block", "chunk"), [(16, 40), (64, 128), (64, 1000), (32, 32)])
+def test_tile_boundaries_store_every_edge_end_and_every_tile_total(block, chunk):
+    """The prefix launch restarts its sums at every tile: each tile's last position gets a slot
+    (its total), next to every position where an edge of the member starts or ends; slots are
+    numbered member by member in prefix order; a chunk's last tile may be short, and tiles past V
+    (empty) share the last slot. Cached per tiling."""
+    structure = structures(150)["forest"]
+    lv = tree_triton.pack_for_triton(structure, torch.device("cpu"), torch.float64).levels
+    tb = tree_triton.tile_boundaries(lv, block, chunk)
+    assert tree_triton.tile_boundaries(lv, block, chunk) is tb
+    v, k_members = 150, lv.flags.shape[0]
+    chunks = -(-v // chunk)
+    assert tb.tiles_per_chunk == -(-chunk // block) and tb.num_tiles == chunks * tb.tiles_per_chunk
+    ends = [min(c * chunk + (i + 1) * block, (c + 1) * chunk, v) for c in range(chunks) for i in range(tb.tiles_per_chunk)]
+    bidx = tb.boundary_index  # (K, V): slot of prefix index pos + 1
+    flagged = bidx >= 0
+    for k in range(k_members):
+        assert torch.equal(tb.tile_slot[k].long(), bidx[k, torch.tensor(ends) - 1].long())
+        edge_ends = lv.flags[k, 1:].bool()
+        assert bool(flagged[k][edge_ends].all())
+        want = edge_ends.clone()
+        want[torch.tensor(ends) - 1] = True
+        assert torch.equal(flagged[k], want)  # nothing else
+    slots = bidx[flagged]  # row-major: member by member, prefix order
+    assert torch.equal(slots, torch.arange(tb.num_boundaries, dtype=slots.dtype))
+    mem = lv.edge_member
+    for e in range(lv.num_edges):
+        j0, j1 = int(lv.edge_starts[e]), int(lv.edge_ends[e])
+        assert int(tb.edge_end_boundary[e]) == int(bidx[mem[e], j1 - 1])
+        assert int(tb.edge_start_boundary[e]) == (int(bidx[mem[e], j0 - 1]) if j0 > 0 else 0)

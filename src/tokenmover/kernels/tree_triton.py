@@ -146,11 +146,28 @@ class TritonLevels:
     parent: torch.Tensor  # (E,) int32: 1 + parent edge, 0: none
     level_offsets: torch.Tensor  # (L_total + 1,) int32: level l owns edges [off[l], off[l + 1])
     member_levels: torch.Tensor  # (K + 1,) int32: member k owns levels [ml[k], ml[k + 1])
-    num_boundaries: int  # prefix indices j >= 1 where some edge of some member starts or ends
-    boundary_index: torch.Tensor  # (K, V) int32: compact index of (member k, prefix index pos + 1), -1: none
-    edge_start_boundary: torch.Tensor  # (E,) int32: compact index of the edge's start (0 for j = 0)
-    edge_end_boundary: torch.Tensor  # (E,) int32
+    edge_member: torch.Tensor  # (E,) int64: the member each edge belongs to
     identity_order: bool  # one member whose order is the token order (logits arrive in leaf order)
+    tilings: dict = dataclasses.field(default_factory=dict, compare=False)  # (block, chunk) -> TileBoundaries
+
+
+@dataclass(frozen=True)
+class TileBoundaries:
+    """Where the "tiles" prefix launch stores prefix sums for one tiling (``block`` positions a
+    tile, ``chunk`` a program; :func:`tile_boundaries`).
+
+    The prefix sums restart at every tile, so the launch stores them at the prefix indices ``j``
+    (``1 <= j <= V``) where an edge of member k starts or ends, and at every tile's last
+    position; the tile totals (read at ``tile_slot``) give each tile's offset in the edge launch.
+    Slots are numbered member by member, in prefix order."""
+
+    num_boundaries: int  # slots of one row
+    boundary_index: torch.Tensor  # (K, V) int32: slot of (member k, prefix index pos + 1), -1: none
+    edge_start_boundary: torch.Tensor  # (E,) int32: slot of the edge's start (0, unused, for j = 0)
+    edge_end_boundary: torch.Tensor  # (E,) int32
+    tile_slot: torch.Tensor  # (K, T) int32: slot of each tile's total
+    tiles_per_chunk: int
+    num_tiles: int  # T = chunks x tiles_per_chunk
 
 
 _CACHE: dict[tuple[int, str, torch.dtype], TritonStructure] = {}
@@ -249,17 +266,11 @@ def _levels(packed: PackedStructure, device: torch.device, dtype: torch.dtype) -
         flags[k, ends] = 1
         base += hi - lo
     flags[:, 0] = 0  # prefix index 0 is C = 0: never stored
-    boundary_index = np.cumsum(flags.reshape(-1), dtype=np.int64).reshape(flags.shape) - 1
-    boundary_index = np.where(flags != 0, boundary_index, -1).astype(np.int32)  # (K, V + 1)
-    num_boundaries = int(flags.sum())
     member_of_edge = np.repeat(np.arange(k_members), np.diff(offsets))
     order = np.concatenate(order_all) if order_all else np.zeros(0, dtype=np.int64)
     parent = np.concatenate(parent_all) if parent_all else np.zeros(0, dtype=np.int64)
     order_t = torch.from_numpy(order)
     tw = packed.token_weights.cpu()
-    mem = member_of_edge[order]
-    esb = np.maximum(boundary_index[mem, starts_all[order]], 0).astype(np.int32)  # j = 0 -> unused 0
-    eeb = boundary_index[mem, ends_all[order]].astype(np.int32)
     return TritonLevels(
         num_edges=int(order.size),
         num_levels=deepest,
@@ -272,14 +283,41 @@ def _levels(packed: PackedStructure, device: torch.device, dtype: torch.dtype) -
         parent=_nonempty(torch.from_numpy(parent.astype(np.int32)).to(device)),
         level_offsets=torch.tensor(level_offsets, dtype=torch.int32, device=device),
         member_levels=torch.tensor(member_levels, dtype=torch.int32, device=device),
-        num_boundaries=num_boundaries,
-        # the prefix kernel reads the slot of the prefix after each position: (K, V), so that a
-        # tile's indices start 16-byte aligned and load as vectors (index j = 0 is never a boundary)
-        boundary_index=torch.from_numpy(np.ascontiguousarray(boundary_index[:, 1:])).to(device),
-        edge_start_boundary=_nonempty(torch.from_numpy(esb).to(device)),
-        edge_end_boundary=_nonempty(torch.from_numpy(eeb).to(device)),
+        edge_member=torch.from_numpy(member_of_edge[order]).to(device),
         identity_order=k_members == 1 and bool(np.array_equal(perms[0], np.arange(v))),
     )
+
+
+def tile_boundaries(lv: TritonLevels, block: int, chunk: int) -> TileBoundaries:
+    """The "tiles" prefix launch's boundary slots for tiles of ``block`` positions in programs of
+    ``chunk`` positions (a chunk's last tile may be shorter); cached on ``lv`` per tiling."""
+    key = (block, chunk)
+    if key not in lv.tilings:
+        v = lv.flags.shape[1] - 1  # flags: (K, V + 1)
+        device = lv.flags.device
+        tiles_per_chunk = -(-chunk // block)
+        chunk_starts = torch.arange(0, v, chunk, device=device)  # (G,)
+        tile_ends = chunk_starts[:, None] + block * torch.arange(1, tiles_per_chunk + 1, device=device)  # (G, TC)
+        tile_ends = torch.minimum(tile_ends, torch.clamp(chunk_starts[:, None] + chunk, max=v)).reshape(-1)  # (T,)
+        flags = lv.flags.to(torch.bool)  # (K, V + 1): an edge of member k starts or ends at prefix index j
+        flags[:, tile_ends] = True  # every tile's total
+        flags[:, 0] = False  # prefix index 0 is 0: never stored
+        slot = torch.cumsum(flags.reshape(-1).to(torch.int64), 0).reshape(flags.shape) - 1  # (K, V + 1)
+        slot = torch.where(flags, slot, -1)
+        mem = lv.edge_member
+        starts = lv.edge_starts[:lv.num_edges].to(torch.int64)
+        ends = lv.edge_ends[:lv.num_edges].to(torch.int64)
+        lv.tilings[key] = TileBoundaries(
+            num_boundaries=int(flags.sum()),
+            # indexed by position (the slot of j = pos + 1): a tile's slots load as aligned vectors
+            boundary_index=slot[:, 1:].to(torch.int32).contiguous(),
+            edge_start_boundary=_nonempty(slot[mem, starts].clamp_min(0).to(torch.int32)),
+            edge_end_boundary=_nonempty(slot[mem, ends].to(torch.int32)),
+            tile_slot=slot[:, tile_ends].to(torch.int32).contiguous(),
+            tiles_per_chunk=tiles_per_chunk,
+            num_tiles=int(tile_ends.numel()),
+        )
+    return lv.tilings[key]
 
 
 def accumulation_dtype(x: torch.Tensor, y: torch.Tensor) -> torch.dtype:
@@ -492,10 +530,11 @@ def _tiles_forward(x, y, active, ts: TritonStructure, want_grad: bool, *, block=
     sign_words = TILES_SIGN_WORDS if sign_words is None else sign_words
     signs = want_grad and policy_only and sign_words and uses_sign_words(lv, chunk, min(block, chunk))
     nw = triton.cdiv(v, 8)  # int16 sign words a row
-    nb, ne = lv.num_boundaries, lv.num_edges
+    tb = tile_boundaries(lv, min(block, chunk), chunk)
+    nb, ne, t = tb.num_boundaries, lv.num_edges, tb.num_tiles
     acc_tl = tl.float64 if acc == torch.float64 else tl.float32
     acc_bytes = 8 if acc == torch.float64 else 4
-    per_row = acc_bytes * (2 * max(nb, 1) + 5 * k_members * g + 2 * g + 2)
+    per_row = acc_bytes * (2 * max(nb, 1) + 3 * k_members * g + 2 * t + 2)
     rows = max(1, min(n, max_workspace_bytes // per_row))
     extra = {} if interpret else {"num_warps": num_warps}
     lse_extra = {} if interpret else {"num_warps": TILES_LSE_WARPS}
@@ -510,9 +549,8 @@ def _tiles_forward(x, y, active, ts: TritonStructure, want_grad: bool, *, block=
     sign_words = torch.empty(n if signs else 1, nw if signs else 1, dtype=torch.int16, device=device)  # (n, NW)
     cb = torch.empty(rows, max(nb, 1), dtype=acc, device=device)  # (rows, NB)
     pb = torch.empty(rows, max(nb, 1), dtype=acc, device=device) if want_grad else cb
-    tot = torch.empty(rows, k_members, g, 2, dtype=acc, device=device)
     part = torch.empty(rows, k_members, g, 3, dtype=acc, device=device)
-    offsets = torch.empty(rows, 2 * g, dtype=acc, device=device)
+    offsets = torch.empty(rows, 2 * t, dtype=acc, device=device)  # per row: the tiles' offsets of C and P
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
         m = r1 - r0
@@ -523,17 +561,18 @@ def _tiles_forward(x, y, active, ts: TritonStructure, want_grad: bool, *, block=
         jt.lse_partial_kernel[(m * g,)](xs, ys, xs.stride(0), ys.stride(0), act, lse_rows, v, g, chunk,
                                         HAS_MASK=has_mask, ACC=acc_tl, BLOCK=min(lse_block, chunk), **lse_extra)
         jt.prefix_kernel[(triton.cdiv(m, row_block) * k_members * g,)](
-            xs, ys, xs.stride(0), ys.stride(0), act, lse_rows, ts.perms, lv.boundary_index, lv.token_weights_first,
-            cb, pb, cb.shape[1], tot, part, sign_words[r0:r1] if signs else sign_words, nw, m, v, k_members, g, chunk,
+            xs, ys, xs.stride(0), ys.stride(0), act, lse_rows, ts.perms, tb.boundary_index, lv.token_weights_first,
+            cb, pb, cb.shape[1], part, sign_words[r0:r1] if signs else sign_words, nw, m, v, k_members, g, chunk,
             HAS_MASK=has_mask, WANT_GRAD=want_grad, ACC=acc_tl, ROWS=row_block, BLOCK=min(block, chunk), GBLOCK=gblock,
             SCAN=scan, IDENTITY=lv.identity_order, SIGNS=signs, **extra,
         )
         jt.edge_kernel[(m,)](
-            act, lse_rows, bad[r0:r1], cb, pb, cb.shape[1], tot, part, offsets,
-            lv.edge_starts, lv.edge_ends, lv.edge_start_boundary, lv.edge_end_boundary, lv.edge_weights,
+            act, lse_rows, bad[r0:r1], cb, pb, cb.shape[1], part, offsets, tb.tile_slot,
+            lv.edge_starts, lv.edge_ends, tb.edge_start_boundary, tb.edge_end_boundary, lv.edge_weights,
             lv.parent, lv.level_offsets, lv.member_levels, s_all[r0:r1] if want_grad else s_all, ne,
-            out[r0:r1], dots[r0:r1], k_members, g, chunk,
-            HAS_MASK=has_mask, WANT_GRAD=want_grad, ACC=acc_tl, GBLOCK=gblock, EBLOCK=eblock, **edge_extra,
+            out[r0:r1], dots[r0:r1], k_members, g, chunk, t, min(block, chunk), tb.tiles_per_chunk,
+            HAS_MASK=has_mask, WANT_GRAD=want_grad, ACC=acc_tl, GBLOCK=gblock, TBLOCK=triton.next_power_of_2(t),
+            EBLOCK=eblock, **edge_extra,
         )
     return out, bad, TilesState(lse_part=lse_part, dots=dots, s=s_all, signs=sign_words if signs else None,
                                 chunk=chunk, block=block, num_warps=num_warps, interpret=interpret)

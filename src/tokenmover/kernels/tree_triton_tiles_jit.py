@@ -5,19 +5,19 @@ whole row in one program, so a row's passes run one tile after the other and the
 (one per program) overflow the L2 cache when the row is read in a permuted order. Here each row is
 cut into chunks of ``L`` positions and every (row, member, chunk) is its own program; programs of
 the same row run side by side, so few rows are in flight at any time. The prefix sums restart at
-each chunk; the chunk totals are added back when the edges are read (edges are few: the prefix
-sums are kept only at edge boundaries, in a compact array).
+each tile of a chunk; the tile totals are added back when the edges are read (edges are few: the
+prefix sums are kept only at edge boundaries and tile ends, in a compact array).
 
 For a row with ``p = softmax(x)``, ``q = softmax(y)``, ``d = p - q``:
 
 1. ``lse_partial_kernel`` (row, chunk of columns): running max and sum of exp of x and y and
    non-finite counts per chunk; each later program combines its row's chunks into ``lse``.
-2. ``prefix_kernel`` (row, member k, chunk c): in member order, the chunk-local prefix sums of
-   ``d`` and ``p`` at edge boundaries (``C_loc``, ``P_loc``), the chunk totals, and (member 0) the
+2. ``prefix_kernel`` (row, member k, chunk c): in member order, the tile-local prefix sums of
+   ``d`` and ``p`` at edge boundaries and tile ends (``C_loc``, ``P_loc``), and (member 0) the
    singleton terms ``t . |d|``, ``sum t sign(d) p``, ``sum t sign(d) q`` as partial sums.
-3. ``edge_kernel`` (one program per row): flags NaN / +Inf / no-mass rows; chunk offsets (exclusive prefix of the chunk totals),
-   then the edges level by level (parents first): ``mass_e = C(end) - C(start)`` with
-   ``C(j) = C_loc[j] + offset[chunk of j]``, ``W += w_e |mass_e|``, ``S_e = w_e sign(mass_e) +
+3. ``edge_kernel`` (one program per row): flags NaN / +Inf / no-mass rows; tile offsets (exclusive
+   prefix of the tile totals), then the edges level by level (parents first): ``mass_e = C(end) -
+   C(start)`` with ``C(j) = C_loc[j] + offset[tile of j]``, ``W += w_e |mass_e|``, ``S_e = w_e sign(mass_e) +
    S_parent``, and ``<p, g>``, ``<q, g>``; writes ``W``, the two dot products and ``S``.
 4. ``grad_kernel`` (row, chunk of columns): ``g_i = t_i sign(d_i) + sum_k S_{leaf_k(i)}``,
    ``dW/dx = c p (g - <p, g>)``, ``dW/dy = -c q (g - <q, g>)``, in the logits' dtype, column
@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from tokenmover.kernels.tree_triton_jit import (
+    _exp,
     _lse_floor,
     _lse_lane_bad,
     _online_lse_step,
@@ -149,18 +150,89 @@ def _cumsum2(u, v, ROWS: tl.constexpr, BLOCK: tl.constexpr, TWO_LEVEL: tl.conste
 
 
 @triton.jit
+def _prefix_tile(x_rows, y_rows, lse_x, lse_y, perm_row, bidx_row, tw0_ptr, cb_rows, pb_rows, sign_rows, live, k,
+                 s0, end, nw, val_l, dot_p_l, dot_q_l, val, dot_p, dot_q,
+                 MASKED: tl.constexpr, WANT_GRAD: tl.constexpr, ACC: tl.constexpr, ROWS: tl.constexpr,
+                 BLOCK: tl.constexpr, SCAN: tl.constexpr, IDENTITY: tl.constexpr, SIGNS: tl.constexpr):
+    """One (ROWS, BLOCK) tile of :func:`prefix_kernel` at member-order positions ``s0 ..``: the
+    tile-local prefix sums of ``d`` (and ``p``) stored at the tile's boundary slots, and the
+    singleton sums carried in ``val_l`` ... ``dot_q`` (returned). MASKED: the chunk's last tile,
+    which may end before BLOCK positions; the others load the order, weights and slots without
+    masks, and with one row a program the logits too (a program whose row is masked out has
+    returned already)."""
+    offs = tl.arange(0, BLOCK)
+    pos = s0 + offs
+    msk = pos < end
+    FUSED: tl.constexpr = SCAN >= 3
+    LEVELS: tl.constexpr = 2 - SCAN % 2  # 1: one-level scan, 2: two-level
+    if MASKED:
+        if IDENTITY:
+            tok = pos
+        else:
+            tok = tl.load(perm_row + pos, mask=msk, other=0)
+        msk2 = live[:, None] & msk[None, :]  # (ROWS, BLOCK)
+        p = _probs(x_rows, tok[None, :], msk2, lse_x[:, None], ACC)  # (ROWS, BLOCK) in member order
+        q = _probs(y_rows, tok[None, :], msk2, lse_y[:, None], ACC)
+        t = tl.load(tw0_ptr + pos, mask=msk, other=0.0).to(ACC)[None, :]
+        b = tl.load(bidx_row + pos, mask=msk, other=-1)[None, :]  # the same for every row
+        at_edge = msk2 & (b >= 0)
+    else:
+        if IDENTITY:
+            tok = pos
+        else:
+            tok = tl.load(perm_row + pos)
+        if ROWS > 1:  # rows masked out or past the last one: not read (one row: the program has returned)
+            rows_live = live[:, None] & (tok >= 0)[None, :]  # (ROWS, BLOCK)
+            p = _probs(x_rows, tok[None, :], rows_live, lse_x[:, None], ACC)
+            q = _probs(y_rows, tok[None, :], rows_live, lse_y[:, None], ACC)
+        else:
+            p = _exp(tl.load(x_rows + tok[None, :]).to(ACC) - lse_x[:, None])  # (ROWS, BLOCK) in member order
+            q = _exp(tl.load(y_rows + tok[None, :]).to(ACC) - lse_y[:, None])
+        t = tl.load(tw0_ptr + pos).to(ACC)[None, :]
+        b = tl.load(bidx_row + pos)[None, :]
+        at_edge = live[:, None] & (b >= 0)
+    if not IDENTITY:
+        t = t * (k == 0).to(ACC)  # singleton terms: member 0 only
+    d = p - q
+    s = _signed(t, d)
+    if SIGNS:
+        # t >= 0 (edge weights are checked), so sign(t d) is t sign(d) / t, and where t = 0 the sign is unused
+        words = s0 // 8 + tl.arange(0, BLOCK // 8)  # (BLOCK / 8,) words of this tile
+        tl.store(sign_rows + words[None, :], _pack_signs(s, ROWS, BLOCK), mask=live[:, None] & (words < nw)[None, :])
+    if FUSED:
+        val_l += t * tl.abs(d)
+    else:
+        val += tl.sum(t * tl.abs(d), 1)
+    if FUSED and WANT_GRAD:
+        dot_p_l += p * s
+        dot_q_l += q * s
+        cum_d, cum_p = _cumsum2(d, p, ROWS, BLOCK, LEVELS == 2)
+        tl.store(cb_rows + b, cum_d, mask=at_edge)
+        tl.store(pb_rows + b, cum_p, mask=at_edge)
+    else:
+        tl.store(cb_rows + b, _cumsum(d, ROWS, BLOCK, LEVELS), mask=at_edge)
+        if WANT_GRAD:
+            dot_p += tl.sum(p * s, 1)
+            dot_q += tl.sum(q * s, 1)
+            tl.store(pb_rows + b, _cumsum(p, ROWS, BLOCK, LEVELS), mask=at_edge)
+    return val_l, dot_p_l, dot_q_l, val, dot_p, dot_q
+
+
+@triton.jit
 def prefix_kernel(x_ptr, y_ptr, stride_x, stride_y, active_ptr, lse_part_ptr,
                   perm_ptr, bidx_ptr, tw0_ptr,  # (K, V) int32, (K, V) int32 slot after each position (-1: none), (V,)
-                  cb_ptr, pb_ptr, nb,  # (n, NB) chunk-local prefix sums at boundaries
-                  tot_ptr, part_ptr,  # (n, K, G, 2) chunk totals of d and p; (n, K, G, 3) singleton sums
+                  cb_ptr, pb_ptr, nb,  # (n, NB) tile-local prefix sums at the boundary slots
+                  part_ptr,  # (n, K, G, 3) singleton sums
                   sign_ptr, nw,  # (n, NW) int16 sign words of d (2 bits a position, _pack_signs), written when SIGNS
                   n, V, K, G, L,
                   HAS_MASK: tl.constexpr, WANT_GRAD: tl.constexpr, ACC: tl.constexpr, ROWS: tl.constexpr,
                   BLOCK: tl.constexpr, GBLOCK: tl.constexpr, SCAN: tl.constexpr, IDENTITY: tl.constexpr,
                   SIGNS: tl.constexpr):
-    """One program: ROWS rows, member k, chunk c, in (ROWS, BLOCK) tiles. The member's order,
-    boundary indices and singleton weights are loaded once for all ROWS rows; every scan and sum
-    runs along a row (axis 1).
+    """One program: ROWS rows, member k, chunk c, in (ROWS, BLOCK) tiles (:func:`_prefix_tile`).
+    The member's order, boundary slots and singleton weights are loaded once for all ROWS rows;
+    every scan and sum runs along a row (axis 1). The prefix sums restart at every tile: each
+    tile's total is stored at the slot of its last position (:class:`TileBoundaries`), and the
+    edge launch adds the tiles' offsets back, so no running total is carried from tile to tile.
 
     IDENTITY: the (single) member's order is the column order: contiguous loads, no gather.
 
@@ -168,10 +240,9 @@ def prefix_kernel(x_ptr, y_ptr, stride_x, stride_y, active_ptr, lse_part_ptr,
     in column order, 2 bits a position (:func:`_pack_signs`), so that the gradient launch needs
     the policy's logits only (``sign(p_i - q_i)`` is all it reads of the reference).
 
-    SCAN: 1 / 2 one- / two-level ``tl.cumsum`` per array and five sums per tile; 3 / 4 the same
-    scans fused into one two-array ``associative_scan``, the carries from one two-array
-    ``reduce``, and the singleton sums kept per lane until the end (2 exchanges per tile
-    instead of 7)."""
+    SCAN: 1 / 2 one- / two-level ``tl.cumsum`` per array and three sums per tile; 3 / 4 the same
+    scans fused into one two-array ``associative_scan`` and the singleton sums kept per lane until
+    the end (one exchange per tile instead of five)."""
     pid = tl.program_id(0)
     c = pid % G
     k = (pid // G) % K
@@ -189,66 +260,30 @@ def prefix_kernel(x_ptr, y_ptr, stride_x, stride_y, active_ptr, lse_part_ptr,
         cb_rows = (cb_ptr + r * nb)[:, None]
         pb_rows = (pb_ptr + r * nb)[:, None]
         sign_rows = (sign_ptr + r * nw)[:, None]
-        offs = tl.arange(0, BLOCK)
-        carry_c = tl.zeros([ROWS], ACC)
-        carry_p = tl.zeros([ROWS], ACC)
         start = c * L
         end = tl.minimum(start + L, V)
-        FUSED: tl.constexpr = SCAN >= 3
-        LEVELS: tl.constexpr = 2 - SCAN % 2  # 1: one-level scan, 2: two-level
-        val_l = tl.zeros([ROWS, BLOCK], ACC)  # per-lane sums, reduced once after the loop
+        full_end = start + (end - start) // BLOCK * BLOCK  # tiles before it have BLOCK positions
+        val_l = tl.zeros([ROWS, BLOCK], ACC)  # SCAN 3 / 4: per-lane sums, reduced once after the loop
         dot_p_l = tl.zeros([ROWS, BLOCK], ACC)
         dot_q_l = tl.zeros([ROWS, BLOCK], ACC)
         val = tl.zeros([ROWS], ACC)  # SCAN 1 / 2: per-tile sums
         dot_p = tl.zeros([ROWS], ACC)
         dot_q = tl.zeros([ROWS], ACC)
-        for s0 in range(start, end, BLOCK):
-            pos = s0 + offs
-            msk = pos < end
-            if IDENTITY:
-                tok = pos
-            else:
-                tok = tl.load(perm_row + pos, mask=msk, other=0)
-            msk2 = live[:, None] & msk[None, :]  # (ROWS, BLOCK)
-            p = _probs(x_rows, tok[None, :], msk2, lse_x[:, None], ACC)  # (ROWS, BLOCK) in member order
-            q = _probs(y_rows, tok[None, :], msk2, lse_y[:, None], ACC)
-            d = p - q
-            t = tl.load(tw0_ptr + pos, mask=msk & ((pos * 0 + k) == 0), other=0.0).to(ACC)[None, :]  # member 0 only
-            b = tl.load(bidx_row + pos, mask=msk, other=-1)[None, :]  # the same for every row
-            at_edge = msk2 & (b >= 0)
-            s = _signed(t, d)
-            if SIGNS:
-                words = s0 // 8 + tl.arange(0, BLOCK // 8)  # (BLOCK / 8,) words of this tile
-                tl.store(sign_rows + words[None, :], _pack_signs(s, ROWS, BLOCK),
-                         mask=live[:, None] & (words < nw)[None, :])
-            if FUSED:
-                val_l += t * tl.abs(d)
-            else:
-                val += tl.sum(t * tl.abs(d), 1)
-            if FUSED and WANT_GRAD:
-                dot_p_l += p * s
-                dot_q_l += q * s
-                cum_d, cum_p = _cumsum2(d, p, ROWS, BLOCK, LEVELS == 2)
-                tl.store(cb_rows + b, carry_c[:, None] + cum_d, mask=at_edge)
-                tl.store(pb_rows + b, carry_p[:, None] + cum_p, mask=at_edge)
-                tile_d, tile_p = tl.reduce((d, p), 1, _add2)
-                carry_c += tile_d
-                carry_p += tile_p
-            else:
-                tl.store(cb_rows + b, carry_c[:, None] + _cumsum(d, ROWS, BLOCK, LEVELS), mask=at_edge)
-                carry_c += tl.sum(d, 1)
-                if WANT_GRAD:
-                    dot_p += tl.sum(p * s, 1)
-                    dot_q += tl.sum(q * s, 1)
-                    tl.store(pb_rows + b, carry_p[:, None] + _cumsum(p, ROWS, BLOCK, LEVELS), mask=at_edge)
-                    carry_p += tl.sum(p, 1)
-        if FUSED:
+        for s0 in range(start, full_end, BLOCK):
+            val_l, dot_p_l, dot_q_l, val, dot_p, dot_q = _prefix_tile(
+                x_rows, y_rows, lse_x, lse_y, perm_row, bidx_row, tw0_ptr, cb_rows, pb_rows, sign_rows, live, k,
+                s0, end, nw, val_l, dot_p_l, dot_q_l, val, dot_p, dot_q,
+                False, WANT_GRAD, ACC, ROWS, BLOCK, SCAN, IDENTITY, SIGNS)
+        if full_end < end:
+            val_l, dot_p_l, dot_q_l, val, dot_p, dot_q = _prefix_tile(
+                x_rows, y_rows, lse_x, lse_y, perm_row, bidx_row, tw0_ptr, cb_rows, pb_rows, sign_rows, live, k,
+                full_end, end, nw, val_l, dot_p_l, dot_q_l, val, dot_p, dot_q,
+                True, WANT_GRAD, ACC, ROWS, BLOCK, SCAN, IDENTITY, SIGNS)
+        if SCAN >= 3:
             val += tl.sum(val_l, 1)
             dot_p += tl.sum(dot_p_l, 1)
             dot_q += tl.sum(dot_q_l, 1)
         slot = (r * K + k) * G + c  # (ROWS,)
-        tl.store(tot_ptr + 2 * slot, carry_c, mask=live)
-        tl.store(tot_ptr + 2 * slot + 1, carry_p, mask=live)
         tl.store(part_ptr + 3 * slot, val, mask=live)
         tl.store(part_ptr + 3 * slot + 1, dot_p, mask=live)
         tl.store(part_ptr + 3 * slot + 2, dot_q, mask=live)
@@ -267,21 +302,24 @@ def _store_bad_flag(lse_part_ptr, bad_ptr, r, G, GBLOCK: tl.constexpr):
 
 
 @triton.jit
-def _boundary(cb_row, off_row, bid, j, L, em):
-    """C(j) = C_loc[bid] + offset[(j - 1) // L] for j > 0; C(0) = 0."""
+def _boundary(cb_row, off_row, bid, j, L, TB, TC, em):
+    """C(j) = C_loc[bid] + offset[tile of position j - 1] for j > 0; C(0) = 0. Tiles: ``TC`` per
+    chunk of ``L`` positions, ``TB`` positions each (a chunk's last one may be shorter)."""
     inner = em & (j > 0)
-    chunk = tl.where(inner, (j - 1) // L, 0)
-    return tl.load(cb_row + bid, mask=inner, other=0.0) + tl.load(off_row + chunk, mask=inner, other=0.0)
+    last = tl.where(inner, j - 1, 0)
+    tile = (last // L) * TC + (last % L) // TB
+    return tl.load(cb_row + bid, mask=inner, other=0.0) + tl.load(off_row + tile, mask=inner, other=0.0)
 
 
 @triton.jit
-def edge_kernel(active_ptr, lse_part_ptr, bad_ptr, cb_ptr, pb_ptr, nb, tot_ptr, part_ptr, off_ptr,  # off: (n, 2 G)
+def edge_kernel(active_ptr, lse_part_ptr, bad_ptr, cb_ptr, pb_ptr, nb, part_ptr, off_ptr,  # off: (n, 2 T)
+                tile_slot_ptr,  # (K, T) int32: the slot of each tile's total
                 es_ptr, ee_ptr, esb_ptr, eeb_ptr, ew_ptr, parent_ptr, level_ptr, member_level_ptr,
                 s_ptr, ne,  # (n, E + 1): S, index 0 = "no edge" = 0
                 out_ptr, dots_ptr,  # (n,) values, (n, 2) <p, g>, <q, g>
-                K, G, L,
+                K, G, L, T, TB, TC,
                 HAS_MASK: tl.constexpr, WANT_GRAD: tl.constexpr, ACC: tl.constexpr,
-                GBLOCK: tl.constexpr, EBLOCK: tl.constexpr):
+                GBLOCK: tl.constexpr, TBLOCK: tl.constexpr, EBLOCK: tl.constexpr):
     r = tl.program_id(0).to(tl.int64)
     active = _row_active(active_ptr, r, HAS_MASK)
     if active != 0:
@@ -289,22 +327,26 @@ def edge_kernel(active_ptr, lse_part_ptr, bad_ptr, cb_ptr, pb_ptr, nb, tot_ptr, 
         cb_row = cb_ptr + r * nb
         pb_row = pb_ptr + r * nb
         s_row = s_ptr + r * (ne + 1)
-        offc_row = off_ptr + r * (2 * G)
-        offp_row = offc_row + G
+        offc_row = off_ptr + r * (2 * T)
+        offp_row = offc_row + T
         if WANT_GRAD:
             tl.store(s_row, _zero(ACC, EBLOCK))  # S_0 = 0: "no edge"
         goffs = tl.arange(0, GBLOCK)
         gm = goffs < G
+        toffs = tl.arange(0, TBLOCK)
+        tm = toffs < T
         eoffs = tl.arange(0, EBLOCK)
         val = tl.zeros([EBLOCK], ACC)
         dot_p = tl.zeros([EBLOCK], ACC)
         dot_q = tl.zeros([EBLOCK], ACC)
         for k in range(K):
+            tile_slots = tl.load(tile_slot_ptr + k * T + toffs, mask=tm, other=0)  # (TBLOCK,)
+            tc = tl.load(cb_row + tile_slots, mask=tm, other=0.0)  # tile totals
+            tl.store(offc_row + toffs, tl.cumsum(tc, 0) - tc, mask=tm)  # exclusive prefix: the tiles' offsets
+            if WANT_GRAD:
+                tp = tl.load(pb_row + tile_slots, mask=tm, other=0.0)
+                tl.store(offp_row + toffs, tl.cumsum(tp, 0) - tp, mask=tm)
             slot = (r * K + k) * G + goffs
-            tc = tl.load(tot_ptr + 2 * slot, mask=gm, other=0.0)
-            tp = tl.load(tot_ptr + 2 * slot + 1, mask=gm, other=0.0)
-            tl.store(offc_row + goffs, tl.cumsum(tc, 0) - tc, mask=gm)  # exclusive prefix
-            tl.store(offp_row + goffs, tl.cumsum(tp, 0) - tp, mask=gm)
             sv = tl.sum(tl.load(part_ptr + 3 * slot, mask=gm, other=0.0), 0)
             sp = tl.sum(tl.load(part_ptr + 3 * slot + 1, mask=gm, other=0.0), 0)
             sq = tl.sum(tl.load(part_ptr + 3 * slot + 2, mask=gm, other=0.0), 0)
@@ -323,10 +365,12 @@ def edge_kernel(active_ptr, lse_part_ptr, bad_ptr, cb_ptr, pb_ptr, nb, tot_ptr, 
                     bs = tl.load(esb_ptr + e, mask=em, other=0)
                     be = tl.load(eeb_ptr + e, mask=em, other=0)
                     w = tl.load(ew_ptr + e, mask=em, other=0.0).to(ACC)
-                    mass = _boundary(cb_row, offc_row, be, je, L, em) - _boundary(cb_row, offc_row, bs, js, L, em)
+                    mass = (_boundary(cb_row, offc_row, be, je, L, TB, TC, em)
+                            - _boundary(cb_row, offc_row, bs, js, L, TB, TC, em))
                     val += w * tl.abs(mass)
                     if WANT_GRAD:
-                        pm = _boundary(pb_row, offp_row, be, je, L, em) - _boundary(pb_row, offp_row, bs, js, L, em)
+                        pm = (_boundary(pb_row, offp_row, be, je, L, TB, TC, em)
+                              - _boundary(pb_row, offp_row, bs, js, L, TB, TC, em))
                         edge_p, edge_q = _edge_signs(w, mass, pm, e, em, parent_ptr, s_row)
                         dot_p += edge_p
                         dot_q += edge_q
