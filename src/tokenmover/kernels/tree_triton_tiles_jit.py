@@ -34,7 +34,6 @@ import triton
 import triton.language as tl
 
 from tokenmover.kernels.tree_triton_jit import (
-    _exp,
     _lse_floor,
     _lse_lane_bad,
     _online_lse_step,
@@ -43,6 +42,7 @@ from tokenmover.kernels.tree_triton_jit import (
     _probs,
     _row_active,
     _signed,
+    _softmax_entries,
     _zero,
     _zero_pass,
 )
@@ -186,8 +186,8 @@ def _prefix_tile(x_rows, y_rows, lse_x, lse_y, perm_row, bidx_row, tw0_ptr, cb_r
             p = _probs(x_rows, tok[None, :], rows_live, lse_x[:, None], ACC)
             q = _probs(y_rows, tok[None, :], rows_live, lse_y[:, None], ACC)
         else:
-            p = _exp(tl.load(x_rows + tok[None, :]).to(ACC) - lse_x[:, None])  # (ROWS, BLOCK) in member order
-            q = _exp(tl.load(y_rows + tok[None, :]).to(ACC) - lse_y[:, None])
+            p = _softmax_entries(tl.load(x_rows + tok[None, :]).to(ACC), lse_x[:, None])  # (ROWS, BLOCK), member order
+            q = _softmax_entries(tl.load(y_rows + tok[None, :]).to(ACC), lse_y[:, None])
         t = tl.load(tw0_ptr + pos).to(ACC)[None, :]
         b = tl.load(bidx_row + pos)[None, :]
         at_edge = live[:, None] & (b >= 0)
