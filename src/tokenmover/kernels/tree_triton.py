@@ -547,8 +547,7 @@ def _tiles_forward(x, y, active, ts: TritonStructure, want_grad: bool, *, block=
     dots = torch.empty(n, 2, dtype=acc, device=device)  # (n, 2)
     s_all = torch.empty(n if want_grad else 1, ne + 1, dtype=acc, device=device)  # (n, E + 1)
     sign_words = torch.empty(n if signs else 1, nw if signs else 1, dtype=torch.int16, device=device)  # (n, NW)
-    cb = torch.empty(rows, max(nb, 1), dtype=acc, device=device)  # (rows, NB)
-    pb = torch.empty(rows, max(nb, 1), dtype=acc, device=device) if want_grad else cb
+    cp = torch.empty(rows, max(nb, 1), 2, dtype=acc, device=device)  # (rows, NB, 2): C and P at each slot
     part = torch.empty(rows, k_members, g, 3, dtype=acc, device=device)
     offsets = torch.empty(rows, 2 * t, dtype=acc, device=device)  # per row: the tiles' offsets of C and P
     for r0 in range(0, n, rows):
@@ -562,12 +561,12 @@ def _tiles_forward(x, y, active, ts: TritonStructure, want_grad: bool, *, block=
                                         HAS_MASK=has_mask, ACC=acc_tl, BLOCK=min(lse_block, chunk), **lse_extra)
         jt.prefix_kernel[(triton.cdiv(m, row_block) * k_members * g,)](
             xs, ys, xs.stride(0), ys.stride(0), act, lse_rows, ts.perms, tb.boundary_index, lv.token_weights_first,
-            cb, pb, cb.shape[1], part, sign_words[r0:r1] if signs else sign_words, nw, m, v, k_members, g, chunk,
+            cp, cp.shape[1], part, sign_words[r0:r1] if signs else sign_words, nw, m, v, k_members, g, chunk,
             HAS_MASK=has_mask, WANT_GRAD=want_grad, ACC=acc_tl, ROWS=row_block, BLOCK=min(block, chunk), GBLOCK=gblock,
             SCAN=scan, IDENTITY=lv.identity_order, SIGNS=signs, **extra,
         )
         jt.edge_kernel[(m,)](
-            act, lse_rows, bad[r0:r1], cb, pb, cb.shape[1], part, offsets, tb.tile_slot,
+            act, lse_rows, bad[r0:r1], cp, cp.shape[1], part, offsets, tb.tile_slot,
             lv.edge_starts, lv.edge_ends, tb.edge_start_boundary, tb.edge_end_boundary, lv.edge_weights,
             lv.parent, lv.level_offsets, lv.member_levels, s_all[r0:r1] if want_grad else s_all, ne,
             out[r0:r1], dots[r0:r1], k_members, g, chunk, t, min(block, chunk), tb.tiles_per_chunk,

@@ -39,6 +39,18 @@ def _signed(w, m):
 
 
 @triton.jit
+def _signed_nonneg(w, m):
+    """``w * sign(m)`` for ``w >= 0`` (edge and token weights are checked non-negative): ``w`` with
+    the sign bit of ``m``, and 0 where ``m == 0`` (one bitwise op and one select, where
+    :func:`_signed` needs two compares, two selects and a negation)."""
+    if w.dtype == tl.float64:
+        bits = w.to(tl.int64, bitcast=True) | (m.to(tl.int64, bitcast=True) & -9223372036854775808)
+    else:
+        bits = w.to(tl.int32, bitcast=True) | (m.to(tl.int32, bitcast=True) & -2147483648)
+    return tl.where(m == 0, 0.0 * w, bits.to(w.dtype, bitcast=True))
+
+
+@triton.jit
 def _bit_or(a, b):
     return a | b
 

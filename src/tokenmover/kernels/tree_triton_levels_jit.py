@@ -37,6 +37,7 @@ from tokenmover.kernels.tree_triton_jit import (
     _row_active,
     _row_lse,
     _signed,
+    _signed_nonneg,
     _unpack_signs,
     _zero,
     _zero_pass,
@@ -134,7 +135,7 @@ def _gradient_levels(x_row, y_row, lse_x, lse_y, tw_ptr, leaf_ptr, s_row, gx_row
             g = t * _unpack_signs(sign_row, s0, nw, BLOCK).to(ACC)
         else:
             q = _probs(y_row, idx, msk, lse_y, ACC)
-            g = _signed(t, p - q)
+            g = _signed_nonneg(t, p - q)
         for k in range(K):
             leaf = tl.load(leaf_ptr + tl.cast(k, tl.int64) * V + idx, mask=msk, other=0)
             g += tl.load(s_row + leaf, mask=msk, other=0.0)

@@ -41,7 +41,7 @@ from tokenmover.kernels.tree_triton_jit import (
     _pack_signs,
     _probs,
     _row_active,
-    _signed,
+    _signed_nonneg,
     _softmax_entries,
     _zero,
     _zero_pass,
@@ -150,13 +150,13 @@ def _cumsum2(u, v, ROWS: tl.constexpr, BLOCK: tl.constexpr, TWO_LEVEL: tl.conste
 
 
 @triton.jit
-def _prefix_tile(x_rows, y_rows, lse_x, lse_y, perm_row, bidx_row, tw0_ptr, cb_rows, pb_rows, sign_rows, live, k,
-                 s0, end, nw, val_l, dot_p_l, dot_q_l, val, dot_p, dot_q,
+def _prefix_tile(x_rows, y_rows, lse_x, lse_y, perm_row, bidx_row, tw0_ptr, cp_rows, sign_rows, live, k,
+                 s0, end, nw, val_l, dot_p_l, val, dot_p,
                  MASKED: tl.constexpr, WANT_GRAD: tl.constexpr, ACC: tl.constexpr, ROWS: tl.constexpr,
                  BLOCK: tl.constexpr, SCAN: tl.constexpr, IDENTITY: tl.constexpr, SIGNS: tl.constexpr):
     """One (ROWS, BLOCK) tile of :func:`prefix_kernel` at member-order positions ``s0 ..``: the
     tile-local prefix sums of ``d`` (and ``p``) stored at the tile's boundary slots, and the
-    singleton sums carried in ``val_l`` ... ``dot_q`` (returned). MASKED: the chunk's last tile,
+    singleton sums carried in ``val_l``, ``dot_p_l``, ``val``, ``dot_p`` (returned). MASKED: the chunk's last tile,
     which may end before BLOCK positions; the others load the order, weights and slots without
     masks, and with one row a program the logits too (a program whose row is masked out has
     returned already)."""
@@ -194,7 +194,7 @@ def _prefix_tile(x_rows, y_rows, lse_x, lse_y, perm_row, bidx_row, tw0_ptr, cb_r
     if not IDENTITY:
         t = t * (k == 0).to(ACC)  # singleton terms: member 0 only
     d = p - q
-    s = _signed(t, d)
+    s = _signed_nonneg(t, d)
     if SIGNS:
         # t >= 0 (edge weights are checked), so sign(t d) is t sign(d) / t, and where t = 0 the sign is unused
         words = s0 // 8 + tl.arange(0, BLOCK // 8)  # (BLOCK / 8,) words of this tile
@@ -205,23 +205,21 @@ def _prefix_tile(x_rows, y_rows, lse_x, lse_y, perm_row, bidx_row, tw0_ptr, cb_r
         val += tl.sum(t * tl.abs(d), 1)
     if FUSED and WANT_GRAD:
         dot_p_l += p * s
-        dot_q_l += q * s
         cum_d, cum_p = _cumsum2(d, p, ROWS, BLOCK, LEVELS == 2)
-        tl.store(cb_rows + b, cum_d, mask=at_edge)
-        tl.store(pb_rows + b, cum_p, mask=at_edge)
+        pair = tl.arange(0, 2)[None, None, :]
+        tl.store((cp_rows + 2 * b)[:, :, None] + pair, tl.join(cum_d, cum_p), mask=at_edge[:, :, None])  # (C, P) pairs
     else:
-        tl.store(cb_rows + b, _cumsum(d, ROWS, BLOCK, LEVELS), mask=at_edge)
+        tl.store(cp_rows + 2 * b, _cumsum(d, ROWS, BLOCK, LEVELS), mask=at_edge)
         if WANT_GRAD:
             dot_p += tl.sum(p * s, 1)
-            dot_q += tl.sum(q * s, 1)
-            tl.store(pb_rows + b, _cumsum(p, ROWS, BLOCK, LEVELS), mask=at_edge)
-    return val_l, dot_p_l, dot_q_l, val, dot_p, dot_q
+            tl.store(cp_rows + 2 * b + 1, _cumsum(p, ROWS, BLOCK, LEVELS), mask=at_edge)
+    return val_l, dot_p_l, val, dot_p
 
 
 @triton.jit
 def prefix_kernel(x_ptr, y_ptr, stride_x, stride_y, active_ptr, lse_part_ptr,
                   perm_ptr, bidx_ptr, tw0_ptr,  # (K, V) int32, (K, V) int32 slot after each position (-1: none), (V,)
-                  cb_ptr, pb_ptr, nb,  # (n, NB) tile-local prefix sums at the boundary slots
+                  cp_ptr, nb,  # (n, NB, 2) tile-local prefix sums of d and p at the boundary slots
                   part_ptr,  # (n, K, G, 3) singleton sums
                   sign_ptr, nw,  # (n, NW) int16 sign words of d (2 bits a position, _pack_signs), written when SIGNS
                   n, V, K, G, L,
@@ -240,9 +238,9 @@ def prefix_kernel(x_ptr, y_ptr, stride_x, stride_y, active_ptr, lse_part_ptr,
     in column order, 2 bits a position (:func:`_pack_signs`), so that the gradient launch needs
     the policy's logits only (``sign(p_i - q_i)`` is all it reads of the reference).
 
-    SCAN: 1 / 2 one- / two-level ``tl.cumsum`` per array and three sums per tile; 3 / 4 the same
+    SCAN: 1 / 2 one- / two-level ``tl.cumsum`` per array and two sums per tile; 3 / 4 the same
     scans fused into one two-array ``associative_scan`` and the singleton sums kept per lane until
-    the end (one exchange per tile instead of five)."""
+    the end (one exchange per tile instead of four)."""
     pid = tl.program_id(0)
     c = pid % G
     k = (pid // G) % K
@@ -257,36 +255,33 @@ def prefix_kernel(x_ptr, y_ptr, stride_x, stride_y, active_ptr, lse_part_ptr,
         y_rows = (y_ptr + r * stride_y)[:, None]
         perm_row = perm_ptr + k.to(tl.int64) * V
         bidx_row = bidx_ptr + k.to(tl.int64) * V
-        cb_rows = (cb_ptr + r * nb)[:, None]
-        pb_rows = (pb_ptr + r * nb)[:, None]
+        cp_rows = (cp_ptr + r * (2 * nb))[:, None]  # (ROWS, 1)
         sign_rows = (sign_ptr + r * nw)[:, None]
         start = c * L
         end = tl.minimum(start + L, V)
         full_end = start + (end - start) // BLOCK * BLOCK  # tiles before it have BLOCK positions
         val_l = tl.zeros([ROWS, BLOCK], ACC)  # SCAN 3 / 4: per-lane sums, reduced once after the loop
         dot_p_l = tl.zeros([ROWS, BLOCK], ACC)
-        dot_q_l = tl.zeros([ROWS, BLOCK], ACC)
         val = tl.zeros([ROWS], ACC)  # SCAN 1 / 2: per-tile sums
         dot_p = tl.zeros([ROWS], ACC)
-        dot_q = tl.zeros([ROWS], ACC)
         for s0 in range(start, full_end, BLOCK):
-            val_l, dot_p_l, dot_q_l, val, dot_p, dot_q = _prefix_tile(
-                x_rows, y_rows, lse_x, lse_y, perm_row, bidx_row, tw0_ptr, cb_rows, pb_rows, sign_rows, live, k,
-                s0, end, nw, val_l, dot_p_l, dot_q_l, val, dot_p, dot_q,
+            val_l, dot_p_l, val, dot_p = _prefix_tile(
+                x_rows, y_rows, lse_x, lse_y, perm_row, bidx_row, tw0_ptr, cp_rows, sign_rows, live, k,
+                s0, end, nw, val_l, dot_p_l, val, dot_p,
                 False, WANT_GRAD, ACC, ROWS, BLOCK, SCAN, IDENTITY, SIGNS)
         if full_end < end:
-            val_l, dot_p_l, dot_q_l, val, dot_p, dot_q = _prefix_tile(
-                x_rows, y_rows, lse_x, lse_y, perm_row, bidx_row, tw0_ptr, cb_rows, pb_rows, sign_rows, live, k,
-                full_end, end, nw, val_l, dot_p_l, dot_q_l, val, dot_p, dot_q,
+            val_l, dot_p_l, val, dot_p = _prefix_tile(
+                x_rows, y_rows, lse_x, lse_y, perm_row, bidx_row, tw0_ptr, cp_rows, sign_rows, live, k,
+                full_end, end, nw, val_l, dot_p_l, val, dot_p,
                 True, WANT_GRAD, ACC, ROWS, BLOCK, SCAN, IDENTITY, SIGNS)
         if SCAN >= 3:
             val += tl.sum(val_l, 1)
             dot_p += tl.sum(dot_p_l, 1)
-            dot_q += tl.sum(dot_q_l, 1)
         slot = (r * K + k) * G + c  # (ROWS,)
         tl.store(part_ptr + 3 * slot, val, mask=live)
         tl.store(part_ptr + 3 * slot + 1, dot_p, mask=live)
-        tl.store(part_ptr + 3 * slot + 2, dot_q, mask=live)
+        # sum q t sign(d) = sum p t sign(d) - sum t |d|, as d t sign(d) = t |d|: one accumulator less
+        tl.store(part_ptr + 3 * slot + 2, dot_p - val, mask=live)
 
 
 @triton.jit
@@ -303,7 +298,7 @@ def _store_bad_flag(lse_part_ptr, bad_ptr, r, G, GBLOCK: tl.constexpr):
 
 @triton.jit
 def _boundary(cb_row, off_row, bid, j, L, TB, TC, em):
-    """C(j) = C_loc[bid] + offset[tile of position j - 1] for j > 0; C(0) = 0. Tiles: ``TC`` per
+    """C(j) = C_loc at ``cb_row[bid]`` + offset[tile of position j - 1] for j > 0; C(0) = 0. Tiles: ``TC`` per
     chunk of ``L`` positions, ``TB`` positions each (a chunk's last one may be shorter)."""
     inner = em & (j > 0)
     last = tl.where(inner, j - 1, 0)
@@ -312,7 +307,7 @@ def _boundary(cb_row, off_row, bid, j, L, TB, TC, em):
 
 
 @triton.jit
-def edge_kernel(active_ptr, lse_part_ptr, bad_ptr, cb_ptr, pb_ptr, nb, part_ptr, off_ptr,  # off: (n, 2 T)
+def edge_kernel(active_ptr, lse_part_ptr, bad_ptr, cp_ptr, nb, part_ptr, off_ptr,  # cp: (n, NB, 2), off: (n, 2 T)
                 tile_slot_ptr,  # (K, T) int32: the slot of each tile's total
                 es_ptr, ee_ptr, esb_ptr, eeb_ptr, ew_ptr, parent_ptr, level_ptr, member_level_ptr,
                 s_ptr, ne,  # (n, E + 1): S, index 0 = "no edge" = 0
@@ -324,8 +319,8 @@ def edge_kernel(active_ptr, lse_part_ptr, bad_ptr, cb_ptr, pb_ptr, nb, part_ptr,
     active = _row_active(active_ptr, r, HAS_MASK)
     if active != 0:
         _store_bad_flag(lse_part_ptr, bad_ptr, r, G, GBLOCK)
-        cb_row = cb_ptr + r * nb
-        pb_row = pb_ptr + r * nb
+        cb_row = cp_ptr + r * (2 * nb)  # C at even entries, P at odd ones: slot s at 2 s, 2 s + 1
+        pb_row = cb_row + 1
         s_row = s_ptr + r * (ne + 1)
         offc_row = off_ptr + r * (2 * T)
         offp_row = offc_row + T
@@ -341,10 +336,10 @@ def edge_kernel(active_ptr, lse_part_ptr, bad_ptr, cb_ptr, pb_ptr, nb, part_ptr,
         dot_q = tl.zeros([EBLOCK], ACC)
         for k in range(K):
             tile_slots = tl.load(tile_slot_ptr + k * T + toffs, mask=tm, other=0)  # (TBLOCK,)
-            tc = tl.load(cb_row + tile_slots, mask=tm, other=0.0)  # tile totals
+            tc = tl.load(cb_row + 2 * tile_slots, mask=tm, other=0.0)  # tile totals
             tl.store(offc_row + toffs, tl.cumsum(tc, 0) - tc, mask=tm)  # exclusive prefix: the tiles' offsets
             if WANT_GRAD:
-                tp = tl.load(pb_row + tile_slots, mask=tm, other=0.0)
+                tp = tl.load(pb_row + 2 * tile_slots, mask=tm, other=0.0)
                 tl.store(offp_row + toffs, tl.cumsum(tp, 0) - tp, mask=tm)
             slot = (r * K + k) * G + goffs
             sv = tl.sum(tl.load(part_ptr + 3 * slot, mask=gm, other=0.0), 0)
@@ -365,12 +360,12 @@ def edge_kernel(active_ptr, lse_part_ptr, bad_ptr, cb_ptr, pb_ptr, nb, part_ptr,
                     bs = tl.load(esb_ptr + e, mask=em, other=0)
                     be = tl.load(eeb_ptr + e, mask=em, other=0)
                     w = tl.load(ew_ptr + e, mask=em, other=0.0).to(ACC)
-                    mass = (_boundary(cb_row, offc_row, be, je, L, TB, TC, em)
-                            - _boundary(cb_row, offc_row, bs, js, L, TB, TC, em))
+                    mass = (_boundary(cb_row, offc_row, 2 * be, je, L, TB, TC, em)
+                            - _boundary(cb_row, offc_row, 2 * bs, js, L, TB, TC, em))
                     val += w * tl.abs(mass)
                     if WANT_GRAD:
-                        pm = (_boundary(pb_row, offp_row, be, je, L, TB, TC, em)
-                              - _boundary(pb_row, offp_row, bs, js, L, TB, TC, em))
+                        pm = (_boundary(pb_row, offp_row, 2 * be, je, L, TB, TC, em)
+                              - _boundary(pb_row, offp_row, 2 * bs, js, L, TB, TC, em))
                         edge_p, edge_q = _edge_signs(w, mass, pm, e, em, parent_ptr, s_row)
                         dot_p += edge_p
                         dot_q += edge_q
