@@ -73,6 +73,7 @@ TILES_LEAF_BLOCK = 256  # logits in the tree's leaf order (contiguous loads): on
 TILES_LEAF_WARPS = 1
 TILES_EDGE_BLOCK = 128  # H200, leaf order, 262k: 2.55 ms against 3.15 at 256 and 4.9 at 512 (session 5)
 TILES_EDGE_WARPS = 4
+EDGE_TILE_BLOCK = 1024  # tiles whose offsets the edge launch sums at a time (V = 262,144 in 256-position tiles: all)
 # the log-sum-exp pass has its own tile, whatever the prefix kernel's
 TILES_LSE_BLOCK = 512  # H200: 2.33 ms at 262k against 2.75 (1024 / 4 warps) and 3.3 (2048 / 8)
 TILES_LSE_WARPS = 4
@@ -570,7 +571,7 @@ def _tiles_forward(x, y, active, ts: TritonStructure, want_grad: bool, *, block=
             lv.edge_starts, lv.edge_ends, tb.edge_start_boundary, tb.edge_end_boundary, lv.edge_weights,
             lv.parent, lv.level_offsets, lv.member_levels, s_all[r0:r1] if want_grad else s_all, ne,
             out[r0:r1], dots[r0:r1], k_members, g, chunk, t, min(block, chunk), tb.tiles_per_chunk,
-            HAS_MASK=has_mask, WANT_GRAD=want_grad, ACC=acc_tl, GBLOCK=gblock, TBLOCK=triton.next_power_of_2(t),
+            HAS_MASK=has_mask, WANT_GRAD=want_grad, ACC=acc_tl, GBLOCK=gblock, TBLOCK=min(triton.next_power_of_2(t), EDGE_TILE_BLOCK),
             EBLOCK=eblock, **edge_extra,
         )
     return out, bad, TilesState(lse_part=lse_part, dots=dots, s=s_all, signs=sign_words if signs else None,

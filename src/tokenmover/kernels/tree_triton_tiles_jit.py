@@ -329,18 +329,24 @@ def edge_kernel(active_ptr, lse_part_ptr, bad_ptr, cp_ptr, nb, part_ptr, off_ptr
         goffs = tl.arange(0, GBLOCK)
         gm = goffs < G
         toffs = tl.arange(0, TBLOCK)
-        tm = toffs < T
         eoffs = tl.arange(0, EBLOCK)
         val = tl.zeros([EBLOCK], ACC)
         dot_p = tl.zeros([EBLOCK], ACC)
         dot_q = tl.zeros([EBLOCK], ACC)
         for k in range(K):
-            tile_slots = tl.load(tile_slot_ptr + k * T + toffs, mask=tm, other=0)  # (TBLOCK,)
-            tc = tl.load(cb_row + 2 * tile_slots, mask=tm, other=0.0)  # tile totals
-            tl.store(offc_row + toffs, tl.cumsum(tc, 0) - tc, mask=tm)  # exclusive prefix: the tiles' offsets
-            if WANT_GRAD:
-                tp = tl.load(pb_row + 2 * tile_slots, mask=tm, other=0.0)
-                tl.store(offp_row + toffs, tl.cumsum(tp, 0) - tp, mask=tm)
+            carry_c = _zero(ACC, TBLOCK)
+            carry_p = _zero(ACC, TBLOCK)
+            for t0 in range(0, T, TBLOCK):  # the tiles' offsets: exclusive prefix sums of their totals
+                tt = t0 + toffs
+                tm = tt < T
+                tile_slots = tl.load(tile_slot_ptr + k * T + tt, mask=tm, other=0)  # (TBLOCK,)
+                tc = tl.load(cb_row + 2 * tile_slots, mask=tm, other=0.0)  # tile totals
+                tl.store(offc_row + tt, carry_c + tl.cumsum(tc, 0) - tc, mask=tm)
+                carry_c += tl.sum(tc, 0)
+                if WANT_GRAD:
+                    tp = tl.load(pb_row + 2 * tile_slots, mask=tm, other=0.0)
+                    tl.store(offp_row + tt, carry_p + tl.cumsum(tp, 0) - tp, mask=tm)
+                    carry_p += tl.sum(tp, 0)
             slot = (r * K + k) * G + goffs
             sv = tl.sum(tl.load(part_ptr + 3 * slot, mask=gm, other=0.0), 0)
             sp = tl.sum(tl.load(part_ptr + 3 * slot + 1, mask=gm, other=0.0), 0)
