@@ -5,6 +5,7 @@ known time per candidate; the values of the tuned call are checked against numba
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 
@@ -165,3 +166,27 @@ def test_out_of_memory_while_timing_keeps_the_defaults(caplog):
     assert got == SMALL[0]
     assert "out of memory" in caplog.text
     assert tiles_tuning.tune_tiles(x, y, None, ts, True, candidates=SMALL, timer=None) == SMALL[0]  # cached
+
+
+def test_reference_gradient_is_tuned_apart(monkeypatch):
+    """A call that also wants the reference's gradient times that gradient launch (no sign
+    words: it needs q) and is cached under its own key; a policy-only call times the policy's."""
+    seen = []
+    real = tree_triton._tiles_gradient
+
+    def spy(x, y, active, lv, ts, state, scale, want_gx, want_gy):
+        seen.append((want_gx, want_gy, state.signs is not None))
+        return real(x, y, active, lv, ts, state, scale, want_gx, want_gy)
+
+    monkeypatch.setattr(tree_triton, "_tiles_gradient", spy)
+    monkeypatch.setattr(tiles_tuning, "CANDIDATES", tuple(SMALL[:1]))  # 32-position tiles: sign words apply
+    pts = torch.randn(96, 4, generator=torch.Generator().manual_seed(0))
+    tree = build_cluster_forest(pts, 1, branching=4, leaf_size=5)
+    leaf = dataclasses.replace(tree, perms=torch.arange(96)[None], _packed_cache={})
+    ts = packed(leaf)
+    x, y = random_logits(3, 96, seed=9), random_logits(3, 96, seed=10)
+    tiles_tuning.tune_tiles(x, y, None, ts, True, timer=FakeTimer(lambda c: 1.0))
+    assert seen == [(True, False, True)]
+    tiles_tuning.tune_tiles(x, y, None, ts, True, want_ref_grad=True, timer=FakeTimer(lambda c: 1.0))
+    assert seen[1:] == [(True, True, False)]
+    assert len(tiles_tuning.tuned_configs()) == 2

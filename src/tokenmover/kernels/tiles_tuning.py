@@ -7,7 +7,7 @@ the tree's leaf order; docs/gpu.md has the H200 numbers. :func:`tune_tiles` time
 of candidates (:data:`CANDIDATES`, the measured default first) on the caller's own rows, forward
 and gradient launches together, keeps the fastest, and caches it per
 
-    (device, V, logits dtypes, members, edges, leaf-order logits, gradient wanted).
+    (device, V, logits dtypes, members, edges, leaf-order logits, gradient wanted, reference's too).
 
 :func:`tokenmover.kernels.tree_triton.tree_wasserstein_triton` calls it on CUDA when no tile
 knob (:data:`KNOBS`) is given and ``tune`` is not False; ``TOKENMOVER_TRITON_TUNE=0`` turns that
@@ -112,24 +112,26 @@ def elapsed_ms(run: Callable[[], object], device: torch.device, repeats: int | N
     return statistics.median(times)
 
 
-def tune_key(x: torch.Tensor, y: torch.Tensor, ts, want_grad: bool) -> tuple:
+def tune_key(x: torch.Tensor, y: torch.Tensor, ts, want_grad: bool, want_ref_grad: bool = False) -> tuple:
     lv = ts.levels
     return (str(x.device), x.shape[1], str(x.dtype), str(y.dtype), ts.num_members, lv.num_edges,
-            bool(lv.identity_order), bool(want_grad))
+            bool(lv.identity_order), bool(want_grad), bool(want_grad and want_ref_grad))
 
 
 def tune_tiles(x: torch.Tensor, y: torch.Tensor, active: torch.Tensor | None, ts, want_grad: bool, *,
-               fixed: dict | None = None, candidates: Sequence[dict] | None = None, rows: int = TUNE_ROWS,
+               want_ref_grad: bool = False, fixed: dict | None = None, candidates: Sequence[dict] | None = None,
+               rows: int = TUNE_ROWS,
                timer: Callable[[Callable[[], object], torch.device], float] = elapsed_ms) -> dict:
     """The fastest of ``candidates`` (each a dict of :data:`KNOBS`; default :data:`CANDIDATES`)
     for (n, V) logits with contiguous rows, timed on their first ``rows`` rows; cached per
-    :func:`tune_key`.
+    :func:`tune_key`. With ``want_grad`` the gradient launch is timed too: for the policy's
+    logits, and the reference's when ``want_ref_grad`` (then no sign words are kept).
 
     ``fixed``: the other "tiles" options (``edge_block``, ``edge_warps``, ...) used for every
     candidate. Returns the knobs of the winner (without its time)."""
     from tokenmover.kernels.tree_triton import _tiles_forward, _tiles_gradient  # noqa: PLC0415 (circular)
 
-    key = tune_key(x, y, ts, want_grad)
+    key = tune_key(x, y, ts, want_grad, want_ref_grad)
     if key in _TUNED:
         return {k: _TUNED[key][k] for k in KNOBS}
     candidates = CANDIDATES if candidates is None else candidates
@@ -145,9 +147,9 @@ def tune_tiles(x: torch.Tensor, y: torch.Tensor, active: torch.Tensor | None, ts
     timed = []  # every candidate that ran, with its time
     for cand in candidates:
         def run(cand=cand):
-            _, _, state = _tiles_forward(xs, ys, act, ts, want_grad, policy_only=True, **fixed, **cand)
+            _, _, state = _tiles_forward(xs, ys, act, ts, want_grad, policy_only=not want_ref_grad, **fixed, **cand)
             if want_grad:
-                _tiles_gradient(xs, ys, act, ts.levels, ts, state, None, True, False)
+                _tiles_gradient(xs, ys, act, ts.levels, ts, state, None, True, want_ref_grad)
 
         try:
             ms = timer(run, x.device)

@@ -705,7 +705,8 @@ def _tuned_knobs(policy: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor | N
     want_grad = torch.is_grad_enabled() and (policy.requires_grad or ref.requires_grad)
     fixed = {k: options[k] for k in ("edge_block", "edge_warps", "max_workspace_bytes")
              if options[k] is not None}
-    return tiles_tuning.tune_tiles(x, y, None if mask is None else mask[:rows], ts, want_grad, fixed=fixed)
+    return tiles_tuning.tune_tiles(x, y, None if mask is None else mask[:rows], ts, want_grad,
+                                   want_ref_grad=want_grad and ref.requires_grad, fixed=fixed)
 
 
 def tree_wasserstein_triton(
