@@ -2,7 +2,8 @@
 
 Wraps the four Triton kernels of :mod:`tokenmover.kernels.tree_triton_tiles_jit` so that every
 launch is bracketed by CUDA events, runs fwd+bwd of the tree distance at N = 8,192 bf16 rows for
-logits in token order and in the tree's leaf order, and prints the median per-kernel time. Also
+logits in token order and in the tree's leaf order (tuned, then with the knobs of
+``LEAF_QUESTIONS``: sign words or not, rows per program), and prints the median per-kernel time. Also
 times ``torch.index_select`` of both logit tensors by the leaf order (the explicit permutation a
 caller could do instead of the in-kernel gather) and the plain copy of both tensors.
 
@@ -28,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tokenmover import build_chains, build_cluster_tree  # noqa: E402
-from tokenmover.kernels import tree_triton  # noqa: E402
+from tokenmover.kernels import tiles_tuning, tree_triton  # noqa: E402
 from tokenmover.kernels import tree_triton_chains_jit as jc  # noqa: E402
 from tokenmover.kernels import tree_triton_tiles_jit as jt  # noqa: E402
 
@@ -61,6 +62,12 @@ FOCUS_CONFIGS = [
     {**BEST_LEAF, "max_workspace_bytes": 512 << 20}, {**BEST_LEAF, "max_workspace_bytes": 2048 << 20},
     {**BEST_LEAF, "edge_block": 64, "edge_warps": 2, "max_workspace_bytes": 2048 << 20},
 ]
+_BEST_LEAF_KNOBS = {k: val for k, val in BEST_LEAF.items() if k != "order"}
+LEAF_QUESTIONS = {  # explicit knobs (no tuning)
+    "256 / 1 warp, sign words": {**_BEST_LEAF_KNOBS, "sign_words": True},
+    "256 / 1 warp, no sign words": {**_BEST_LEAF_KNOBS, "sign_words": False},
+    "4 x 256 / 4 warps, sign words": {**_BEST_LEAF_KNOBS, "num_warps": 4, "row_block": 4, "sign_words": True},
+}
 EVENTS: dict[str, list] = defaultdict(list)
 LSE_DEFAULTS = (tree_triton.TILES_LSE_BLOCK, tree_triton.TILES_LSE_WARPS)
 
@@ -155,10 +162,10 @@ def main() -> None:
               "boundaries": tree_triton.tile_boundaries(lv, tree_triton.TILES_LEAF_BLOCK, tree_triton.TILES_CHUNK).num_boundaries,
               "levels": lv.num_levels}
 
-    def fwd_bwd(a, b, structure):
+    def fwd_bwd(a, b, structure, **opts):
         def run():
             xa = a.detach().requires_grad_()
-            tree_triton.tree_wasserstein_triton(xa, b, None, structure, algorithm="tiles").sum().backward()
+            tree_triton.tree_wasserstein_triton(xa, b, None, structure, algorithm="tiles", **opts).sum().backward()
         return run
 
     xp, yp = x[:, perm].contiguous(), y[:, perm].contiguous()
@@ -207,6 +214,12 @@ def main() -> None:
             result["token order"] = per_kernel_ms(fwd_bwd(x, y, tree), args.repeats)
         if "leaf" in args.orders:
             result["leaf order"] = per_kernel_ms(fwd_bwd(xp, yp, leaf_tree), args.repeats)
+            # session 6's questions, untuned: does the gradient launch gain more from sign words
+            # than the prefix launch pays for them; do 4-row programs now beat 1-warp ones
+            for label, opts in LEAF_QUESTIONS.items():
+                result[f"leaf order, {label}"] = per_kernel_ms(fwd_bwd(xp, yp, leaf_tree, **opts), args.repeats)
+                print(json.dumps({label: result[f"leaf order, {label}"]}), flush=True)
+        result["tuned"] = [{"key": list(key), **cfg} for key, cfg in tiles_tuning.tuned_configs().items()]
         result["index_select both by leaf order"] = event_ms(
             lambda: (x.index_select(1, perm), y.index_select(1, perm)), 5)
         result["copy both"] = event_ms(lambda: (x.clone(), y.clone()), 5)
