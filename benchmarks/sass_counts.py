@@ -7,7 +7,11 @@ memory stores / loads and special-function ops (``MUFU``: the exponentials). Poi
 strides, V and the chunk length are marked divisible by 16, as Triton's runtime specialises them
 at V = 262,144, so loads are vectorised as on the card. Logits bf16, math float32, no mask.
 
-Run:  python benchmarks/sass_counts.py [--arch 90]      (needs a triton wheel with its NVIDIA
+``--check`` instead compiles every kernel of the four families over its flags (accumulation
+dtype, masks, gradients, orders, sign words) and exits 1 if one fails: the GPU compile errors the
+CPU interpreter cannot see (tests/kernels/test_sm90_compile.py runs it).
+
+Run:  python benchmarks/sass_counts.py [--arch 90] [--check]      (needs a triton wheel with its NVIDIA
 backend, which ships ptxas and cuobjdump; no GPU). docs/gpu.md's compile tables come from this
 script with triton 3.6.0, the device image's version
 (``pip install --no-deps --target DIR triton==3.6.0`` and ``PYTHONPATH=DIR``).
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import itertools
 import os
 import re
 import subprocess
@@ -35,17 +40,31 @@ from tokenmover.kernels import tree_triton  # noqa: E402
 from tokenmover.kernels import tree_triton_tiles_jit as jt  # noqa: E402
 
 DIVISIBLE_BY_16 = {"stride_x", "stride_y", "stride_gx", "stride_gy", "nb", "nw", "V", "L"}
-POINTER_TYPES = {"x_ptr": "*bf16", "y_ptr": "*bf16", "gx_ptr": "*bf16", "gy_ptr": "*bf16", "active_ptr": "*i8",
-                 "perm_ptr": "*i32", "bidx_ptr": "*i32", "sign_ptr": "*i16", "leaf_ptr": "*i32"}
+POINTER_TYPES = {  # every other pointer (and workspace, "*_ws") is in the accumulation dtype
+    **dict.fromkeys(("x_ptr", "y_ptr", "gx_ptr", "gy_ptr"), "*bf16"),
+    **dict.fromkeys(("active_ptr", "bad_ptr", "flag_ptr"), "*i8"),
+    **dict.fromkeys(("perm_ptr", "bidx_ptr", "kind_ptr", "es_ptr", "ee_ptr", "esb_ptr", "eeb_ptr", "parent_ptr",
+                     "level_ptr", "member_level_ptr", "leaf_ptr", "tile_slot_ptr"), "*i32"),
+    "sign_ptr": "*i16",
+}
+KERNEL_POINTER_TYPES = {"tree_rows_kernel": {"off_ptr": "*i32"}}  # member offsets there, float offsets elsewhere
 # (leaf-order logits, rows per program, positions per tile, warps, scan form) of docs/gpu.md's table
 PREFIX_CONFIGS = [(1, 1, 512, 4, 2), (1, 1, 512, 4, 3), (1, 1, 256, 1, 3), (1, 1, 512, 1, 3), (1, 4, 256, 4, 3),
                   (1, 4, 256, 4, 2), (1, 8, 256, 8, 3), (0, 1, 512, 4, 2), (0, 4, 256, 4, 3)]
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
 
+def arg_type(kernel: str, name: str, acc: str) -> str:
+    if name in KERNEL_POINTER_TYPES.get(kernel, {}):
+        return KERNEL_POINTER_TYPES[kernel][name]
+    if name in POINTER_TYPES:
+        return POINTER_TYPES[name]
+    return f"*{acc}" if name.endswith(("_ptr", "_ws")) else "i32"
+
+
 def compile_cubin(fn, consts: dict, num_warps: int, arch: int) -> bytes:
-    signature = {n: ("constexpr" if n in consts else POINTER_TYPES.get(n, "*fp32" if n.endswith("_ptr") else "i32"))
-                 for n in fn.arg_names}
+    acc = "fp64" if consts.get("ACC") == tl.float64 else "fp32"
+    signature = {n: ("constexpr" if n in consts else arg_type(fn.__name__, n, acc)) for n in fn.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
              if n not in consts and (n.endswith("_ptr") or n in DIVISIBLE_BY_16)}
     source = ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs)
@@ -94,11 +113,65 @@ def report(name: str, cubin: bytes, positions: int, threads: int) -> None:
           f"{per_position:.1f} instructions, barriers per 1,000: {barriers:.1f}", flush=True)
 
 
+def check_configurations() -> list[tuple]:
+    """(kernel, constexprs, warps) for every kernel of the four families over its flags: what
+    ``--check`` compiles (float32 and float64 accumulation, masks, gradients wanted or not)."""
+    from tokenmover.kernels import tree_triton_chains_jit as jc  # noqa: PLC0415
+    from tokenmover.kernels import tree_triton_jit as j0  # noqa: PLC0415
+    from tokenmover.kernels import tree_triton_levels_jit as jl  # noqa: PLC0415
+
+    out = []
+    for acc, mask in itertools.product((tl.float32, tl.float64), (False, True)):
+        for ident, signs, grad, rows, scan in itertools.product((True, False), (False, True), (True, False),
+                                                                (1, 4), (2, 3)):
+            if not (signs and (not ident or not grad)):
+                out.append((jt.prefix_kernel, {"HAS_MASK": mask, "ACC": acc, "WANT_GRAD": grad, "ROWS": rows,
+                                               "BLOCK": 256, "GBLOCK": 32, "SCAN": scan, "IDENTITY": ident,
+                                               "SIGNS": signs}, 1 if rows == 1 else 4))
+        out.append((jt.lse_partial_kernel, {"HAS_MASK": mask, "ACC": acc, "BLOCK": 512}, 4))
+        for grad in (True, False):
+            out.append((jt.edge_kernel, {"HAS_MASK": mask, "WANT_GRAD": grad, "ACC": acc, "GBLOCK": 32,
+                                         "TBLOCK": 1024, "EBLOCK": 128}, 4))
+            out += [(k, {"HAS_MASK": mask, "WANT_GRAD": grad, "ACC": acc, "BLOCK": 512, "GBLOCK": 32}, 4)
+                    for k in (jc.chain_edges_kernel,)]
+            out.append((jc.chain_finish_kernel, {"HAS_MASK": mask, "WANT_GRAD": grad, "ACC": acc, "GBLOCK": 32}, 4))
+        out += [(k, {"HAS_MASK": mask, "ACC": acc, "BLOCK": 512, "GBLOCK": 32}, 4)
+                for k in (jc.chain_totals_kernel, jc.chain_suffix_kernel)]
+        for gx, gy, signs in itertools.product((True, False), (True, False), (False, True)):
+            if (gx or gy) and not (signs and gy):
+                out.append((jt.grad_kernel, {"HAS_MASK": mask, "HAS_SCALE": True, "WANT_GX": gx, "WANT_GY": gy,
+                                             "ACC": acc, "BLOCK": 256, "GBLOCK": 32, "SIGNS": signs}, 1))
+                out.append((jl.tree_levels_kernel, {"HAS_MASK": mask, "WANT_GX": gx, "WANT_GY": gy, "ACC": acc,
+                                                    "BLOCK": 1024, "EBLOCK": 256}, 8))
+                out.append((j0.tree_rows_kernel, {"HAS_MASK": mask, "WANT_GX": gx, "WANT_GY": gy, "HAS_TREE": True,
+                                                  "ACC": acc, "BLOCK": 1024, "EBLOCK": 256}, 8))
+    return out
+
+
+def check(arch: int) -> int:
+    """Compile every configuration of :func:`check_configurations`; 1 if any fails."""
+    failures = []
+    configs = check_configurations()
+    for fn, consts, warps in configs:
+        try:
+            compile_cubin(fn, consts, warps, arch)
+        except Exception as exc:  # report them all, then fail
+            failures.append(f"{fn.__name__} {consts}: {type(exc).__name__}: {str(exc)[-800:]}")
+    print(f"compiled {len(configs) - len(failures)} of {len(configs)} kernel configurations for sm_{arch}")
+    for line in failures:
+        print("FAILED", line)
+    return 1 if failures else 0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--arch", type=int, default=90, help="compute capability as an integer (90: H100/H200)")
+    ap.add_argument("--check", action="store_true",
+                    help="compile every kernel of the four families over its flags, report failures, exit 1 on any")
     args = ap.parse_args()
     print(f"triton {triton.__version__}, sm_{args.arch}")
+    if args.check:
+        sys.exit(check(args.arch))
     for identity, rows, block, warps, scan in PREFIX_CONFIGS:
         consts = {"HAS_MASK": False, "ACC": tl.float32, "WANT_GRAD": True, "ROWS": rows, "BLOCK": block,
                   "GBLOCK": 32, "SCAN": scan, "IDENTITY": bool(identity), "SIGNS": False}

@@ -66,6 +66,9 @@ def test_float64_matches_numba_on_random_trees(num_tokens):
     got = values_and_grads(x, y, tree, "triton", w)
     ref = values_and_grads(x, y, tree, "numba", w)
     assert got[0].dtype == torch.float64
+    if num_tokens == 1:  # p = q = 1: W and its gradients are 0, up to exp2's rounding of lse log2 e (fma)
+        assert all(float(a.abs().max()) < 1e-14 for a in got) and all(float(b.abs().max()) == 0 for b in ref)
+        return
     for a, b in zip(got, ref):
         assert rel_err(a, b) < 1e-12
 
