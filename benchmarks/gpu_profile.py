@@ -67,6 +67,8 @@ LEAF_QUESTIONS = {  # explicit knobs (no tuning)
     "256 / 1 warp, sign words": {**_BEST_LEAF_KNOBS, "sign_words": True},
     "256 / 1 warp, no sign words": {**_BEST_LEAF_KNOBS, "sign_words": False},
     "4 x 256 / 4 warps, sign words": {**_BEST_LEAF_KNOBS, "num_warps": 4, "row_block": 4, "sign_words": True},
+    "256 / 1 warp, sign words, edge loop in 2 stages": {**_BEST_LEAF_KNOBS, "sign_words": True, "edge_stages": 2},
+    "256 / 1 warp, sign words, edge loop in 3 stages": {**_BEST_LEAF_KNOBS, "sign_words": True, "edge_stages": 3},
 }
 EVENTS: dict[str, list] = defaultdict(list)
 LSE_DEFAULTS = (tree_triton.TILES_LSE_BLOCK, tree_triton.TILES_LSE_WARPS)

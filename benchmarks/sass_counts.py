@@ -130,8 +130,8 @@ def check_configurations() -> list[tuple]:
                                                "SIGNS": signs}, 1 if rows == 1 else 4))
         out.append((jt.lse_partial_kernel, {"HAS_MASK": mask, "ACC": acc, "BLOCK": 512}, 4))
         for grad in (True, False):
-            out.append((jt.edge_kernel, {"HAS_MASK": mask, "WANT_GRAD": grad, "ACC": acc, "GBLOCK": 32,
-                                         "TBLOCK": 1024, "EBLOCK": 128}, 4))
+            out += [(jt.edge_kernel, {"HAS_MASK": mask, "WANT_GRAD": grad, "ACC": acc, "GBLOCK": 32,
+                                      "TBLOCK": 1024, "EBLOCK": 128, "STAGES": stages}, 4) for stages in (1, 3)]
             out += [(k, {"HAS_MASK": mask, "WANT_GRAD": grad, "ACC": acc, "BLOCK": 512, "GBLOCK": 32}, 4)
                     for k in (jc.chain_edges_kernel,)]
             out.append((jc.chain_finish_kernel, {"HAS_MASK": mask, "WANT_GRAD": grad, "ACC": acc, "GBLOCK": 32}, 4))

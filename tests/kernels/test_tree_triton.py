@@ -169,7 +169,9 @@ def test_every_tree_kernel_matches_numba(kind, algorithm):
      {"chunk": 100, "block": 64, "scan": 2, "row_block": 4}, {"chunk": 100, "block": 32, "scan": 3, "row_block": 2},
      {"chunk": 64, "block": 32, "scan": 1, "row_block": 8}, {"chunk": 128, "block": 64, "scan": 4, "row_block": 4},
      # ... or more rows per program than the launch has (one row per launch)
-     {"max_workspace_bytes": 1, "row_block": 4}],
+     {"max_workspace_bytes": 1, "row_block": 4},
+     # the edge loop software-pipelined (its loads a tile or two ahead on a GPU)
+     {"chunk": 100, "block": 64, "edge_stages": 3}],
 )
 def test_tiles_chunks_of_columns_and_rows(options):
     """Prefix sums restart at every chunk of columns (offsets added back at the edges); rows run

@@ -73,6 +73,7 @@ TILES_LEAF_BLOCK = 256  # logits in the tree's leaf order (contiguous loads): on
 TILES_LEAF_WARPS = 1
 TILES_EDGE_BLOCK = 128  # H200, leaf order, 262k: 2.55 ms against 3.15 at 256 and 4.9 at 512 (session 5)
 TILES_EDGE_WARPS = 4
+TILES_EDGE_STAGES = 1  # software-pipeline stages of the edge loop (loads one or two tiles ahead); 1: none
 EDGE_TILE_BLOCK = 1024  # tiles whose offsets the edge launch sums at a time (V = 262,144 in 256-position tiles: all)
 # the log-sum-exp pass has its own tile, whatever the prefix kernel's
 TILES_LSE_BLOCK = 512  # H200: 2.33 ms at 262k against 2.75 (1024 / 4 warps) and 3.3 (2048 / 8)
@@ -379,6 +380,7 @@ def tree_rows(
     chunk: int | None = None,
     edge_block: int | None = None,
     edge_warps: int | None = None,
+    edge_stages: int | None = None,
     scan: int | None = None,
     row_block: int | None = None,
     sign_words: bool | None = None,
@@ -407,7 +409,8 @@ def tree_rows(
     resolved = resolve_algorithm(ts, algorithm)
     if resolved == "tiles":  # its own defaults (TILES_*), its own gradient allocation
         out, bad, state = _tiles_forward(x, y, active, ts, want_grad, block=block, num_warps=num_warps, chunk=chunk,
-                                         edge_block=edge_block, edge_warps=edge_warps, scan=scan,
+                                         edge_block=edge_block, edge_warps=edge_warps, edge_stages=edge_stages,
+                                         scan=scan,
                                          row_block=row_block, max_workspace_bytes=max_workspace_bytes,
                                          sign_words=sign_words, policy_only=want_gx and not want_gy)
         gx, gy = _tiles_gradient(x, y, active, ts.levels, ts, state, None, want_gx, want_gy) if want_grad else (None, None)
@@ -495,7 +498,7 @@ class TilesState:
 
 
 def _tiles_forward(x, y, active, ts: TritonStructure, want_grad: bool, *, block=None, num_warps=None, chunk=None,
-                   edge_block=None, edge_warps=None, scan=None, row_block=None, sign_words=None,
+                   edge_block=None, edge_warps=None, edge_stages=None, scan=None, row_block=None, sign_words=None,
                    max_workspace_bytes: int = MAX_WORKSPACE_BYTES,
                    policy_only: bool = False) -> tuple[torch.Tensor, torch.Tensor, TilesState]:
     """Launches 1 - 3 of "tiles" over groups of rows (the per-row workspaces bound a group) on
@@ -572,7 +575,7 @@ def _tiles_forward(x, y, active, ts: TritonStructure, want_grad: bool, *, block=
             lv.parent, lv.level_offsets, lv.member_levels, s_all[r0:r1] if want_grad else s_all, ne,
             out[r0:r1], dots[r0:r1], k_members, g, chunk, t, min(block, chunk), tb.tiles_per_chunk,
             HAS_MASK=has_mask, WANT_GRAD=want_grad, ACC=acc_tl, GBLOCK=gblock, TBLOCK=min(triton.next_power_of_2(t), EDGE_TILE_BLOCK),
-            EBLOCK=eblock, **edge_extra,
+            EBLOCK=eblock, STAGES=edge_stages or TILES_EDGE_STAGES, **edge_extra,
         )
     return out, bad, TilesState(lse_part=lse_part, dots=dots, s=s_all, signs=sign_words if signs else None,
                                 chunk=chunk, block=block, num_warps=num_warps, interpret=interpret)
@@ -703,7 +706,7 @@ def _tuned_knobs(policy: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor | N
     rows = tiles_tuning.TUNE_ROWS
     x, y = _unit_stride(policy[:rows].detach()), _unit_stride(ref[:rows].detach())
     want_grad = torch.is_grad_enabled() and (policy.requires_grad or ref.requires_grad)
-    fixed = {k: options[k] for k in ("edge_block", "edge_warps", "max_workspace_bytes")
+    fixed = {k: options[k] for k in ("edge_block", "edge_warps", "edge_stages", "max_workspace_bytes")
              if options[k] is not None}
     return tiles_tuning.tune_tiles(x, y, None if mask is None else mask[:rows], ts, want_grad,
                                    want_ref_grad=want_grad and ref.requires_grad, fixed=fixed)
@@ -723,6 +726,7 @@ def tree_wasserstein_triton(
     chunk: int | None = None,
     edge_block: int | None = None,
     edge_warps: int | None = None,
+    edge_stages: int | None = None,
     scan: int | None = None,
     row_block: int | None = None,
     sign_words: bool | None = None,
@@ -742,6 +746,7 @@ def tree_wasserstein_triton(
     ``chunk_size`` (rows per launch) defaults to all rows: the kernel's memory does not grow
     with the number of rows, only the gradients (N, V in the logits' dtype) do. ``block``,
     ``num_programs``, ``num_warps``, ``algorithm``, ``chunk``, ``edge_block``, ``edge_warps``,
+    ``edge_stages`` (the "tiles" edge loop's software-pipeline stages; default 1, untimed),
     ``scan`` and ``row_block`` (rows per "tiles" prefix program: the member order, boundary
     indices and singleton weights are then read once for that many rows; default 1) are passed
     to :func:`tree_rows`; ``max_workspace_bytes`` bounds the per-launch
@@ -767,7 +772,8 @@ def tree_wasserstein_triton(
     if gradient not in GRADIENT_MODES:
         raise ValueError(f"gradient must be one of {GRADIENT_MODES}, got {gradient!r}")
     options = {"block": block, "num_programs": num_programs, "num_warps": num_warps, "algorithm": algorithm,
-               "chunk": chunk, "edge_block": edge_block, "edge_warps": edge_warps, "scan": scan,
+               "chunk": chunk, "edge_block": edge_block, "edge_warps": edge_warps, "edge_stages": edge_stages,
+               "scan": scan,
                "row_block": row_block, "sign_words": sign_words, "max_workspace_bytes": max_workspace_bytes,
                "gradient": gradient}
     if resolve_algorithm(ts, algorithm) == "tiles":

@@ -314,7 +314,7 @@ def edge_kernel(active_ptr, lse_part_ptr, bad_ptr, cp_ptr, nb, part_ptr, off_ptr
                 out_ptr, dots_ptr,  # (n,) values, (n, 2) <p, g>, <q, g>
                 K, G, L, T, TB, TC,
                 HAS_MASK: tl.constexpr, WANT_GRAD: tl.constexpr, ACC: tl.constexpr,
-                GBLOCK: tl.constexpr, TBLOCK: tl.constexpr, EBLOCK: tl.constexpr):
+                GBLOCK: tl.constexpr, TBLOCK: tl.constexpr, EBLOCK: tl.constexpr, STAGES: tl.constexpr):
     r = tl.program_id(0).to(tl.int64)
     active = _row_active(active_ptr, r, HAS_MASK)
     if active != 0:
@@ -358,7 +358,8 @@ def edge_kernel(active_ptr, lse_part_ptr, bad_ptr, cp_ptr, nb, part_ptr, off_ptr
             for lev in range(tl.load(member_level_ptr + k), tl.load(member_level_ptr + k + 1)):
                 e_lo = tl.load(level_ptr + lev)
                 e_hi = tl.load(level_ptr + lev + 1)
-                for e0 in range(e_lo, e_hi, EBLOCK):
+                # STAGES > 1: the compiler issues the next tiles' loads (asynchronous copies) while this one computes
+                for e0 in tl.range(e_lo, e_hi, EBLOCK, num_stages=STAGES):
                     e = e0 + eoffs
                     em = e < e_hi
                     js = tl.load(es_ptr + e, mask=em, other=0)
