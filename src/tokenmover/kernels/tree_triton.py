@@ -410,8 +410,7 @@ def tree_rows(
     if resolved == "tiles":  # its own defaults (TILES_*), its own gradient allocation
         out, bad, state = _tiles_forward(x, y, active, ts, want_grad, block=block, num_warps=num_warps, chunk=chunk,
                                          edge_block=edge_block, edge_warps=edge_warps, edge_stages=edge_stages,
-                                         scan=scan,
-                                         row_block=row_block, max_workspace_bytes=max_workspace_bytes,
+                                         scan=scan, row_block=row_block, max_workspace_bytes=max_workspace_bytes,
                                          sign_words=sign_words, policy_only=want_gx and not want_gy)
         gx, gy = _tiles_gradient(x, y, active, ts.levels, ts, state, None, want_gx, want_gy) if want_grad else (None, None)
         return out, gx, gy, bad
@@ -550,7 +549,7 @@ def _tiles_forward(x, y, active, ts: TritonStructure, want_grad: bool, *, block=
     lse_part = torch.empty(n, g, 6, dtype=acc, device=device)  # (n, G, 6)
     dots = torch.empty(n, 2, dtype=acc, device=device)  # (n, 2)
     s_all = torch.empty(n if want_grad else 1, ne + 1, dtype=acc, device=device)  # (n, E + 1)
-    sign_words = torch.empty(n if signs else 1, nw if signs else 1, dtype=torch.int16, device=device)  # (n, NW)
+    sign_store = torch.empty(n if signs else 1, nw if signs else 1, dtype=torch.int16, device=device)  # (n, NW)
     cp = torch.empty(rows, max(nb, 1), 2, dtype=acc, device=device)  # (rows, NB, 2): C and P at each slot
     part = torch.empty(rows, k_members, g, 3, dtype=acc, device=device)
     offsets = torch.empty(rows, 2 * t, dtype=acc, device=device)  # per row: the tiles' offsets of C and P
@@ -565,7 +564,7 @@ def _tiles_forward(x, y, active, ts: TritonStructure, want_grad: bool, *, block=
                                         HAS_MASK=has_mask, ACC=acc_tl, BLOCK=min(lse_block, chunk), **lse_extra)
         jt.prefix_kernel[(triton.cdiv(m, row_block) * k_members * g,)](
             xs, ys, xs.stride(0), ys.stride(0), act, lse_rows, ts.perms, tb.boundary_index, lv.token_weights_first,
-            cp, cp.shape[1], part, sign_words[r0:r1] if signs else sign_words, nw, m, v, k_members, g, chunk,
+            cp, cp.shape[1], part, sign_store[r0:r1] if signs else sign_store, nw, m, v, k_members, g, chunk,
             HAS_MASK=has_mask, WANT_GRAD=want_grad, ACC=acc_tl, ROWS=row_block, BLOCK=min(block, chunk), GBLOCK=gblock,
             SCAN=scan, IDENTITY=lv.identity_order, SIGNS=signs, **extra,
         )
@@ -577,7 +576,7 @@ def _tiles_forward(x, y, active, ts: TritonStructure, want_grad: bool, *, block=
             HAS_MASK=has_mask, WANT_GRAD=want_grad, ACC=acc_tl, GBLOCK=gblock, TBLOCK=min(triton.next_power_of_2(t), EDGE_TILE_BLOCK),
             EBLOCK=eblock, STAGES=edge_stages or TILES_EDGE_STAGES, **edge_extra,
         )
-    return out, bad, TilesState(lse_part=lse_part, dots=dots, s=s_all, signs=sign_words if signs else None,
+    return out, bad, TilesState(lse_part=lse_part, dots=dots, s=s_all, signs=sign_store if signs else None,
                                 chunk=chunk, block=block, num_warps=num_warps, interpret=interpret)
 
 

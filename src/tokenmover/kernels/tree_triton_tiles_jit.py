@@ -182,7 +182,7 @@ def _prefix_tile(x_rows, y_rows, lse_x, lse_y, perm_row, bidx_row, tw0_ptr, cp_r
         else:
             tok = tl.load(perm_row + pos)
         if ROWS > 1:  # rows masked out or past the last one: not read (one row: the program has returned)
-            rows_live = live[:, None] & (tok >= 0)[None, :]  # (ROWS, BLOCK)
+            rows_live = tl.broadcast_to(live[:, None], (ROWS, BLOCK))
             p = _probs(x_rows, tok[None, :], rows_live, lse_x[:, None], ACC)
             q = _probs(y_rows, tok[None, :], rows_live, lse_y[:, None], ACC)
         else:
@@ -196,7 +196,8 @@ def _prefix_tile(x_rows, y_rows, lse_x, lse_y, perm_row, bidx_row, tw0_ptr, cp_r
     d = p - q
     s = _signed_nonneg(t, d)
     if SIGNS:
-        # t >= 0 (edge weights are checked), so sign(t d) is t sign(d) / t, and where t = 0 the sign is unused
+        # the signs of s = t sign(d): sign(d) wherever t > 0 (t >= 0: edge weights are checked), and
+        # where t = 0 the gradient's t_i sign(d_i) is 0 whatever the sign
         words = s0 // 8 + tl.arange(0, BLOCK // 8)  # (BLOCK / 8,) words of this tile
         tl.store(sign_rows + words[None, :], _pack_signs(s, ROWS, BLOCK), mask=live[:, None] & (words < nw)[None, :])
     if FUSED:
