@@ -49,7 +49,7 @@ CANDIDATES: tuple[dict, ...] = tuple({**c, "sign_words": c.get("sign_words", Tru
     {"block": 256, "num_warps": 1, "scan": 3, "row_block": 1, "chunk": 8192, "sign_words": False},
     {"block": 256, "num_warps": 1, "scan": 3, "row_block": 1, "chunk": 16384},
     {"block": 256, "num_warps": 2, "scan": 3, "row_block": 2, "chunk": 8192},  # one row per warp
-    # 4 rows of 256 a program: the fewest sm_90 instructions per position since session 6 (32.5 against 34.1)
+    # 4 rows of 256 a program: the fewest sm_90 instructions per position since session 6 (32.2 against 34.1)
     {"block": 256, "num_warps": 4, "scan": 3, "row_block": 4, "chunk": 8192},
     {"block": 512, "num_warps": 4, "scan": 2, "row_block": 1, "chunk": 8192},  # the defaults of sessions 2-4
     {"block": 512, "num_warps": 4, "scan": 3, "row_block": 1, "chunk": 4096},
