@@ -43,7 +43,8 @@ DIVISIBLE_BY_16 = {"stride_x", "stride_y", "stride_gx", "stride_gy", "nb", "nw",
 POINTER_TYPES = {  # every other pointer (and workspace, "*_ws") is in the accumulation dtype
     **dict.fromkeys(("x_ptr", "y_ptr", "gx_ptr", "gy_ptr"), "*bf16"),
     **dict.fromkeys(("active_ptr", "bad_ptr", "flag_ptr"), "*i8"),
-    **dict.fromkeys(("perm_ptr", "bidx_ptr", "kind_ptr", "es_ptr", "ee_ptr", "esb_ptr", "eeb_ptr", "parent_ptr",
+    **dict.fromkeys(("perm_ptr", "bidx_ptr", "kind_ptr", "es_ptr", "ee_ptr", "est_ptr", "eet_ptr", "esb_ptr", "eeb_ptr",
+                     "parent_ptr",
                      "level_ptr", "member_level_ptr", "leaf_ptr", "tile_slot_ptr"), "*i32"),
     "sign_ptr": "*i16",
 }
@@ -85,8 +86,10 @@ def opcode(instruction: str) -> str:
     return re.sub(r"^@!?U?P\w+\s+", "", instruction).split()[0].split(".")[0]
 
 
-def loop_counts(sass: str) -> dict:
-    """Opcode counts of the longest backward branch's body (the main loop) and its length."""
+def loop_counts(sass: str, which: str = "longest") -> dict:
+    """Opcode counts of a loop's body and its length: the longest backward branch's (the main
+    loop), or with ``which="last innermost"`` the last loop that holds no other loop (the edge
+    launch's loop over a level's edges, after its loop over tile offsets)."""
     addresses, instructions = [], []
     for line in sass.splitlines():
         m = re.match(r"/\*([0-9a-f]{4,})\*/\s+(.*?);", line.strip())
@@ -98,15 +101,19 @@ def loop_counts(sass: str) -> dict:
              if (m := re.search(r"BRA\s+(0x[0-9a-f]+)", ins)) and int(m.group(1), 16) < addresses[i] - 16]
     if not loops:
         return {"instructions": 0}
-    lo, hi = max(loops, key=lambda ab: ab[1] - ab[0])
+    if which == "longest":
+        lo, hi = max(loops, key=lambda ab: ab[1] - ab[0])
+    else:
+        innermost = [(a, b) for a, b in loops if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in loops)]
+        lo, hi = max(innermost)
     ops = collections.Counter(opcode(ins) for ins in instructions[lo:hi + 1])
     return {"instructions": hi - lo + 1, **{op: ops[op] for op in ("BAR", "SHFL", "STS", "LDS", "MUFU")}}
 
 
-def report(name: str, cubin: bytes, positions: int, threads: int) -> None:
-    """``positions``: (position, row) pairs one loop iteration handles; ``threads``: per program."""
+def report(name: str, cubin: bytes, positions: int, threads: int, which: str = "longest") -> None:
+    """``positions``: (position, row) pairs (or edges) one loop iteration handles; ``threads``: per program."""
     registers = re.search(r"REG:(\d+)", cuobjdump(cubin, "--dump-resource-usage")).group(1)
-    loop = loop_counts(cuobjdump(cubin, "--dump-sass"))
+    loop = loop_counts(cuobjdump(cubin, "--dump-sass"), which)
     per_position = loop["instructions"] * threads / positions
     barriers = 1000 * loop.get("BAR", 0) / positions
     print(f"{name:40s} registers {registers:>3s}  loop {loop}  per position and row (per thread): "
@@ -188,6 +195,11 @@ def main() -> None:
                   "BLOCK": block, "GBLOCK": 32, "SIGNS": signs}
         report(f"grad 1x{block} warps={warps} {'sign words' if signs else 'reads reference'}",
                compile_cubin(jt.grad_kernel, consts, warps, args.arch), block, 32 * warps)
+    eblock, ewarps = tree_triton.TILES_EDGE_BLOCK, tree_triton.TILES_EDGE_WARPS  # per edge, the loop over a level's edges
+    consts = {"HAS_MASK": False, "WANT_GRAD": True, "ACC": tl.float32, "GBLOCK": 32, "TBLOCK": 1024, "EBLOCK": eblock,
+              "STAGES": 1}
+    report(f"edge {eblock} warps={ewarps} (per edge)", compile_cubin(jt.edge_kernel, consts, ewarps, args.arch),
+           eblock, 32 * ewarps, which="last innermost")
     for block, warps in dict.fromkeys(((512, 4), (tree_triton.TILES_LSE_BLOCK, tree_triton.TILES_LSE_WARPS))):
         consts = {"HAS_MASK": False, "ACC": tl.float32, "BLOCK": block}
         report(f"lse_partial {block} warps={warps}", compile_cubin(jt.lse_partial_kernel, consts, warps, args.arch),

@@ -557,7 +557,8 @@ def test_tile_boundaries_store_every_edge_end_and_every_tile_total(block, chunk)
     """The prefix launch restarts its sums at every tile: each tile's last position gets a slot
     (its total), next to every position where an edge of the member starts or ends; slots are
     numbered member by member in prefix order; a chunk's last tile may be short, and tiles past V
-    (empty) share the last slot. Cached per tiling."""
+    (empty) share the last slot; each edge end knows its tile (no division in the edge launch).
+    Cached per tiling."""
     structure = structures(150)["forest"]
     lv = tree_triton.pack_for_triton(structure, torch.device("cpu"), torch.float64).levels
     tb = tree_triton.tile_boundaries(lv, block, chunk)
@@ -578,10 +579,16 @@ def test_tile_boundaries_store_every_edge_end_and_every_tile_total(block, chunk)
     slots = bidx[flagged]  # row-major: member by member, prefix order
     assert torch.equal(slots, torch.arange(tb.num_boundaries, dtype=slots.dtype))
     mem = lv.edge_member
+    starts = [0] + ends[:-1]  # tile t holds positions [starts[t], ends[t]) (empty past V)
+
+    def tile_of(j):  # the tile holding position j - 1
+        return next(t for t in range(len(ends)) if starts[t] <= j - 1 < ends[t]) if j > 0 else -1
+
     for e in range(lv.num_edges):
         j0, j1 = int(lv.edge_starts[e]), int(lv.edge_ends[e])
         assert int(tb.edge_end_boundary[e]) == int(bidx[mem[e], j1 - 1])
         assert int(tb.edge_start_boundary[e]) == (int(bidx[mem[e], j0 - 1]) if j0 > 0 else 0)
+        assert int(tb.edge_start_tile[e]) == tile_of(j0) and int(tb.edge_end_tile[e]) == tile_of(j1)
 
 
 def test_edge_launch_sums_tile_offsets_in_blocks(monkeypatch):

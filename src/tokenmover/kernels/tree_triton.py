@@ -167,6 +167,8 @@ class TileBoundaries:
     boundary_index: torch.Tensor  # (K, V) int32: slot of (member k, prefix index pos + 1), -1: none
     edge_start_boundary: torch.Tensor  # (E,) int32: slot of the edge's start (0, unused, for j = 0)
     edge_end_boundary: torch.Tensor  # (E,) int32
+    edge_start_tile: torch.Tensor  # (E,) int32: the tile of position j - 1 at the edge's start (-1 for j = 0)
+    edge_end_tile: torch.Tensor  # (E,) int32: the same at its end
     tile_slot: torch.Tensor  # (K, T) int32: slot of each tile's total
     tiles_per_chunk: int
     num_tiles: int  # T = chunks x tiles_per_chunk
@@ -309,12 +311,20 @@ def tile_boundaries(lv: TritonLevels, block: int, chunk: int) -> TileBoundaries:
         mem = lv.edge_member
         starts = lv.edge_starts[:lv.num_edges].to(torch.int64)
         ends = lv.edge_ends[:lv.num_edges].to(torch.int64)
+
+        def tile_of(j: torch.Tensor) -> torch.Tensor:  # the tile of position j - 1; -1 for j = 0
+            pos = (j - 1).clamp_min(0)
+            tile = (pos // chunk) * tiles_per_chunk + (pos % chunk) // block
+            return torch.where(j > 0, tile, -1).to(torch.int32)
+
         lv.tilings[key] = TileBoundaries(
             num_boundaries=int(flags.sum()),
             # indexed by position (the slot of j = pos + 1): a tile's slots load as aligned vectors
             boundary_index=slot[:, 1:].to(torch.int32).contiguous(),
             edge_start_boundary=_nonempty(slot[mem, starts].clamp_min(0).to(torch.int32)),
             edge_end_boundary=_nonempty(slot[mem, ends].to(torch.int32)),
+            edge_start_tile=_nonempty(tile_of(starts)),
+            edge_end_tile=_nonempty(tile_of(ends)),
             tile_slot=slot[:, tile_ends].to(torch.int32).contiguous(),
             tiles_per_chunk=tiles_per_chunk,
             num_tiles=int(tile_ends.numel()),
@@ -570,9 +580,9 @@ def _tiles_forward(x, y, active, ts: TritonStructure, want_grad: bool, *, block=
         )
         jt.edge_kernel[(m,)](
             act, lse_rows, bad[r0:r1], cp, cp.shape[1], part, offsets, tb.tile_slot,
-            lv.edge_starts, lv.edge_ends, tb.edge_start_boundary, tb.edge_end_boundary, lv.edge_weights,
+            tb.edge_start_tile, tb.edge_end_tile, tb.edge_start_boundary, tb.edge_end_boundary, lv.edge_weights,
             lv.parent, lv.level_offsets, lv.member_levels, s_all[r0:r1] if want_grad else s_all, ne,
-            out[r0:r1], dots[r0:r1], k_members, g, chunk, t, min(block, chunk), tb.tiles_per_chunk,
+            out[r0:r1], dots[r0:r1], k_members, g, t,
             HAS_MASK=has_mask, WANT_GRAD=want_grad, ACC=acc_tl, GBLOCK=gblock, TBLOCK=min(triton.next_power_of_2(t), EDGE_TILE_BLOCK),
             EBLOCK=eblock, STAGES=edge_stages or TILES_EDGE_STAGES, **edge_extra,
         )

@@ -298,22 +298,22 @@ def _store_bad_flag(lse_part_ptr, bad_ptr, r, G, GBLOCK: tl.constexpr):
 
 
 @triton.jit
-def _boundary(cb_row, off_row, bid, j, L, TB, TC, em):
-    """C(j) = C_loc at ``cb_row[bid]`` + offset[tile of position j - 1] for j > 0; C(0) = 0. Tiles: ``TC`` per
-    chunk of ``L`` positions, ``TB`` positions each (a chunk's last one may be shorter)."""
-    inner = em & (j > 0)
-    last = tl.where(inner, j - 1, 0)
-    tile = (last // L) * TC + (last % L) // TB
-    return tl.load(cb_row + bid, mask=inner, other=0.0) + tl.load(off_row + tile, mask=inner, other=0.0)
+def _boundary(cb_row, off_row, bid, tile, em):
+    """C(j) = C_loc at ``cb_row[bid]`` + the offset of ``tile``, the tile of position j - 1
+    (host-computed: no division here); ``tile < 0`` marks j = 0, where C(0) = 0."""
+    inner = em & (tile >= 0)
+    return (tl.load(cb_row + bid, mask=inner, other=0.0)
+            + tl.load(off_row + tl.maximum(tile, 0), mask=inner, other=0.0))
 
 
 @triton.jit
 def edge_kernel(active_ptr, lse_part_ptr, bad_ptr, cp_ptr, nb, part_ptr, off_ptr,  # cp: (n, NB, 2), off: (n, 2 T)
                 tile_slot_ptr,  # (K, T) int32: the slot of each tile's total
-                es_ptr, ee_ptr, esb_ptr, eeb_ptr, ew_ptr, parent_ptr, level_ptr, member_level_ptr,
+                est_ptr, eet_ptr, esb_ptr, eeb_ptr,  # (E,) int32 each: tiles and slots of the edges' ends
+                ew_ptr, parent_ptr, level_ptr, member_level_ptr,
                 s_ptr, ne,  # (n, E + 1): S, index 0 = "no edge" = 0
                 out_ptr, dots_ptr,  # (n,) values, (n, 2) <p, g>, <q, g>
-                K, G, L, T, TB, TC,
+                K, G, T,
                 HAS_MASK: tl.constexpr, WANT_GRAD: tl.constexpr, ACC: tl.constexpr,
                 GBLOCK: tl.constexpr, TBLOCK: tl.constexpr, EBLOCK: tl.constexpr, STAGES: tl.constexpr):
     r = tl.program_id(0).to(tl.int64)
@@ -363,17 +363,15 @@ def edge_kernel(active_ptr, lse_part_ptr, bad_ptr, cp_ptr, nb, part_ptr, off_ptr
                 for e0 in tl.range(e_lo, e_hi, EBLOCK, num_stages=STAGES):
                     e = e0 + eoffs
                     em = e < e_hi
-                    js = tl.load(es_ptr + e, mask=em, other=0)
-                    je = tl.load(ee_ptr + e, mask=em, other=0)
+                    ts = tl.load(est_ptr + e, mask=em, other=-1)
+                    te = tl.load(eet_ptr + e, mask=em, other=-1)
                     bs = tl.load(esb_ptr + e, mask=em, other=0)
                     be = tl.load(eeb_ptr + e, mask=em, other=0)
                     w = tl.load(ew_ptr + e, mask=em, other=0.0).to(ACC)
-                    mass = (_boundary(cb_row, offc_row, 2 * be, je, L, TB, TC, em)
-                            - _boundary(cb_row, offc_row, 2 * bs, js, L, TB, TC, em))
+                    mass = _boundary(cb_row, offc_row, 2 * be, te, em) - _boundary(cb_row, offc_row, 2 * bs, ts, em)
                     val += w * tl.abs(mass)
                     if WANT_GRAD:
-                        pm = (_boundary(pb_row, offp_row, 2 * be, je, L, TB, TC, em)
-                              - _boundary(pb_row, offp_row, 2 * bs, js, L, TB, TC, em))
+                        pm = _boundary(pb_row, offp_row, 2 * be, te, em) - _boundary(pb_row, offp_row, 2 * bs, ts, em)
                         edge_p, edge_q = _edge_signs(w, mass, pm, e, em, parent_ptr, s_row)
                         dot_p += edge_p
                         dot_q += edge_q
