@@ -43,7 +43,7 @@ DIVISIBLE_BY_16 = {"stride_x", "stride_y", "stride_gx", "stride_gy", "nb", "nw",
 POINTER_TYPES = {  # every other pointer (and workspace, "*_ws") is in the accumulation dtype
     **dict.fromkeys(("x_ptr", "y_ptr", "gx_ptr", "gy_ptr"), "*bf16"),
     **dict.fromkeys(("active_ptr", "bad_ptr", "flag_ptr"), "*i8"),
-    **dict.fromkeys(("perm_ptr", "bidx_ptr", "kind_ptr", "es_ptr", "ee_ptr", "est_ptr", "eet_ptr", "esb_ptr", "eeb_ptr",
+    **dict.fromkeys(("perm_ptr", "bidx_ptr", "kind_ptr", "es_ptr", "ee_ptr", "ends_ptr",
                      "parent_ptr",
                      "level_ptr", "member_level_ptr", "leaf_ptr", "tile_slot_ptr"), "*i32"),
     "sign_ptr": "*i16",
@@ -138,7 +138,7 @@ def check_configurations() -> list[tuple]:
         out.append((jt.lse_partial_kernel, {"HAS_MASK": mask, "ACC": acc, "BLOCK": 512}, 4))
         for grad in (True, False):
             out += [(jt.edge_kernel, {"HAS_MASK": mask, "WANT_GRAD": grad, "ACC": acc, "GBLOCK": 32,
-                                      "TBLOCK": 1024, "EBLOCK": 128, "STAGES": stages}, 4) for stages in (1, 3)]
+                                      "TBLOCK": 128, "EBLOCK": 128, "STAGES": stages}, 4) for stages in (1, 3)]
             out += [(k, {"HAS_MASK": mask, "WANT_GRAD": grad, "ACC": acc, "BLOCK": 512, "GBLOCK": 32}, 4)
                     for k in (jc.chain_edges_kernel,)]
             out.append((jc.chain_finish_kernel, {"HAS_MASK": mask, "WANT_GRAD": grad, "ACC": acc, "GBLOCK": 32}, 4))
@@ -196,7 +196,7 @@ def main() -> None:
         report(f"grad 1x{block} warps={warps} {'sign words' if signs else 'reads reference'}",
                compile_cubin(jt.grad_kernel, consts, warps, args.arch), block, 32 * warps)
     eblock, ewarps = tree_triton.TILES_EDGE_BLOCK, tree_triton.TILES_EDGE_WARPS  # per edge, the loop over a level's edges
-    consts = {"HAS_MASK": False, "WANT_GRAD": True, "ACC": tl.float32, "GBLOCK": 32, "TBLOCK": 1024, "EBLOCK": eblock,
+    consts = {"HAS_MASK": False, "WANT_GRAD": True, "ACC": tl.float32, "GBLOCK": 32, "TBLOCK": tree_triton.EDGE_TILE_BLOCK, "EBLOCK": eblock,
               "STAGES": 1}
     report(f"edge {eblock} warps={ewarps} (per edge)", compile_cubin(jt.edge_kernel, consts, ewarps, args.arch),
            eblock, 32 * ewarps, which="last innermost")

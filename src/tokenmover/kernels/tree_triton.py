@@ -74,7 +74,7 @@ TILES_LEAF_WARPS = 1
 TILES_EDGE_BLOCK = 128  # H200, leaf order, 262k: 2.55 ms against 3.15 at 256 and 4.9 at 512 (session 5)
 TILES_EDGE_WARPS = 4
 TILES_EDGE_STAGES = 1  # software-pipeline stages of the edge loop (loads one or two tiles ahead); 1: none
-EDGE_TILE_BLOCK = 1024  # tiles whose offsets the edge launch sums at a time (V = 262,144 in 256-position tiles: all)
+EDGE_TILE_BLOCK = 128  # tiles whose offsets the edge launch sums at a time: 32 registers a thread as in session 5 (256: 40, 1,024: 96)
 # the log-sum-exp pass has its own tile, whatever the prefix kernel's
 TILES_LSE_BLOCK = 512  # H200: 2.33 ms at 262k against 2.75 (1024 / 4 warps) and 3.3 (2048 / 8)
 TILES_LSE_WARPS = 4
@@ -165,13 +165,28 @@ class TileBoundaries:
 
     num_boundaries: int  # slots of one row
     boundary_index: torch.Tensor  # (K, V) int32: slot of (member k, prefix index pos + 1), -1: none
-    edge_start_boundary: torch.Tensor  # (E,) int32: slot of the edge's start (0, unused, for j = 0)
-    edge_end_boundary: torch.Tensor  # (E,) int32
-    edge_start_tile: torch.Tensor  # (E,) int32: the tile of position j - 1 at the edge's start (-1 for j = 0)
-    edge_end_tile: torch.Tensor  # (E,) int32: the same at its end
+    # (E, 4) int32, one 16-byte load an edge: the tile of position j - 1 at the edge's start j
+    # (-1 for j = 0), the slot of its start (0, unused, for j = 0), the same two at its end
+    edge_ends: torch.Tensor
     tile_slot: torch.Tensor  # (K, T) int32: slot of each tile's total
     tiles_per_chunk: int
     num_tiles: int  # T = chunks x tiles_per_chunk
+
+    @property
+    def edge_start_tile(self) -> torch.Tensor:
+        return self.edge_ends[:, 0]
+
+    @property
+    def edge_start_boundary(self) -> torch.Tensor:
+        return self.edge_ends[:, 1]
+
+    @property
+    def edge_end_tile(self) -> torch.Tensor:
+        return self.edge_ends[:, 2]
+
+    @property
+    def edge_end_boundary(self) -> torch.Tensor:
+        return self.edge_ends[:, 3]
 
 
 _CACHE: dict[tuple[int, str, torch.dtype], TritonStructure] = {}
@@ -321,10 +336,9 @@ def tile_boundaries(lv: TritonLevels, block: int, chunk: int) -> TileBoundaries:
             num_boundaries=int(flags.sum()),
             # indexed by position (the slot of j = pos + 1): a tile's slots load as aligned vectors
             boundary_index=slot[:, 1:].to(torch.int32).contiguous(),
-            edge_start_boundary=_nonempty(slot[mem, starts].clamp_min(0).to(torch.int32)),
-            edge_end_boundary=_nonempty(slot[mem, ends].to(torch.int32)),
-            edge_start_tile=_nonempty(tile_of(starts)),
-            edge_end_tile=_nonempty(tile_of(ends)),
+            edge_ends=torch.stack([tile_of(starts), slot[mem, starts].clamp_min(0).to(torch.int32),
+                                   tile_of(ends), slot[mem, ends].to(torch.int32)], 1).contiguous()  # (E, 4)
+            if lv.num_edges else torch.zeros(1, 4, dtype=torch.int32, device=device),
             tile_slot=slot[:, tile_ends].to(torch.int32).contiguous(),
             tiles_per_chunk=tiles_per_chunk,
             num_tiles=int(tile_ends.numel()),
@@ -562,7 +576,7 @@ def _tiles_forward(x, y, active, ts: TritonStructure, want_grad: bool, *, block=
     sign_store = torch.empty(n if signs else 1, nw if signs else 1, dtype=torch.int16, device=device)  # (n, NW)
     cp = torch.empty(rows, max(nb, 1), 2, dtype=acc, device=device)  # (rows, NB, 2): C and P at each slot
     part = torch.empty(rows, k_members, g, 3, dtype=acc, device=device)
-    offsets = torch.empty(rows, 2 * t, dtype=acc, device=device)  # per row: the tiles' offsets of C and P
+    offsets = torch.empty(rows, t, 2, dtype=acc, device=device)  # per row: the tiles' offsets of C and P
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
         m = r1 - r0
@@ -580,7 +594,7 @@ def _tiles_forward(x, y, active, ts: TritonStructure, want_grad: bool, *, block=
         )
         jt.edge_kernel[(m,)](
             act, lse_rows, bad[r0:r1], cp, cp.shape[1], part, offsets, tb.tile_slot,
-            tb.edge_start_tile, tb.edge_end_tile, tb.edge_start_boundary, tb.edge_end_boundary, lv.edge_weights,
+            tb.edge_ends, lv.edge_weights,
             lv.parent, lv.level_offsets, lv.member_levels, s_all[r0:r1] if want_grad else s_all, ne,
             out[r0:r1], dots[r0:r1], k_members, g, t,
             HAS_MASK=has_mask, WANT_GRAD=want_grad, ACC=acc_tl, GBLOCK=gblock, TBLOCK=min(triton.next_power_of_2(t), EDGE_TILE_BLOCK),

@@ -79,7 +79,7 @@ def _edge_signs(w, mass, pm, e, em, parent_ptr, s_row):
     the reference's mass below the edge): ``s_e = w_e sign(mass_e)``, ``S_e = s_e + S_parent(e)``
     stored at ``s_row[e + 1]`` (the parent level's S must be stored already); returns ``s_e P(e)``
     and ``s_e Q(e)``, the edges' terms of ``<p, g>`` and ``<q, g>``."""
-    s = _signed(w, mass)
+    s = _signed_nonneg(w, mass)  # w >= 0: edge weights are checked
     par = tl.load(parent_ptr + e, mask=em, other=0)  # 1 + parent's index, 0: none
     s_par = tl.load(s_row + par, mask=em, other=0.0)
     tl.store(s_row + e + 1, s + s_par, mask=em)

@@ -298,18 +298,40 @@ def _store_bad_flag(lse_part_ptr, bad_ptr, r, G, GBLOCK: tl.constexpr):
 
 
 @triton.jit
-def _boundary(cb_row, off_row, bid, tile, em):
-    """C(j) = C_loc at ``cb_row[bid]`` + the offset of ``tile``, the tile of position j - 1
-    (host-computed: no division here); ``tile < 0`` marks j = 0, where C(0) = 0."""
-    inner = em & (tile >= 0)
-    return (tl.load(cb_row + bid, mask=inner, other=0.0)
-            + tl.load(off_row + tl.maximum(tile, 0), mask=inner, other=0.0))
+def _edge_ends(ends_ptr, e, em, EBLOCK: tl.constexpr):
+    """The edges ``e``'s (start tile, start slot, end tile, end slot) from one 16-byte load each;
+    masked-off edges read -1 everywhere (a tile < 0 reads nothing, see :func:`_boundary`)."""
+    packed = tl.load(ends_ptr + 4 * e[:, None] + tl.arange(0, 4)[None, :], mask=em[:, None], other=-1)  # (EBLOCK, 4)
+    tiles, slots = tl.split(tl.reshape(packed, (EBLOCK, 2, 2)))  # columns (0, 2) and (1, 3)
+    ts, te = tl.split(tiles)
+    bs, be = tl.split(slots)
+    return ts, bs, te, be
 
 
 @triton.jit
-def edge_kernel(active_ptr, lse_part_ptr, bad_ptr, cp_ptr, nb, part_ptr, off_ptr,  # cp: (n, NB, 2), off: (n, 2 T)
+def _boundary(cp_row, off_row, bid, tile, em):
+    """C(j) for edge ends at slot ``bid`` in ``tile`` (the tile of position j - 1, host-computed:
+    no division here; ``tile < 0`` marks j = 0, where C(0) = 0): the tile-local sum plus the
+    tile's offset, both at even entries of their (C, P) pair arrays."""
+    inner = em & (tile >= 0)
+    return (tl.load(cp_row + 2 * bid, mask=inner, other=0.0)
+            + tl.load(off_row + 2 * tl.maximum(tile, 0), mask=inner, other=0.0))
+
+
+@triton.jit
+def _boundary_pair(cp_row, off_row, bid, tile, em):
+    """(C(j), P(j)) as :func:`_boundary`, each pair from one 8-byte load (16 in float64)."""
+    inner = (em & (tile >= 0))[:, None]
+    pair = tl.arange(0, 2)[None, :]
+    local = tl.load(cp_row + 2 * bid[:, None] + pair, mask=inner, other=0.0)  # (EBLOCK, 2)
+    offset = tl.load(off_row + 2 * tl.maximum(tile, 0)[:, None] + pair, mask=inner, other=0.0)
+    return tl.split(local + offset)
+
+
+@triton.jit
+def edge_kernel(active_ptr, lse_part_ptr, bad_ptr, cp_ptr, nb, part_ptr, off_ptr,  # cp: (n, NB, 2), off: (n, T, 2)
                 tile_slot_ptr,  # (K, T) int32: the slot of each tile's total
-                est_ptr, eet_ptr, esb_ptr, eeb_ptr,  # (E,) int32 each: tiles and slots of the edges' ends
+                ends_ptr,  # (E, 4) int32: each edge's start tile, start slot, end tile, end slot
                 ew_ptr, parent_ptr, level_ptr, member_level_ptr,
                 s_ptr, ne,  # (n, E + 1): S, index 0 = "no edge" = 0
                 out_ptr, dots_ptr,  # (n,) values, (n, 2) <p, g>, <q, g>
@@ -320,11 +342,9 @@ def edge_kernel(active_ptr, lse_part_ptr, bad_ptr, cp_ptr, nb, part_ptr, off_ptr
     active = _row_active(active_ptr, r, HAS_MASK)
     if active != 0:
         _store_bad_flag(lse_part_ptr, bad_ptr, r, G, GBLOCK)
-        cb_row = cp_ptr + r * (2 * nb)  # C at even entries, P at odd ones: slot s at 2 s, 2 s + 1
-        pb_row = cb_row + 1
+        cp_row = cp_ptr + r * (2 * nb)  # C at even entries, P at odd ones: slot s at 2 s, 2 s + 1
         s_row = s_ptr + r * (ne + 1)
-        offc_row = off_ptr + r * (2 * T)
-        offp_row = offc_row + T
+        off_row = off_ptr + r * (2 * T)  # the same for the tiles' offsets
         if WANT_GRAD:
             tl.store(s_row, _zero(ACC, EBLOCK))  # S_0 = 0: "no edge"
         goffs = tl.arange(0, GBLOCK)
@@ -341,12 +361,12 @@ def edge_kernel(active_ptr, lse_part_ptr, bad_ptr, cp_ptr, nb, part_ptr, off_ptr
                 tt = t0 + toffs
                 tm = tt < T
                 tile_slots = tl.load(tile_slot_ptr + k * T + tt, mask=tm, other=0)  # (TBLOCK,)
-                tc = tl.load(cb_row + 2 * tile_slots, mask=tm, other=0.0)  # tile totals
-                tl.store(offc_row + tt, carry_c + tl.cumsum(tc, 0) - tc, mask=tm)
+                tc = tl.load(cp_row + 2 * tile_slots, mask=tm, other=0.0)  # tile totals
+                tl.store(off_row + 2 * tt, carry_c + tl.cumsum(tc, 0) - tc, mask=tm)
                 carry_c += tl.sum(tc, 0)
                 if WANT_GRAD:
-                    tp = tl.load(pb_row + 2 * tile_slots, mask=tm, other=0.0)
-                    tl.store(offp_row + tt, carry_p + tl.cumsum(tp, 0) - tp, mask=tm)
+                    tp = tl.load(cp_row + 2 * tile_slots + 1, mask=tm, other=0.0)
+                    tl.store(off_row + 2 * tt + 1, carry_p + tl.cumsum(tp, 0) - tp, mask=tm)
                     carry_p += tl.sum(tp, 0)
             slot = (r * K + k) * G + goffs
             sv = tl.sum(tl.load(part_ptr + 3 * slot, mask=gm, other=0.0), 0)
@@ -363,18 +383,18 @@ def edge_kernel(active_ptr, lse_part_ptr, bad_ptr, cp_ptr, nb, part_ptr, off_ptr
                 for e0 in tl.range(e_lo, e_hi, EBLOCK, num_stages=STAGES):
                     e = e0 + eoffs
                     em = e < e_hi
-                    ts = tl.load(est_ptr + e, mask=em, other=-1)
-                    te = tl.load(eet_ptr + e, mask=em, other=-1)
-                    bs = tl.load(esb_ptr + e, mask=em, other=0)
-                    be = tl.load(eeb_ptr + e, mask=em, other=0)
+                    ts, bs, te, be = _edge_ends(ends_ptr, e, em, EBLOCK)
                     w = tl.load(ew_ptr + e, mask=em, other=0.0).to(ACC)
-                    mass = _boundary(cb_row, offc_row, 2 * be, te, em) - _boundary(cb_row, offc_row, 2 * bs, ts, em)
-                    val += w * tl.abs(mass)
                     if WANT_GRAD:
-                        pm = _boundary(pb_row, offp_row, 2 * be, te, em) - _boundary(pb_row, offp_row, 2 * bs, ts, em)
-                        edge_p, edge_q = _edge_signs(w, mass, pm, e, em, parent_ptr, s_row)
+                        c_end, p_end = _boundary_pair(cp_row, off_row, be, te, em)
+                        c_start, p_start = _boundary_pair(cp_row, off_row, bs, ts, em)
+                        mass = c_end - c_start
+                        edge_p, edge_q = _edge_signs(w, mass, p_end - p_start, e, em, parent_ptr, s_row)
                         dot_p += edge_p
                         dot_q += edge_q
+                    else:
+                        mass = _boundary(cp_row, off_row, be, te, em) - _boundary(cp_row, off_row, bs, ts, em)
+                    val += w * tl.abs(mass)
                 tl.debug_barrier()  # the next level reads this level's S
         tl.store(out_ptr + r, tl.sum(val, 0))
         tl.store(dots_ptr + 2 * r, tl.sum(dot_p, 0))
