@@ -34,15 +34,10 @@ def _zero(ACC: tl.constexpr, BLOCK: tl.constexpr):
 
 @triton.jit
 def _signed(w, m):
-    """w * sign(m), 0 at m == 0."""
-    return tl.where(m > 0, w, tl.where(m < 0, -w, 0.0 * w))
-
-
-@triton.jit
-def _signed_nonneg(w, m):
-    """``w * sign(m)`` for ``w >= 0`` (edge and token weights are checked non-negative): ``w`` with
-    the sign bit of ``m``, and 0 where ``m == 0`` (one bitwise op and one select, where
-    :func:`_signed` needs two compares, two selects and a negation)."""
+    """``w * sign(m)``, 0 at ``m == 0``, for ``w >= 0`` (every caller passes edge or token weights,
+    which :class:`TransportStructure` checks non-negative): ``w`` with the sign bit of ``m``, then
+    a select for ``m == 0`` (one bitwise op and one select, where compare-and-select on both signs
+    takes two compares, two selects and a negation)."""
     if w.dtype == tl.float64:
         bits = w.to(tl.int64, bitcast=True) | (m.to(tl.int64, bitcast=True) & -9223372036854775808)
     else:

@@ -37,7 +37,6 @@ from tokenmover.kernels.tree_triton_jit import (
     _row_active,
     _row_lse,
     _signed,
-    _signed_nonneg,
     _unpack_signs,
     _zero,
     _zero_pass,
@@ -79,7 +78,7 @@ def _edge_signs(w, mass, pm, e, em, parent_ptr, s_row):
     the reference's mass below the edge): ``s_e = w_e sign(mass_e)``, ``S_e = s_e + S_parent(e)``
     stored at ``s_row[e + 1]`` (the parent level's S must be stored already); returns ``s_e P(e)``
     and ``s_e Q(e)``, the edges' terms of ``<p, g>`` and ``<q, g>``."""
-    s = _signed_nonneg(w, mass)  # w >= 0: edge weights are checked
+    s = _signed(w, mass)  # w >= 0: edge weights are checked
     par = tl.load(parent_ptr + e, mask=em, other=0)  # 1 + parent's index, 0: none
     s_par = tl.load(s_row + par, mask=em, other=0.0)
     tl.store(s_row + e + 1, s + s_par, mask=em)
@@ -135,7 +134,7 @@ def _gradient_levels(x_row, y_row, lse_x, lse_y, tw_ptr, leaf_ptr, s_row, gx_row
             g = t * _unpack_signs(sign_row, s0, nw, BLOCK).to(ACC)
         else:
             q = _probs(y_row, idx, msk, lse_y, ACC)
-            g = _signed_nonneg(t, p - q)
+            g = _signed(t, p - q)
         for k in range(K):
             leaf = tl.load(leaf_ptr + tl.cast(k, tl.int64) * V + idx, mask=msk, other=0)
             g += tl.load(s_row + leaf, mask=msk, other=0.0)

@@ -41,7 +41,7 @@ from tokenmover.kernels.tree_triton_jit import (
     _pack_signs,
     _probs,
     _row_active,
-    _signed_nonneg,
+    _signed,
     _softmax_entries,
     _zero,
     _zero_pass,
@@ -194,7 +194,7 @@ def _prefix_tile(x_rows, y_rows, lse_x, lse_y, perm_row, bidx_row, tw0_ptr, cp_r
     if not IDENTITY:
         t = t * (k == 0).to(ACC)  # singleton terms: member 0 only
     d = p - q
-    s = _signed_nonneg(t, d)
+    s = _signed(t, d)
     if SIGNS:
         # the signs of s = t sign(d): sign(d) wherever t > 0 (t >= 0: edge weights are checked), and
         # where t = 0 the gradient's t_i sign(d_i) is 0 whatever the sign
