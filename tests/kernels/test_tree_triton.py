@@ -586,9 +586,10 @@ def test_tile_boundaries_store_every_edge_end_and_every_tile_total(block, chunk)
 
     for e in range(lv.num_edges):
         j0, j1 = int(lv.edge_starts[e]), int(lv.edge_ends[e])
-        assert int(tb.edge_end_boundary[e]) == int(bidx[mem[e], j1 - 1])
-        assert int(tb.edge_start_boundary[e]) == (int(bidx[mem[e], j0 - 1]) if j0 > 0 else 0)
-        assert int(tb.edge_start_tile[e]) == tile_of(j0) and int(tb.edge_end_tile[e]) == tile_of(j1)
+        start_tile, start_slot, end_tile, end_slot = tb.edge_ends[e].tolist()
+        assert end_slot == int(bidx[mem[e], j1 - 1])
+        assert start_slot == (int(bidx[mem[e], j0 - 1]) if j0 > 0 else 0)
+        assert start_tile == tile_of(j0) and end_tile == tile_of(j1)
 
 
 def test_edge_launch_sums_tile_offsets_in_blocks(monkeypatch):

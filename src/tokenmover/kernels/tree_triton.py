@@ -172,22 +172,6 @@ class TileBoundaries:
     tiles_per_chunk: int
     num_tiles: int  # T = chunks x tiles_per_chunk
 
-    @property
-    def edge_start_tile(self) -> torch.Tensor:
-        return self.edge_ends[:, 0]
-
-    @property
-    def edge_start_boundary(self) -> torch.Tensor:
-        return self.edge_ends[:, 1]
-
-    @property
-    def edge_end_tile(self) -> torch.Tensor:
-        return self.edge_ends[:, 2]
-
-    @property
-    def edge_end_boundary(self) -> torch.Tensor:
-        return self.edge_ends[:, 3]
-
 
 _CACHE: dict[tuple[int, str, torch.dtype], TritonStructure] = {}
 
@@ -650,7 +634,7 @@ def _tiles_gradient(x, y, active, lv: TritonLevels, ts: TritonStructure, state: 
         state.s, lv.num_edges, scale if scale is not None else dummy,
         gx if want_gx else dummy, gy if want_gy else dummy,
         gx.stride(0) if want_gx else 0, gy.stride(0) if want_gy else 0,
-        state.signs if signs else state.lse_part, triton.cdiv(v, 8),
+        state.signs if signs else state.lse_part, state.signs.shape[1] if signs else 0,
         v, ts.num_members, g, state.chunk,
         HAS_MASK=active is not None, HAS_SCALE=scale is not None, WANT_GX=want_gx, WANT_GY=want_gy,
         ACC=tl.float64 if acc == torch.float64 else tl.float32, BLOCK=min(state.block, state.chunk),
