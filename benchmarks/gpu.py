@@ -34,7 +34,6 @@ correctness check fails.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import statistics
@@ -144,15 +143,6 @@ def build_all_structures(vocab: list[int], small: bool) -> dict[int, dict[str, T
     return out
 
 
-def tree_in_leaf_order(tree: TransportStructure) -> TransportStructure:
-    """The same tree over tokens relabelled in its leaf (DFS) order: the identity permutation.
-
-    ``W(tree_in_leaf_order(t), x[:, perm]) == W(t, x)``: what a model whose output layer rows were
-    permuted once by the tree's leaf order would feed the kernel (no gather by permutation)."""
-    v = tree.num_tokens
-    return dataclasses.replace(tree, perms=torch.arange(v, dtype=tree.perms.dtype)[None], _packed_cache={})
-
-
 def fwd_bwd_stats(fn, x, y, device, repeats: int, warmup: int = 1) -> dict:
     """Median wall time of fn(x, y).sum().backward() and the peak extra memory it allocates."""
     def step():
@@ -232,10 +222,11 @@ def check_correctness(structures: dict, v: int, device: torch.device, n: int, sm
     cases += [("tree", "tiles", cand) for cand in tiles_tuning.CANDIDATES[1:]]
     cases += [("tree leaf-order", "tiles", {"sign_words": sw}) for sw in (True, False)]
     leaf_perm = structures["tree"].perms[0].to(device)
+    leaf_tree = structures["tree"].in_leaf_order()  # W(leaf_tree, x[:, leaf_perm]) == W(tree, x)
     refs = {}
     for name, algorithm, knobs in cases:
         leaf = name == "tree leaf-order"
-        s = tree_in_leaf_order(structures["tree"]) if leaf else structures[name]
+        s = leaf_tree if leaf else structures[name]
         base = "tree" if leaf else name
         if base not in refs:
             x64 = x.detach().double().requires_grad_()
@@ -381,7 +372,7 @@ def main() -> int:
         xp = x.detach()[:, perm].requires_grad_()
         yp = y[:, perm]
         del x, y
-        leaf_tree = tree_in_leaf_order(structures["tree"])
+        leaf_tree = structures["tree"].in_leaf_order()
         for label, options in (("tiles", {}), ("tiles, tuned", tuned), ("levels", {})):
             name = f"tree leaf-order logits ({label})"
             if not any(name.startswith(skip) for skip in ARGS.skip):
@@ -404,7 +395,7 @@ def main() -> int:
         tree = all_structures[v]["tree"]
         perm = tree.perms[0].to(device)
         inputs = {"token": (x, y, tree),
-                  "leaf": (x.detach()[:, perm].requires_grad_(), y[:, perm], tree_in_leaf_order(tree)),
+                  "leaf": (x.detach()[:, perm].requires_grad_(), y[:, perm], tree.in_leaf_order()),
                   "sliced": (x, y, all_structures[v]["sliced"])}
         for cfg in sweep_configs(device, small):
             if time.perf_counter() - T_START > ARGS.budget_s:

@@ -148,7 +148,7 @@ def main() -> None:
     for name in CHAIN_KERNELS:
         setattr(jc, name, Timed(name, getattr(jc, name)))
     argv, sys.argv = sys.argv, sys.argv[:1]  # gpu.py parses sys.argv when imported
-    from gpu import clustered_points, tree_in_leaf_order  # noqa: PLC0415
+    from gpu import clustered_points  # noqa: PLC0415
     sys.argv = argv
 
     v, n = args.vocab, args.rows
@@ -158,7 +158,7 @@ def main() -> None:
     x = (3 * torch.randn(n, v, generator=gen, device=device)).to(torch.bfloat16)
     y = (x.float() + torch.randn(n, v, generator=gen, device=device)).to(torch.bfloat16)
     perm = tree.perms[0].to(device)
-    leaf_tree = tree_in_leaf_order(tree)
+    leaf_tree = tree.in_leaf_order()
     lv = tree_triton.pack_for_triton(tree, device, torch.float32).levels
     result = {"device": torch.cuda.get_device_name(device), "V": v, "N": n, "edges": lv.num_edges,
               "boundaries": tree_triton.tile_boundaries(lv, tree_triton.TILES_LEAF_BLOCK, tree_triton.TILES_CHUNK).num_boundaries,

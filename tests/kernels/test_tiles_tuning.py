@@ -5,7 +5,6 @@ known time per candidate; the values of the tuned call are checked against numba
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 
@@ -182,7 +181,7 @@ def test_reference_gradient_is_tuned_apart(monkeypatch):
     monkeypatch.setattr(tiles_tuning, "CANDIDATES", tuple(SMALL[:1]))  # 32-position tiles: sign words apply
     pts = torch.randn(96, 4, generator=torch.Generator().manual_seed(0))
     tree = build_cluster_forest(pts, 1, branching=4, leaf_size=5)
-    leaf = dataclasses.replace(tree, perms=torch.arange(96)[None], _packed_cache={})
+    leaf = tree.in_leaf_order()
     ts = packed(leaf)
     x, y = random_logits(3, 96, seed=9), random_logits(3, 96, seed=10)
     tiles_tuning.tune_tiles(x, y, None, ts, True, timer=FakeTimer(lambda c: 1.0))

@@ -9,7 +9,6 @@ one rounding of 2^-8 plus the bf16 product with the incoming gradient).
 
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import numpy as np
@@ -197,7 +196,7 @@ def test_tiles_on_logits_in_leaf_order(scan, row_block):
     layer) takes the contiguous-load path and gives W(t, x) of the original tree."""
     tree = structures(200)["cluster_tree"]
     perm = tree.perms[0]
-    leaf_tree = dataclasses.replace(tree, perms=torch.arange(200)[None], _packed_cache={})
+    leaf_tree = tree.in_leaf_order()
     assert tree_triton.pack_for_triton(leaf_tree, torch.device("cpu"), torch.float64).levels.identity_order
     assert not tree_triton.pack_for_triton(tree, torch.device("cpu"), torch.float64).levels.identity_order
     x, y = random_logits(4, 200, seed=34), random_logits(4, 200, seed=35)
@@ -486,7 +485,7 @@ def test_tile_defaults_depend_on_the_logits_order():
 def leaf_order_tree(v: int):
     """A cluster tree and the same tree relabelled so that its leaf order is the token order."""
     tree = structures(v)["cluster_tree"]
-    return tree, dataclasses.replace(tree, perms=torch.arange(v)[None], _packed_cache={})
+    return tree, tree.in_leaf_order()
 
 
 @pytest.mark.parametrize(("v", "chunk", "block"), [(200, 128, 64), (200, 64, 32), (97, 256, 128), (300, 96, 32)])
