@@ -139,8 +139,8 @@ def check_configurations() -> list[tuple]:
         for grad in (True, False):
             out += [(jt.edge_kernel, {"HAS_MASK": mask, "WANT_GRAD": grad, "ACC": acc, "GBLOCK": 32,
                                       "TBLOCK": 128, "EBLOCK": 128, "STAGES": stages}, 4) for stages in (1, 3)]
-            out += [(k, {"HAS_MASK": mask, "WANT_GRAD": grad, "ACC": acc, "BLOCK": 512, "GBLOCK": 32}, 4)
-                    for k in (jc.chain_edges_kernel,)]
+            out.append((jc.chain_edges_kernel, {"HAS_MASK": mask, "WANT_GRAD": grad, "ACC": acc, "BLOCK": 512,
+                                                "GBLOCK": 32}, 4))
             out.append((jc.chain_finish_kernel, {"HAS_MASK": mask, "WANT_GRAD": grad, "ACC": acc, "GBLOCK": 32}, 4))
         out += [(k, {"HAS_MASK": mask, "ACC": acc, "BLOCK": 512, "GBLOCK": 32}, 4)
                 for k in (jc.chain_totals_kernel, jc.chain_suffix_kernel)]

@@ -165,11 +165,13 @@ def _prefix_tile(x_rows, y_rows, lse_x, lse_y, perm_row, bidx_row, tw0_ptr, cp_r
     msk = pos < end
     FUSED: tl.constexpr = SCAN >= 3
     LEVELS: tl.constexpr = 2 - SCAN % 2  # 1: one-level scan, 2: two-level
+    if IDENTITY:
+        tok = pos
+    elif MASKED:
+        tok = tl.load(perm_row + pos, mask=msk, other=0)
+    else:
+        tok = tl.load(perm_row + pos)
     if MASKED:
-        if IDENTITY:
-            tok = pos
-        else:
-            tok = tl.load(perm_row + pos, mask=msk, other=0)
         msk2 = live[:, None] & msk[None, :]  # (ROWS, BLOCK)
         p = _probs(x_rows, tok[None, :], msk2, lse_x[:, None], ACC)  # (ROWS, BLOCK) in member order
         q = _probs(y_rows, tok[None, :], msk2, lse_y[:, None], ACC)
@@ -177,10 +179,6 @@ def _prefix_tile(x_rows, y_rows, lse_x, lse_y, perm_row, bidx_row, tw0_ptr, cp_r
         b = tl.load(bidx_row + pos, mask=msk, other=-1)[None, :]  # the same for every row
         at_edge = msk2 & (b >= 0)
     else:
-        if IDENTITY:
-            tok = pos
-        else:
-            tok = tl.load(perm_row + pos)
         if ROWS > 1:  # rows masked out or past the last one: not read (one row: the program has returned)
             rows_live = tl.broadcast_to(live[:, None], (ROWS, BLOCK))
             p = _probs(x_rows, tok[None, :], rows_live, lse_x[:, None], ACC)
