@@ -3,7 +3,7 @@
 The interpreter (TRITON_INTERPRET=1, the other kernel tests) runs the kernels' math on the CPU
 but never lowers them to GPU code, so layout, type and register errors of the real compile show
 only on a card. ``benchmarks/sass_counts.py --check`` compiles every kernel of the four families
-over its flags (172 configurations; about 100 s uncached on this machine, seconds from Triton's
+over its flags (192 configurations; about 100 s uncached on this machine, seconds from Triton's
 cache) in a process without the interpreter flag."""
 
 from __future__ import annotations

@@ -22,10 +22,11 @@ if not tree_triton.interpret_mode():
     pytest.skip("TRITON_INTERPRET is set to 0: these CPU tests need Triton's interpreter", allow_module_level=True)
 
 SMALL = [  # interpreter-sized tiles
-    {"block": 32, "num_warps": 4, "scan": 2, "row_block": 1, "chunk": 64, "sign_words": True},
-    {"block": 16, "num_warps": 4, "scan": 3, "row_block": 4, "chunk": 48, "sign_words": False},
-    {"block": 32, "num_warps": 1, "scan": 1, "row_block": 2, "chunk": 1000, "sign_words": True},
+    {"block": 32, "num_warps": 4, "scan": 2, "row_block": 1, "chunk": 64, "sign_words": True, "fused_lse": False},
+    {"block": 16, "num_warps": 4, "scan": 3, "row_block": 4, "chunk": 48, "sign_words": False, "fused_lse": False},
+    {"block": 32, "num_warps": 1, "scan": 1, "row_block": 2, "chunk": 1000, "sign_words": True, "fused_lse": False},
 ]
+FUSED = {"block": 16, "num_warps": 4, "scan": 3, "row_block": 1, "chunk": 64, "sign_words": True, "fused_lse": True}
 
 
 @pytest.fixture(autouse=True)
@@ -80,7 +81,7 @@ def test_failing_candidates_are_skipped_and_all_failing_keeps_the_first(caplog):
     structure = forest()
     x, y = random_logits(3, 120, seed=3), random_logits(3, 120, seed=4)
     ts = packed(structure)
-    bad = {"block": 32, "num_warps": 4, "scan": 9, "row_block": 1, "chunk": 64, "sign_words": True}  # scan=9 is refused
+    bad = {**SMALL[0], "scan": 9}  # scan=9 is refused
     with caplog.at_level(logging.WARNING, logger="tokenmover.kernels.tiles_tuning"):
         got = tiles_tuning.tune_tiles(x, y, None, ts, True, candidates=[bad, SMALL[0]],
                                       timer=FakeTimer(lambda c: 1.0))
@@ -189,3 +190,24 @@ def test_reference_gradient_is_tuned_apart(monkeypatch):
     tiles_tuning.tune_tiles(x, y, None, ts, True, want_ref_grad=True, timer=FakeTimer(lambda c: 1.0))
     assert seen[1:] == [(True, True, False)]
     assert len(tiles_tuning.tuned_configs()) == 2
+
+
+def test_fused_candidate_is_timed_only_where_it_applies():
+    """A fused_lse candidate is timed on leaf-order logits of one tree (and then runs fused) and
+    skipped elsewhere (it would repeat an unfused candidate)."""
+    seen = []
+    pts = torch.randn(96, 4, generator=torch.Generator().manual_seed(1))
+    leaf = build_cluster_forest(pts, 1, branching=4, leaf_size=5).in_leaf_order()
+    x, y = random_logits(3, 96, seed=13), random_logits(3, 96, seed=14)
+
+    def ms_of(cand):
+        seen.append(cand["fused_lse"])
+        return 0.5 if cand["fused_lse"] else 1.0
+
+    assert tiles_tuning.tune_tiles(x, y, None, packed(leaf), True, candidates=[SMALL[0], FUSED],
+                                   timer=FakeTimer(ms_of)) == FUSED
+    assert seen == [False, True]
+    x, y = random_logits(3, 120, seed=15), random_logits(3, 120, seed=16)
+    assert tiles_tuning.tune_tiles(x, y, None, packed(forest()), True, candidates=[SMALL[0], FUSED],
+                                   timer=FakeTimer(ms_of)) == SMALL[0]
+    assert seen == [False, True, False]

@@ -97,8 +97,8 @@ def chain_rows(x: torch.Tensor, y: torch.Tensor, active: torch.Tensor | None, ts
             jt.grad_kernel[(m * g,)](
                 xs, ys, xs.stride(0), ys.stride(0), act, lse_part, dots[r0:r1], ts.token_weights, ts.chain_leaf,
                 s, ne, dummy, gxs, gys, gxs.stride(0) if want_gx else 0, gys.stride(0) if want_gy else 0,
-                dummy, 0, v, k_members, g, chunk,
+                dummy, 0, v, k_members, g, chunk, g,
                 HAS_MASK=has_mask, HAS_SCALE=False, WANT_GX=want_gx, WANT_GY=want_gy, ACC=acc_tl, BLOCK=blk,
-                GBLOCK=gblock, SIGNS=False, **extra,
+                GLBLOCK=gblock, SIGNS=False, **extra,
             )
     return out, gx, gy, bad

@@ -2,7 +2,8 @@
 
 The best configuration of the prefix kernel (positions per tile, warps, scan form, rows per
 program, positions per program, and on leaf-order logits whether the gradient launch reads sign
-words instead of the reference's logits) depends on the card, on V and on whether the logits arrive in
+words instead of the reference's logits and whether the log-sum-exp launch is fused into the
+prefix launch) depends on the card, on V and on whether the logits arrive in
 the tree's leaf order; docs/gpu.md has the H200 numbers. :func:`tune_tiles` times a short list
 of candidates (:data:`CANDIDATES`, the measured default first) on the caller's own rows, forward
 and gradient launches together, keeps the fastest, and caches it per
@@ -40,9 +41,9 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-# (positions per tile, warps, scan form, rows per prefix program, positions per program, sign words);
-# the first is tree_triton's default (TILES_*)
-CANDIDATES: tuple[dict, ...] = tuple({**c, "sign_words": c.get("sign_words", True)} for c in (
+# (positions per tile, warps, scan form, rows per prefix program, positions per program, sign words,
+# log-sum-exp fused into the prefix launch); the first is tree_triton's default (TILES_*)
+CANDIDATES: tuple[dict, ...] = tuple({"sign_words": True, "fused_lse": False, **c} for c in (
     {"block": 512, "num_warps": 4, "scan": 3, "row_block": 1, "chunk": 8192},  # the defaults; fastest in token order (H200, session 5)
     {"block": 256, "num_warps": 1, "scan": 3, "row_block": 1, "chunk": 8192},  # fastest in leaf order (session 5): no block barriers
     # the same without sign words (session 6 made them the default, untimed): the gradient reads the reference
@@ -54,19 +55,22 @@ CANDIDATES: tuple[dict, ...] = tuple({**c, "sign_words": c.get("sign_words", Tru
     {"block": 512, "num_warps": 4, "scan": 2, "row_block": 1, "chunk": 8192},  # the defaults of sessions 2-4
     {"block": 512, "num_warps": 4, "scan": 3, "row_block": 1, "chunk": 4096},
     {"block": 1024, "num_warps": 4, "scan": 4, "row_block": 1, "chunk": 8192},
+    # leaf order of one tree: log-sum-exp and prefix sums in one launch, 8 tiles a program (session 7, untimed:
+    # 81 sm_90 instructions a position against 65 for the two launches, for half their reads of the logits)
+    {"block": 256, "num_warps": 4, "scan": 3, "row_block": 1, "chunk": 2048, "fused_lse": True},
 ))
 TUNE_ROWS = 1024  # rows of the caller's batch timed per candidate
 TUNE_MIN_ROWS = 256  # smaller batches run the defaults (a choice timed on a few rows would be noise)
 TUNE_REPEATS = 3  # timed runs per candidate (median), after one untimed run that compiles
 ENV_FLAG = "TOKENMOVER_TRITON_TUNE"
-KNOBS = ("block", "num_warps", "scan", "row_block", "chunk", "sign_words")
+KNOBS = ("block", "num_warps", "scan", "row_block", "chunk", "sign_words", "fused_lse")
 
 _TUNED: dict[tuple, dict] = {}
 
 
 def tuned_configs() -> dict[tuple, dict]:
     """The configurations picked so far in this process: key -> ``{block, num_warps, scan,
-    row_block, chunk, sign_words, ms, timed}`` (``ms``: the winner's median time on the tuning rows;
+    row_block, chunk, sign_words, fused_lse, ms, timed}`` (``ms``: the winner's median time on the tuning rows;
     ``timed``: every candidate that ran, each with its ``ms``)."""
     return {key: {**cfg, "timed": [dict(t) for t in cfg["timed"]]} for key, cfg in _TUNED.items()}
 
@@ -129,7 +133,7 @@ def tune_tiles(x: torch.Tensor, y: torch.Tensor, active: torch.Tensor | None, ts
 
     ``fixed``: the other "tiles" options (``edge_block``, ``edge_warps``, ...) used for every
     candidate. Returns the knobs of the winner (without its time)."""
-    from tokenmover.kernels.tree_triton import _tiles_forward, _tiles_gradient  # noqa: PLC0415 (circular)
+    from tokenmover.kernels.tree_triton import _tiles_forward, _tiles_gradient, uses_fused_lse  # noqa: PLC0415
 
     key = tune_key(x, y, ts, want_grad, want_ref_grad)
     if key in _TUNED:
@@ -146,6 +150,8 @@ def tune_tiles(x: torch.Tensor, y: torch.Tensor, active: torch.Tensor | None, ts
     best, best_ms = None, math.inf
     timed = []  # every candidate that ran, with its time
     for cand in candidates:
+        if cand["fused_lse"] and not uses_fused_lse(ts.levels, ts.num_members, cand["row_block"]):
+            continue  # would run unfused: the same as another candidate
         def run(cand=cand):
             _, _, state = _tiles_forward(xs, ys, act, ts, want_grad, policy_only=not want_ref_grad, **fixed, **cand)
             if want_grad:

@@ -84,6 +84,18 @@ TILES_ROW_BLOCK = 1  # rows per prefix-kernel program (a power of two); 1 is wha
 # leaf-order logits, policy-only gradient: the prefix launch keeps sign(p - q) (V / 4 bytes a row) and
 # the gradient launch skips the reference's logits (session 6: not yet timed on a card; tuned both ways)
 TILES_SIGN_WORDS = True
+# leaf-order logits of one tree: launches 1 and 2 in one (lse_prefix_kernel), each program's chunk of the
+# row kept in registers across a wait for the row's log-sum-exp (session 7: not yet timed on a card; a
+# tuning candidate, off by default)
+TILES_FUSED_LSE = False
+TILES_FUSED_BLOCK = 256  # positions per tile (scan and sign words per tile, as TILES_LEAF_BLOCK)
+TILES_FUSED_CHUNK = 2048  # positions per program: 8 tiles of 256, 16 a thread per logit row at 4 warps
+TILES_FUSED_WARPS = 4
+# polls of a row's counter before a program computes the row's partials itself (reading the whole row): a
+# program waits only for its row's programs, which run beside it, so this is a guard against a stalled
+# launch (a shared GPU), not a wait a normal launch reaches
+TILES_SPIN_LIMIT = 1 << 16
+INTERPRET_SPIN_LIMIT = 2  # the interpreter runs programs in turn: only a row's last program finds the row done
 GRADIENT_MODES = ("backward", "forward")  # where "tiles" makes the gradient (see tree_wasserstein_triton)
 
 
@@ -392,6 +404,7 @@ def tree_rows(
     scan: int | None = None,
     row_block: int | None = None,
     sign_words: bool | None = None,
+    fused_lse: bool | None = None,
     max_workspace_bytes: int = MAX_WORKSPACE_BYTES,
 ):
     """Run the fused kernel on (n, V) logits. Returns (values (n,), gx, gy, bad flags (n,) int8).
@@ -419,7 +432,8 @@ def tree_rows(
         out, bad, state = _tiles_forward(x, y, active, ts, want_grad, block=block, num_warps=num_warps, chunk=chunk,
                                          edge_block=edge_block, edge_warps=edge_warps, edge_stages=edge_stages,
                                          scan=scan, row_block=row_block, max_workspace_bytes=max_workspace_bytes,
-                                         sign_words=sign_words, policy_only=want_gx and not want_gy)
+                                         sign_words=sign_words, fused_lse=fused_lse,
+                                         policy_only=want_gx and not want_gy)
         gx, gy = _tiles_gradient(x, y, active, ts.levels, ts, state, None, want_gx, want_gy) if want_grad else (None, None)
         return out, gx, gy, bad
     if resolved == "chains":
@@ -500,13 +514,13 @@ class TilesState:
     signs: torch.Tensor | None  # (n, ceil(V / 8)) int16 signs of p - q, 2 bits a position (uses_sign_words)
     chunk: int
     block: int
-    num_warps: int | None  # resolved by tiles_tile_defaults (None under the interpreter)
+    num_warps: int | None  # of the gradient launch, resolved in forward (None under the interpreter)
     interpret: bool
 
 
 def _tiles_forward(x, y, active, ts: TritonStructure, want_grad: bool, *, block=None, num_warps=None, chunk=None,
                    edge_block=None, edge_warps=None, edge_stages=None, scan=None, row_block=None, sign_words=None,
-                   max_workspace_bytes: int = MAX_WORKSPACE_BYTES,
+                   fused_lse=None, max_workspace_bytes: int = MAX_WORKSPACE_BYTES,
                    policy_only: bool = False) -> tuple[torch.Tensor, torch.Tensor, TilesState]:
     """Launches 1 - 3 of "tiles" over groups of rows (the per-row workspaces bound a group) on
     (n, V) logits with contiguous rows: values (n,) in the accumulation dtype, bad-row flags (n,)
@@ -515,7 +529,12 @@ def _tiles_forward(x, y, active, ts: TritonStructure, want_grad: bool, *, block=
     ``policy_only`` (the gradient launch will want ``dW/dx`` only) and ``sign_words`` (default
     ``TILES_SIGN_WORDS``): on logits in leaf order the prefix launch also keeps the signs of
     ``p - q``, 2 bits a position (``V / 4`` bytes a row), so that the gradient launch reads the
-    policy's logits and not the reference's (:func:`uses_sign_words`)."""
+    policy's logits and not the reference's (:func:`uses_sign_words`).
+
+    ``fused_lse`` (default ``TILES_FUSED_LSE``, off; :func:`uses_fused_lse`): on leaf-order logits
+    of one tree, launches 1 and 2 run as one (``lse_prefix_kernel``): each program holds one
+    chunk (``chunk / block`` tiles, a power of two; ``TILES_FUSED_CHUNK`` / ``TILES_FUSED_BLOCK``
+    by default) in registers and reads it once for both the row's log-sum-exp and the prefix sums."""
     import triton  # noqa: PLC0415
     import triton.language as tl  # noqa: PLC0415
 
@@ -535,8 +554,15 @@ def _tiles_forward(x, y, active, ts: TritonStructure, want_grad: bool, *, block=
     row_block = TILES_ROW_BLOCK if row_block is None else row_block
     if row_block < 1 or row_block & (row_block - 1):
         raise ValueError(f"row_block must be a power of two, got {row_block!r}")
+    fused = (TILES_FUSED_LSE if fused_lse is None else fused_lse) and uses_fused_lse(lv, k_members, row_block)
+    if fused and block is None and num_warps is None and not interpret:
+        block, num_warps, chunk = TILES_FUSED_BLOCK, TILES_FUSED_WARPS, chunk or TILES_FUSED_CHUNK
     block, num_warps = tiles_tile_defaults(block, num_warps, bool(lv.identity_order), interpret)
     chunk = chunk or (4 * block if interpret else TILES_CHUNK)
+    if fused and (chunk % block or (chunk // block) & (chunk // block - 1)):
+        raise ValueError(f"fused_lse: a program holds chunk / block tiles, a power of two; got chunk {chunk}, "
+                         f"block {block}")
+    fused = fused and (interpret or triton.cdiv(v, chunk) <= resident_programs(device, num_warps))
     g = triton.cdiv(v, chunk)
     sign_words = TILES_SIGN_WORDS if sign_words is None else sign_words
     signs = want_grad and policy_only and sign_words and uses_sign_words(lv, chunk, min(block, chunk))
@@ -545,7 +571,7 @@ def _tiles_forward(x, y, active, ts: TritonStructure, want_grad: bool, *, block=
     nb, ne, t = tb.num_boundaries, lv.num_edges, tb.num_tiles
     acc_tl = tl.float64 if acc == torch.float64 else tl.float32
     acc_bytes = 8 if acc == torch.float64 else 4
-    per_row = acc_bytes * (2 * max(nb, 1) + 3 * k_members * g + 2 * t + 2)
+    per_row = acc_bytes * (2 * max(nb, 1) + 3 * k_members * g + 2 * t + 2 + (6 * v // block + 6 if fused else 0))
     rows = max(1, min(n, max_workspace_bytes // per_row))
     extra = {} if interpret else {"num_warps": num_warps}
     lse_extra = {} if interpret else {"num_warps": TILES_LSE_WARPS}
@@ -554,7 +580,11 @@ def _tiles_forward(x, y, active, ts: TritonStructure, want_grad: bool, *, block=
     eblock = INTERPRET_EBLOCK if interpret else (edge_block or TILES_EDGE_BLOCK)
     gblock = triton.next_power_of_2(g)
     # kept for the gradient launch (all rows); the rest is per group of rows
-    lse_part = torch.empty(n, g, 6, dtype=acc, device=device)  # (n, G, 6)
+    # fused: each row's log-sum-exp as one chunk's partials (n, 1, 6); the chunks' partials per group of rows
+    lse_part = torch.empty(n, 1 if fused else g, 6, dtype=acc, device=device)  # (n, GL, 6)
+    gl = lse_part.shape[1]
+    nt = chunk // block if fused else 1  # tiles a fused program holds
+    chunk_part = torch.empty(rows, g * nt, 6, dtype=acc, device=device) if fused else lse_part
     dots = torch.empty(n, 2, dtype=acc, device=device)  # (n, 2)
     s_all = torch.empty(n if want_grad else 1, ne + 1, dtype=acc, device=device)  # (n, E + 1)
     sign_store = torch.empty(n if signs else 1, nw if signs else 1, dtype=torch.int16, device=device)  # (n, NW)
@@ -568,24 +598,55 @@ def _tiles_forward(x, y, active, ts: TritonStructure, want_grad: bool, *, block=
         act = active[r0:r1].to(torch.int8).contiguous() if active is not None else bad
         has_mask = active is not None
         lse_rows = lse_part[r0:r1]
-        jt.lse_partial_kernel[(m * g,)](xs, ys, xs.stride(0), ys.stride(0), act, lse_rows, v, g, chunk,
-                                        HAS_MASK=has_mask, ACC=acc_tl, BLOCK=min(lse_block, chunk), **lse_extra)
-        jt.prefix_kernel[(triton.cdiv(m, row_block) * k_members * g,)](
-            xs, ys, xs.stride(0), ys.stride(0), act, lse_rows, ts.perms, tb.boundary_index, lv.token_weights_first,
-            cp, cp.shape[1], part, sign_store[r0:r1] if signs else sign_store, nw, m, v, k_members, g, chunk,
-            HAS_MASK=has_mask, WANT_GRAD=want_grad, ACC=acc_tl, ROWS=row_block, BLOCK=min(block, chunk), GBLOCK=gblock,
-            SCAN=scan, IDENTITY=lv.identity_order, SIGNS=signs, **extra,
-        )
+        signs_rows = sign_store[r0:r1] if signs else sign_store
+        if fused:
+            counts = torch.zeros(m, dtype=torch.int32, device=device)  # (m,) programs arrived, + 1 once lse is stored
+            jt.lse_prefix_kernel[(m * g,)](
+                xs, ys, xs.stride(0), ys.stride(0), act, chunk_part, lse_rows, counts, tb.boundary_index,
+                lv.token_weights_first, cp, cp.shape[1], part, signs_rows, nw, v, g,
+                INTERPRET_SPIN_LIMIT if interpret else TILES_SPIN_LIMIT,
+                HAS_MASK=has_mask, WANT_GRAD=want_grad, ACC=acc_tl, NT=chunk // block, TILE=block,
+                GBLOCK=triton.next_power_of_2(chunk_part.shape[1]),
+                SIGNS=signs, **extra,
+            )
+        else:
+            jt.lse_partial_kernel[(m * g,)](xs, ys, xs.stride(0), ys.stride(0), act, lse_rows, v, g, chunk,
+                                            HAS_MASK=has_mask, ACC=acc_tl, BLOCK=min(lse_block, chunk), **lse_extra)
+            jt.prefix_kernel[(triton.cdiv(m, row_block) * k_members * g,)](
+                xs, ys, xs.stride(0), ys.stride(0), act, lse_rows, ts.perms, tb.boundary_index, lv.token_weights_first,
+                cp, cp.shape[1], part, signs_rows, nw, m, v, k_members, g, chunk,
+                HAS_MASK=has_mask, WANT_GRAD=want_grad, ACC=acc_tl, ROWS=row_block, BLOCK=min(block, chunk),
+                GBLOCK=gblock, SCAN=scan, IDENTITY=lv.identity_order, SIGNS=signs, **extra,
+            )
         jt.edge_kernel[(m,)](
             act, lse_rows, bad[r0:r1], cp, cp.shape[1], part, offsets, tb.tile_slot,
             tb.edge_ends, lv.edge_weights,
             lv.parent, lv.level_offsets, lv.member_levels, s_all[r0:r1] if want_grad else s_all, ne,
-            out[r0:r1], dots[r0:r1], k_members, g, t,
-            HAS_MASK=has_mask, WANT_GRAD=want_grad, ACC=acc_tl, GBLOCK=gblock, TBLOCK=min(triton.next_power_of_2(t), EDGE_TILE_BLOCK),
+            out[r0:r1], dots[r0:r1], k_members, g, gl, t,
+            HAS_MASK=has_mask, WANT_GRAD=want_grad, ACC=acc_tl, GBLOCK=gblock, GLBLOCK=triton.next_power_of_2(gl),
+            TBLOCK=min(triton.next_power_of_2(t), EDGE_TILE_BLOCK),
             EBLOCK=eblock, STAGES=edge_stages or TILES_EDGE_STAGES, **edge_extra,
         )
+    # the gradient launch keeps a fused launch's warps a tile (one warp a 256-tile by default: the leaf-order
+    # gradient's measured best), not a whole chunk's
+    grad_warps = max(1, num_warps * block // chunk) if fused and num_warps is not None else num_warps
     return out, bad, TilesState(lse_part=lse_part, dots=dots, s=s_all, signs=sign_store if signs else None,
-                                chunk=chunk, block=block, num_warps=num_warps, interpret=interpret)
+                                chunk=chunk, block=block, num_warps=grad_warps, interpret=interpret)
+
+
+def resident_programs(device: torch.device, num_warps: int) -> int:
+    """Programs of ``num_warps`` warps the GPU runs at once at the least: 64K registers per
+    multiprocessor and at most 255 a thread (a fused launch's programs of one row must all run at
+    once, or they wait until :data:`TILES_SPIN_LIMIT` and read the whole row each)."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return sms * max(1, 65536 // (255 * 32 * num_warps))
+
+
+def uses_fused_lse(lv: TritonLevels, num_members: int, row_block: int) -> bool:
+    """Whether ``fused_lse`` applies: logits in the leaf order of a single tree (contiguous tiles
+    of the column order; a tile of a permuted order would need the whole row's log-sum-exp before
+    its gather), one row a program."""
+    return bool(lv.identity_order) and num_members == 1 and row_block == 1
 
 
 def uses_sign_words(lv: TritonLevels, chunk: int, block: int) -> bool:
@@ -635,10 +696,10 @@ def _tiles_gradient(x, y, active, lv: TritonLevels, ts: TritonStructure, state: 
         gx if want_gx else dummy, gy if want_gy else dummy,
         gx.stride(0) if want_gx else 0, gy.stride(0) if want_gy else 0,
         state.signs if signs else state.lse_part, state.signs.shape[1] if signs else 0,
-        v, ts.num_members, g, state.chunk,
+        v, ts.num_members, g, state.chunk, state.lse_part.shape[1],
         HAS_MASK=active is not None, HAS_SCALE=scale is not None, WANT_GX=want_gx, WANT_GY=want_gy,
         ACC=tl.float64 if acc == torch.float64 else tl.float32, BLOCK=min(state.block, state.chunk),
-        GBLOCK=triton.next_power_of_2(g), SIGNS=signs, **extra,
+        GLBLOCK=triton.next_power_of_2(state.lse_part.shape[1]), SIGNS=signs, **extra,
     )
     return gx, gy
 
@@ -737,6 +798,7 @@ def tree_wasserstein_triton(
     scan: int | None = None,
     row_block: int | None = None,
     sign_words: bool | None = None,
+    fused_lse: bool | None = None,
     max_workspace_bytes: int = MAX_WORKSPACE_BYTES,
     gradient: str = "backward",
     tune: bool | None = None,
@@ -762,10 +824,15 @@ def tree_wasserstein_triton(
     only; default ``TILES_SIGN_WORDS``, True): forward also keeps ``sign(p - q)``, 2 bits a
     position (``V / 4`` bytes a row, until backward), and the gradient launch then reads the
     policy's logits but not the reference's: 4 bytes a position instead of 6 for bf16 logits.
+    ``fused_lse`` ("tiles" on logits in the leaf order of one tree; default ``TILES_FUSED_LSE``,
+    False): the log-sum-exp and prefix launches run as one, which reads the logits once for
+    both: each program keeps its ``chunk`` of positions (``TILES_FUSED_CHUNK``, 2048, in tiles of
+    ``block``, 256) in registers while it waits for the softmax partials of the row's other
+    chunks.
 
-    ``tune`` ("tiles" only): pick ``block``, ``num_warps``, ``scan``, ``row_block``, ``chunk`` and
-    ``sign_words`` by timing a few candidates on this card and these rows, once per problem shape
-    (:mod:`tokenmover.kernels.tiles_tuning`). ``None`` (default): on CUDA when none of those six
+    ``tune`` ("tiles" only): pick ``block``, ``num_warps``, ``scan``, ``row_block``, ``chunk``,
+    ``sign_words`` and ``fused_lse`` by timing a few candidates on this card and these rows, once per problem shape
+    (:mod:`tokenmover.kernels.tiles_tuning`). ``None`` (default): on CUDA when none of those seven
     is given and ``TOKENMOVER_TRITON_TUNE`` is not ``0``; True: always (also on the CPU
     interpreter); False: never (the ``TILES_*`` defaults).
     """
@@ -781,7 +848,8 @@ def tree_wasserstein_triton(
     options = {"block": block, "num_programs": num_programs, "num_warps": num_warps, "algorithm": algorithm,
                "chunk": chunk, "edge_block": edge_block, "edge_warps": edge_warps, "edge_stages": edge_stages,
                "scan": scan,
-               "row_block": row_block, "sign_words": sign_words, "max_workspace_bytes": max_workspace_bytes,
+               "row_block": row_block, "sign_words": sign_words, "fused_lse": fused_lse,
+               "max_workspace_bytes": max_workspace_bytes,
                "gradient": gradient}
     if resolve_algorithm(ts, algorithm) == "tiles":
         options.update(_tuned_knobs(policy, ref, mask, ts, options, tune))

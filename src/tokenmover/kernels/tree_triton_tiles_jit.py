@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from tokenmover.kernels.tree_triton_jit import (
+    _exp,
     _lse_floor,
     _lse_lane_bad,
     _online_lse_step,
@@ -89,29 +90,34 @@ def lse_partial_kernel(x_ptr, y_ptr, stride_x, stride_y, active_ptr, lse_part_pt
 
 
 @triton.jit
-def _combine(part_rows, which, G, GBLOCK: tl.constexpr):
+def _combine(part_rows, which, G, GBLOCK: tl.constexpr, L2_ONLY: tl.constexpr = False):
     """log-sum-exp of rows from their chunks' (max, sum) at offsets which, which + 1;
-    ``part_rows`` (R,) pointers to each row's partials, result (R,)."""
+    ``part_rows`` (R,) pointers to each row's partials, result (R,). L2_ONLY: loads that skip
+    the L1 cache (``.cg``), for partials other programs of the same launch stored."""
     goffs = tl.arange(0, GBLOCK)
     gm = goffs < G
     ptrs = part_rows[:, None] + 6 * goffs[None, :] + which  # (R, GBLOCK)
-    m = tl.load(ptrs, mask=gm[None, :], other=float("-inf"))
-    s = tl.load(ptrs + 1, mask=gm[None, :], other=0.0)
+    if L2_ONLY:
+        m = tl.load(ptrs, mask=gm[None, :], other=float("-inf"), cache_modifier=".cg")
+        s = tl.load(ptrs + 1, mask=gm[None, :], other=0.0, cache_modifier=".cg")
+    else:
+        m = tl.load(ptrs, mask=gm[None, :], other=float("-inf"))
+        s = tl.load(ptrs + 1, mask=gm[None, :], other=0.0)
     top = tl.max(m, 1)  # (R,) finite: every chunk's max is at least _lse_floor
     return top + tl.log(tl.sum(s * tl.exp(m - top[:, None]), 1))
 
 
 @triton.jit
-def _rows_lses(lse_part_ptr, r, G, GBLOCK: tl.constexpr):
+def _rows_lses(lse_part_ptr, r, G, GBLOCK: tl.constexpr, L2_ONLY: tl.constexpr = False):
     """(lse_x, lse_y) of the rows ``r`` (R,) int64, each (R,)."""
     part_rows = lse_part_ptr + 6 * r * G
-    return _combine(part_rows, 0, G, GBLOCK), _combine(part_rows, 2, G, GBLOCK)
+    return _combine(part_rows, 0, G, GBLOCK, L2_ONLY), _combine(part_rows, 2, G, GBLOCK, L2_ONLY)
 
 
 @triton.jit
-def _row_lses(lse_part_ptr, r, G, GBLOCK: tl.constexpr):
+def _row_lses(lse_part_ptr, r, G, GBLOCK: tl.constexpr, L2_ONLY: tl.constexpr = False):
     """(lse_x, lse_y) of one row ``r`` (a scalar), as scalars."""
-    lse_x, lse_y = _rows_lses(lse_part_ptr, r + tl.zeros([1], tl.int64), G, GBLOCK)
+    lse_x, lse_y = _rows_lses(lse_part_ptr, r + tl.zeros([1], tl.int64), G, GBLOCK, L2_ONLY)
     return tl.sum(lse_x, 0), tl.sum(lse_y, 0)
 
 
@@ -163,8 +169,6 @@ def _prefix_tile(x_rows, y_rows, lse_x, lse_y, perm_row, bidx_row, tw0_ptr, cp_r
     offs = tl.arange(0, BLOCK)
     pos = s0 + offs
     msk = pos < end
-    FUSED: tl.constexpr = SCAN >= 3
-    LEVELS: tl.constexpr = 2 - SCAN % 2  # 1: one-level scan, 2: two-level
     if IDENTITY:
         tok = pos
     elif MASKED:
@@ -191,13 +195,30 @@ def _prefix_tile(x_rows, y_rows, lse_x, lse_y, perm_row, bidx_row, tw0_ptr, cp_r
         at_edge = live[:, None] & (b >= 0)
     if not IDENTITY:
         t = t * (k == 0).to(ACC)  # singleton terms: member 0 only
+    return _prefix_entries(p, q, t, b, at_edge, cp_rows, sign_rows, live, s0, nw, val_l, dot_p_l, val, dot_p,
+                           WANT_GRAD, ROWS, BLOCK, SCAN, SIGNS)
+
+
+@triton.jit
+def _prefix_entries(p, q, t, b, at_edge, cp_rows, sign_rows, live, s0, nw, val_l, dot_p_l, val, dot_p,
+                    WANT_GRAD: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, SCAN: tl.constexpr,
+                    SIGNS: tl.constexpr):
+    """The work of one (ROWS, BLOCK) tile of probabilities ``p``, ``q`` in member order at
+    positions ``s0 ..`` (a scalar: ROWS logit rows; (ROWS,): consecutive tiles of one row, as in
+    :func:`lse_prefix_kernel`), with singleton weights ``t`` and boundary slots ``b`` (stored where
+    ``at_edge``): the tile-local prefix sums of ``d = p - q`` and ``p`` at the slots, the sign
+    words (SIGNS), and the singleton sums ``t |d|``, ``p t sign(d)`` added to the carried
+    ``val_l``, ``dot_p_l`` (SCAN 3 / 4, per lane) or ``val``, ``dot_p`` (per row), returned."""
+    FUSED: tl.constexpr = SCAN >= 3
+    LEVELS: tl.constexpr = 2 - SCAN % 2  # 1: one-level scan, 2: two-level
     d = p - q
     s = _signed(t, d)
     if SIGNS:
         # the signs of s = t sign(d): sign(d) wherever t > 0 (t >= 0: edge weights are checked), and
         # where t = 0 the gradient's t_i sign(d_i) is 0 whatever the sign
-        words = s0 // 8 + tl.arange(0, BLOCK // 8)  # (BLOCK / 8,) words of this tile
-        tl.store(sign_rows + words[None, :], _pack_signs(s, ROWS, BLOCK), mask=live[:, None] & (words < nw)[None, :])
+        # (ROWS, BLOCK / 8) words of this tile; s0 a scalar, or (ROWS,) where the rows are one row's tiles
+        words = (s0 // 8 + tl.zeros([ROWS], tl.int32))[:, None] + tl.arange(0, BLOCK // 8)[None, :]
+        tl.store(sign_rows + words, _pack_signs(s, ROWS, BLOCK), mask=live[:, None] & (words < nw))
     if FUSED:
         val_l += t * tl.abs(d)
     else:
@@ -284,6 +305,190 @@ def prefix_kernel(x_ptr, y_ptr, stride_x, stride_y, active_ptr, lse_part_ptr,
 
 
 @triton.jit
+def _tile_lse(x, ACC: tl.constexpr):
+    """Softmax partials of (NT, TILE) logits, one per tile (row): ``(m, s, bad, e)`` with ``m``
+    (NT,) the tile's max (at least :func:`_lse_floor`), ``e = exp(x - m)`` (NT, TILE), ``s`` (NT,)
+    its sums, and ``bad`` (NT,) 1.0 where a NaN or +inf is in the tile (either makes ``s`` NaN:
+    ``+inf - +inf``, ``exp(NaN)``), else 0.0. A tile is one warp's in the layouts used, so the
+    reductions need no shared memory."""
+    top = tl.maximum(tl.max(x, 1), tl.max(_lse_floor(ACC, 1), 0))  # (NT,)
+    e = _exp(x - top[:, None])  # (NT, TILE); an fma here made Triton 3.6 lay the tiles across warps
+    total = tl.sum(e, 1)
+    return top, total, ((top == float("inf")) | (total != total)).to(ACC), e
+
+
+@triton.jit
+def _load_chunk(row_ptr, pos, V, other, MASKED: tl.constexpr):
+    if MASKED:
+        return tl.load(row_ptr + pos, mask=pos < V, other=other)
+    else:
+        return tl.load(row_ptr + pos)
+
+
+@triton.jit
+def _store_partials(base, mx, sx, bx, my, sy, by):
+    """Softmax partials ``(max_x, sum_x, max_y, sum_y, bad_x, bad_y)`` at ``base`` (scalars, or
+    (NT,) with ``base`` (NT,) pointers), the layout of :func:`lse_partial_kernel`."""
+    tl.store(base, mx)
+    tl.store(base + 1, sx)
+    tl.store(base + 2, my)
+    tl.store(base + 3, sy)
+    tl.store(base + 4, bx)
+    tl.store(base + 5, by)
+
+
+@triton.jit
+def _chunk_positions(s0, NT: tl.constexpr, TILE: tl.constexpr):
+    """The (NT, TILE) positions of a chunk starting at ``s0``: row j is the chunk's tile j."""
+    return s0 + tl.arange(0, NT)[:, None] * TILE + tl.arange(0, TILE)[None, :]
+
+
+@triton.jit
+def _chunk_partials(x_row, y_row, part_row, c, V, ACC: tl.constexpr, NT: tl.constexpr, TILE: tl.constexpr,
+                    MASKED: tl.constexpr):
+    """Loads chunk ``c`` of a row and stores its tiles' softmax partials at entries ``c NT ..`` of
+    the row's ``part_row``; returns the (NT, TILE) logits and :func:`_tile_lse`'s ``m`` and ``e``:
+    ``(x, y, m_x, m_y, e_x, e_y)``."""
+    pos = _chunk_positions(c * (NT * TILE), NT, TILE)
+    x = _load_chunk(x_row, pos, V, float("-inf"), MASKED).to(ACC)  # (NT, TILE)
+    y = _load_chunk(y_row, pos, V, float("-inf"), MASKED).to(ACC)
+    mx, sx, bx, ex = _tile_lse(x, ACC)
+    my, sy, by, ey = _tile_lse(y, ACC)
+    _store_partials(part_row + 6 * (c * NT + tl.arange(0, NT)), mx, sx, bx, my, sy, by)
+    return x, y, mx, my, ex, ey
+
+
+@triton.jit
+def _combine_row(part_row, lse_row, GT, GBLOCK: tl.constexpr):
+    """The row's log-sum-exp from its ``GT`` tiles' partials (loads that skip L1: other programs
+    stored them), stored at ``lse_row`` as the partials of one chunk, which :func:`_combine`
+    turns back into the same log-sum-exp: ``(lse, 1)``, or ``(floor, 0)`` for a row with no mass
+    (``lse = -inf``), then the bad-lane counts; returns ``(lse_x, lse_y)``."""
+    lse_x, lse_y = _row_lses(part_row, 0, GT, GBLOCK, True)
+    goffs = tl.arange(0, GBLOCK)
+    gm = goffs < GT
+    bad_x = tl.sum(tl.load(part_row + 6 * goffs + 4, mask=gm, other=0.0, cache_modifier=".cg"), 0)
+    bad_y = tl.sum(tl.load(part_row + 6 * goffs + 5, mask=gm, other=0.0, cache_modifier=".cg"), 0)
+    floor = tl.max(_lse_floor(lse_x.dtype, 1), 0)
+    no_x = lse_x == float("-inf")
+    no_y = lse_y == float("-inf")
+    _store_partials(lse_row, tl.where(no_x, floor, lse_x), tl.where(no_x, 0.0, 1.0), bad_x,
+                    tl.where(no_y, floor, lse_y), tl.where(no_y, 0.0, 1.0), bad_y)
+    return lse_x, lse_y
+
+
+@triton.jit
+def _lse_prefix_chunk(x_row, y_row, r, c, lse_part_ptr, lse_row_ptr, count_ptr, bidx_ptr, tw0_ptr, cp_ptr, nb,
+                      part_ptr, sign_ptr, nw, V, G, spin_limit,
+                      WANT_GRAD: tl.constexpr, ACC: tl.constexpr, NT: tl.constexpr, TILE: tl.constexpr,
+                      GBLOCK: tl.constexpr, SIGNS: tl.constexpr, MASKED: tl.constexpr):
+    """:func:`lse_prefix_kernel`'s work on chunk ``c`` of row ``r``; MASKED: the row's last chunk,
+    which may end before ``NT TILE`` positions (the others load without masks)."""
+    L: tl.constexpr = NT * TILE
+    s0 = c * L
+    part_row = lse_part_ptr + 6 * r * (G * NT)  # the row's G NT tiles' partials
+    lse_row = lse_row_ptr + 6 * r
+    x, y, mx, my, ex, ey = _chunk_partials(x_row, y_row, part_row, c, V, ACC, NT, TILE, MASKED)
+    # arrive (release: the partials above are visible to whoever sees the count); the last of the
+    # row's G programs to arrive (acquire: it sees all their partials) combines them, stores the
+    # row's log-sum-exp and counts once more; the others wait for that count, G + 1
+    # (the CTA barrier before each count: every thread's stores come before the one thread's fence)
+    tl.debug_barrier()
+    arrived = tl.atomic_add(count_ptr + r, 1, sem="acq_rel", scope="gpu")
+    if arrived == G - 1:
+        lse_x, lse_y = _combine_row(part_row, lse_row, G * NT, GBLOCK)
+        tl.debug_barrier()
+        tl.atomic_add(count_ptr + r, 1, sem="release", scope="gpu")
+    else:
+        stored = tl.atomic_add(count_ptr + r, 0, sem="acquire", scope="gpu")
+        spins = 0
+        while (stored <= G) & (spins < spin_limit):
+            stored = tl.atomic_add(count_ptr + r, 0, sem="acquire", scope="gpu")
+            spins += 1
+        if stored > G:
+            lse_x = tl.load(lse_row, cache_modifier=".cg")
+            lse_y = tl.load(lse_row + 2, cache_modifier=".cg")
+        else:
+            # waited long enough (or a program of the row is not resident): compute every chunk's
+            # partials here, with the same code and tile shapes, so the same bits as the chunks'
+            # own programs store, and combine them as the last arriver will
+            for cc in range(0, G - 1):
+                _chunk_partials(x_row, y_row, part_row, cc, V, ACC, NT, TILE, False)
+            _chunk_partials(x_row, y_row, part_row, G - 1, V, ACC, NT, TILE, True)
+            lse_x, lse_y = _row_lses(part_row, 0, G * NT, GBLOCK, True)
+    if SIGNS or not WANT_GRAD:
+        # nothing later recomputes p - q from the logits: reuse exp(x - m) (no second exponential)
+        p = ex * _exp(mx - lse_x)[:, None]  # (NT, TILE)
+        q = ey * _exp(my - lse_y)[:, None]
+    else:
+        # the gradient launch recomputes the signs of p - q: the same bits as it will
+        p = _softmax_entries(x, lse_x)
+        q = _softmax_entries(y, lse_y)
+    pos = _chunk_positions(s0, NT, TILE)
+    t = _load_chunk(tw0_ptr, pos, V, 0.0, MASKED).to(ACC)  # (NT, TILE)
+    b = _load_chunk(bidx_ptr, pos, V, -1, MASKED)
+    tiles = tl.arange(0, NT)
+    row = tl.zeros([NT], tl.int64) + r
+    acc_l = tl.zeros([NT, TILE], ACC)
+    acc_r = tl.zeros([NT], ACC)
+    # the chunk's NT tiles as the rows of _prefix_entries' (ROWS, BLOCK) tiles: scans and sign
+    # words per tile, all into row r's slots
+    val_l, dot_p_l, val, dot_p = _prefix_entries(
+        p, q, t, b, b >= 0, (cp_ptr + row * (2 * nb))[:, None], (sign_ptr + row * nw)[:, None], tiles >= 0,
+        s0 + tiles * TILE, nw, acc_l, acc_l, acc_r, acc_r, WANT_GRAD, NT, TILE, 3, SIGNS)
+    val = tl.sum(val + tl.sum(val_l, 1), 0)
+    dot_p = tl.sum(dot_p + tl.sum(dot_p_l, 1), 0)
+    slot = part_ptr + 3 * (r * G + c)
+    tl.store(slot, val)
+    tl.store(slot + 1, dot_p)
+    tl.store(slot + 2, dot_p - val)  # sum q t sign(d), as in prefix_kernel
+
+
+@triton.jit
+def lse_prefix_kernel(x_ptr, y_ptr, stride_x, stride_y, active_ptr,
+                      lse_part_ptr,  # (n, G NT, 6) the tiles' softmax partials (lse_partial_kernel's layout)
+                      lse_row_ptr,  # (n, 1, 6) out: the row's (lse_x, 1, lse_y, 1, bad x, bad y), one chunk's partials
+                      count_ptr,  # (n,) int32, zero at launch: the row's programs arrived (+ 1 once lse_row is stored)
+                      bidx_ptr, tw0_ptr,  # (V,) int32 slot after each position (-1: none), (V,) singleton weights
+                      cp_ptr, nb,  # (n, NB, 2) tile-local prefix sums of d and p at the boundary slots
+                      part_ptr,  # (n, 1, G, 3) singleton sums
+                      sign_ptr, nw,  # (n, NW) int16 sign words, written when SIGNS
+                      V, G, spin_limit,
+                      HAS_MASK: tl.constexpr, WANT_GRAD: tl.constexpr, ACC: tl.constexpr,
+                      NT: tl.constexpr, TILE: tl.constexpr, GBLOCK: tl.constexpr, SIGNS: tl.constexpr):
+    """Launches 1 and 2 of "tiles" in one, for logits in the tree's leaf order (one member, the
+    column order). Each program reads one chunk of ``NT`` tiles of ``TILE`` positions of a row once
+    and keeps it in registers, stores its tiles' softmax partials, and counts itself in at the
+    row's counter. The row's last program to arrive combines the ``G NT`` partials into the row's
+    log-sum-exp, stores it at ``lse_row`` and counts once more; the others wait for that and read
+    it (release / acquire at GPU scope). Each program then does :func:`prefix_kernel`'s work on
+    its tiles (fused scan) from the registers. The logits are read once for both launches' work,
+    and each entry's exponential is computed once where nothing recomputes ``p - q`` later (sign
+    words, or no gradient).
+
+    Progress: a program waits only for programs of its own row, which the GPU starts in program
+    order, so a row's ``G`` programs run side by side when ``G`` programs fit on the GPU. A
+    program that has polled the counter ``spin_limit`` times computes the row's partials itself
+    (reading the whole row: correct, and slow), so no launch waits for ever. The interpreter runs
+    programs one after another: there every program but a row's last takes that path."""
+    pid = tl.program_id(0)
+    c = pid % G
+    r = (pid // G).to(tl.int64)
+    active = _row_active(active_ptr, r, HAS_MASK)
+    if active != 0:
+        x_row = x_ptr + r * stride_x
+        y_row = y_ptr + r * stride_y
+        if (c + 1) * (NT * TILE) <= V:
+            _lse_prefix_chunk(x_row, y_row, r, c, lse_part_ptr, lse_row_ptr, count_ptr, bidx_ptr, tw0_ptr, cp_ptr, nb,
+                              part_ptr, sign_ptr, nw, V, G, spin_limit,
+                              WANT_GRAD, ACC, NT, TILE, GBLOCK, SIGNS, False)
+        else:
+            _lse_prefix_chunk(x_row, y_row, r, c, lse_part_ptr, lse_row_ptr, count_ptr, bidx_ptr, tw0_ptr, cp_ptr, nb,
+                              part_ptr, sign_ptr, nw, V, G, spin_limit,
+                              WANT_GRAD, ACC, NT, TILE, GBLOCK, SIGNS, True)
+
+
+@triton.jit
 def _store_bad_flag(lse_part_ptr, bad_ptr, r, G, GBLOCK: tl.constexpr):
     """bad[r] = 1 (policy) or 2 (reference) for a row with NaN / +Inf or no mass (lse = -inf), else 0."""
     lse_x, lse_y = _row_lses(lse_part_ptr, r, G, GBLOCK)
@@ -333,13 +538,14 @@ def edge_kernel(active_ptr, lse_part_ptr, bad_ptr, cp_ptr, nb, part_ptr, off_ptr
                 ew_ptr, parent_ptr, level_ptr, member_level_ptr,
                 s_ptr, ne,  # (n, E + 1): S, index 0 = "no edge" = 0
                 out_ptr, dots_ptr,  # (n,) values, (n, 2) <p, g>, <q, g>
-                K, G, T,
+                K, G, GL, T,  # members, prefix chunks a row, softmax partials a row (lse_part: (n, GL, 6)), tiles
                 HAS_MASK: tl.constexpr, WANT_GRAD: tl.constexpr, ACC: tl.constexpr,
-                GBLOCK: tl.constexpr, TBLOCK: tl.constexpr, EBLOCK: tl.constexpr, STAGES: tl.constexpr):
+                GBLOCK: tl.constexpr, GLBLOCK: tl.constexpr, TBLOCK: tl.constexpr, EBLOCK: tl.constexpr,
+                STAGES: tl.constexpr):
     r = tl.program_id(0).to(tl.int64)
     active = _row_active(active_ptr, r, HAS_MASK)
     if active != 0:
-        _store_bad_flag(lse_part_ptr, bad_ptr, r, G, GBLOCK)
+        _store_bad_flag(lse_part_ptr, bad_ptr, r, GL, GLBLOCK)
         cp_row = cp_ptr + r * (2 * nb)  # C at even entries, P at odd ones: slot s at 2 s, 2 s + 1
         s_row = s_ptr + r * (ne + 1)
         off_row = off_ptr + r * (2 * T)  # the same for the tiles' offsets
@@ -407,9 +613,9 @@ def grad_kernel(x_ptr, y_ptr, stride_x, stride_y, active_ptr, lse_part_ptr, dots
                 scale_ptr,  # (n,) incoming gradient of each row's value, read when HAS_SCALE
                 gx_ptr, gy_ptr, stride_gx, stride_gy,
                 sign_ptr, nw,  # (n, NW) int16 sign words from prefix_kernel, read when SIGNS
-                V, K, G, L,
+                V, K, G, L, GL,  # ..., column chunks of L a row, softmax partials a row (lse_part: (n, GL, 6))
                 HAS_MASK: tl.constexpr, HAS_SCALE: tl.constexpr, WANT_GX: tl.constexpr, WANT_GY: tl.constexpr,
-                ACC: tl.constexpr, BLOCK: tl.constexpr, GBLOCK: tl.constexpr, SIGNS: tl.constexpr):
+                ACC: tl.constexpr, BLOCK: tl.constexpr, GLBLOCK: tl.constexpr, SIGNS: tl.constexpr):
     """Columns of one chunk of one row: the gradients, times the row's scale (1 without HAS_SCALE).
     SIGNS: the signs of ``p - q`` from the sign words, the reference's logits unread."""
     pid = tl.program_id(0)
@@ -421,7 +627,7 @@ def grad_kernel(x_ptr, y_ptr, stride_x, stride_y, active_ptr, lse_part_ptr, dots
     end = tl.minimum(start + L, V)
     active = _row_active(active_ptr, r, HAS_MASK)
     if active != 0:
-        lse_x, lse_y = _row_lses(lse_part_ptr, r, G, GBLOCK)
+        lse_x, lse_y = _row_lses(lse_part_ptr, r, GL, GLBLOCK)
         dot_p = tl.load(dots_ptr + 2 * r)
         dot_q = tl.load(dots_ptr + 2 * r + 1)
         x_row = x_ptr + r * stride_x
