@@ -221,6 +221,7 @@ def check_correctness(structures: dict, v: int, device: torch.device, n: int, sm
     # leaf-order logits (contiguous loads; sign words or not), checked against the token-order reference
     cases += [("tree", "tiles", cand) for cand in tiles_tuning.CANDIDATES[1:]]
     cases += [("tree leaf-order", "tiles", {"sign_words": sw}) for sw in (True, False)]
+    cases += [("tree leaf-order", "tiles", {"sign_words": sw, "fused_lse": True}) for sw in (True, False)]
     leaf_perm = structures["tree"].perms[0].to(device)
     leaf_tree = structures["tree"].in_leaf_order()  # W(leaf_tree, x[:, leaf_perm]) == W(tree, x)
     refs = {}

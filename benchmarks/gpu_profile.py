@@ -33,7 +33,7 @@ from tokenmover.kernels import tiles_tuning, tree_triton  # noqa: E402
 from tokenmover.kernels import tree_triton_chains_jit as jc  # noqa: E402
 from tokenmover.kernels import tree_triton_tiles_jit as jt  # noqa: E402
 
-KERNELS = ("lse_partial_kernel", "prefix_kernel", "edge_kernel", "grad_kernel")
+KERNELS = ("lse_partial_kernel", "prefix_kernel", "lse_prefix_kernel", "edge_kernel", "grad_kernel")
 CHAIN_KERNELS = ("chain_totals_kernel", "chain_edges_kernel", "chain_suffix_kernel", "chain_finish_kernel")
 CONFIGS = [
     {"order": order, "block": b, "num_warps": w, "scan": sc, "chunk": c, "row_block": rb}
@@ -63,12 +63,20 @@ FOCUS_CONFIGS = [
     {**BEST_LEAF, "edge_block": 64, "edge_warps": 2, "max_workspace_bytes": 2048 << 20},
 ]
 _BEST_LEAF_KNOBS = {k: val for k, val in BEST_LEAF.items() if k != "order"}
-LEAF_QUESTIONS = {  # explicit knobs (no tuning)
+LEAF_QUESTIONS = {  # explicit knobs (no tuning), most informative first (gpu_session.sh's timeout cuts the tail)
     "256 / 1 warp, sign words": {**_BEST_LEAF_KNOBS, "sign_words": True},
+    # session 7: the log-sum-exp launch fused into the prefix launch (lse_prefix_kernel), 8 or 16 tiles of
+    # 256 a program; sm_90: 81 instructions a position against 65 for the two launches, half their reads
+    "fused lse + prefix, 8 x 256 / 4 warps, sign words": {**_BEST_LEAF_KNOBS, "num_warps": 4, "chunk": 2048,
+                                                          "sign_words": True, "fused_lse": True},
     "256 / 1 warp, no sign words": {**_BEST_LEAF_KNOBS, "sign_words": False},
+    "fused lse + prefix, 8 x 256 / 4 warps, no sign words": {**_BEST_LEAF_KNOBS, "num_warps": 4, "chunk": 2048,
+                                                             "sign_words": False, "fused_lse": True},
     "4 x 256 / 4 warps, sign words": {**_BEST_LEAF_KNOBS, "num_warps": 4, "row_block": 4, "sign_words": True},
     "256 / 1 warp, sign words, edge loop in 2 stages": {**_BEST_LEAF_KNOBS, "sign_words": True, "edge_stages": 2},
     "256 / 1 warp, sign words, edge loop in 3 stages": {**_BEST_LEAF_KNOBS, "sign_words": True, "edge_stages": 3},
+    "fused lse + prefix, 16 x 256 / 8 warps, sign words": {**_BEST_LEAF_KNOBS, "num_warps": 8, "chunk": 4096,
+                                                           "sign_words": True, "fused_lse": True},
 }
 EVENTS: dict[str, list] = defaultdict(list)
 LSE_DEFAULTS = (tree_triton.TILES_LSE_BLOCK, tree_triton.TILES_LSE_WARPS)

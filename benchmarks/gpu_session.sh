@@ -9,7 +9,8 @@
 #    with this skip list), then the tuning sweep while --budget-s lasts. Sinkhorn, the torch tree
 #    and the scatter kernel's rows are skipped (their numbers are in docs/gpu.md).
 # 2. benchmarks/gpu_profile.py: per-kernel CUDA-event times at V = 262,144, token and leaf order
-#    (tuned), and leaf order with and without sign words and with 4-row programs (session 6).
+#    (tuned), and leaf order with and without sign words and with 4-row programs (session 6), and
+#    with the log-sum-exp launch fused into the prefix launch (session 7, fused_lse).
 # 3. benchmarks/leaf_order.py --device cuda --kl: hidden states -> logits -> penalty, token vs leaf
 #    order, against the same head + compiled full KL (no TRL needed: tokenmover.fused_head).
 # Logs and JSON go to OUTDIR; a step cut short still leaves what it wrote.
@@ -19,7 +20,7 @@ py=${PYTHON:-python3}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$out/device.txt"
-timeout 330 "$py" benchmarks/gpu.py --out "$out" --budget-s 280 --skip sinkhorn "tree (torch)" "sliced (scatter)" "tree (scatter)" 2>&1 | tee "$out/gpu.log"
-timeout 90 "$py" benchmarks/gpu_profile.py --out "$out" 2>&1 | tee "$out/gpu_profile.log"
+timeout 310 "$py" benchmarks/gpu.py --out "$out" --budget-s 260 --skip sinkhorn "tree (torch)" "sliced (scatter)" "tree (scatter)" 2>&1 | tee "$out/gpu.log"
+timeout 110 "$py" benchmarks/gpu_profile.py --out "$out" 2>&1 | tee "$out/gpu_profile.log"
 timeout 150 "$py" benchmarks/leaf_order.py --device cuda --vocab 262144 --hidden 2304 --rows 8192 --kl \
   --out "$out/leaf_order_gpu.json" 2>&1 | tee "$out/leaf_order_gpu.log"

@@ -47,6 +47,7 @@ POINTER_TYPES = {  # every other pointer (and workspace, "*_ws") is in the accum
                      "parent_ptr",
                      "level_ptr", "member_level_ptr", "leaf_ptr", "tile_slot_ptr"), "*i32"),
     "sign_ptr": "*i16",
+    "count_ptr": "*i32",
 }
 KERNEL_POINTER_TYPES = {"tree_rows_kernel": {"off_ptr": "*i32"}}  # member offsets there, float offsets elsewhere
 # (leaf-order logits, rows per program, positions per tile, warps, scan form) of docs/gpu.md's table
@@ -120,6 +121,43 @@ def report(name: str, cubin: bytes, positions: int, threads: int, which: str = "
           f"{per_position:.1f} instructions, barriers per 1,000: {barriers:.1f}", flush=True)
 
 
+def fused_waiter_path(sass: str) -> list[str]:
+    """The instructions a program of ``lse_prefix_kernel`` runs on its usual path, for a chunk
+    with all its tiles full: from the start to its arrival at the row's counter, the wait, then
+    (from where it has read the row's log-sum-exp) the prefix sums to the exit. Left out: the
+    masked last chunk's copy, the last arriver's combine (once a row) and the fallback."""
+    ins = []
+    for line in sass.splitlines():
+        m = re.match(r"/\*([0-9a-f]{4,})\*/\s+(.*?);", line.strip())
+        if m:
+            ins.append((int(m.group(1), 16), m.group(2).strip()))
+
+    def target(i):
+        m = re.search(r"BRA\s+(0x[0-9a-f]+)", ins[i][1])
+        return int(m.group(1), 16) if m else None
+
+    atom = next(i for i, (_, s) in enumerate(ins) if "ATOMG" in s)
+    to_waiter = next(i for i in range(atom, len(ins)) if target(i) is not None)
+    waiter = target(to_waiter)
+    # the wait's exit to the prefix sums: its first branch that jumps well ahead
+    to_ready = next(i for i, (a, _) in enumerate(ins) if a >= waiter and (target(i) or 0) > a + 0x1000)
+    ready = target(to_ready)
+    end = next(a for a, s in ins if a > ready and "EXIT" in s)
+    return [s for a, s in ins if a <= ins[to_waiter][0] or waiter <= a <= ins[to_ready][0] or ready <= a <= end]
+
+
+def report_fused(name: str, cubin: bytes, positions: int, threads: int) -> None:
+    """``lse_prefix_kernel`` has no main loop: registers, spills, and its usual path
+    (:func:`fused_waiter_path`) per position per thread."""
+    usage = cuobjdump(cubin, "--dump-resource-usage")
+    path = fused_waiter_path(cuobjdump(cubin, "--dump-sass"))
+    ops = collections.Counter(opcode(s) for s in path)
+    registers, stack = re.search(r"REG:(\d+)", usage).group(1), re.search(r"STACK:(\d+)", usage).group(1)
+    print(f"{name:40s} registers {registers:>3s}  stack {stack}  path {len(path)} instructions "
+          f"{ {op: ops[op] for op in ('BAR', 'SHFL', 'STS', 'LDS', 'MUFU')} }  per position and row (per thread): "
+          f"{len(path) * threads / positions:.1f} instructions", flush=True)
+
+
 def check_configurations() -> list[tuple]:
     """(kernel, constexprs, warps) for every kernel of the four families over its flags: what
     ``--check`` compiles (float32 and float64 accumulation, masks, gradients wanted or not)."""
@@ -137,8 +175,12 @@ def check_configurations() -> list[tuple]:
                                                "SIGNS": signs}, 1 if rows == 1 else 4))
         out.append((jt.lse_partial_kernel, {"HAS_MASK": mask, "ACC": acc, "BLOCK": 512}, 4))
         for grad in (True, False):
-            out += [(jt.edge_kernel, {"HAS_MASK": mask, "WANT_GRAD": grad, "ACC": acc, "GBLOCK": 32,
-                                      "TBLOCK": 128, "EBLOCK": 128, "STAGES": stages}, 4) for stages in (1, 3)]
+            out += [(jt.edge_kernel, {"HAS_MASK": mask, "WANT_GRAD": grad, "ACC": acc, "GBLOCK": 32, "GLBLOCK": gl,
+                                      "TBLOCK": 128, "EBLOCK": 128, "STAGES": stages}, 4)
+                    for stages, gl in ((1, 32), (3, 32), (1, 1))]
+            for signs in (False, True) if grad else (False,):
+                out.append((jt.lse_prefix_kernel, {"HAS_MASK": mask, "WANT_GRAD": grad, "ACC": acc, "NT": 8,
+                                                   "TILE": 256, "GBLOCK": 1024, "SIGNS": signs}, 4))
             out.append((jc.chain_edges_kernel, {"HAS_MASK": mask, "WANT_GRAD": grad, "ACC": acc, "BLOCK": 512,
                                                 "GBLOCK": 32}, 4))
             out.append((jc.chain_finish_kernel, {"HAS_MASK": mask, "WANT_GRAD": grad, "ACC": acc, "GBLOCK": 32}, 4))
@@ -147,7 +189,7 @@ def check_configurations() -> list[tuple]:
         for gx, gy, signs in itertools.product((True, False), (True, False), (False, True)):
             if (gx or gy) and not (signs and gy):
                 out.append((jt.grad_kernel, {"HAS_MASK": mask, "HAS_SCALE": True, "WANT_GX": gx, "WANT_GY": gy,
-                                             "ACC": acc, "BLOCK": 256, "GBLOCK": 32, "SIGNS": signs}, 1))
+                                             "ACC": acc, "BLOCK": 256, "GLBLOCK": 32, "SIGNS": signs}, 1))
                 out.append((jl.tree_levels_kernel, {"HAS_MASK": mask, "WANT_GX": gx, "WANT_GY": gy, "ACC": acc,
                                                     "BLOCK": 1024, "EBLOCK": 256}, 8))
                 out.append((j0.tree_rows_kernel, {"HAS_MASK": mask, "WANT_GX": gx, "WANT_GY": gy, "HAS_TREE": True,
@@ -192,14 +234,20 @@ def main() -> None:
            compile_cubin(jt.prefix_kernel, consts, warps, args.arch), block, 32 * warps)
     for signs in (False, True):  # the gradient launch, policy only, reading the reference or the sign words
         consts = {"HAS_MASK": False, "HAS_SCALE": True, "WANT_GX": True, "WANT_GY": False, "ACC": tl.float32,
-                  "BLOCK": block, "GBLOCK": 32, "SIGNS": signs}
+                  "BLOCK": block, "GLBLOCK": 32, "SIGNS": signs}
         report(f"grad 1x{block} warps={warps} {'sign words' if signs else 'reads reference'}",
                compile_cubin(jt.grad_kernel, consts, warps, args.arch), block, 32 * warps)
     eblock, ewarps = tree_triton.TILES_EDGE_BLOCK, tree_triton.TILES_EDGE_WARPS  # per edge, the loop over a level's edges
-    consts = {"HAS_MASK": False, "WANT_GRAD": True, "ACC": tl.float32, "GBLOCK": 32, "TBLOCK": tree_triton.EDGE_TILE_BLOCK, "EBLOCK": eblock,
-              "STAGES": 1}
+    consts = {"HAS_MASK": False, "WANT_GRAD": True, "ACC": tl.float32, "GBLOCK": 32, "GLBLOCK": 32,
+              "TBLOCK": tree_triton.EDGE_TILE_BLOCK, "EBLOCK": eblock, "STAGES": 1}
     report(f"edge {eblock} warps={ewarps} (per edge)", compile_cubin(jt.edge_kernel, consts, ewarps, args.arch),
            eblock, 32 * ewarps, which="last innermost")
+    # log-sum-exp and prefix in one launch (fused_lse): no main loop, so the count is of a program's usual path
+    for nt, tile, warps, signs in ((8, 256, 4, True), (8, 256, 4, False), (4, 256, 4, True), (16, 256, 8, True)):
+        consts = {"HAS_MASK": False, "WANT_GRAD": True, "ACC": tl.float32, "NT": nt, "TILE": tile,
+                  "GBLOCK": triton.next_power_of_2(triton.cdiv(262144, tile)), "SIGNS": signs}
+        report_fused(f"lse+prefix {nt}x{tile} warps={warps}{' + sign words' if signs else ''}",
+                     compile_cubin(jt.lse_prefix_kernel, consts, warps, args.arch), nt * tile, 32 * warps)
     for block, warps in dict.fromkeys(((512, 4), (tree_triton.TILES_LSE_BLOCK, tree_triton.TILES_LSE_WARPS))):
         consts = {"HAS_MASK": False, "ACC": tl.float32, "BLOCK": block}
         report(f"lse_partial {block} warps={warps}", compile_cubin(jt.lse_partial_kernel, consts, warps, args.arch),
