@@ -175,3 +175,32 @@ def test_fallback_without_waiting(monkeypatch):
                                                chunk=32, fused_lse=True)
     (vals * w).sum().backward()
     assert rel_err(vals, ref[0]) < 1e-12 and rel_err(xs.grad, ref[1][:, perm]) < 1e-12
+
+
+@pytest.mark.parametrize("options", [{"max_workspace_bytes": 1}, {"chunk_size": 2}, {"gradient": "forward"}])
+def test_fused_launch_in_groups_of_rows_and_gradient_modes(options, monkeypatch):
+    """One row a launch group (a fresh counter per group), rows split into autograd chunks, and the
+    gradient made in forward: the same values and gradients as numba, with a masked row."""
+    from tokenmover.kernels import tree_triton_tiles_jit as jt  # noqa: PLC0415
+
+    launches = []
+    kernel = jt.lse_prefix_kernel
+
+    class Counted:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(jt, "lse_prefix_kernel", Counted())
+    tree, leaf_tree = leaf_order_tree(130)
+    perm = tree.perms[0]
+    x, y = random_logits(4, 130, seed=107), random_logits(4, 130, seed=108)
+    mask = torch.tensor([True, False, True, True])
+    w = torch.randn(4, dtype=torch.float64, generator=torch.Generator().manual_seed(109))
+    ref = values_and_grads(x, y, tree, "numba", w * mask)
+    xs = x[:, perm].clone().requires_grad_()
+    vals = tree_triton.tree_wasserstein_triton(xs, y[:, perm], mask, leaf_tree, algorithm="tiles", block=16,
+                                               chunk=64, fused_lse=True, **options)
+    (vals * w).sum().backward()
+    assert rel_err(vals, ref[0] * mask) < 1e-12 and rel_err(xs.grad, ref[1][:, perm]) < 1e-12
+    assert len(launches) == {"max_workspace_bytes": 4, "chunk_size": 2}.get(next(iter(options)), 1)
