@@ -26,6 +26,10 @@ For a row with ``p = softmax(x)``, ``q = softmax(y)``, ``d = p - q``:
    the forward launches (1 - 3), so no gradient is made before it is needed or scaled afterwards.
 
 Passes over a row's logits: 1 + K + 1, each spread over many programs. Accumulation in ``ACC``.
+
+``lse_prefix_kernel`` runs launches 1 and 2 as one on logits in the leaf order of one tree
+(``fused_lse``): each program keeps its chunk in registers while the row's programs agree on the
+log-sum-exp through a per-row counter, so the logits are read twice in all instead of three times.
 """
 
 from __future__ import annotations
@@ -319,6 +323,7 @@ def _tile_lse(x, ACC: tl.constexpr):
 
 @triton.jit
 def _load_chunk(row_ptr, pos, V, other, MASKED: tl.constexpr):
+    """``row_ptr[pos]``; MASKED: ``other`` at positions ``>= V`` (a row's last chunk)."""
     if MASKED:
         return tl.load(row_ptr + pos, mask=pos < V, other=other)
     else:
