@@ -133,7 +133,11 @@ def tune_tiles(x: torch.Tensor, y: torch.Tensor, active: torch.Tensor | None, ts
 
     ``fixed``: the other "tiles" options (``edge_block``, ``edge_warps``, ...) used for every
     candidate. Returns the knobs of the winner (without its time)."""
-    from tokenmover.kernels.tree_triton import _tiles_forward, _tiles_gradient, uses_fused_lse  # noqa: PLC0415
+    from tokenmover.kernels.tree_triton import (  # noqa: PLC0415 (circular)
+        _tiles_forward,
+        _tiles_gradient,
+        uses_fused_lse,
+    )
 
     key = tune_key(x, y, ts, want_grad, want_ref_grad)
     if key in _TUNED:

@@ -571,7 +571,8 @@ def _tiles_forward(x, y, active, ts: TritonStructure, want_grad: bool, *, block=
     nb, ne, t = tb.num_boundaries, lv.num_edges, tb.num_tiles
     acc_tl = tl.float64 if acc == torch.float64 else tl.float32
     acc_bytes = 8 if acc == torch.float64 else 4
-    per_row = acc_bytes * (2 * max(nb, 1) + 3 * k_members * g + 2 * t + 2 + (6 * v // block + 6 if fused else 0))
+    fused_parts = g * (chunk // block) if fused else 0  # a fused launch's softmax partials a row: one a tile
+    per_row = acc_bytes * (2 * max(nb, 1) + 3 * k_members * g + 2 * t + 2 + 6 * fused_parts)
     rows = max(1, min(n, max_workspace_bytes // per_row))
     extra = {} if interpret else {"num_warps": num_warps}
     lse_extra = {} if interpret else {"num_warps": TILES_LSE_WARPS}
@@ -583,8 +584,7 @@ def _tiles_forward(x, y, active, ts: TritonStructure, want_grad: bool, *, block=
     # fused: each row's log-sum-exp as one chunk's partials (n, 1, 6); the chunks' partials per group of rows
     lse_part = torch.empty(n, 1 if fused else g, 6, dtype=acc, device=device)  # (n, GL, 6)
     gl = lse_part.shape[1]
-    nt = chunk // block if fused else 1  # tiles a fused program holds
-    chunk_part = torch.empty(rows, g * nt, 6, dtype=acc, device=device) if fused else lse_part
+    chunk_part = torch.empty(rows, fused_parts, 6, dtype=acc, device=device) if fused else None  # (rows, G NT, 6)
     dots = torch.empty(n, 2, dtype=acc, device=device)  # (n, 2)
     s_all = torch.empty(n if want_grad else 1, ne + 1, dtype=acc, device=device)  # (n, E + 1)
     sign_store = torch.empty(n if signs else 1, nw if signs else 1, dtype=torch.int16, device=device)  # (n, NW)

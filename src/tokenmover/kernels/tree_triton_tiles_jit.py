@@ -85,12 +85,8 @@ def lse_partial_kernel(x_ptr, y_ptr, stride_x, stride_y, active_ptr, lse_part_pt
         base = lse_part_ptr + 6 * (r * G + c)
         chunk_mx, chunk_sx = _online_lse_total(mx, sx)
         chunk_my, chunk_sy = _online_lse_total(my, sy)
-        tl.store(base, chunk_mx)
-        tl.store(base + 1, chunk_sx)
-        tl.store(base + 2, chunk_my)
-        tl.store(base + 3, chunk_sy)
-        tl.store(base + 4, tl.sum(_lse_lane_bad(mx, sx), 0))  # lanes that saw NaN / +inf
-        tl.store(base + 5, tl.sum(_lse_lane_bad(my, sy), 0))
+        _store_partials(base, chunk_mx, chunk_sx, tl.sum(_lse_lane_bad(mx, sx), 0),  # lanes that saw NaN / +inf
+                        chunk_my, chunk_sy, tl.sum(_lse_lane_bad(my, sy), 0))
 
 
 @triton.jit
@@ -241,6 +237,15 @@ def _prefix_entries(p, q, t, b, at_edge, cp_rows, sign_rows, live, s0, nw, val_l
 
 
 @triton.jit
+def _store_singletons(slot, val, dot_p, mask):
+    """A chunk's singleton sums at ``slot``: ``sum t |d|``, ``sum p t sign(d)`` and ``sum q t
+    sign(d) = sum p t sign(d) - sum t |d|`` (``d t sign(d) = t |d|``: one accumulator less)."""
+    tl.store(slot, val, mask=mask)
+    tl.store(slot + 1, dot_p, mask=mask)
+    tl.store(slot + 2, dot_p - val, mask=mask)
+
+
+@triton.jit
 def prefix_kernel(x_ptr, y_ptr, stride_x, stride_y, active_ptr, lse_part_ptr,
                   perm_ptr, bidx_ptr, tw0_ptr,  # (K, V) int32, (K, V) int32 slot after each position (-1: none), (V,)
                   cp_ptr, nb,  # (n, NB, 2) tile-local prefix sums of d and p at the boundary slots
@@ -301,11 +306,7 @@ def prefix_kernel(x_ptr, y_ptr, stride_x, stride_y, active_ptr, lse_part_ptr,
         if SCAN >= 3:
             val += tl.sum(val_l, 1)
             dot_p += tl.sum(dot_p_l, 1)
-        slot = (r * K + k) * G + c  # (ROWS,)
-        tl.store(part_ptr + 3 * slot, val, mask=live)
-        tl.store(part_ptr + 3 * slot + 1, dot_p, mask=live)
-        # sum q t sign(d) = sum p t sign(d) - sum t |d|, as d t sign(d) = t |d|: one accumulator less
-        tl.store(part_ptr + 3 * slot + 2, dot_p - val, mask=live)
+        _store_singletons(part_ptr + 3 * ((r * K + k) * G + c), val, dot_p, live)  # (ROWS,) slots
 
 
 @triton.jit
@@ -370,10 +371,7 @@ def _combine_row(part_row, lse_row, GT, GBLOCK: tl.constexpr):
     turns back into the same log-sum-exp: ``(lse, 1)``, or ``(floor, 0)`` for a row with no mass
     (``lse = -inf``), then the bad-lane counts; returns ``(lse_x, lse_y)``."""
     lse_x, lse_y = _row_lses(part_row, 0, GT, GBLOCK, True)
-    goffs = tl.arange(0, GBLOCK)
-    gm = goffs < GT
-    bad_x = tl.sum(tl.load(part_row + 6 * goffs + 4, mask=gm, other=0.0, cache_modifier=".cg"), 0)
-    bad_y = tl.sum(tl.load(part_row + 6 * goffs + 5, mask=gm, other=0.0, cache_modifier=".cg"), 0)
+    bad_x, bad_y = _bad_lanes(part_row, GT, GBLOCK, True)
     floor = tl.max(_lse_floor(lse_x.dtype, 1), 0)
     no_x = lse_x == float("-inf")
     no_y = lse_y == float("-inf")
@@ -443,10 +441,7 @@ def _lse_prefix_chunk(x_row, y_row, r, c, lse_part_ptr, lse_row_ptr, count_ptr, 
         s0 + tiles * TILE, nw, acc_l, acc_l, acc_r, acc_r, WANT_GRAD, NT, TILE, 3, SIGNS)
     val = tl.sum(val + tl.sum(val_l, 1), 0)
     dot_p = tl.sum(dot_p + tl.sum(dot_p_l, 1), 0)
-    slot = part_ptr + 3 * (r * G + c)
-    tl.store(slot, val)
-    tl.store(slot + 1, dot_p)
-    tl.store(slot + 2, dot_p - val)  # sum q t sign(d), as in prefix_kernel
+    _store_singletons(part_ptr + 3 * (r * G + c), val, dot_p, True)
 
 
 @triton.jit
@@ -494,12 +489,25 @@ def lse_prefix_kernel(x_ptr, y_ptr, stride_x, stride_y, active_ptr,
 
 
 @triton.jit
+def _bad_lanes(part_row, G, GBLOCK: tl.constexpr, L2_ONLY: tl.constexpr = False):
+    """The lanes that saw a NaN or +inf in x and in y, summed over a row's ``G`` partials at
+    ``part_row``; L2_ONLY as in :func:`_combine`."""
+    goffs = tl.arange(0, GBLOCK)
+    gm = goffs < G
+    if L2_ONLY:
+        bad_x = tl.load(part_row + 6 * goffs + 4, mask=gm, other=0.0, cache_modifier=".cg")
+        bad_y = tl.load(part_row + 6 * goffs + 5, mask=gm, other=0.0, cache_modifier=".cg")
+    else:
+        bad_x = tl.load(part_row + 6 * goffs + 4, mask=gm, other=0.0)
+        bad_y = tl.load(part_row + 6 * goffs + 5, mask=gm, other=0.0)
+    return tl.sum(bad_x, 0), tl.sum(bad_y, 0)
+
+
+@triton.jit
 def _store_bad_flag(lse_part_ptr, bad_ptr, r, G, GBLOCK: tl.constexpr):
     """bad[r] = 1 (policy) or 2 (reference) for a row with NaN / +Inf or no mass (lse = -inf), else 0."""
     lse_x, lse_y = _row_lses(lse_part_ptr, r, G, GBLOCK)
-    goffs = tl.arange(0, GBLOCK)
-    nonfinite_x = tl.sum(tl.load(lse_part_ptr + 6 * (r * G + goffs) + 4, mask=goffs < G, other=0.0), 0)
-    nonfinite_y = tl.sum(tl.load(lse_part_ptr + 6 * (r * G + goffs) + 5, mask=goffs < G, other=0.0), 0)
+    nonfinite_x, nonfinite_y = _bad_lanes(lse_part_ptr + 6 * r * G, G, GBLOCK)
     bad_x = (nonfinite_x > 0) | (lse_x == float("-inf"))
     bad_y = (nonfinite_y > 0) | (lse_y == float("-inf"))
     tl.store(bad_ptr + r, tl.where(bad_x, 1, tl.where(bad_y, 2, 0)).to(tl.int8))
