@@ -10,6 +10,7 @@ one rounding of 2^-8 plus the bf16 product with the incoming gradient).
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -549,6 +550,53 @@ def test_sign_words_only_where_they_apply():
         _, _, state = tree_triton._tiles_forward(x, y, None, ts, want_grad, block=block, chunk=chunk,
                                                  policy_only=policy_only, sign_words=sign_words)
         assert (state.signs is not None) == expected, (want_grad, policy_only, block, chunk, sign_words)
+
+
+@pytest.mark.parametrize(("order", "options", "reason"), [
+    ("token", {"fused_lse": True}, "leaf order"),
+    ("leaf", {"fused_lse": True, "row_block": 2}, "row_block=2"),
+    ("token", {"sign_words": True}, "leaf order"),
+    ("leaf", {"sign_words": True, "ref_grad": True}, "reference's logits want a gradient"),
+    ("leaf", {"sign_words": True, "block": 4, "chunk": 16}, "multiple of 8"),
+    ("leaf", {"sign_words": True, "algorithm": "levels"}, "algorithm='tiles'"),
+    ("leaf", {"fused_lse": True, "algorithm": "scatter"}, "algorithm='tiles'"),
+])
+def test_a_knob_set_true_that_cannot_apply_warns_why(order, options, reason):
+    """sign_words=True / fused_lse=True where they cannot apply: a KnobNotAppliedWarning with the
+    reason, and the call runs without them (the same values and gradients, bit for bit, as with
+    the knob left at None)."""
+    tree, leaf_tree = leaf_order_tree(150)
+    structure = leaf_tree if order == "leaf" else tree
+    x, y = random_logits(3, 150, seed=75), random_logits(3, 150, seed=76)
+    options = dict(options)
+    ref_grad = options.pop("ref_grad", False)
+    knob = "fused_lse" if "fused_lse" in options else "sign_words"
+    runs = []
+    for value in (options[knob], None):
+        xs, ys = x.clone().requires_grad_(), y.clone().requires_grad_(ref_grad)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            vals = tree_triton.tree_wasserstein_triton(xs, ys, None, structure, **{**options, knob: value})
+        vals.sum().backward()
+        runs.append((vals, xs.grad))
+        notes = [str(w.message) for w in caught if issubclass(w.category, tree_triton.KnobNotAppliedWarning)]
+        assert len(notes) == (value is not None), notes
+        if value is not None:
+            assert notes[0].startswith(f"{knob}=True does not apply here") and reason in notes[0], notes
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+
+
+def test_a_knob_set_true_that_applies_is_silent():
+    """Leaf-order logits of one tree and a policy-only gradient: both knobs apply, no warning; with
+    no gradient wanted sign words have nothing to keep, and that is no reason to warn either."""
+    _, leaf_tree = leaf_order_tree(150)
+    x, y = random_logits(3, 150, seed=77), random_logits(3, 150, seed=78)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", tree_triton.KnobNotAppliedWarning)
+        xs = x.clone().requires_grad_()
+        tree_triton.tree_wasserstein_triton(xs, y, None, leaf_tree, sign_words=True, fused_lse=True).sum().backward()
+        with torch.no_grad():
+            tree_triton.tree_wasserstein_triton(x, y, None, leaf_tree, sign_words=True)
 
 
 @pytest.mark.parametrize(("block", "chunk"), [(16, 40), (64, 128), (64, 1000), (32, 32)])

@@ -43,7 +43,9 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
+import warnings
 import weakref
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import numpy as np
@@ -97,6 +99,18 @@ TILES_FUSED_WARPS = 4
 TILES_SPIN_LIMIT = 1 << 16
 INTERPRET_SPIN_LIMIT = 2  # the interpreter runs programs in turn: only a row's last program finds the row done
 GRADIENT_MODES = ("backward", "forward")  # where "tiles" makes the gradient (see tree_wasserstein_triton)
+REQUESTABLE = ("sign_words", "fused_lse")  # "tiles" knobs that apply only to some calls (a True a caller set warns
+# where it cannot apply: KnobNotAppliedWarning)
+
+
+class KnobNotAppliedWarning(UserWarning):
+    """A kernel knob the caller set (``sign_words=True``, ``fused_lse=True``) cannot apply to this
+    call; the call runs without it (same values, the other launches' speed)."""
+
+
+def _not_applied(knob: str, reason: str) -> None:
+    warnings.warn(f"{knob}=True does not apply here: {reason}; running without it", KnobNotAppliedWarning,
+                  stacklevel=3)
 
 
 def interpret_mode() -> bool:
@@ -406,11 +420,14 @@ def tree_rows(
     sign_words: bool | None = None,
     fused_lse: bool | None = None,
     max_workspace_bytes: int = MAX_WORKSPACE_BYTES,
+    requested: Collection[str] = (),
 ):
     """Run the fused kernel on (n, V) logits. Returns (values (n,), gx, gy, bad flags (n,) int8).
 
     ``block`` (positions per tile), ``num_programs`` (persistent grid size), ``num_warps`` and
     ``algorithm`` (see the module docstring) are tuning knobs; defaults as in the module constants.
+    ``requested``: the knobs of :data:`REQUESTABLE` the caller set itself (a True one that cannot
+    apply warns, :class:`KnobNotAppliedWarning`; both are "tiles" knobs).
 
     ``values`` are in the accumulation dtype (float32, float64 for float64 logits); ``gx``/``gy``
     have the logits' dtype (``None`` when not wanted); ``bad[r]`` is 1 (policy) or 2 (reference)
@@ -433,9 +450,12 @@ def tree_rows(
                                          edge_block=edge_block, edge_warps=edge_warps, edge_stages=edge_stages,
                                          scan=scan, row_block=row_block, max_workspace_bytes=max_workspace_bytes,
                                          sign_words=sign_words, fused_lse=fused_lse,
-                                         policy_only=want_gx and not want_gy)
+                                         policy_only=want_gx and not want_gy, requested=requested)
         gx, gy = _tiles_gradient(x, y, active, ts.levels, ts, state, None, want_gx, want_gy) if want_grad else (None, None)
         return out, gx, gy, bad
+    for knob in requested:
+        if {"sign_words": sign_words, "fused_lse": fused_lse}[knob]:
+            _not_applied(knob, f"it is a knob of algorithm='tiles' and this call runs {resolved!r}")
     if resolved == "chains":
         return chain_rows(x, y, active, ts, want_gx, want_gy, block=block, num_warps=num_warps, chunk=chunk,
                           max_workspace_bytes=max_workspace_bytes)
@@ -521,7 +541,8 @@ class TilesState:
 def _tiles_forward(x, y, active, ts: TritonStructure, want_grad: bool, *, block=None, num_warps=None, chunk=None,
                    edge_block=None, edge_warps=None, edge_stages=None, scan=None, row_block=None, sign_words=None,
                    fused_lse=None, max_workspace_bytes: int = MAX_WORKSPACE_BYTES,
-                   policy_only: bool = False) -> tuple[torch.Tensor, torch.Tensor, TilesState]:
+                   policy_only: bool = False, requested: Collection[str] = ()
+                   ) -> tuple[torch.Tensor, torch.Tensor, TilesState]:
     """Launches 1 - 3 of "tiles" over groups of rows (the per-row workspaces bound a group) on
     (n, V) logits with contiguous rows: values (n,) in the accumulation dtype, bad-row flags (n,)
     int8, and (``want_grad``) the state of the gradient launch.
@@ -534,7 +555,11 @@ def _tiles_forward(x, y, active, ts: TritonStructure, want_grad: bool, *, block=
     ``fused_lse`` (default ``TILES_FUSED_LSE``, off; :func:`uses_fused_lse`): on leaf-order logits
     of one tree, launches 1 and 2 run as one (``lse_prefix_kernel``): each program holds one
     chunk (``chunk / block`` tiles, a power of two; ``TILES_FUSED_CHUNK`` / ``TILES_FUSED_BLOCK``
-    by default) in registers and reads it once for both the row's log-sum-exp and the prefix sums."""
+    by default) in registers and reads it once for both the row's log-sum-exp and the prefix sums.
+
+    ``requested``: the knobs of :data:`REQUESTABLE` the caller set itself; each that is True but
+    cannot apply to this call warns (:class:`KnobNotAppliedWarning`) and the call runs without it.
+    The tuner's candidates pass none (they try a knob where it may apply)."""
     import triton  # noqa: PLC0415
     import triton.language as tl  # noqa: PLC0415
 
@@ -554,7 +579,8 @@ def _tiles_forward(x, y, active, ts: TritonStructure, want_grad: bool, *, block=
     row_block = TILES_ROW_BLOCK if row_block is None else row_block
     if row_block < 1 or row_block & (row_block - 1):
         raise ValueError(f"row_block must be a power of two, got {row_block!r}")
-    fused = (TILES_FUSED_LSE if fused_lse is None else fused_lse) and uses_fused_lse(lv, k_members, row_block)
+    fused_lse = TILES_FUSED_LSE if fused_lse is None else fused_lse
+    fused = fused_lse and uses_fused_lse(lv, k_members, row_block)
     if fused and block is None and num_warps is None and not interpret:
         block, num_warps, chunk = TILES_FUSED_BLOCK, TILES_FUSED_WARPS, chunk or TILES_FUSED_CHUNK
     block, num_warps = tiles_tile_defaults(block, num_warps, bool(lv.identity_order), interpret)
@@ -562,10 +588,18 @@ def _tiles_forward(x, y, active, ts: TritonStructure, want_grad: bool, *, block=
     if fused and (chunk % block or (chunk // block) & (chunk // block - 1)):
         raise ValueError(f"fused_lse: a program holds chunk / block tiles, a power of two; got chunk {chunk}, "
                          f"block {block}")
-    fused = fused and (interpret or triton.cdiv(v, chunk) <= resident_programs(device, num_warps))
     g = triton.cdiv(v, chunk)
+    resident = resident_programs(device, num_warps) if fused and not interpret else None
+    fused = fused and (resident is None or g <= resident)
     sign_words = TILES_SIGN_WORDS if sign_words is None else sign_words
     signs = want_grad and policy_only and sign_words and uses_sign_words(lv, chunk, min(block, chunk))
+    if "fused_lse" in requested and fused_lse and not fused:
+        _not_applied("fused_lse", fused_lse_obstacle(lv, k_members, row_block)
+                     or f"a row's {g} programs of {num_warps} warps do not all fit on {device} at once (at most "
+                        f"{resident}); a larger chunk makes fewer")
+    if "sign_words" in requested and sign_words and want_grad and not signs:
+        _not_applied("sign_words", "the reference's logits want a gradient too (dW/dy reads q)" if not policy_only
+                     else sign_words_obstacle(lv, chunk, min(block, chunk)))
     nw = triton.cdiv(v, 8)  # int16 sign words a row
     tb = tile_boundaries(lv, min(block, chunk), chunk)
     nb, ne, t = tb.num_boundaries, lv.num_edges, tb.num_tiles
@@ -642,18 +676,42 @@ def resident_programs(device: torch.device, num_warps: int) -> int:
     return sms * max(1, 65536 // (255 * 32 * num_warps))
 
 
+def fused_lse_obstacle(lv: TritonLevels, num_members: int, row_block: int) -> str | None:
+    """Why ``fused_lse`` cannot apply to this structure and row blocking (None where it can): it
+    needs logits in the leaf order of a single tree (contiguous tiles of the column order; a tile of
+    a permuted order would need the whole row's log-sum-exp before its gather), one row a program."""
+    if not lv.identity_order:
+        return "the logits are not in the tree's leaf order (LogitHead(row_order=...), docs/trl.md)"
+    if num_members != 1:
+        return f"the structure has {num_members} members (fusing needs a single tree)"
+    if row_block != 1:
+        return f"row_block={row_block} (fusing runs one row a program)"
+    return None
+
+
 def uses_fused_lse(lv: TritonLevels, num_members: int, row_block: int) -> bool:
-    """Whether ``fused_lse`` applies: logits in the leaf order of a single tree (contiguous tiles
-    of the column order; a tile of a permuted order would need the whole row's log-sum-exp before
-    its gather), one row a program."""
-    return bool(lv.identity_order) and num_members == 1 and row_block == 1
+    """Whether ``fused_lse`` applies (:func:`fused_lse_obstacle`; on a GPU a row's programs must
+    also all fit at once, :func:`resident_programs`)."""
+    return fused_lse_obstacle(lv, num_members, row_block) is None
+
+
+def sign_words_obstacle(lv: TritonLevels, chunk: int, block: int) -> str | None:
+    """Why the "tiles" prefix launch cannot keep the signs of ``p - q`` (None where it can): it
+    needs logits in the tree's leaf order, tiles of a multiple of 8 positions and chunks of whole
+    tiles (each tile then owns whole sign words, 8 positions each)."""
+    if not lv.identity_order:
+        return "the logits are not in the tree's leaf order (LogitHead(row_order=...), docs/trl.md)"
+    if block % 8:
+        return f"tiles of {block} positions (sign words need a multiple of 8)"
+    if chunk % block:
+        return f"chunks of {chunk} positions are not whole tiles of {block}"
+    return None
 
 
 def uses_sign_words(lv: TritonLevels, chunk: int, block: int) -> bool:
-    """Whether the "tiles" prefix launch can keep the signs of ``p - q`` for a policy-only gradient:
-    logits in the tree's leaf order, tiles of a multiple of 8 positions, chunks of whole tiles
-    (each tile then owns whole sign words, 8 positions each)."""
-    return bool(lv.identity_order) and block % 8 == 0 and chunk % block == 0
+    """Whether the "tiles" prefix launch can keep the signs of ``p - q`` for a policy-only gradient
+    (:func:`sign_words_obstacle`)."""
+    return sign_words_obstacle(lv, chunk, block) is None
 
 
 def tiles_tile_defaults(block: int | None, num_warps: int | None, leaf_order: bool,
@@ -828,7 +886,10 @@ def tree_wasserstein_triton(
     False): the log-sum-exp and prefix launches run as one, which reads the logits once for
     both: each program keeps its ``chunk`` of positions (``TILES_FUSED_CHUNK``, 2048, in tiles of
     ``block``, 256) in registers while it waits for the softmax partials of the row's other
-    chunks.
+    chunks. Either set True where it cannot apply (other logits, structures or kernels, the
+    reference's gradient wanted for ``sign_words``, too few resident programs for ``fused_lse``)
+    warns with the reason (:class:`KnobNotAppliedWarning`) and the call runs without it; left at
+    None, each applies where it can without a word.
 
     ``tune`` ("tiles" only): pick ``block``, ``num_warps``, ``scan``, ``row_block``, ``chunk``,
     ``sign_words`` and ``fused_lse`` by timing a few candidates on this card and these rows, once per problem shape
@@ -851,6 +912,7 @@ def tree_wasserstein_triton(
                "row_block": row_block, "sign_words": sign_words, "fused_lse": fused_lse,
                "max_workspace_bytes": max_workspace_bytes,
                "gradient": gradient}
+    options["requested"] = tuple(knob for knob in REQUESTABLE if options[knob])  # set True by the caller
     if resolve_algorithm(ts, algorithm) == "tiles":
         options.update(_tuned_knobs(policy, ref, mask, ts, options, tune))
     n = policy.shape[0]
