@@ -53,6 +53,7 @@ from torch.utils.checkpoint import checkpoint
 from tokenmover.distances._inputs import default_chunk_size, iter_chunks
 from tokenmover.distances._rowwise import autograd_chunk, rowwise_chunked
 from tokenmover.distances.api import METHODS
+from tokenmover.geometry.vocab_geometry import resolve_structure_kind
 from tokenmover.regularizer import Regularizer
 from tokenmover.structures.transport_structure import TransportStructure, inverse_permutation
 
@@ -289,9 +290,8 @@ def build_regularizer(args, model, *, tokenizer=None, structure: TransportStruct
         if structure is None:
             geometry = _load_geometry(args, model, tok)
             _check_size(f"the geometry {args.transport_geometry!r}", geometry.num_tokens, vocab_size)
-            structure = geometry.build_structure(
-                args.transport_structure_kind, **_structure_kwargs(args.transport_structure_kind, args.seed)
-            )
+            kind = resolve_structure_kind(args.transport_structure_kind, method)
+            structure = geometry.build_structure(kind, **_structure_kwargs(kind, args.seed))
         if not isinstance(structure, TransportStructure):
             raise ValueError(f"transport_structure must be a TransportStructure, got {type(structure).__name__}")
         _check_size("the transport structure", structure.num_tokens, vocab_size)

@@ -108,7 +108,7 @@ def test_logit_head_reads_the_config_like_trl():
 
 def _args(**overrides):
     values = dict(transport_method="tree", transport_structure=None, transport_geometry="embeddings",
-                  transport_structure_kind="tree", transport_backend="auto", seed=0)
+                  transport_structure_kind="auto", transport_backend="auto", seed=0)
     values.update(overrides)
     return SimpleNamespace(**values)
 
@@ -120,6 +120,21 @@ def test_build_regularizer_builds_a_tree_from_the_model_embeddings():
     expected = VocabGeometry.from_model(model, "input").build_structure("tree", seed=0)
     assert torch.equal(reg.structure.perms, expected.perms)
     assert torch.equal(reg.structure.edge_weights, expected.edge_weights)
+
+
+@pytest.mark.parametrize(("method", "kind", "members", "built"), [
+    ("forest", "auto", 4, "forest"), ("sliced", "auto", 16, "chains"), ("kl", "auto", None, None),
+    ("tree", "auto", 1, "tree"), ("forest", "tree", 1, "tree"),
+])
+def test_build_regularizer_builds_the_structure_of_the_method(method, kind, members, built):
+    """transport_structure_kind="auto" (the default) builds the method's own structure: a forest of
+    4 trees for "forest", 16 chains for "sliced" (it had built one tree for both); an explicit kind wins."""
+    model = tiny_model(V, 16, 1)
+    reg = build_regularizer(_args(transport_method=method, transport_structure_kind=kind), model)
+    if members is None:
+        assert reg.structure is None
+        return
+    assert (reg.structure.num_members, reg.structure.kind) == (members, built)
 
 
 def test_build_regularizer_refuses_another_vocabulary_size(tmp_path):

@@ -26,6 +26,16 @@ from tokenmover.geometry.fingerprint import tokenizer_name, vocab_fingerprint
 
 METRICS = ("euclidean", "l2_euclidean", "cosine")
 STRUCTURES = ("tree", "forest", "mst", "sliced")
+# the structure a method is defined on, where a config's structure kind is "auto" (other methods: a tree)
+STRUCTURE_FOR_METHOD = {"tree": "tree", "forest": "forest", "sliced": "sliced"}
+
+
+def resolve_structure_kind(kind: str, *methods: str) -> str:
+    """``kind``, or where it is ``"auto"`` the structure of the first of ``methods`` that has one
+    (:data:`STRUCTURE_FOR_METHOD`: tree, forest, sliced), else ``"tree"``."""
+    if kind != "auto":
+        return kind
+    return next((STRUCTURE_FOR_METHOD[m] for m in methods if m in STRUCTURE_FOR_METHOD), "tree")
 
 
 def _check_points(points) -> torch.Tensor:

@@ -22,8 +22,7 @@ from typing import Any
 import yaml
 
 from tokenmover.distances.api import METHODS
-
-STRUCTURE_FOR_METHOD = {"tree": "tree", "forest": "forest", "sliced": "sliced"}
+from tokenmover.geometry.vocab_geometry import resolve_structure_kind
 
 
 def _meta(help: str, choices: tuple | None = None) -> dict:
@@ -231,12 +230,7 @@ class GRPOConfig:
 
     def resolved_structure_kind(self) -> str:
         """The structure to build: ``structure_kind``, or the method's own when 'auto'."""
-        if self.structure_kind != "auto":
-            return self.structure_kind
-        for method in (self.method, *self.log_distances):
-            if method in STRUCTURE_FOR_METHOD:
-                return STRUCTURE_FOR_METHOD[method]
-        return "tree"
+        return resolve_structure_kind(self.structure_kind, self.method, *self.log_distances)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -58,7 +58,9 @@ class TransportArguments:
         metadata={"help": "'embeddings', 'output_embeddings' or a folder of a saved VocabGeometry."},
     )
     transport_structure_kind: str = field(
-        default="tree", metadata={"help": f"Structure built from the geometry: {', '.join(STRUCTURES)}."}
+        default="auto",
+        metadata={"help": "Structure built from the geometry: 'auto' (the method's own: tree, forest or sliced; "
+                          f"a tree for the others) or one of {', '.join(STRUCTURES)}."},
     )
     transport_chunk_size: int | None = field(
         default=None, metadata={"help": "Positions projected to (chunk, V) logits at a time (None: ~64 MiB, ~1 GiB on CUDA)."}
@@ -78,9 +80,10 @@ class TransportArguments:
             )
         if not math.isfinite(self.transport_coef) or self.transport_coef < 0:
             raise ValueError(f"transport_coef must be a finite number >= 0, got {self.transport_coef}")
-        if self.transport_structure_kind not in STRUCTURES:
+        if self.transport_structure_kind not in ("auto", *STRUCTURES):
             raise ValueError(
-                f"unknown transport_structure_kind {self.transport_structure_kind!r}; choose one of {STRUCTURES}"
+                f"unknown transport_structure_kind {self.transport_structure_kind!r}; choose 'auto' or one of "
+                f"{STRUCTURES}"
             )
         if self.transport_chunk_size is not None and self.transport_chunk_size < 1:
             raise ValueError(f"transport_chunk_size must be >= 1, got {self.transport_chunk_size}")
