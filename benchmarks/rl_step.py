@@ -51,7 +51,8 @@ def main(argv=None) -> int:
     common = dict(model_name_or_path="smollm2", prompts=list(DEMO_PROMPTS), reward_funcs=["vader"], beta=0.1,
                   learning_rate=0.0, prompts_per_step=args.prompts_per_step, num_generations=args.num_generations,
                   max_new_tokens=args.max_new_tokens, micro_batch_size=args.prompts_per_step * args.num_generations,
-                  geometry=args.geometry, output_dir="/tmp/tokenmover_rl_step", save_final_model=False,
+                  geometry=args.geometry, output_dir="/tmp/tokenmover_rl_step", save_steps=-1,
+                  save_final_model=False,
                   report_to=[], disable_progress_bar=True, seed=0)
     t0 = time.perf_counter()
     structure = build_structure(GRPOConfig(method="tree", **common), base, tokenizer, progress=False)

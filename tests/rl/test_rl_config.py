@@ -38,6 +38,40 @@ def test_yaml_then_overrides(tmp_path):
     assert GRPOConfig.from_yaml(path, ["--max_steps", "3"]).max_steps == 3
 
 
+def test_yaml_values_are_converted_to_the_field_types(tmp_path):
+    """PyYAML reads 1e-5 (no dot) as a string; quoted numbers stay strings: both become the field's type."""
+    path = tmp_path / "cfg.yaml"
+    path.write_text('learning_rate: 1e-5\nadam_epsilon: 1e-8\nmax_steps: "3"\nbeta: 1\nepsilon_high: "0.3"\n'
+                    'disable_dropout: "false"\nregularizer_chunk_size: null\nreward_weights: ["2", 1]\n'
+                    'reward_funcs: [vader, length]\ndataset_config: 2020\n')
+    cfg = GRPOConfig.from_yaml(path)
+    assert cfg.learning_rate == 1e-5 and isinstance(cfg.learning_rate, float)
+    assert cfg.adam_epsilon == 1e-8 and cfg.max_steps == 3 and isinstance(cfg.max_steps, int)
+    assert cfg.beta == 1.0 and isinstance(cfg.beta, float)
+    assert cfg.epsilon_high == 0.3 and cfg.disable_dropout is False and cfg.regularizer_chunk_size is None
+    assert cfg.reward_weights == [2.0, 1.0] and cfg.dataset_config == "2020"
+    assert GRPOConfig.from_yaml(path, ["--max_steps", "5"]).max_steps == 5  # the command line still wins
+
+
+def test_yaml_values_that_cannot_be_converted_name_the_field(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    cases = [
+        ("learning_rate: fast\n", "'learning_rate' must be a number, got 'fast'"),
+        ('max_steps: "3.5"\n', "'max_steps' must be an integer, got '3.5'"),
+        ("max_steps: 2.5\n", "'max_steps' must be an integer, got 2.5"),
+        ("max_steps: true\n", "'max_steps' must be an integer, got True"),
+        ("max_steps: null\n", "'max_steps' must not be empty"),
+        ("use_chat_template: maybe\n", "'use_chat_template' must be true or false, got 'maybe'"),
+        ("mixed_precision: no\n", "'mixed_precision' must be a string, got False .quote it"),
+        ("reward_funcs: vader\n", "'reward_funcs' must be a list"),
+        ("reward_weights: [1, x]\n", "'reward_weights' must be a number, got 'x'"),
+    ]
+    for text, message in cases:
+        path.write_text(text)
+        with pytest.raises(ValueError, match=message):
+            GRPOConfig.from_yaml(path)
+
+
 def test_bad_configs_fail_with_a_message_naming_the_problem(tmp_path):
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump({"methd": "tree"}))
@@ -58,6 +92,7 @@ def test_bad_configs_fail_with_a_message_naming_the_problem(tmp_path):
         ({"report_to": ["wandb"]}, "unknown target 'wandb'"),
         ({"method": "exact"}, "no gradient"),
         ({"max_steps": 0}, "max_steps must be >= 1"),
+        ({"save_steps": -2}, "save_steps must be >= 0, or -1 for no checkpoints"),
     ]
     for values, message in cases:
         with pytest.raises(ValueError, match=message):

@@ -11,7 +11,8 @@ import torch
 
 from tokenmover import build_cluster_tree
 from tokenmover.rl import GRPOTrainer
-from tokenmover.rl.models import tiny_model
+from tokenmover.rl.models import tiny_model, tiny_tokenizer
+from tokenmover.rl.trainer import list_checkpoints
 
 
 def _params(trainer) -> dict[str, torch.Tensor]:
@@ -137,6 +138,59 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tiny_config, tmp_p
     final_resumed = _params(resumed)
     for k in final_full:
         assert torch.equal(final_full[k], final_resumed[k]), k
+
+
+def test_later_train_calls_and_resumed_runs_keep_every_metrics_row(tiny_config, tmp_path):
+    full = GRPOTrainer(tiny_config(max_steps=4, output_dir=str(tmp_path / "full")))
+    full.train()
+    reference = _losses(tmp_path / "full" / "metrics.csv")
+    assert [row[0] for row in reference] == [1, 2, 3, 4]
+
+    out = tmp_path / "calls"
+    first = GRPOTrainer(tiny_config(max_steps=4, save_steps=2, output_dir=str(out)))
+    first.train(max_steps=1)
+    first.train(max_steps=2)  # continues the run: the row of step 1 stays
+    assert _losses(out / "metrics.csv") == reference[:3]
+    del first
+    resumed = GRPOTrainer(tiny_config(max_steps=4, save_steps=2, output_dir=str(out),
+                                      resume_from_checkpoint="latest"))
+    assert resumed.step == 2
+    resumed.train(max_steps=1)  # the CSV is cut back to the checkpoint (step 2) once, then step 3 again
+    resumed.train(max_steps=1)  # and not cut back again
+    assert _losses(out / "metrics.csv") == reference
+
+
+def test_save_steps_zero_saves_a_final_checkpoint_and_minus_one_none(tiny_config, tmp_path):
+    out = tmp_path / "zero"
+    GRPOTrainer(tiny_config(max_steps=2, save_steps=0, output_dir=str(out))).train()
+    assert [p.name for p in list_checkpoints(out)] == ["step-000002"]
+    resumed = GRPOTrainer(tiny_config(max_steps=3, save_steps=0, output_dir=str(out),
+                                      resume_from_checkpoint="latest"))
+    assert resumed.step == 2
+    never = tmp_path / "never"
+    GRPOTrainer(tiny_config(max_steps=2, save_steps=-1, output_dir=str(never))).train()
+    assert not (never / "checkpoints").exists()
+
+
+def _gpt2_with_dropout():
+    """A tiny GPT-2 with its default dropout of 0.1 (embeddings, attention, residuals), in train mode."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=64, n_positions=64, n_embd=32, n_layer=1, n_head=2, eos_token_id=1, bos_token_id=1,
+                     pad_token_id=0, resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1)
+    return GPT2LMHeadModel(cfg).train()
+
+
+@pytest.mark.parametrize("disable_dropout", [None, False])
+def test_dropout_is_disabled_by_default_so_an_unchanged_policy_has_zero_kl(tiny_config, disable_dropout):
+    overrides = {} if disable_dropout is None else {"disable_dropout": disable_dropout}
+    cfg = tiny_config(max_steps=1, learning_rate=0.0, method="kl", save_steps=-1, **overrides)
+    row = GRPOTrainer(cfg, model=_gpt2_with_dropout(), tokenizer=tiny_tokenizer(64)).train()[0]
+    if disable_dropout is None:  # the default: policy == reference exactly
+        assert row["kl"] == 0.0 and row["regularizer"] == 0.0
+    else:  # dropout noise in the policy's logits, none in the reference's (eval mode)
+        assert row["kl"] > 0
 
 
 def test_latest_without_checkpoints_starts_fresh_and_bad_folder_fails(tiny_config, tmp_path):

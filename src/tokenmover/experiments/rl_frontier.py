@@ -455,6 +455,7 @@ def run(
             max_new_tokens=plan["max_new_tokens"],
             micro_batch_size=8,
             seed=spec["seed"],
+            save_steps=-1,
             save_final_model=False,
             report_to=["csv"],
             output_dir=str(Path(out_dir) / "runs" / tag),

@@ -261,7 +261,7 @@ def train_and_measure(base, ref, tokenizer, fns: dict, diameters: dict, plan: di
                       method="k3", beta=0.0, max_steps=max(max(cps), 1), learning_rate=plan["learning_rate"],
                       prompts_per_step=plan["prompts_per_step"], num_generations=plan["num_generations"],
                       max_new_tokens=plan["max_new_tokens"], micro_batch_size=8, seed=seed,
-                      save_final_model=False, report_to=[], output_dir=tmp, disable_progress_bar=True)
+                      save_steps=-1, save_final_model=False, report_to=[], output_dir=tmp, disable_progress_bar=True)
         values.update(config_overrides or {})
         cfg = GRPOConfig(**values)
         policy = copy.deepcopy(base).train()

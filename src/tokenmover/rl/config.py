@@ -161,10 +161,16 @@ class GRPOConfig:
         8, "Completions per forward/backward on each process; gradients are accumulated over micro-batches."
     )
     seed: int = _f(0, "Seed of the data order, the sampling and the tiny model's initialisation.")
+    disable_dropout: bool = _f(
+        True, "Set every dropout probability of the policy (and reference) to 0, as TRL does by default: the "
+        "policy runs in train mode, so dropout would otherwise add noise to sampling, the loss and the logged KL.",
+    )
 
     # ---- output ------------------------------------------------------------------------------
     output_dir: str = _f("runs/grpo", "Folder for the metrics CSV, TensorBoard logs, checkpoints and the final model.")
-    save_steps: int = _f(0, "Save a resumable checkpoint every this many steps (0 = only at the end).")
+    save_steps: int = _f(
+        0, "Save a resumable checkpoint every this many steps and at the end (0 = only at the end, -1 = never)."
+    )
     save_total_limit: int | None = _f(None, "Keep only the newest this many checkpoints.")
     save_final_model: bool = _f(True, "Save the trained policy (save_pretrained) to output_dir/final.")
     resume_from_checkpoint: str | None = _f(
@@ -206,8 +212,10 @@ class GRPOConfig:
             raise ValueError("num_generations must be >= 2: group-normalised advantages need a group")
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if self.top_k < 0 or self.save_steps < 0 or self.warmup_steps < 0:
-            raise ValueError("top_k, save_steps and warmup_steps must be >= 0")
+        if self.top_k < 0 or self.warmup_steps < 0:
+            raise ValueError("top_k and warmup_steps must be >= 0")
+        if self.save_steps < -1:
+            raise ValueError(f"save_steps must be >= 0, or -1 for no checkpoints, got {self.save_steps}")
         if not self.learning_rate >= 0:
             raise ValueError(f"learning_rate must be >= 0, got {self.learning_rate}")
         if not self.epsilon > 0 or (self.epsilon_high is not None and not self.epsilon_high > 0):
@@ -316,10 +324,68 @@ def config_from_args(args: argparse.Namespace) -> GRPOConfig:
             raise ValueError(f"config file {path} must hold a mapping of field: value, got {type(loaded).__name__}")
         values.update(loaded)
     names = {f.name for f in dataclasses.fields(GRPOConfig)}
-    for name in names:
-        if hasattr(args, name):
-            values[name] = getattr(args, name)
     unknown = sorted(set(values) - names)
     if unknown:
         raise ValueError(f"unknown config field(s) {unknown}; see `tokenmover train --help` for the fields")
+    hints = typing.get_type_hints(GRPOConfig)
+    values = {name: _yaml_value(name, value, hints[name]) for name, value in values.items()}
+    for name in names:
+        if hasattr(args, name):
+            values[name] = getattr(args, name)  # already parsed to the field's type by argparse
     return GRPOConfig(**values)
+
+
+def _yaml_value(name: str, value: Any, hint) -> Any:
+    """A YAML value converted to the field's declared type, as the command line would parse it.
+
+    PyYAML reads ``1e-5`` (no dot) as a string and a quoted ``"3"`` stays one; both are converted here.
+    Raises ``ValueError`` naming the field and the value when it cannot be converted.
+    """
+    tp, optional = _unwrap_optional(hint)
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"config field {name!r} must not be empty (null)")
+    if typing.get_origin(tp) is list:
+        if not isinstance(value, list):
+            raise ValueError(f"config field {name!r} must be a list, e.g. [a, b]; got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_yaml_scalar(name, v, item) for v in value]
+    return _yaml_scalar(name, value, tp)
+
+
+def _yaml_scalar(name: str, value: Any, tp) -> Any:
+    expected = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[tp]
+    bad = ValueError(f"config field {name!r} must be {expected}, got {value!r}")
+    if tp is str:
+        if isinstance(value, bool):  # YAML reads bare no/yes/on/off as booleans
+            raise ValueError(f"config field {name!r} must be a string, got {value!r} (quote it in the YAML file)")
+        if isinstance(value, (str, int, float)):
+            return str(value)
+        raise bad
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return _parse_bool(value)
+            except argparse.ArgumentTypeError:
+                raise bad from None
+        raise bad
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise bad
+    try:
+        if tp is float:
+            return float(value)
+        return value if isinstance(value, int) else _to_int(value)
+    except (ValueError, OverflowError):
+        raise bad from None
+
+
+def _to_int(value: float | str) -> int:
+    """``"3"`` -> 3, ``3.0`` -> 3; anything else raises ValueError."""
+    if isinstance(value, str):
+        return int(value.strip())
+    if not float(value).is_integer():
+        raise ValueError(value)
+    return int(value)

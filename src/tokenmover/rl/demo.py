@@ -139,7 +139,8 @@ def run_demo(*, quick: bool = False, output_dir: str | Path = "outputs/demo", st
             log_distances=["tree"] if method != "tree" else ["k3"], beta=beta, max_steps=n_steps,
             learning_rate=plan.learning_rate, prompts_per_step=plan.prompts_per_step,
             num_generations=plan.num_generations, max_new_tokens=plan.max_new_tokens, micro_batch_size=8,
-            seed=seed, output_dir=str(out / "runs" / method), save_final_model=False, report_to=["csv"],
+            seed=seed, output_dir=str(out / "runs" / method), save_steps=-1, save_final_model=False,
+            report_to=["csv"],
         )
         policy = copy.deepcopy(base)
         policy.train()

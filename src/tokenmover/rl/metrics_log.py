@@ -1,8 +1,10 @@
 """Where step metrics go: a CSV file (main process), accelerate's trackers (TensorBoard), the console.
 
 The CSV holds one row per step with a fixed header (the first row's keys; later keys that were not
-there are dropped, missing ones left empty). On resume, rows after the checkpoint's step are
-removed, so the file reads as one uninterrupted run.
+there are dropped, missing ones left empty). A fresh run (``resume_step=None``) replaces an existing
+file. Otherwise rows after ``resume_step`` are removed and new rows are appended under the file's
+header: on resume that is the checkpoint's step, so the file reads as one uninterrupted run; a
+later ``train()`` call of the same trainer passes its current step, which keeps every row.
 """
 
 from __future__ import annotations

@@ -80,6 +80,21 @@ def load_policy(config):
     return model, tokenizer
 
 
+def disable_dropout(model) -> None:
+    """Set every dropout probability in ``model`` to 0, in place (TRL's ``disable_dropout_in_model``).
+
+    That is the ``p`` of each dropout module (``nn.Dropout`` and its kin), and also float attributes
+    whose name contains ``dropout`` (e.g. Llama's ``attention_dropout``, which its attention passes
+    to ``scaled_dot_product_attention`` in train mode). The model's config is left as it is.
+    """
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd):
+            module.p = 0.0
+        for key, value in list(vars(module).items()):
+            if "dropout" in key and isinstance(value, float):
+                setattr(module, key, 0.0)
+
+
 def frozen_copy(model):
     """The reference: a deep copy in eval mode with every parameter frozen."""
     ref = copy.deepcopy(model)

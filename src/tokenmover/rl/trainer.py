@@ -44,7 +44,7 @@ from tokenmover.regularizer import Regularizer
 from tokenmover.rl.config import GRPOConfig
 from tokenmover.rl.data import PromptOrder, load_prompts
 from tokenmover.rl.metrics_log import MetricsLog
-from tokenmover.rl.models import eos_token_ids, frozen_copy, load_policy, logits_vocab_size
+from tokenmover.rl.models import disable_dropout, eos_token_ids, frozen_copy, load_policy, logits_vocab_size
 from tokenmover.rl.rewards import check_rewards, make_reward
 from tokenmover.rl.sampling import (
     _takes_logits_to_keep,
@@ -143,6 +143,9 @@ class GRPOTrainer:
             reg.check_vocab_size(self.vocab_size)
 
         ref = ref_model if ref_model is not None else frozen_copy(model)
+        if config.disable_dropout:  # the policy trains in train mode; without this its logits are noisy
+            disable_dropout(model)
+            disable_dropout(ref)
         ref.requires_grad_(False)
         ref.eval()
         if logits_vocab_size(ref) != self.vocab_size:
@@ -186,6 +189,7 @@ class GRPOTrainer:
         self.step = 0
         self.history: list[dict] = []
         self._resume_step: int | None = None
+        self._log_opened = False  # True once a train() call has opened (reset or cut back) metrics.csv
         if config.resume_from_checkpoint:
             self._resume(config.resume_from_checkpoint)
 
@@ -404,6 +408,10 @@ class GRPOTrainer:
     def train(self, max_steps: int | None = None, *, deadline: float | None = None) -> list[dict]:
         """Run until ``config.max_steps``; returns the history.
 
+        A later call continues where the previous one stopped (same run: its rows stay in
+        ``metrics.csv``). Reaching ``config.max_steps`` saves a final checkpoint unless
+        ``save_steps == -1``, and the model to ``output_dir/final`` when ``save_final_model``.
+
         Args:
             max_steps: stop after this many more steps (default: run to ``config.max_steps``).
             deadline: a ``time.perf_counter()`` value; after the first step of this call, a step is not
@@ -412,8 +420,12 @@ class GRPOTrainer:
         cfg, acc = self.config, self.accelerator
         end = cfg.max_steps if max_steps is None else min(cfg.max_steps, self.step + max_steps)
         start = self.step
-        log = MetricsLog(self.output_dir, cfg.report_to, acc, resume_step=self._resume_step,
+        # The first call starts the CSV afresh (or cuts it back to the resumed checkpoint); a later call
+        # continues this trainer's run, so it keeps every row written so far.
+        keep_up_to = self.step if self._log_opened else self._resume_step
+        log = MetricsLog(self.output_dir, cfg.report_to, acc, resume_step=keep_up_to,
                          tracker_config=cfg.to_dict())
+        self._log_opened = True
         self._write_run_info()
         bar = None
         if self.show_progress:
@@ -433,10 +445,10 @@ class GRPOTrainer:
                     bar.update(1)
                     bar.set_postfix(reward=f"{row['reward']:.3f}", reg=f"{row['regularizer']:.3g}",
                                     kl=f"{row['kl']:.3g}", s=f"{row['step_time']:.1f}")
-                if cfg.save_steps and self.step % cfg.save_steps == 0 and self.step < cfg.max_steps:
+                if cfg.save_steps > 0 and self.step % cfg.save_steps == 0 and self.step < cfg.max_steps:
                     self.save_checkpoint()
             if self.step >= cfg.max_steps:
-                if cfg.save_steps:
+                if cfg.save_steps >= 0:  # -1: no checkpoints at all
                     self.save_checkpoint()
                 if cfg.save_final_model:
                     self.save_model(self.output_dir / "final")
