@@ -138,6 +138,39 @@ def test_metrics_are_detached_floats_over_the_mask(structures):
     assert all(isinstance(v, (int, float)) for v in out.metrics.values())
 
 
+@pytest.mark.parametrize("method", ["tree", "kl", "k3"])
+@pytest.mark.parametrize("mode", ["loss", "reward"])
+def test_an_all_false_mask_gives_a_zero_penalty_and_zero_metrics(method, mode, structures, points):
+    """A micro-batch whose completions are all masked out (TRL's mask_truncated_completions)."""
+    kwargs = _method_kwargs(method, structures, points)
+    x, y, tokens, mask = _inputs()
+    none = torch.zeros_like(mask)
+    x.requires_grad_(True)
+    out = Regularizer(method, mode=mode, **kwargs)(x, y, none, tokens=tokens)
+    assert out.penalty.shape == mask.shape and out.penalty.dtype == torch.float64
+    assert bool((out.penalty == 0).all())
+    assert out.metrics == {"mean": 0.0, "max": 0.0, "tokens": 0}
+    assert out.penalty.requires_grad == (mode == "loss")
+    if mode == "loss":  # a trainer's loss still backpropagates, with a zero gradient
+        (out.penalty * none).sum().backward()
+        assert x.grad is not None and bool((x.grad == 0).all())
+    ints = Regularizer(method, mode=mode, **kwargs)(x.detach(), y, none.long(), tokens=tokens)
+    assert bool((ints.penalty == 0).all()) and ints.metrics["tokens"] == 0
+
+
+def test_an_all_false_mask_still_checks_the_input(structures):
+    x, y, _, mask = _inputs()
+    reg = Regularizer("tree", structure=structures["tree"])
+    with pytest.raises(ValueError, match="mask must have shape"):
+        reg(x, y, torch.zeros(mask.shape[0], dtype=torch.bool))
+    with pytest.raises(ValueError, match="mask must be boolean"):
+        reg(x, y, torch.zeros(mask.shape, dtype=torch.float32))
+    with pytest.raises(ValueError, match="shape mismatch"):
+        reg(x, y[:1], torch.zeros(mask.shape, dtype=torch.bool))
+    with pytest.raises(ValueError, match="V=40 tokens, but the model's logits have V=41"):
+        reg(torch.zeros(2, V + 1), torch.zeros(2, V + 1), torch.zeros(2, dtype=torch.bool))
+
+
 def test_float32_and_bfloat16_logits(structures):
     x, y, _, mask = _inputs(dtype=torch.float32)
     reg = Regularizer("tree", structure=structures["tree"])

@@ -5,7 +5,9 @@ positions that count (completion tokens), and any method ``D`` of :func:`tokenmo
 
     penalty[t] = D(softmax(x[t]), softmax(y[t]))       (0 where mask[t] is False)
 
-is returned per position together with detached metrics. Two modes:
+is returned per position together with detached metrics. A mask with no True position (say, a
+micro-batch of truncated completions that are all masked out) gives an all-zero penalty and metrics
+``{"mean": 0, "max": 0, "tokens": 0}`` without calling the distance. Two modes:
 
 - ``mode="loss"`` (GRPO-style): ``penalty`` is differentiable w.r.t. the policy logits and the
   trainer adds ``beta * mean(penalty)`` to the loss. Needs a differentiable method (every method but
@@ -26,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from tokenmover.distances._inputs import compute_dtype, flatten_inputs
 from tokenmover.distances.api import METHODS, distance
 from tokenmover.structures.transport_structure import TransportStructure
 
@@ -157,7 +160,7 @@ class Regularizer(nn.Module):
         Args:
             policy_logits: (..., V) policy logits (any float dtype; keeps its graph in loss mode).
             ref_logits: (..., V) reference logits (detached here).
-            mask: optional (...) bool, True at the positions that count.
+            mask: optional (...) bool, True at the positions that count (all False: a zero penalty).
             tokens: (...) sampled token ids; required by ``k1``/``k2``/``k3``.
 
         Returns:
@@ -169,7 +172,9 @@ class Regularizer(nn.Module):
                 raise ValueError(f"method {self.method!r} needs the sampled token ids: pass tokens=")
             kwargs["tokens"] = tokens
         ref_logits = ref_logits.detach()
-        if self.mode == "reward":
+        if _selects_nothing(mask, policy_logits):
+            penalty = self._zero_penalty(policy_logits, ref_logits, mask)
+        elif self.mode == "reward":
             with torch.no_grad():
                 penalty = distance(
                     policy_logits.detach(), ref_logits, self.method, mask=mask, chunk_size=self.chunk_size, **kwargs
@@ -180,9 +185,36 @@ class Regularizer(nn.Module):
             )
         return RegularizerOutput(penalty=penalty, metrics=_metrics(penalty.detach(), mask))
 
+    def _zero_penalty(self, policy_logits: torch.Tensor, ref_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The penalty when the mask is all False (e.g. every completion truncated): zeros, no distance.
+
+        The logits are checked as the distance checks them. In loss mode the zeros stay connected to
+        ``policy_logits`` with a zero gradient, as masked-out positions are on every other call.
+        """
+        flatten_inputs(policy_logits, ref_logits, None)
+        self.check_vocab_size(policy_logits.shape[-1])
+        dtype = compute_dtype(policy_logits, ref_logits)
+        zeros = torch.zeros(policy_logits.shape[:-1], dtype=dtype, device=policy_logits.device)
+        if self.mode == "loss" and policy_logits.requires_grad:
+            keep = mask.to(device=policy_logits.device, dtype=torch.bool)  # all False: zeros, zero gradient
+            zeros = torch.where(keep, policy_logits[..., 0].to(dtype), zeros)
+        return zeros
+
     def extra_repr(self) -> str:
         v = self.num_tokens
         return f"method={self.method!r}, mode={self.mode!r}" + (f", V={v}" if v is not None else "")
+
+
+def _selects_nothing(mask: torch.Tensor | None, policy_logits: torch.Tensor) -> bool:
+    """True for a well-formed (boolean or integer, right shape, non-empty) mask that is all False.
+
+    Anything else goes to the distance, which accepts it or says what is wrong with it.
+    """
+    if not isinstance(mask, torch.Tensor) or not isinstance(policy_logits, torch.Tensor):
+        return False
+    if mask.dtype.is_floating_point or mask.dtype.is_complex or mask.shape != policy_logits.shape[:-1]:
+        return False
+    return mask.numel() > 0 and not bool(mask.any())
 
 
 def _metrics(values: torch.Tensor, mask: torch.Tensor | None) -> dict[str, float]:
