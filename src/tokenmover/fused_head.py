@@ -69,6 +69,20 @@ def unwrap(model: nn.Module, accelerator=None) -> nn.Module:
     return model
 
 
+def adapter_free(module: nn.Module) -> nn.Module:
+    """The layer a PEFT adapter wraps, as it was before the adapter: the frozen
+    ``original_module`` of a ``ModulesToSaveWrapper`` (whose active copy is trained), the
+    ``get_base_layer()`` of a tuner layer (LoRA and the like: the frozen base weights, without the
+    adapter's delta); any other module as it is."""
+    original = getattr(module, "original_module", None)
+    if isinstance(original, nn.Module):
+        return adapter_free(original)
+    get_base_layer = getattr(module, "get_base_layer", None)
+    if callable(get_base_layer):
+        return get_base_layer()
+    return module
+
+
 def backbone(model: nn.Module, accelerator=None) -> nn.Module:
     """The module whose output's ``last_hidden_state`` feeds the LM head (what TRL's fused head calls)."""
     inner = unwrap(model, accelerator)
@@ -129,6 +143,30 @@ class LogitHead:
             softcap=getattr(config, "final_logit_softcapping", None),
             temperature=float(temperature),
         )
+
+    @classmethod
+    def of_reference(cls, model: nn.Module, ref_model: nn.Module | None = None, temperature: float = 1.0,
+                     accelerator=None) -> LogitHead:
+        """The reference's head: ``ref_model``'s, or where there is none (a PEFT policy whose
+        reference is the policy with its adapter off, as in TRL) the policy's head without its
+        adapter (:func:`adapter_free`). The head is applied outside the adapter-off context
+        that the reference's backbone runs in, so an adapted head (``modules_to_save=["lm_head"]``,
+        or LoRA on ``lm_head``) would otherwise give the *trained* head's logits as the reference's.
+
+        Raises ``ValueError`` for a policy that carries a ``"ref"`` adapter (TRL's convention for a
+        reference adapter) and an adapted head: that reference head is not a module of its own."""
+        if ref_model is not None:
+            return cls.from_model(ref_model, temperature, accelerator)
+        head = cls.from_model(model, temperature, accelerator)
+        base = adapter_free(head.lm_head)
+        wrapped = accelerator.unwrap_model(model) if accelerator is not None else model
+        if base is not head.lm_head and "ref" in getattr(wrapped, "peft_config", {}):
+            raise ValueError(
+                "the policy's LM head carries a PEFT adapter and the model has a 'ref' adapter: the transport "
+                "term cannot take the reference's head from it; pass a ref_model, or leave lm_head out of the "
+                "adapter (target_modules / modules_to_save)"
+            )
+        return dataclasses.replace(head, lm_head=base)
 
     def ordered_linear(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.dtype | None] | None:
         """``(W[o], b[o] or None, input dtype or None)`` for the direct path, or None.

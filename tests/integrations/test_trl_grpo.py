@@ -187,6 +187,15 @@ def test_refuses_a_policy_without_a_path_to_load_the_reference_from(tokenizer, t
                              args=TransportGRPOConfig(**_grpo_kwargs(tmp_path, transport_coef=0.1)))
 
 
+def test_reward_mode_refuses_trls_normalize_then_sum(tiny_dir, tokenizer, tmp_path):
+    """normalize_then_sum normalises each reward function in its group: transport_coef would cancel out."""
+    with pytest.raises(ValueError, match="normalize_then_sum.*transport_coef cancels out.*sum_then_normalize"):
+        _trainer(tiny_dir, tokenizer, tmp_path, transport_coef=0.1, transport_mode="reward",
+                 multi_objective_aggregation="normalize_then_sum")
+    # loss mode adds the term to the loss, after TRL's advantages: any aggregation is fine
+    _trainer(tiny_dir, tokenizer, tmp_path, transport_coef=0.1, multi_objective_aggregation="normalize_then_sum")
+
+
 def test_config_checks_its_fields(tmp_path):
     with pytest.raises(ValueError, match="unknown transport_method"):
         TransportGRPOConfig(**_grpo_kwargs(tmp_path, transport_method="wasserstein"))

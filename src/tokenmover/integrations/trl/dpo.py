@@ -66,8 +66,8 @@ class TransportDPOTrainer(DPOTrainer):
         self.transport = build_regularizer(args, self.model, tokenizer=self.processing_class,
                                            structure=transport_structure, mode="loss")
         self._policy_head = LogitHead.from_model(self.model)
-        ref = self.ref_model if self.ref_model is not None else self.model
-        self._ref_head = LogitHead.from_model(ref, accelerator=self.accelerator)
+        # the policy's head without its PEFT adapter where the reference is the adapter-off policy
+        self._ref_head = LogitHead.of_reference(self.model, self.ref_model, accelerator=self.accelerator)
 
     def _compute_loss(self, model, inputs, return_outputs):
         if self.transport is None:

@@ -19,7 +19,9 @@ What it changes in :class:`trl.GRPOTrainer` (tested with trl 1.16):
   to the per-token loss next to ``beta * k3_t``.
 - **Reward** (``transport_mode="reward"``): an extra reward function ``transport_penalty``
   returns ``-transport_coef * sum_t D_t`` per completion (policy at sampling time, no gradient);
-  TRL then builds the group advantages from the penalised reward.
+  TRL then builds the group advantages from the penalised reward. Refused with TRL's
+  ``multi_objective_aggregation="normalize_then_sum"``, which normalises each reward function
+  within its group, the penalty included, so that ``transport_coef`` would cancel out.
 - **Logging.** ``transport/distance`` (mean D over completion tokens), ``transport/distance_max``
   and ``transport/k3`` (TRL's k3 KL on the same tokens, computed even when ``beta == 0``) next to
   TRL's ``kl`` (present when ``beta != 0``).
@@ -62,7 +64,8 @@ class TransportGRPOTrainer(GRPOTrainer):
     overrides ``args.transport_structure`` / ``args.transport_geometry``.
 
     Raises:
-        ValueError: ``args`` is not a TransportGRPOConfig; the geometry/structure covers another
+        ValueError: ``args`` is not a TransportGRPOConfig; ``transport_mode="reward"`` with
+            ``multi_objective_aggregation="normalize_then_sum"``; the geometry/structure covers another
             vocabulary size than the model's logits; a reference is needed but the policy was built
             from a config (no ``name_or_path`` to load the reference from, as in TRL).
     """
@@ -79,6 +82,7 @@ class TransportGRPOTrainer(GRPOTrainer):
         self.transport_coef = float(args.transport_coef)
         self.transport_mode = args.transport_mode
         needs_ref = self.transport_coef != 0.0
+        _check_reward_aggregation(args)
         user_beta = args.beta
         if needs_ref and user_beta == 0.0:
             _check_reference_loadable(model, kwargs.get("peft_config"))
@@ -96,8 +100,8 @@ class TransportGRPOTrainer(GRPOTrainer):
             mode=self.transport_mode,
         )
         self._policy_head = LogitHead.from_model(self.model, self.temperature)
-        ref = self.ref_model if self.ref_model is not None else self.model
-        self._ref_head = LogitHead.from_model(ref, self.temperature, self.accelerator)
+        # the policy's head without its PEFT adapter where the reference is the adapter-off policy
+        self._ref_head = LogitHead.of_reference(self.model, self.ref_model, self.temperature, self.accelerator)
         self._capture_logps = False
         self._captured_logps = None
         self._last_generation = None
@@ -261,6 +265,19 @@ class TransportGRPOTrainer(GRPOTrainer):
 
 
 TransportGRPOTrainer._transport_penalty_reward.__name__ = "transport_penalty"
+
+
+def _check_reward_aggregation(args: TransportGRPOConfig) -> None:
+    """Reward mode needs TRL to sum the rewards before normalising them (see the module docstring)."""
+    aggregation = getattr(args, "multi_objective_aggregation", "sum_then_normalize")
+    if args.transport_coef != 0.0 and args.transport_mode == "reward" and aggregation == "normalize_then_sum":
+        raise ValueError(
+            "transport_mode='reward' cannot be used with multi_objective_aggregation='normalize_then_sum': TRL "
+            "then normalises each reward function within its group, the transport penalty included, so "
+            "transport_coef cancels out (every coefficient gives the same advantages). Use "
+            "multi_objective_aggregation='sum_then_normalize' (TRL's default), which subtracts "
+            "transport_coef * sum_t D_t from the summed reward, or transport_mode='loss'."
+        )
 
 
 def _check_reference_loadable(model, peft_config) -> None:
