@@ -119,3 +119,64 @@ def test_wrong_size_is_refused(points, tmp_path):
     build_chains(points, 1).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="V=300 tokens, but V=200"):
         TransportStructure.from_pretrained(tmp_path, num_tokens=200)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("[]", "must hold a JSON object, got list"),
+        ("null", "must hold a JSON object, got NoneType"),
+        ('"structure"', "must hold a JSON object, got str"),
+        ("3", "must hold a JSON object, got int"),
+    ],
+)
+def test_json_that_is_not_an_object_is_refused(points, tmp_path, text, message):
+    build_chains(points, 1).save_pretrained(tmp_path)
+    (tmp_path / "structure.json").write_text(text)
+    with pytest.raises(ValueError, match=message):
+        TransportStructure.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("metadata", [1], "metadata must be a JSON object, got list"),
+        ("metadata", "x", "metadata must be a JSON object, got str"),
+        ("kind", {"a": 1}, "kind must be a string, got dict"),
+        ("num_edges", 3, "edge_starts holds 299 edges, JSON says 3"),
+        ("num_edges", None, "JSON says None"),
+        ("num_members", 7, "perms hold 1 members, JSON says 7"),
+        ("num_members", True, "perms hold 1 members, JSON says True"),
+        ("num_tokens", 300.5, "perms cover 300 tokens"),
+    ],
+)
+def test_json_facts_are_checked_against_the_tensors(points, tmp_path, key, value, message):
+    build_chains(points, 1).save_pretrained(tmp_path)
+    path = tmp_path / "structure.json"
+    facts = json.loads(path.read_text())
+    facts[key] = value
+    path.write_text(json.dumps(facts))
+    with pytest.raises(ValueError, match=message):
+        TransportStructure.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "key, change, message",
+    [
+        ("edge_weights", lambda t: t.float(), "edge_weights must have dtype torch.float64"),
+        ("perms", lambda t: t.double(), "perms must have dtype torch.int64"),
+        ("edge_starts", lambda t: t.double(), "edge_starts must have dtype torch.int64"),
+        ("edge_ends", lambda t: t[:, None], r"edge_ends must be 1-D, got shape \(299, 1\)"),
+        ("member_weights", lambda t: t.float(), "member_weights must have dtype torch.float64"),
+    ],
+)
+def test_tensors_of_the_wrong_dtype_or_shape_are_refused_at_load(points, tmp_path, key, change, message):
+    """Rewritten with a valid checksum: refused when loading, not by a RuntimeError later."""
+    from tokenmover.structures.io import read_artifact, write_artifact
+
+    build_chains(points, 1).save_pretrained(tmp_path)
+    tensors, facts = read_artifact(tmp_path, "structure", fmt="tokenmover.structure", version=1)
+    tensors[key] = change(tensors[key])
+    write_artifact(tmp_path, "structure", tensors, {k: v for k, v in facts.items() if k != "sha256"})
+    with pytest.raises(ValueError, match="corrupted structure artifact.*" + message):
+        load_structure(tmp_path)

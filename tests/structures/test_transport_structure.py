@@ -173,3 +173,112 @@ def test_stack_keeps_the_relabelled_mark_and_refuses_mixing(rng):
     assert stacked.metadata["relabelled"] is True
     with pytest.raises(ValueError, match="relabelled"):
         TransportStructure.stack([trees[0].relabel(order), trees[1]])
+
+
+def test_stack_refuses_structures_relabelled_by_different_orders(rng):
+    trees = [random_tree(12, rng) for _ in range(2)]
+    with pytest.raises(ValueError, match="relabelled by different orders"):
+        TransportStructure.stack([trees[0].in_leaf_order(), trees[1].in_leaf_order()])
+    # relabelled by one order (twice over, too) they stack, and equal the relabelled forest
+    order = trees[0].leaf_order()
+    second = torch.from_numpy(rng.permutation(12))
+    forest = TransportStructure.stack(trees).relabel(order).relabel(second)
+    stacked = TransportStructure.stack([t.relabel(order).relabel(second) for t in trees])
+    assert stacked.metadata["relabel_order_sha256"] == forest.metadata["relabel_order_sha256"]
+    x, y = random_logits(3, 12, seed=5), random_logits(3, 12, seed=6)
+    expected = distance(x, y, "tree", structure=TransportStructure.stack(trees))
+    columns = order[second]
+    got = distance(x[:, columns], y[:, columns], "tree", structure=stacked)
+    assert torch.allclose(got, expected, rtol=1e-12)
+    with pytest.raises(ValueError, match="relabelled by different orders"):  # same net order, other path
+        TransportStructure.stack([trees[0].relabel(columns), trees[1].relabel(order).relabel(second)])
+
+
+def _unvalidated(perm: torch.Tensor, weights_dtype=torch.float64) -> TransportStructure:
+    return TransportStructure(
+        num_tokens=perm.shape[1],
+        perms=perm,
+        edge_starts=torch.tensor([0, 2]),
+        edge_ends=torch.tensor([4, 8]),
+        edge_weights=torch.ones(2, dtype=weights_dtype),
+        member_offsets=torch.tensor([0, 2]),
+        member_weights=torch.ones(1, dtype=torch.float64),
+    )
+
+
+@pytest.mark.parametrize("backend", ["numba", "torch"])
+def test_a_structure_never_validated_is_validated_before_the_kernels_read_it(backend):
+    perm = torch.arange(8)[None].clone()
+    perm[0, 3] = 10**6  # out of range: the numba kernel would read (and write) out of bounds
+    x, y = random_logits(2, 8, seed=1), random_logits(2, 8, seed=2)
+    with pytest.raises(ValueError, match="member 0: perm is not a permutation"):
+        distance(x, y, "tree", structure=_unvalidated(perm), backend=backend)
+    with pytest.raises(ValueError, match="edge_weights must have dtype torch.float64"):
+        distance(x, y, "tree", structure=_unvalidated(torch.arange(8)[None], torch.float32), backend=backend)
+
+
+def test_validation_runs_once_per_state_of_the_tensors(rng, monkeypatch):
+    calls = []
+    original = TransportStructure.validate
+
+    def counting(self):
+        calls.append(1)
+        return original(self)
+
+    monkeypatch.setattr(TransportStructure, "validate", counting)
+    tree = random_tree(16, rng)  # from_tree validates (1 call) and marks the structure valid
+    x, y = random_logits(2, 16, seed=3), random_logits(2, 16, seed=4)
+    for _ in range(3):
+        for backend in ("numba", "torch"):
+            distance(x, y, "tree", structure=tree, backend=backend)
+    assert len(calls) == 1
+    tree.edge_weights.mul_(2.0)  # in place: validated and packed again, once
+    distance(x, y, "tree", structure=tree)
+    distance(x, y, "tree", structure=tree)
+    assert len(calls) == 2
+    tree.perms[0, :2] = tree.perms[0, 1]  # an in-place change that breaks the structure is caught
+    with pytest.raises(ValueError, match="not a permutation"):
+        distance(x, y, "tree", structure=tree)
+
+
+@pytest.mark.parametrize("backend", ["numba", "torch"])
+def test_changing_a_field_changes_the_distance(backend, rng):
+    tree = random_tree(20, rng)
+    x, y = random_logits(3, 20, seed=7), random_logits(3, 20, seed=8)
+
+    def fresh():  # the same tensors in a new structure: nothing cached
+        t = tree
+        return TransportStructure.from_tree(t.perms[0], t.edge_starts, t.edge_ends, t.edge_weights)
+
+    before = distance(x, y, "tree", structure=tree, backend=backend)
+    tree.edge_weights = tree.edge_weights * 2  # replaced
+    assert torch.allclose(distance(x, y, "tree", structure=tree, backend=backend), 2 * before, rtol=1e-12)
+    tree.edge_weights.mul_(3.0)  # changed in place
+    assert torch.allclose(distance(x, y, "tree", structure=tree, backend=backend), 6 * before, rtol=1e-12)
+    tree.perms[0] = tree.perms[0].flip(0)  # a new leaf order, same ranges
+    expected = distance(x, y, "tree", structure=fresh(), backend=backend)
+    assert torch.allclose(distance(x, y, "tree", structure=tree, backend=backend), expected, rtol=1e-12)
+    tree.member_weights = torch.full((1,), 0.5, dtype=torch.float64)
+    assert torch.allclose(distance(x, y, "tree", structure=tree, backend=backend), expected / 2, rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("edge_weights", lambda t: t.float(), "edge_weights must have dtype torch.float64"),
+        ("member_weights", lambda t: t.float(), "member_weights must have dtype torch.float64"),
+        ("perms", lambda t: t.double(), "perms must have dtype torch.int64"),
+        ("edge_starts", lambda t: t.double(), "edge_starts must have dtype torch.int64"),
+        ("edge_ends", lambda t: t.int(), "edge_ends must have dtype torch.int64"),
+        ("member_offsets", lambda t: t.int(), "member_offsets must have dtype torch.int64"),
+        ("edge_starts", lambda t: t[:, None], "edge_starts must be 1-D"),
+        ("edge_weights", lambda t: t[:, None], "edge_weights must be 1-D"),
+        ("perms", lambda t: t[0], "perms must be 2-D"),
+        ("member_weights", lambda t: t.numpy(), "member_weights must be a torch.Tensor"),
+    ],
+)
+def test_validate_checks_dtypes_and_dimensions(field, value, message):
+    tree = small_tree()
+    setattr(tree, field, value(getattr(tree, field)))
+    with pytest.raises(ValueError, match=message):
+        tree.validate()

@@ -199,7 +199,8 @@ class TileBoundaries:
     num_tiles: int  # T = chunks x tiles_per_chunk
 
 
-_CACHE: dict[tuple[int, str, torch.dtype], TritonStructure] = {}
+# (id(structure), device, dtype) -> (the PackedStructure converted, its conversion)
+_CACHE: dict[tuple[int, str, torch.dtype], tuple[PackedStructure, TritonStructure]] = {}
 
 
 def _forget(key_id: int) -> None:
@@ -208,14 +209,18 @@ def _forget(key_id: int) -> None:
 
 
 def pack_for_triton(structure: TransportStructure, device: torch.device, dtype: torch.dtype) -> TritonStructure:
-    """The kernel's view of ``structure`` on ``device`` with weights in ``dtype`` (cached)."""
+    """The kernel's view of ``structure`` on ``device`` with weights in ``dtype`` (cached).
+
+    Converted again whenever :meth:`TransportStructure.packed` gives new arrays (it validates and
+    repacks a structure whose tensor fields were replaced or changed in place)."""
     key = (id(structure), str(device), dtype)
-    if key not in _CACHE:
-        packed = structure.packed(device, dtype)
-        _CACHE[key] = _convert(packed, device, dtype)
-        if not any(k[0] == id(structure) for k in list(_CACHE)[:-1]):
+    packed = structure.packed(device, dtype)
+    entry = _CACHE.get(key)
+    if entry is None or entry[0] is not packed:
+        if not any(k[0] == id(structure) for k in _CACHE):
             weakref.finalize(structure, _forget, id(structure))
-    return _CACHE[key]
+        _CACHE[key] = (packed, _convert(packed, device, dtype))
+    return _CACHE[key][1]
 
 
 def _convert(packed: PackedStructure, device: torch.device, dtype: torch.dtype) -> TritonStructure:

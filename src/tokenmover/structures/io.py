@@ -82,7 +82,11 @@ def read_artifact(folder: str | Path, name: str, *, fmt: str, version: int) -> t
         facts = json.loads(json_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"corrupted artifact: {json_path} is not valid JSON ({err})") from err
-    if not isinstance(facts, dict) or facts.get("format") != fmt:
+    if not isinstance(facts, dict):
+        raise ValueError(
+            f"corrupted artifact: {json_path} must hold a JSON object, got {type(facts).__name__}"
+        )
+    if facts.get("format") != fmt:
         raise ValueError(f"{json_path} is not a {fmt} artifact (format={facts.get('format')!r})")
     if facts.get("version") != version:
         raise ValueError(f"{json_path}: unsupported {fmt} version {facts.get('version')!r} (this code reads {version})")
@@ -97,6 +101,11 @@ def read_artifact(folder: str | Path, name: str, *, fmt: str, version: int) -> t
     except Exception as err:  # safetensors raises its own error types
         raise ValueError(f"corrupted artifact: cannot read {tensor_path} ({err})") from err
     return tensors, facts
+
+
+def _json_int_equals(value: Any, expected: int) -> bool:
+    """Whether a JSON fact is the integer ``expected`` (``true`` and ``3.0`` are not)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value == expected
 
 
 def save_structure(
@@ -145,7 +154,9 @@ def load_structure(
 
     Refuses (``ValueError``): a checksum mismatch, missing tensors, a vocabulary fingerprint that
     differs from ``tokenizer``'s (or from ``vocab_fingerprint``), a size other than
-    ``num_tokens``, and anything :meth:`TransportStructure.validate` rejects.
+    ``num_tokens``, JSON facts (``num_tokens``, ``num_members``, ``num_edges``, ``kind``,
+    ``metadata``) that disagree with the tensors or have the wrong type, and anything
+    :meth:`TransportStructure.validate` rejects (tensor dtypes and dimensions included).
     """
     from tokenmover.geometry.fingerprint import check_fingerprint
 
@@ -160,8 +171,27 @@ def load_structure(
         )
     check_fingerprint(stored, tokenizer, what=f"the structure in {folder}")
     v = int(tensors["perms"].shape[1]) if tensors["perms"].dim() == 2 else -1
-    if v != facts.get("num_tokens"):
+    if not _json_int_equals(facts.get("num_tokens"), v):
         raise ValueError(f"corrupted structure artifact: perms cover {v} tokens, JSON says {facts.get('num_tokens')}")
+    num_members = int(tensors["perms"].shape[0]) if tensors["perms"].dim() == 2 else -1
+    if not _json_int_equals(facts.get("num_members"), num_members):
+        raise ValueError(
+            f"corrupted structure artifact: perms hold {num_members} members, "
+            f"JSON says {facts.get('num_members')!r}"
+        )
+    num_edges = int(tensors["edge_starts"].numel())
+    if not _json_int_equals(facts.get("num_edges"), num_edges):
+        raise ValueError(
+            f"corrupted structure artifact: edge_starts holds {num_edges} edges, "
+            f"JSON says {facts.get('num_edges')!r}"
+        )
+    kind, metadata = facts.get("kind", "tree"), facts.get("metadata")
+    if not isinstance(kind, str):
+        raise ValueError(f"corrupted structure artifact: kind must be a string, got {type(kind).__name__}")
+    if metadata is not None and not isinstance(metadata, dict):
+        raise ValueError(
+            f"corrupted structure artifact: metadata must be a JSON object, got {type(metadata).__name__}"
+        )
     if num_tokens is not None and v != num_tokens:
         raise ValueError(f"structure in {folder} covers V={v} tokens, but V={num_tokens} was expected")
     if tokenizer is not None and stored is None and v < len(tokenizer):
@@ -174,8 +204,8 @@ def load_structure(
         edge_weights=tensors["edge_weights"],
         member_offsets=tensors["member_offsets"],
         member_weights=tensors["member_weights"],
-        kind=str(facts.get("kind", "tree")),
-        metadata=dict(facts.get("metadata") or {}),
+        kind=kind,
+        metadata=dict(metadata or {}),
     )
     try:
         structure.validate()

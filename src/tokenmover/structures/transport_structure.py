@@ -33,12 +33,16 @@ the identity: logits that already arrive in that order (LM-head rows projected i
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
+
+_INDEX_FIELDS = ("perms", "edge_starts", "edge_ends", "member_offsets")  # int64
+_TENSOR_FIELDS = ("perms", "edge_starts", "edge_ends", "edge_weights", "member_offsets", "member_weights")
 
 
 @dataclass(frozen=True)
@@ -80,7 +84,14 @@ class TransportStructure:
         kind: ``"tree"``, ``"chains"``, ``"forest"`` or any label a builder chooses.
         metadata: free-form JSON-serialisable facts (builder parameters, timings, seeds).
             ``metadata["relabelled"] = True`` marks a structure over relabelled token ids
-            (:meth:`relabel`), which :meth:`save_pretrained` refuses to save.
+            (:meth:`relabel`), which :meth:`save_pretrained` refuses to save;
+            ``metadata["relabel_order_sha256"]`` identifies the relabelling (a SHA-256 chained over
+            the orders given to :meth:`relabel`), so that :meth:`stack` can refuse members relabelled
+            differently.
+
+    The kernels read :meth:`packed` arrays, built (and the structure validated) once and cached.
+    Replacing a tensor field or changing one in place (``s.edge_weights.mul_(2)``) is noticed by
+    the next :meth:`packed` call, which validates and packs again.
     """
 
     num_tokens: int
@@ -151,6 +162,18 @@ class TransportStructure:
                 "cannot stack relabelled structures (relabel()/in_leaf_order()) with structures over the "
                 "original token ids: stack the originals, then relabel the forest"
             )
+        relabel_extra: dict[str, Any] = {}
+        if relabelled == {True}:
+            orders = {m.metadata.get("relabel_order_sha256") for m in members}
+            if len(members) > 1 and (len(orders) != 1 or None in orders):
+                raise ValueError(
+                    "cannot stack structures relabelled by different orders (e.g. in_leaf_order() of "
+                    "different trees): their token ids do not name the same tokens; stack the originals, "
+                    "then relabel the forest"
+                )
+            relabel_extra = {"relabelled": True}
+            if None not in orders:
+                relabel_extra["relabel_order_sha256"] = orders.pop()
         perms = torch.cat([m.perms for m in members], dim=0)  # (K, V)
         offsets = [0]
         for m in members:
@@ -172,7 +195,7 @@ class TransportStructure:
             member_offsets=torch.tensor(offsets, dtype=torch.int64),
             member_weights=weights,
             kind=kind,
-            metadata=dict(metadata or {}, **({"relabelled": True} if relabelled.pop() else {})),
+            metadata=dict(metadata or {}, **relabel_extra),
         )
         structure.validate()
         return structure
@@ -231,7 +254,9 @@ class TransportStructure:
             distance(x[:, order], y[:, order], s.relabel(order)) == distance(x, y, s)
 
         and the gradients w.r.t. ``x[:, order]`` are those w.r.t. ``x`` taken in the same column order.
-        The result has ``metadata["relabelled"] = True`` (so :meth:`save_pretrained` refuses it).
+        The result has ``metadata["relabelled"] = True`` (so :meth:`save_pretrained` refuses it) and
+        ``metadata["relabel_order_sha256"]``, a SHA-256 of ``order`` chained onto the previous one
+        (if this structure was relabelled already), which :meth:`stack` compares.
 
         Args:
             order: (V,) integer permutation of ``0..V-1`` (validated).
@@ -246,6 +271,8 @@ class TransportStructure:
         if not torch.equal(torch.sort(order_t).values, torch.arange(v, dtype=torch.int64)):
             raise ValueError(f"order is not a permutation of 0..{v - 1} (missing or repeated token ids)")
         inverse = inverse_permutation(order_t)  # inverse[old id] = new id
+        digest = hashlib.sha256(str(self.metadata.get("relabel_order_sha256", "")).encode())
+        digest.update(order_t.numpy().astype("<i8").tobytes())
         # perms stay permutations and the ranges are untouched, so the structure stays valid.
         return TransportStructure(
             num_tokens=v,
@@ -256,7 +283,7 @@ class TransportStructure:
             member_offsets=self.member_offsets,
             member_weights=self.member_weights,
             kind=self.kind,
-            metadata=dict(self.metadata, relabelled=True),
+            metadata=dict(self.metadata, relabelled=True, relabel_order_sha256=digest.hexdigest()),
         )
 
     def leaf_order(self) -> torch.Tensor:
@@ -295,14 +322,29 @@ class TransportStructure:
     def validate(self) -> None:
         """Raise ``ValueError`` naming the problem unless the structure is well formed.
 
-        Checks: every row of ``perms`` is a complete permutation of ``0..V-1``; every range
-        satisfies ``0 <= start < end <= V``; each member's ranges are laminar (nested or
-        disjoint); edge and member weights are finite, edge weights ``>= 0``, member weights ``> 0``;
-        offsets are consistent.
+        Checks: the tensor fields are CPU tensors of the documented dtypes (int64 ``perms``,
+        ``edge_starts``, ``edge_ends``, ``member_offsets``; float64 ``edge_weights``,
+        ``member_weights``) and dimensions (``perms`` 2-D, the others 1-D); every row of ``perms``
+        is a complete permutation of ``0..V-1``; every range satisfies ``0 <= start < end <= V``;
+        each member's ranges are laminar (nested or disjoint); edge and member weights are finite,
+        edge weights ``>= 0``, member weights ``> 0``; offsets are consistent.
         """
+        state = self._state()
         v = self.num_tokens
         if v < 1:
             raise ValueError(f"a structure needs at least one token, got num_tokens={v}")
+        for name in _TENSOR_FIELDS:
+            t = getattr(self, name)
+            if not isinstance(t, torch.Tensor):
+                raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            want = torch.int64 if name in _INDEX_FIELDS else torch.float64
+            if t.dtype != want:
+                raise ValueError(f"{name} must have dtype {want}, got {t.dtype}")
+            dims = 2 if name == "perms" else 1
+            if t.dim() != dims:
+                raise ValueError(f"{name} must be {dims}-D, got shape {tuple(t.shape)}")
+            if t.device.type != "cpu":
+                raise ValueError(f"{name} must be a CPU tensor (packed() moves it), got {t.device}")
         if self.perms.dim() != 2 or self.perms.shape[1] != v:
             raise ValueError(f"perms must have shape (K, {v}), got {tuple(self.perms.shape)}")
         k = self.perms.shape[0]
@@ -341,14 +383,35 @@ class TransportStructure:
         for i in range(k):
             lo, hi = int(offsets[i]), int(offsets[i + 1])
             _check_laminar(self.edge_starts[lo:hi].numpy(), self.edge_ends[lo:hi].numpy(), member=i)
+        self._packed_cache["validated"] = state
 
     # ------------------------------------------------------------------ kernels' view
+    def _state(self) -> tuple:
+        """What the cached kernel arrays were derived from: ``num_tokens`` and each tensor field with
+        its version counter (bumped by in-place changes). The tensors themselves are held, so a
+        replaced field is told apart by identity (``is``), never by a reused ``id()``."""
+        return (self.num_tokens, tuple((t, _version(t)) for t in (getattr(self, n) for n in _TENSOR_FIELDS)))
+
     def packed(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> PackedStructure:
-        """The kernel arrays on ``device`` with weights in ``dtype`` (cached)."""
+        """The kernel arrays on ``device`` with weights in ``dtype`` (cached).
+
+        The structure is validated (:meth:`validate`, ``ValueError``) once per state of its fields,
+        not on every call. The cache is keyed on each tensor field's identity and version counter,
+        so replacing a field (``s.edge_weights = w``) or changing it in place (``s.edge_weights.mul_(2)``)
+        validates and packs again on the next call. (Inference-mode tensors keep no version counter:
+        in-place changes made to them under ``torch.inference_mode()`` are not noticed.)
+        """
         key = (str(torch.device(device)), dtype)
-        if key not in self._packed_cache:
-            self._packed_cache[key] = self._pack(torch.device(device), dtype)
-        return self._packed_cache[key]
+        state = self._state()
+        entry = self._packed_cache.get(key)
+        if entry is None or not _same_state(entry[0], state):
+            if not _same_state(self._packed_cache.get("validated"), state):
+                self.validate()
+            cache = self._packed_cache
+            for stale in [k for k, e in cache.items() if k != "validated" and not _same_state(e[0], state)]:
+                del cache[stale]  # built from tensors that changed since
+            self._packed_cache[key] = (state, self._pack(torch.device(device), dtype))
+        return self._packed_cache[key][1]
 
     def _pack(self, device: torch.device, dtype: torch.dtype) -> PackedStructure:
         v = self.num_tokens
@@ -418,6 +481,20 @@ class TransportStructure:
             f"TransportStructure(kind={self.kind!r}, num_tokens={self.num_tokens}, "
             f"members={self.num_members}, edges={self.num_edges})"
         )
+
+
+def _version(t: torch.Tensor) -> int | None:
+    try:
+        return getattr(t, "_version", None)  # None for a non-tensor (validate() refuses it)
+    except RuntimeError:  # inference-mode tensors have no version counter
+        return None
+
+
+def _same_state(a: tuple | None, b: tuple) -> bool:
+    """Whether two :meth:`TransportStructure._state` tuples describe the same, unchanged tensors."""
+    if a is None or a[0] != b[0]:
+        return False
+    return all(ta is tb and va == vb for (ta, va), (tb, vb) in zip(a[1], b[1]))
 
 
 def inverse_permutation(order: torch.Tensor) -> torch.Tensor:
