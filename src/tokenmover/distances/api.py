@@ -99,8 +99,9 @@ def distance(
             ``backend`` ("auto" | "numba" | "torch" for tree methods), ...
 
     Returns:
-        (...) tensor: float32 (float64 for float64 logits), differentiable w.r.t. the logits
-        for every method except ``exact``.
+        (...) tensor: float32 (float64 for float64 logits), differentiable w.r.t. the logits,
+        for every method except ``exact``, which returns float64 whatever the logits' dtype (a
+        reference, solved in float64) and no gradient.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of: {', '.join(sorted(METHODS))}")

@@ -1,11 +1,16 @@
 """Exact W1 by network simplex (POT ``ot.emd2``): the reference for tests and accuracy studies.
 
-For a *metric* cost, W1(p, q) only moves the excess ``(p - q)_+`` onto the deficit ``(q - p)_+``
-(mass common to both stays put at zero cost), so each position solves the smaller problem
+With ``points`` the cost is their Euclidean distance, a *metric*, so W1(p, q) only moves the
+excess ``(p - q)_+`` onto the deficit ``(q - p)_+`` (mass common to both stays put at zero cost)
+and each position solves the smaller problem
 
     W1(p, q) = TV * emd2((p - q)_+ / TV, (q - p)_+ / TV, M[S+, S-]),   TV = sum_v (p - q)_+,
 
-which has the same value and is several times faster. Float64 throughout, POT's iteration cap
+which has the same value and is several times faster. A user-given ``cost`` is not known to be a
+metric (a squared distance breaks the triangle inequality, a nonzero diagonal makes staying put
+cost something, and checking the triangle inequality costs O(V^3)), so each position then solves
+the full problem ``emd2(p, q, cost)`` between the supports of p and q: exactly POT's value for
+any finite, non-negative cost. Float64 throughout, POT's iteration cap
 raised to ``num_iter_max`` (its default 100,000 silently stops early from V ~ 2,000), and a
 solver that did not converge raises instead of returning a wrong number. Forward only: the
 result carries no gradient. Refuses V above ``max_tokens``.
@@ -21,9 +26,7 @@ from tokenmover.distances._inputs import check_logits_finite, flatten_inputs, re
 DEFAULT_MAX_TOKENS = 4096
 
 
-def _cost_block(cost, points, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    if cost is not None:
-        return cost[np.ix_(rows, cols)]
+def _cost_block(points: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     diff = points[rows, None, :] - points[None, cols, :]  # (|S+|, |S-|, d)
     return np.sqrt((diff * diff).sum(-1))
 
@@ -40,7 +43,11 @@ def exact_wasserstein(
 ) -> torch.Tensor:
     """Exact W1 per position under ``cost`` (V, V) or the Euclidean distance between ``points`` (V, d).
 
-    Returns a float64 tensor of shape (...) with no gradient (0 at masked positions).
+    ``cost`` may be any finite, non-negative (V, V) matrix: the value is ``ot.emd2(p, q, cost)``
+    (full problem). ``points`` take the faster excess-to-deficit problem (valid for a metric).
+
+    Returns a float64 tensor of shape (...) (whatever the logits' dtype) with no gradient
+    (0 at masked positions).
     """
     import ot  # POT
 
@@ -80,6 +87,15 @@ def exact_wasserstein(
     for i in range(p_all.shape[0]):
         if mask_np is not None and not mask_np[i]:
             continue
+        if cost_np is not None:  # not known to be a metric: the full problem between p and q
+            sp, sq = np.nonzero(p_all[i] > 0)[0], np.nonzero(q_all[i] > 0)[0]
+            a, b = p_all[i, sp], q_all[i, sq]
+            block = cost_np[np.ix_(sp, sq)]
+            value, log = ot.emd2(a / a.sum(), b / b.sum(), block, numItermax=num_iter_max, log=True)
+            if log.get("warning"):
+                raise RuntimeError(f"POT emd2 did not solve position {i} exactly: {log['warning']}")
+            out[i] = float(value)
+            continue
         d = p_all[i] - q_all[i]
         plus, minus = np.nonzero(d > 0)[0], np.nonzero(d < 0)[0]
         tv = d[plus].sum()
@@ -87,7 +103,7 @@ def exact_wasserstein(
             continue
         a = d[plus] / tv
         b = d[minus] / d[minus].sum()  # both negative: b > 0, sums to 1
-        m = _cost_block(cost_np, points_np, plus, minus)
+        m = _cost_block(points_np, plus, minus)
         value, log = ot.emd2(a, b, m, numItermax=num_iter_max, log=True)
         if log.get("warning"):
             raise RuntimeError(f"POT emd2 did not solve position {i} exactly: {log['warning']}")
