@@ -109,3 +109,15 @@ def test_bad_logits():
         distance(bad, y, "kl")
     with pytest.raises(ValueError, match="ref_logits has only -Inf"):
         distance(x, torch.full_like(y, float("-inf")), "js")
+
+
+@pytest.mark.parametrize("method", ["kl", "js"])
+def test_bad_rows_are_named_by_their_position_in_the_flattened_input(method):
+    x, y = random_logits(10, 5, seed=2), random_logits(10, 5, seed=3)
+    x[7, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"of the chunk of positions 4\.\.7 \(first: position 7\)"):
+        distance(x, y, method, chunk_size=4)
+    mask = torch.ones(10, dtype=torch.bool)
+    mask[[0, 5]] = False
+    with pytest.raises(ValueError, match=r"\(first: position 7\)"):
+        distance(x, y, method, chunk_size=4, mask=mask)

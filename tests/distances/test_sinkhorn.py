@@ -537,3 +537,25 @@ def test_bad_formulation_raises():
         sinkhorn_wasserstein(x, y, pts, formulation="diff")
     with pytest.raises(ValueError, match="formulation"):
         distance(x, y, "sinkhorn", points=pts, formulation=None)
+
+
+def test_bad_rows_are_named_by_their_position_in_the_flattened_input():
+    pts, x, y = _problem(v=30, n=10, seed=17)
+    x[7, 3] = float("nan")
+    mask = torch.ones(10, dtype=torch.bool)
+    mask[[0, 2, 5]] = False  # the masked-in rows are gathered: row 4 of them is position 7
+    with pytest.raises(ValueError, match=r"at 1 position\(s\) \(first: position 7\)"):
+        sinkhorn_wasserstein(x, y, pts, mask=mask, chunk_size=4)
+
+
+def test_numpy_scalars_are_accepted_as_options():
+    pts, x, y = _problem(v=30, seed=18)
+    expected = sinkhorn_wasserstein(x, y, pts, k=4, epsilon=0.25, max_iter=300, tol=1e-6)
+    got = sinkhorn_wasserstein(
+        x, y, pts, k=np.int64(4), epsilon=np.float32(0.25), max_iter=np.int32(300), tol=np.float64(1e-6)
+    )
+    assert torch.allclose(got, expected, rtol=1e-6)
+    with pytest.raises(ValueError, match="k must be an integer"):
+        sinkhorn_wasserstein(x, y, pts, k=np.float64(4.0))
+    with pytest.raises(ValueError, match="epsilon must be"):
+        sinkhorn_wasserstein(x, y, pts, epsilon=True)

@@ -254,3 +254,38 @@ def test_numba_backend_leaves_torchs_thread_count_alone():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "1"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_rows_are_named_by_their_position_in_the_flattened_input(backend, rng):
+    tree = random_tree(8, rng)
+    x, y = random_logits(10, 8, seed=22), random_logits(10, 8, seed=23)
+    x[7, 2] = float("nan")
+    x[9, 0] = float("nan")
+    chunk_4_to_7 = r"at 1 position\(s\) of the chunk of positions 4\.\.7 \(first: position 7\)"
+    with pytest.raises(ValueError, match=chunk_4_to_7):
+        distance(x, y, "tree", structure=tree, backend=backend, chunk_size=4)
+    mask = torch.ones(10, dtype=torch.bool)
+    mask[[0, 2, 5]] = False  # masked-out rows before the bad one do not shift its position
+    with pytest.raises(ValueError, match=r"\(first: position 7\)"):
+        distance(x, y, "tree", structure=tree, backend=backend, chunk_size=4, mask=mask)
+    whole = r"at 2 position\(s\) of the chunk of positions 0\.\.9 \(first: position 7\)"
+    with pytest.raises(ValueError, match=whole):
+        distance(x.reshape(2, 5, 8), y.reshape(2, 5, 8), "tree", structure=tree, backend=backend)
+
+
+def test_triton_packing_follows_changes_to_the_structure(rng):
+    from tokenmover.kernels import tree_triton
+
+    tree = random_tree(30, rng)
+    cpu = torch.device("cpu")
+    first = tree_triton.pack_for_triton(tree, cpu, torch.float64)
+    assert tree_triton.pack_for_triton(tree, cpu, torch.float64) is first  # cached
+    weights = first.levels.edge_weights.clone()
+    tree.edge_weights.mul_(2.0)
+    again = tree_triton.pack_for_triton(tree, cpu, torch.float64)
+    assert again is not first
+    assert torch.allclose(again.levels.edge_weights, 2 * weights)
+    tree.edge_weights = tree.edge_weights / 4
+    halved = tree_triton.pack_for_triton(tree, cpu, torch.float64).levels.edge_weights
+    assert torch.allclose(halved, weights / 2)

@@ -98,11 +98,18 @@ def iter_chunks(n: int, chunk_size: int | None, num_tokens: int) -> Iterator[sli
         yield slice(start, min(n, start + chunk_size))
 
 
-def check_logits_finite(x: torch.Tensor, name: str, active: torch.Tensor | None) -> None:
+def check_logits_finite(
+    x: torch.Tensor, name: str, active: torch.Tensor | None, rows: slice | torch.Tensor | None = None
+) -> None:
     """Raise if an active row holds NaN or +Inf, or is all -Inf (no probability mass).
 
     ``-inf`` entries are allowed: they are tokens of probability zero (masked vocabulary).
     One reduction pass (the row max) over the chunk.
+
+    ``rows`` says which positions of the caller's flattened (N, V) input the rows of ``x`` are,
+    so that the message names them: a slice (a chunk ``rows.start:rows.stop``; the count is then
+    that chunk's), an (n,) index tensor (rows gathered from the input), or None (``x`` is the
+    whole input, row r is position r).
     """
     row_max = x.amax(dim=-1)  # (n,) NaN propagates
     bad = torch.isnan(row_max) | torch.isinf(row_max)
@@ -113,17 +120,26 @@ def check_logits_finite(x: torch.Tensor, name: str, active: torch.Tensor | None)
         value = float(row_max[row])
         no_mass = value == float("-inf")
         what = "only -Inf (no probability mass)" if no_mass else "NaN or +Inf"
-        raise ValueError(f"{name} has {what} at {int(bad.sum())} position(s) (first: chunk row {row})")
+        if isinstance(rows, slice):
+            first = rows.start + row
+            where = f" of the chunk of positions {rows.start}..{rows.start + x.shape[0] - 1}"
+        else:
+            first = row if rows is None else int(rows[row])
+            where = ""
+        count = int(bad.sum())
+        raise ValueError(f"{name} has {what} at {count} position(s){where} (first: position {first})")
 
 
 def describe_bad_rows(flags: torch.Tensor, offset: int) -> str:
-    """Message for the CPU kernel's per-row flags (1: policy, 2: reference)."""
+    """Message for a kernel's per-row flags (1: policy, 2: reference) of the chunk of positions
+    ``offset .. offset + len(flags) - 1`` (the count is that chunk's)."""
     rows = torch.nonzero(flags).reshape(-1)
     first = int(rows[0])
     name = "policy_logits" if int(flags[first]) == 1 else "ref_logits"
     return (
         f"{name} has NaN or +Inf, or a row of only -Inf (no probability mass), at {rows.numel()} "
-        f"position(s) (first: position {offset + first})"
+        f"position(s) of the chunk of positions {offset}..{offset + flags.numel() - 1} "
+        f"(first: position {offset + first})"
     )
 
 

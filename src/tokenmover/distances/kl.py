@@ -58,8 +58,8 @@ def _chunked(inputs: FlatInputs, chunk_size: int | None, per_chunk) -> torch.Ten
     dtype = compute_dtype(inputs.policy, inputs.ref)
 
     def values_fn(x, y, rows, active):
-        check_logits_finite(x.detach(), "policy_logits", active)
-        check_logits_finite(y.detach(), "ref_logits", active)
+        check_logits_finite(x.detach(), "policy_logits", active, rows)
+        check_logits_finite(y.detach(), "ref_logits", active, rows)
         if active is not None and not bool(active.all()):
             # padding rows may hold garbage: replace them so no NaN reaches values or gradients
             keep = active[:, None]

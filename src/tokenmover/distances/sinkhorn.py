@@ -80,6 +80,7 @@ distance between two tokens is ~3.3), ``tol=1e-4``, ``max_iter=1000``, ``scaling
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 
 import torch
@@ -289,9 +290,11 @@ def _difference_objective(pos, neg, cost, options, objective, reports, objective
 def _check_options(k, epsilon, objective, tail, dust_cost, grad, tol, max_iter, scaling, formulation) -> str:
     if formulation not in FORMULATIONS:
         raise ValueError(f"unknown formulation {formulation!r}; choose one of {FORMULATIONS}")
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
         raise ValueError(f"k must be an integer >= 1, got {k!r}")
-    if not (isinstance(epsilon, (int, float)) and math.isfinite(epsilon) and epsilon > 0):
+    if isinstance(epsilon, bool) or not (
+        isinstance(epsilon, numbers.Real) and math.isfinite(epsilon) and epsilon > 0
+    ):
         raise ValueError(f"epsilon must be a finite number > 0 (cost units), got {epsilon!r}")
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; choose one of {OBJECTIVES}")
@@ -314,7 +317,7 @@ def _check_options(k, epsilon, objective, tail, dust_cost, grad, tol, max_iter, 
         )
     if not (math.isfinite(tol) and tol > 0):
         raise ValueError(f"tol must be > 0, got {tol!r}")
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+    if isinstance(max_iter, bool) or not isinstance(max_iter, numbers.Integral) or max_iter < 1:
         raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}")
     if scaling is not None and not (0 < scaling < 1):
         raise ValueError(f"scaling must be in (0, 1) or None (no eps-scaling), got {scaling!r}")
@@ -376,6 +379,7 @@ def sinkhorn_wasserstein(
         (...) float32 (float64 for float64 inputs); differentiable w.r.t. both logits.
     """
     grad = _check_options(k, epsilon, objective, tail, dust_cost, grad, tol, max_iter, scaling, formulation)
+    k, max_iter = int(k), int(max_iter)  # numpy integers accepted
     inputs = flatten_inputs(policy_logits, ref_logits, mask)
     v = inputs.num_tokens
     device = inputs.policy.device
@@ -388,8 +392,8 @@ def sinkhorn_wasserstein(
     active = None if inputs.mask is None else torch.nonzero(inputs.mask).reshape(-1)
     x = inputs.policy if active is None else inputs.policy.index_select(0, active)  # (m, V)
     y = inputs.ref if active is None else inputs.ref.index_select(0, active)
-    check_logits_finite(x.detach(), "policy_logits", None)
-    check_logits_finite(y.detach(), "ref_logits", None)
+    check_logits_finite(x.detach(), "policy_logits", None, active)  # active: each row's position
+    check_logits_finite(y.detach(), "ref_logits", None, active)
     width = v if 2 * k >= v else 2 * k + (2 if tail == "located" else 1)
     if chunk_size is None:
         chunk_size = max(1, min(_CHUNK_ELEMENTS // v, _BLOCK_ELEMENTS // (width * width)))

@@ -177,8 +177,9 @@ def _chunk_fn(packed: PackedStructure, backend: str):
             if bool(bad.any()):
                 raise ValueError(describe_bad_rows(bad, row_offset))
         else:
-            check_logits_finite(x, "policy_logits", active)
-            check_logits_finite(y, "ref_logits", active)
+            rows = slice(row_offset, row_offset + x.shape[0])
+            check_logits_finite(x, "policy_logits", active, rows)
+            check_logits_finite(y, "ref_logits", active, rows)
             out, gx, gy, _ = _fused_torch(x, y, active, packed, want_gx, want_gy)
         return out, gx, gy
 
