@@ -207,3 +207,32 @@ def test_config_checks_its_fields(tmp_path):
         TransportGRPOConfig(**_grpo_kwargs(tmp_path, transport_coef=-1.0))
     with pytest.raises(ValueError, match="args must be a TransportGRPOConfig"):
         TransportGRPOTrainer(model="unused", args=GRPOConfig(**_grpo_kwargs(tmp_path)))
+
+
+def test_grpo_on_a_peft_policy_with_an_adapted_head_takes_the_reference_without_the_adapter(
+        tiny_dir, tokenizer, tmp_path):
+    """TransportGRPOTrainer given a peft_config with lm_head in modules_to_save (no ref_model: the
+    reference is the policy with its adapter off). After the adapter (and its head copy) moved, the
+    logged distance is the distance to the adapter-off logits, not to the moved head's."""
+    from peft import LoraConfig  # noqa: PLC0415 (the test extra; the PEFT head tests: test_trl_peft.py)
+
+    args = TransportGRPOConfig(**_grpo_kwargs(tmp_path, beta=0.0, transport_coef=0.3))
+    trainer = TransportGRPOTrainer(model=tiny_dir, reward_funcs=even_word_reward, args=args, train_dataset=_dataset(),
+                                   processing_class=tokenizer,
+                                   peft_config=LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    assert trainer.ref_model is None
+    batch = _batch(trainer)
+    with torch.no_grad():  # "training": the adapter and the policy's copy of the head move, the base does not
+        for param in trainer.model.parameters():
+            if param.requires_grad:
+                param.add_(0.3 * torch.randn_like(param))
+    trainer.compute_loss(trainer.model, batch)
+    mask = batch["completion_mask"].bool()
+    policy_logits = _full_logits(trainer.model, batch)
+    with trainer.model.disable_adapter():
+        ref_logits = _full_logits(trainer.model, batch)
+    expected = tokenmover.distance(policy_logits, ref_logits, "tree", mask=mask,
+                                   structure=trainer.transport.structure)[mask]
+    assert expected.mean().item() > 1e-3
+    assert trainer._metrics["train"]["transport/distance"][-1] == pytest.approx(expected.double().mean().item(),
+                                                                                rel=1e-5)
