@@ -392,6 +392,16 @@ class TransportStructure:
         replaced field is told apart by identity (``is``), never by a reused ``id()``."""
         return (self.num_tokens, tuple((t, _version(t)) for t in (getattr(self, n) for n in _TENSOR_FIELDS)))
 
+    def snapshot(self) -> tuple:
+        """An opaque record of the tensor fields as they are now, for :meth:`changed_since`: what a
+        cache derived from this structure (e.g. its leaf-order twin) checks before reuse."""
+        return self._state()
+
+    def changed_since(self, snapshot: tuple) -> bool:
+        """Whether a tensor field was replaced or changed in place since :meth:`snapshot` gave
+        ``snapshot`` (or ``num_tokens`` changed)."""
+        return not _same_state(snapshot, self._state())
+
     def packed(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> PackedStructure:
         """The kernel arrays on ``device`` with weights in ``dtype`` (cached).
 
