@@ -63,7 +63,10 @@ def load_smollm2(*, dtype=None, cache: bool = True):
     """SmolLM2-135M-Instruct as a transformers ``LlamaForCausalLM`` plus its tokenizer, offline.
 
     Dequantising the GGUF takes ~20 s; with ``cache=True`` a plain bfloat16 checkpoint is saved
-    once under :func:`default_cache_dir` and reloaded from there (< 1 s) afterwards.
+    once under :func:`default_cache_dir` and every call, the first included, returns the model
+    loaded from it (< 1 s): the same weights (the GGUF's rounded to bfloat16) and the same
+    ``name_or_path`` whichever call built the cache. ``cache=False`` returns the dequantised GGUF
+    itself (not rounded to bfloat16, so its logits differ slightly from the cached model's).
 
     Args:
         dtype: torch dtype of the returned model (default float32).
@@ -84,6 +87,7 @@ def load_smollm2(*, dtype=None, cache: bool = True):
         model = AutoModelForCausalLM.from_pretrained(smollm2_dir(), gguf_file=SMOLLM2_GGUF, dtype=dtype)
         if cache:
             _save_dequantised(model, cached)
+            model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype)  # what later calls return
     model.eval()
     return model, tokenizer
 

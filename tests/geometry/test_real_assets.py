@@ -99,3 +99,16 @@ def test_calibrated_tree_matches_exact_w1_on_real_pairs(smollm2):
     print("uncalibrated", before, "calibrated", after)
     assert after["spearman"] >= 0.9 and after["median_rel_err"] <= 0.15
     assert before["median_rel_err"] > after["median_rel_err"]
+
+
+def test_smollm2_is_the_same_model_on_the_call_that_builds_the_cache_and_after(tmp_path, monkeypatch):
+    """The first call (which dequantises the GGUF and writes the bfloat16 cache) returns what later
+    calls load from that cache: same weights, same name_or_path (a cache key of built geometries)."""
+    from tokenmover.assets import load_smollm2
+
+    monkeypatch.setenv("TOKENMOVER_CACHE", str(tmp_path))
+    first, _ = load_smollm2()
+    again, _ = load_smollm2()
+    assert first.config.name_or_path == again.config.name_or_path
+    weights, later = first.state_dict(), again.state_dict()
+    assert weights.keys() == later.keys() and all(torch.equal(weights[k], later[k]) for k in weights)
