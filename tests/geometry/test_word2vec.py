@@ -86,3 +86,40 @@ def test_cached_word2vec_builds_once(toy_tokenizer, toy_corpus, tmp_path):
     assert second.metadata["word2vec"] == first.metadata["word2vec"]
     other = cached_word2vec_geometry(toy_tokenizer, corpus=str(corpus), **{**kw, "dim": 4})
     assert other.dim == 4 and len(list((tmp_path / "cache" / "geometries").iterdir())) == 2
+
+
+def test_token_sequences_are_cut_at_the_limit(toy_tokenizer):
+    """Lines are joined and long lines split: every sequence has <= max ids, none is lost."""
+    from tokenmover.geometry.word2vec import _token_sequences
+
+    lines = ["the cat eats " * 9, "a dog", "the red bus drives " * 4]
+    seqs = _token_sequences(lines, toy_tokenizer, 10, progress=False)
+    assert [len(s) for s in seqs] == [10, 10, 10, 10, 5]
+    assert [i for s in seqs for i in s] == [i for line in lines for i in toy_tokenizer(line)["input_ids"]]
+
+
+def test_a_single_long_text_trains_its_tail(toy_tokenizer, toy_corpus):
+    """gensim trains only the first 10,000 words of a sequence: a long text must be split so that
+    tokens occurring only past that point ("runs is" here) are trained, not left at random init."""
+    doc = " ".join(toy_corpus * 3) + " runs is" * 40  # ~14,400 toy-corpus ids, then the tail
+    assert len(toy_tokenizer(doc)["input_ids"]) > 10_000 + 40
+    # sample=0: no downsampling, so gensim's cut falls exactly 10,000 ids in, before the tail
+    geom = VocabGeometry.word2vec([doc], toy_tokenizer, dim=8, seed=0, workers=1, epochs=3, min_count=2,
+                                  sample=0, progress=False)
+    ids = toy_tokenizer.index
+    runs, is_ = geom.points[ids["runs"]], geom.points[ids["is"]]
+    assert torch.nn.functional.cosine_similarity(runs, is_, dim=0) > 0.9
+    assert runs.norm() > 0.5  # gensim's initial vectors have components of at most 0.5 / dim
+
+
+@pytest.mark.parametrize("texts, kw, match", [
+    ("the cat eats\na dog drives", {}, "iterable of texts"),
+    (["the cat eats"], {"max_sequence_tokens": 10_001}, "max_sequence_tokens"),
+    (["the cat eats a dog"], {"min_count": 2}, r"only 0 tokens reach min_count=2"),
+    (["the cat the dog"], {"min_count": 2}, r"only 1 tokens reach min_count=2"),
+])
+def test_bad_inputs_are_refused_by_the_library(toy_tokenizer, texts, kw, match):
+    """A bare string, a sequence length gensim would truncate, and a corpus too small for min_count
+    (before gensim's own 'build vocabulary' RuntimeError) raise the library's ValueError."""
+    with pytest.raises(ValueError, match=match):
+        VocabGeometry.word2vec(texts, toy_tokenizer, dim=4, workers=1, progress=False, **kw)

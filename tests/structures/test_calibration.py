@@ -93,3 +93,25 @@ def test_bad_inputs():
         edge_features(structure, p, q[:3])
     with pytest.raises(ValueError, match="unknown method"):
         calibrate(structure, p, q, np.ones(4), method="ridge")
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_features_refuse_non_finite_rows_and_wrong_widths(sparse):
+    """A NaN row would otherwise become all-zero features, and a row of the wrong width a wrong W_T."""
+    structure = build_cluster_tree(np.random.default_rng(0).normal(size=(20, 2)), leaf_size=4)
+    p, q = _pairs(20, 3, seed=0, support=3)
+    wrap = sp.csr_matrix if sparse else np.asarray
+    nan_p = p.copy()
+    nan_p[1, np.nonzero(p[1])[0][0]] = np.nan
+    with pytest.raises(ValueError, match="p has non-finite values"):
+        edge_features(structure, wrap(nan_p), wrap(q))
+    inf_q = q.copy()
+    inf_q[0, np.nonzero(q[0])[0][0]] = np.inf
+    with pytest.raises(ValueError, match="q has non-finite values"):
+        edge_features(structure, wrap(p), wrap(inf_q))
+    with pytest.raises(ValueError, match="p has 10 columns, expected V=20"):
+        edge_features(structure, wrap(p[:, :10]), wrap(q[:, :10]))
+    with pytest.raises(ValueError, match="q has 25 columns, expected V=20"):
+        edge_features(structure, wrap(p), wrap(np.pad(q, ((0, 0), (0, 5)))))
+    with pytest.raises(ValueError, match="non-finite"):  # calibrate computes the features the same way
+        calibrate(structure, wrap(nan_p), wrap(q), np.ones(3))

@@ -1,7 +1,9 @@
 """Word2vec on token ids (the seed's route): every token of a tokenizer gets a point.
 
-1. The corpus is tokenized with the tokenizer (no special tokens); consecutive lines are joined
-   into sequences of at most ``max_sequence_tokens`` ids, so the context window spans lines.
+1. The corpus is tokenized with the tokenizer (no special tokens); the ids of consecutive lines
+   are concatenated and cut into sequences of at most ``max_sequence_tokens`` ids (a long line
+   spans several), so the context window spans lines and every occurrence is trained (gensim
+   trains only the first 10,000 words of a sequence but counts all of them in its vocabulary).
 2. gensim's ``Word2Vec`` is trained on those id sequences (CBOW by default; ``sg=1`` for
    skip-gram). Tokens seen at least ``min_count`` times are *trained*.
 3. Every other token id (absent or too rare in the corpus, special tokens, model padding rows)
@@ -10,7 +12,11 @@
    - ``"linear_map"`` (when a model is given): ridge regression ``A`` from the model's input
      embedding of a token to its word2vec vector, fitted on the trained tokens (alpha by
      5-fold CV; the held-out R^2 is reported); placed point = ``A e_model(v)``. The model knows
-     every token, so this uses the model's own idea of what the token means.
+     every token, so this uses the model's own idea of what the token means. The folds are
+     deliberately *not* shuffled: the trained tokens are in gensim's order, most frequent first,
+     so each fold holds out one contiguous frequency band, and the rarest band is what the
+     untrained tokens resemble. (Shuffled folds give a different R^2 and can flip the
+     ``"auto"`` verdict.)
    - ``"pieces"`` (no model): the token's string is split greedily, longest match first, into
      trained tokens' strings (fastText's idea of composing rare words from sub-units); the placed
      point is the mean of the pieces' vectors.
@@ -43,9 +49,10 @@ def _token_sequences(texts: Iterable[str], tokenizer, max_sequence_tokens: int, 
         nonlocal current
         for ids in tokenizer(lines, add_special_tokens=False)["input_ids"]:
             current.extend(ids)
-            if len(current) >= max_sequence_tokens:
-                sequences.append(current)
-                current = []
+            if len(current) >= max_sequence_tokens:  # cut into full sequences; a long line spans several
+                full = len(current) - len(current) % max_sequence_tokens
+                sequences.extend(current[i : i + max_sequence_tokens] for i in range(0, full, max_sequence_tokens))
+                current = current[full:]
 
     bar = tqdm(desc="tokenizing corpus", unit=" lines", disable=not progress, mininterval=1.0)
     for line in texts:
@@ -110,9 +117,19 @@ def train_word2vec(
 
     ``V`` is ``num_tokens`` if given, else the model's embedding rows if a model is given, else
     ``len(tokenizer)``. See the module docstring for the placement of untrained tokens.
+    ``texts``: an iterable of strings (e.g. a list of lines); a single ``str`` is refused.
+    ``max_sequence_tokens``: length of the id sequences the corpus is cut into, 1 to 10,000
+    (gensim trains only the first 10,000 words of a sequence).
     ``unseen_rule``: ``"auto"`` (default: the linear map when a model is given *and* its 5-fold
-    held-out R^2 is > 0, else pieces), ``"linear_map"`` (needs a model) or ``"pieces"``.
+    held-out R^2 is > 0, else pieces), ``"linear_map"`` (needs a model) or ``"pieces"``. The 5
+    folds are contiguous, unshuffled bands of the trained tokens in frequency order (on purpose:
+    held-out rare tokens are what the untrained tokens are like; see the module docstring).
     """
+    if isinstance(texts, (str, bytes)):
+        raise ValueError("texts must be an iterable of texts (e.g. a list of lines), not a single string")
+    if not 1 <= max_sequence_tokens <= 10_000:
+        raise ValueError(f"max_sequence_tokens must be in [1, 10000] (gensim trains only the first 10,000 "
+                         f"words of a sequence), got {max_sequence_tokens}")
     if unseen_rule not in ("auto", "linear_map", "pieces"):
         raise ValueError(f"unseen_rule must be 'auto', 'linear_map' or 'pieces', got {unseen_rule!r}")
     if unseen_rule == "linear_map" and model is None:
@@ -137,6 +154,9 @@ def train_word2vec(
         raise ValueError("the corpus is empty: word2vec needs text")
     if max(counts) >= v:
         raise ValueError(f"the tokenizer produced id {max(counts)} >= V={v}")
+    n_trainable = sum(c >= min_count for c in counts.values())
+    if n_trainable < 2:  # checked before gensim, which would fail with its own error on an empty vocabulary
+        raise ValueError(f"only {n_trainable} tokens reach min_count={min_count}: the corpus is too small")
     t_tok = time.perf_counter() - t0
 
     class _Progress(CallbackAny2Vec):
@@ -190,6 +210,7 @@ def train_word2vec(
         from sklearn.linear_model import Ridge, RidgeCV
         from sklearn.model_selection import cross_val_score
 
+        # cv=5 unshuffled on purpose: trained_ids are most frequent first, so folds are frequency bands
         ridge = RidgeCV(alphas=(0.1, 1.0, 10.0, 100.0, 1000.0), cv=5)
         ridge.fit(model_embedding[trained_ids], trained_vectors)
         r2 = cross_val_score(Ridge(alpha=float(ridge.alpha_)), model_embedding[trained_ids], trained_vectors,

@@ -35,17 +35,28 @@ from tokenmover.structures.transport_structure import TransportStructure
 GROUPINGS = ("global", "size", "edge")
 
 
-def _sparse_rows(p) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Rows of a (n, V) array / tensor / scipy sparse matrix as (ids, values) with values != 0."""
+def _sparse_rows(p, v: int, name: str) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Rows of a (n, V) array / tensor / scipy sparse matrix as (ids, values) with values != 0.
+
+    Raises ``ValueError`` if ``p`` does not have ``v`` columns or holds non-finite values.
+    """
     import scipy.sparse as sp
 
     if sp.issparse(p):
         csr = sp.csr_matrix(p, dtype=np.float64)
+        if csr.shape[1] != v:
+            raise ValueError(f"{name} has {csr.shape[1]} columns, expected V={v} (the structure's tokens)")
+        if not np.isfinite(csr.data).all():
+            raise ValueError(f"{name} has non-finite values (NaN or inf)")
         return [(csr.indices[csr.indptr[i]:csr.indptr[i + 1]].astype(np.int64),
                  csr.data[csr.indptr[i]:csr.indptr[i + 1]]) for i in range(csr.shape[0])]
     arr = p.detach().cpu().double().numpy() if isinstance(p, torch.Tensor) else np.asarray(p, dtype=np.float64)
     if arr.ndim != 2:
         raise ValueError(f"distributions must have shape (n, V), got {arr.shape}")
+    if arr.shape[1] != v:
+        raise ValueError(f"{name} has {arr.shape[1]} columns, expected V={v} (the structure's tokens)")
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{name} has non-finite values (NaN or inf)")
     out = []
     for row in arr:
         ids = np.nonzero(row)[0]
@@ -56,7 +67,8 @@ def _sparse_rows(p) -> list[tuple[np.ndarray, np.ndarray]]:
 def edge_features(structure: TransportStructure, p, q):
     """The (n, E) sparse matrix ``Z`` with ``W_T(p_i, q_i) = Z[i] @ structure.edge_weights``.
 
-    ``p``, ``q``: (n, V) probability rows (dense array/tensor or scipy sparse). Cost per pair is
+    ``p``, ``q``: (n, V) probability rows (dense array/tensor or scipy sparse) with V the
+    structure's ``num_tokens`` and finite values (else ``ValueError``). Cost per pair is
     O(E log s) with ``s`` the support size of ``p - q``; nothing of size (V, V). Memory is one
     entry per (pair, edge with non-zero mass): small for trees (a sparse ``p - q`` only reaches
     the edges above its support), but close to ``K V`` per pair for chains, whose prefix edges
@@ -65,7 +77,7 @@ def edge_features(structure: TransportStructure, p, q):
     import scipy.sparse as sp
 
     v = structure.num_tokens
-    p_rows, q_rows = _sparse_rows(p), _sparse_rows(q)
+    p_rows, q_rows = _sparse_rows(p, v, "p"), _sparse_rows(q, v, "q")
     if len(p_rows) != len(q_rows):
         raise ValueError(f"p and q need the same number of rows, got {len(p_rows)} and {len(q_rows)}")
     positions = np.empty((structure.num_members, v), dtype=np.int64)
@@ -76,8 +88,6 @@ def edge_features(structure: TransportStructure, p, q):
     member_weight = np.repeat(structure.member_weights.numpy(), np.diff(offsets))  # (E,)
     data, cols, indptr = [], [], [0]
     for (pi, pv), (qi, qv) in zip(p_rows, q_rows):
-        if (pi.size and pi.max() >= v) or (qi.size and qi.max() >= v):
-            raise ValueError(f"distribution rows index tokens beyond V={v}")
         ids = np.concatenate([pi, qi])
         vals = np.concatenate([pv, -qv])
         row_cols, row_vals = [], []
