@@ -3,8 +3,11 @@
 Order of precedence: ``structure_path`` (a saved TransportStructure, verified against the
 tokenizer), else a geometry (``word2vec`` trained on ``geometry_corpus`` and cached; ``embeddings``
 = the model's input embedding rows; or a saved :class:`~tokenmover.geometry.VocabGeometry` folder),
-from which ``resolved_structure_kind()`` is built. One structure serves the regularizer and every
-structure-based distance in ``log_distances``.
+from which ``resolved_structure_kind()`` is built for the regularizer. With ``structure_kind:
+auto`` (the default) each structure-based distance in ``log_distances`` gets its own method's
+structure (a forest for ``forest``, chains for ``sliced``, a tree otherwise; built once per kind
+from the same geometry), so that ``distance/forest`` is a forest's W1; an explicit
+``structure_kind``, a ``structure_path`` or a structure handed to the trainer serves every method.
 
 The structure must cover the *logits'* V (``logits_vocab_size(model)``), which may exceed the
 tokenizer's length; the word2vec geometry is given the model so that its V matches.
@@ -15,6 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tokenmover.distances.api import METHODS
+from tokenmover.geometry.vocab_geometry import resolve_structure_kind
 from tokenmover.rl.models import logits_vocab_size
 from tokenmover.structures.transport_structure import TransportStructure
 
@@ -61,9 +65,10 @@ def _checked_geometry(config, model, tokenizer, progress: bool):
 def method_inputs(config, model, tokenizer, *, structure=None, progress: bool = True) -> dict[str, dict]:
     """Keyword arguments for each method the run uses (``method`` and ``log_distances``).
 
-    Tree methods get ``structure=`` (one shared structure); methods that need ``points=`` (e.g. a
+    Tree methods get ``structure=``: the method's own kind under ``structure_kind: auto`` (see the
+    module docstring), else the one shared structure; methods that need ``points=`` (e.g. a
     registered ``sinkhorn``) and ``exact`` get the geometry's ground points. Everything is built
-    once and checked against the logits' V.
+    once (per kind) and checked against the logits' V.
     """
     methods = [config.method, *config.log_distances]
     needs_points = [m for m in methods if m == "exact" or "points" in METHODS[m].needs]
@@ -71,6 +76,7 @@ def method_inputs(config, model, tokenizer, *, structure=None, progress: bool = 
     geometry = None
     if needs_points or (needs_structure and structure is None and not config.structure_path):
         geometry = _checked_geometry(config, model, tokenizer, progress)
+    per_method = structure is None and not config.structure_path and config.structure_kind == "auto"
     if needs_structure and structure is None:
         structure = build_structure(config, model, tokenizer, geometry=geometry)
     if structure is not None and structure.num_tokens != logits_vocab_size(model):
@@ -78,26 +84,32 @@ def method_inputs(config, model, tokenizer, *, structure=None, progress: bool = 
             f"vocabulary size mismatch: the structure is over V={structure.num_tokens} tokens, "
             f"but the model's logits have V={logits_vocab_size(model)}"
         )
+    by_kind = {config.resolved_structure_kind(): structure}  # the regularizer's, and each other kind built once
     out: dict[str, dict] = {}
     for m in methods:
         kwargs = {}
         if m in needs_structure:
-            kwargs["structure"] = structure
+            kind = resolve_structure_kind("auto", m) if per_method and m != config.method else None
+            if kind is not None and kind not in by_kind:
+                by_kind[kind] = build_structure(config, model, tokenizer, geometry=geometry, kind=kind)
+            kwargs["structure"] = structure if kind is None else by_kind[kind]
         if m in needs_points:
             kwargs["points"] = geometry.ground_points()
         out[m] = kwargs
     return out
 
 
-def build_structure(config, model, tokenizer, *, geometry=None, progress: bool = True) -> TransportStructure:
-    """The structure for ``config``, checked against the logits' V."""
+def build_structure(config, model, tokenizer, *, geometry=None, progress: bool = True,
+                    kind: str | None = None) -> TransportStructure:
+    """The structure for ``config`` (of ``kind``, default ``config.resolved_structure_kind()``),
+    checked against the logits' V."""
     v = logits_vocab_size(model)
     if config.structure_path:
         from tokenmover.structures.io import load_structure
 
         structure = load_structure(config.structure_path, tokenizer=tokenizer, num_tokens=v)
     else:
-        kind = config.resolved_structure_kind()
+        kind = kind or config.resolved_structure_kind()
         geometry = geometry if geometry is not None else _checked_geometry(config, model, tokenizer, progress)
         structure = geometry.build_structure(kind, **structure_kwargs(config, kind))
     if structure.num_tokens != v:
