@@ -51,3 +51,33 @@ def test_order_is_a_function_of_the_step_and_covers_each_epoch():
     fresh = PromptOrder(num_prompts=5, prompts_per_step=2, seed=3)
     assert fresh.global_indices(7) == order.global_indices(7)  # no hidden state: resuming is exact
     assert order.position(3) == {"prompts_consumed": 6, "epoch": 1, "offset_in_epoch": 1}
+
+
+def test_neighbouring_seeds_do_not_share_their_orders():
+    """seed + epoch had given seed 1 the orders of seed 0 one epoch later."""
+    a, b = PromptOrder(8, 2, seed=0), PromptOrder(8, 2, seed=1)
+    later_a = [a.global_indices(s) for s in range(4, 20)]
+    assert [b.global_indices(s) for s in range(16)] != later_a
+    epochs = [tuple(PromptOrder(8, 8, seed=sd).global_indices(e)) for sd in range(3) for e in range(3)]
+    assert len(set(epochs)) == len(epochs)  # 9 epochs of 3 seeds, 8! orders: all distinct
+
+
+@pytest.mark.parametrize("name", ["p.JSONL", "p.jsonl", "p.json", "p.Json"])
+def test_json_prompt_files_whatever_the_case_of_the_suffix(tmp_path, name):
+    path = tmp_path / name
+    if name.lower().endswith(".jsonl"):
+        path.write_text('{"prompt": "hello there"}\n{"prompt": "bye"}\n')
+    else:
+        path.write_text('[{"prompt": "hello there"}, "bye"]')
+    assert load_prompts(GRPOConfig(prompts_file=str(path))) == ["hello there", "bye"]
+
+
+def test_a_json_prompt_file_that_is_not_a_list_is_refused(tmp_path):
+    path = tmp_path / "p.json"
+    path.write_text('{"prompt": "x"}')
+    with pytest.raises(ValueError, match="expected a JSON list"):
+        load_prompts(GRPOConfig(prompts_file=str(path)))
+    path.write_text('[{"text": "x"}]')
+    with pytest.raises(ValueError, match="entry 0 is neither a string nor an object with a 'prompt' field"):
+        load_prompts(GRPOConfig(prompts_file=str(path)))
+

@@ -56,7 +56,8 @@ class GRPOConfig:
         default_factory=list, metadata=_meta("Inline prompts (used when no prompts_file / dataset_name is given).")
     )
     prompts_file: str | None = _f(
-        None, "Prompts file: .txt (one prompt per line) or .jsonl (one object per line, see prompt_field)."
+        None, "Prompts file: .jsonl (one object per line, see prompt_field), .json (a list of such objects or of "
+        "strings), else text (one prompt per line).",
     )
     dataset_name: str | None = _f(None, "A `datasets` dataset name or local path, loaded with load_dataset().")
     dataset_config: str | None = _f(None, "The dataset's configuration name, if any.")

@@ -1,10 +1,14 @@
 """Prompts: where they come from, and the deterministic order in which steps consume them.
 
 Sources (first one given wins): a ``datasets`` dataset, a ``.txt`` file (one prompt per line,
-blank lines skipped), a ``.jsonl`` file (one object per line, text under ``prompt_field``), or an
-inline list.
+blank lines skipped), a ``.jsonl`` file (one object per line, text under ``prompt_field``), a
+``.json`` file (a list of such objects, or of strings), or an inline list. The suffixes are read
+case-insensitively (``.JSONL`` had been read as text lines, JSON and all); a file of any other
+suffix is read as text, one prompt per line.
 
-Order: epoch ``e`` visits the prompts in ``randperm(n, seed + e)``; step ``s`` takes the global
+Order: epoch ``e`` visits the prompts in ``randperm(n, epoch_seed(seed, e))``, a fixed mix of the
+seed and the epoch (``seed + e``, used until session 8, gave seed ``s + 1`` the orders of seed ``s``
+one epoch later, so "independent" seeds shared their data order); step ``s`` takes the global
 prompts ``s * P .. (s + 1) * P - 1`` of the concatenated epochs (``P = prompts_per_step``). The
 data position is therefore a function of the step alone, which is what makes resuming exact and
 makes 1 and several processes see the same global batch (process ``r`` of ``W`` takes the
@@ -38,8 +42,25 @@ def load_prompts(config) -> list[str]:
 def _from_file(path: Path, field: str) -> list[str]:
     if not path.is_file():
         raise ValueError(f"prompts_file {path} does not exist")
+    suffix = path.suffix.lower()
     text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
+    if suffix == ".json":
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not valid JSON ({err.msg})") from None
+        if not isinstance(rows, list):
+            raise ValueError(f"{path}: expected a JSON list of objects with a {field!r} field (or of strings)")
+        prompts = []
+        for i, row in enumerate(rows):
+            if isinstance(row, str):
+                prompts.append(row)
+            elif isinstance(row, dict) and field in row:
+                prompts.append(row[field])
+            else:
+                raise ValueError(f"{path}: entry {i} is neither a string nor an object with a {field!r} field")
+        return prompts
+    if suffix == ".jsonl":
         prompts = []
         for lineno, line in enumerate(text.splitlines(), 1):
             if not line.strip():
@@ -71,6 +92,13 @@ def _from_dataset(name: str, config_name: str | None, split: str, field: str) ->
     return list(ds[field])
 
 
+def epoch_seed(seed: int, epoch: int) -> int:
+    """Seed of epoch ``epoch``'s prompt order: a fixed mix of ``(seed, epoch)`` (< 2**61), so that
+    runs with neighbouring seeds do not share their orders."""
+    x = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB) % (1 << 61)
+    return x ^ (x >> 31)
+
+
 class PromptOrder:
     """Which prompts a step uses (see module docstring); stateless given the step."""
 
@@ -84,7 +112,7 @@ class PromptOrder:
 
     def _epoch(self, e: int) -> list[int]:
         if e not in self._epochs:
-            gen = torch.Generator().manual_seed(self.seed + e)
+            gen = torch.Generator().manual_seed(epoch_seed(self.seed, e))
             self._epochs = {e: torch.randperm(self.num_prompts, generator=gen).tolist()}
         return self._epochs[e]
 
