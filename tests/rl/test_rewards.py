@@ -57,3 +57,19 @@ def test_bad_rewards_fail_clearly():
         check_rewards([1.0], 2, "r")
     with pytest.raises(ValueError, match="NaN or Inf"):
         check_rewards([1.0, float("nan")], 2, "r")
+
+
+def test_keywords_that_start_or_end_with_punctuation_are_counted():
+    """\\b around "C++" / "U.S." / "#1" never matched; a keyword inside a longer word still does not count."""
+    cfg = GRPOConfig(reward_keywords=["C++", "U.S.", "#1", "python"])
+    texts = ["I love C++ and python.", "The U.S. is big", "We are #1!", "pythonic abc#1 xU.S."]
+    assert make_reward("keyword", cfg)(["p"] * 4, texts) == [2.0, 1.0, 1.0, 0.0]
+
+
+def test_a_reward_of_none_or_text_names_the_reward():
+    with pytest.raises(ValueError, match="reward 'mine' returned None for completion 1"):
+        check_rewards([1.0, None], 2, "mine")
+    with pytest.raises(ValueError, match="reward 'mine' returned 'high' for completion 0"):
+        check_rewards(["high", 1.0], 2, "mine")
+    with pytest.raises(ValueError, match="reward 'mine' returned a value that is not a number"):
+        check_rewards([[1.0], 1.0], 2, "mine")

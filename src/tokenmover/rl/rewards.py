@@ -56,8 +56,20 @@ def make_reward(name: str, config) -> RewardFn:
 
 
 def check_rewards(values, n: int, name: str) -> list[float]:
-    """Turn a reward function's output into n finite floats, or raise ValueError."""
-    out = [float(v) for v in values]
+    """Turn a reward function's output into n finite floats, or raise ValueError (naming the reward).
+
+    TRL lets a reward return None for a completion it does not apply to; this trainer needs a
+    number for every completion (a group's advantages are built from all of them), so None is refused
+    with the reward's name, as are values that are not numbers."""
+    values = list(values)
+    for i, v in enumerate(values):
+        if v is None or isinstance(v, (str, bytes)):
+            raise ValueError(f"reward {name!r} returned {v!r} for completion {i}: every completion needs a number "
+                             "(this trainer does not skip completions a reward does not apply to)")
+    try:
+        out = [float(v) for v in values]
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"reward {name!r} returned a value that is not a number ({err})") from None
     if len(out) != n:
         raise ValueError(f"reward {name!r} returned {len(out)} values for {n} completions")
     if not all(math.isfinite(v) for v in out):
@@ -108,7 +120,9 @@ def _keyword(config) -> RewardFn:
     words = [w for w in config.reward_keywords if w.strip()]
     if not words:
         raise ValueError("the 'keyword' reward needs reward_keywords")
-    pattern = re.compile(r"\b(" + "|".join(re.escape(w.strip()) for w in words) + r")\b", re.IGNORECASE)
+    # (?<!\w) / (?!\w) rather than \b: a keyword that starts or ends with punctuation ("C++", "U.S.",
+    # "#1") has no word boundary there, so \b never matched it
+    pattern = re.compile(r"(?<!\w)(" + "|".join(re.escape(w.strip()) for w in words) + r")(?!\w)", re.IGNORECASE)
 
     def keyword(prompts, completions, **kwargs):
         return [float(len(pattern.findall(text))) for text in completions]
