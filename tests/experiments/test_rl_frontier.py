@@ -284,6 +284,7 @@ def test_merge_concatenates_seeds_and_refuses_mismatches(tmp_path):
     assert "--plan quick3" in md and "rl_frontier.merge" in md
     pts = rl_frontier.frontier_points(merged, "vader", "tree", "kl_per_token")
     assert pts[0][3] == pytest.approx(np.mean([0.9, 0.91, 0.92]))  # mean over the 3 seeds
+    assert pts[0][4] == pytest.approx(np.std([0.9, 0.91, 0.92], ddof=1))  # the sample std RESULTS.md reports
     with pytest.raises(ValueError, match="more than one file"):
         rl_frontier.merge([tmp_path / "a.json", tmp_path / "a.json"], tmp_path / "dup")
     (tmp_path / "c.json").write_text(json.dumps(b | {"plan": b["plan"] | {"steps": 99}}))

@@ -54,3 +54,13 @@ def test_quick_demo_on_smollm2_writes_its_report(tmp_path):
         assert 1 <= summary["runs"][method]["steps"] <= 2
         assert (tmp_path / "runs" / method / "metrics.csv").is_file()
     assert "![reward and drift](demo.png)" in report.read_text()
+
+
+def test_demo_refuses_zero_steps_before_loading_anything(tmp_path):
+    """steps=0 had run the plan's default number of steps (``steps or plan.steps``)."""
+    from tokenmover.rl.demo import run_demo
+
+    with pytest.raises(ValueError, match="steps must be >= 1, got 0"):
+        run_demo(quick=True, steps=0, output_dir=tmp_path / "demo")
+    assert not (tmp_path / "demo").exists()
+

@@ -18,7 +18,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     parser.add_argument("name", choices=EXPERIMENTS)
     parser.add_argument("--quick", action="store_true", help="the small configuration (minutes on 2 CPU cores)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the structures and random draws (rl_frontier's training seeds come from its "
+                             "plan: --plan quick3 trains seeds 0, 1, 2)")
     parser.add_argument("--plan", default=None,
                         help="a named configuration of the experiment's PLANS (overrides --quick), "
                              "e.g. rl_frontier --plan quick3 (three training seeds)")

@@ -507,6 +507,7 @@ def run(
     data = {
         "plan_name": name,
         "plan": plan,
+        "structure_seed": seed,  # --seed: the structures and RNG; the training seeds are plan["seeds"]
         "reference": reference,
         "runs": runs,
         "similarity_missing": similarity_note,
@@ -588,7 +589,9 @@ def frontier_points(
     for beta in sorted({r["beta"] for r in rows}):
         rs = [r for r in rows if r["beta"] == beta]
         xs, ys = [r[key] for r in rs], [r["reward"] for r in rs]
-        out.append((beta, float(np.mean(xs)), float(np.std(xs)), float(np.mean(ys)), float(np.std(ys))))
+        # sample standard deviation over the seeds (ddof = 1), the statistic docs/RESULTS.md reports
+        sx, sy = (float(np.std(v, ddof=1)) if len(v) > 1 else 0.0 for v in (xs, ys))
+        out.append((beta, float(np.mean(xs)), sx, float(np.mean(ys)), sy))
     return out
 
 

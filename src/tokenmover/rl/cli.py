@@ -71,6 +71,9 @@ def run_demo(args: argparse.Namespace) -> int:
     except AssetMissing as err:
         print(f"tokenmover demo needs the offline SmolLM2 model: {err}", file=sys.stderr)
         return 2
+    except ValueError as err:
+        print(f"tokenmover demo: {err}", file=sys.stderr)
+        return 2
     print(f"report: {report}")
     return 0
 

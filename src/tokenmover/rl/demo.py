@@ -108,7 +108,9 @@ def run_demo(*, quick: bool = False, output_dir: str | Path = "outputs/demo", st
     from tokenmover.rl.trainer import GRPOTrainer
 
     plan = PLANS["quick" if quick else "full"]
-    n_steps = steps or plan.steps
+    n_steps = plan.steps if steps is None else steps
+    if n_steps < 1:
+        raise ValueError(f"steps must be >= 1, got {n_steps}")
     beta = plan.beta if beta is None else beta
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
