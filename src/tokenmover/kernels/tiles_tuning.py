@@ -24,8 +24,9 @@ differ between runs when two candidates time alike. For bitwise-reproducible run
 A candidate that cannot run on the card (too many registers or too much shared memory for it)
 is skipped with a warning. If none runs, or the card runs out of memory while timing (it needs
 room for the gradient of up to :data:`TUNE_ROWS` rows), tuning stops with a warning and keeps
-the first candidate (the defaults) for that shape: tuning never fails the caller's step, and
-an error of the defaults themselves surfaces from the caller's own launch.
+the untuned defaults for that shape (every knob None: ``tree_triton``'s ``TILES_*``, which differ
+by logits order; the first candidate is only token order's): tuning never fails the caller's
+step, and an error of the defaults themselves surfaces from the caller's own launch.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ TUNE_MIN_ROWS = 256  # smaller batches run the defaults (a choice timed on a few
 TUNE_REPEATS = 3  # timed runs per candidate (median), after one untimed run that compiles
 ENV_FLAG = "TOKENMOVER_TRITON_TUNE"
 KNOBS = ("block", "num_warps", "scan", "row_block", "chunk", "sign_words", "fused_lse")
+UNTUNED = dict.fromkeys(KNOBS)  # what tuning keeps when nothing could be timed: every knob at its default
 
 _TUNED: dict[tuple, dict] = {}
 
@@ -116,10 +118,14 @@ def elapsed_ms(run: Callable[[], object], device: torch.device, repeats: int | N
     return statistics.median(times)
 
 
-def tune_key(x: torch.Tensor, y: torch.Tensor, ts, want_grad: bool, want_ref_grad: bool = False) -> tuple:
+def tune_key(x: torch.Tensor, y: torch.Tensor, ts, want_grad: bool, want_ref_grad: bool = False,
+             fixed: dict | None = None) -> tuple:
+    """The cache key of a pick: what changes which candidate is fastest, including the ``fixed``
+    options every candidate ran with (edge tiles, launch groups)."""
     lv = ts.levels
     return (str(x.device), x.shape[1], str(x.dtype), str(y.dtype), ts.num_members, lv.num_edges,
-            bool(lv.identity_order), bool(want_grad), bool(want_grad and want_ref_grad))
+            bool(lv.identity_order), bool(want_grad), bool(want_grad and want_ref_grad),
+            tuple(sorted((fixed or {}).items())))
 
 
 def tune_tiles(x: torch.Tensor, y: torch.Tensor, active: torch.Tensor | None, ts, want_grad: bool, *,
@@ -139,7 +145,7 @@ def tune_tiles(x: torch.Tensor, y: torch.Tensor, active: torch.Tensor | None, ts
         uses_fused_lse,
     )
 
-    key = tune_key(x, y, ts, want_grad, want_ref_grad)
+    key = tune_key(x, y, ts, want_grad, want_ref_grad, fixed)
     if key in _TUNED:
         return {k: _TUNED[key][k] for k in KNOBS}
     candidates = CANDIDATES if candidates is None else candidates
@@ -164,9 +170,9 @@ def tune_tiles(x: torch.Tensor, y: torch.Tensor, active: torch.Tensor | None, ts
         try:
             ms = timer(run, x.device)
         except torch.OutOfMemoryError:  # the caller's step leaves no room to time in: keep the defaults
-            logger.warning("tiles tuning: out of memory on %s while timing %s; using the defaults %s",
-                           x.device, cand, candidates[0])
-            best, best_ms = candidates[0], math.nan
+            logger.warning("tiles tuning: out of memory on %s while timing %s; using the untuned defaults",
+                           x.device, cand)
+            best, best_ms = UNTUNED, math.nan
             break
         except Exception as exc:  # a configuration the card cannot run (registers, shared memory)
             logger.warning("tiles tuning: %s failed on %s: %s: %s", cand, x.device, type(exc).__name__, exc)
@@ -176,8 +182,8 @@ def tune_tiles(x: torch.Tensor, y: torch.Tensor, active: torch.Tensor | None, ts
         if ms < best_ms:
             best, best_ms = cand, ms
     if best is None:  # nothing ran: the caller's own launch with the defaults reports why
-        logger.warning("tiles tuning: no candidate ran on %s; using the defaults %s", x.device, candidates[0])
-        best, best_ms = candidates[0], math.nan
+        logger.warning("tiles tuning: no candidate ran on %s; using the untuned defaults", x.device)
+        best, best_ms = UNTUNED, math.nan
     _TUNED[key] = {**{k: best[k] for k in KNOBS}, "ms": best_ms, "timed": timed}
     logger.info("tiles tuning for %s: %s (%.3f ms on %d rows)", key, best, best_ms, xs.shape[0])
     return {k: best[k] for k in KNOBS}
