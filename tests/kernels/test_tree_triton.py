@@ -272,6 +272,16 @@ def test_tiles_row_blocks_with_masked_and_garbage_rows(scan):
     assert rel_err(xs.grad[mask], ref[1]) < 1e-12 and rel_err(ys.grad[mask], ref[2]) < 1e-12
 
 
+@pytest.mark.parametrize(("knob", "value"), [("block", 24), ("block", 0), ("edge_block", 48)])
+def test_tile_sizes_must_be_a_power_of_two(knob, value):
+    """A tile that is not a power of two is named up front (it had failed deep in Triton)."""
+    v = 40
+    x, y = random_logits(2, v, seed=21), random_logits(2, v, seed=22)
+    with pytest.raises(ValueError, match=f"{knob} must be a power of two"):
+        tree_triton.tree_wasserstein_triton(x, y, None, structures(v)["cluster_tree"], algorithm="tiles",
+                                            **{knob: value})
+
+
 @pytest.mark.parametrize("row_block", [0, 3, -2])
 def test_tiles_row_block_must_be_a_power_of_two(row_block):
     structure = structures(60)["cluster_tree"]

@@ -589,6 +589,9 @@ def _tiles_forward(x, y, active, ts: TritonStructure, want_grad: bool, *, block=
     if fused and block is None and num_warps is None and not interpret:
         block, num_warps, chunk = TILES_FUSED_BLOCK, TILES_FUSED_WARPS, chunk or TILES_FUSED_CHUNK
     block, num_warps = tiles_tile_defaults(block, num_warps, bool(lv.identity_order), interpret)
+    for knob, value in (("block", block), ("edge_block", edge_block)):
+        if value is not None and (value < 1 or value & (value - 1)):
+            raise ValueError(f"{knob} must be a power of two (a Triton tile), got {value!r}")
     chunk = chunk or (4 * block if interpret else TILES_CHUNK)
     if fused and (chunk % block or (chunk // block) & (chunk // block - 1)):
         raise ValueError(f"fused_lse: a program holds chunk / block tiles, a power of two; got chunk {chunk}, "
