@@ -199,8 +199,9 @@ def main() -> None:
             if order == "leaf, no identity path":
                 ts = tree_triton.pack_for_triton(leaf_tree, xp.device, torch.float32)
                 key = (id(leaf_tree), str(xp.device), torch.float32)
-                tree_triton._CACHE[key] = dataclasses.replace(
-                    ts, levels=dataclasses.replace(ts.levels, identity_order=False))
+                # the cache holds (the packed arrays converted, their conversion); only the conversion changes
+                tree_triton._CACHE[key] = (leaf_tree.packed(xp.device, torch.float32), dataclasses.replace(
+                    ts, levels=dataclasses.replace(ts.levels, identity_order=False)))
             a, b = (x, y) if order == "token" else (xp, yp)
 
             def run(a=a, b=b, structure=structure, opts=opts):
@@ -219,17 +220,21 @@ def main() -> None:
             save()
             if order == "leaf, no identity path":
                 tree_triton._CACHE.pop((id(leaf_tree), str(xp.device), torch.float32), None)
-    else:
+    else:  # every section is printed and saved as it ends: a timeout cuts only the tail
+        def record(label: str, value) -> None:
+            result[label] = value
+            result["tuned"] = [{"key": list(key), **cfg} for key, cfg in tiles_tuning.tuned_configs().items()]
+            print(json.dumps({label: value}), flush=True)
+            save()
+
         if "token" in args.orders:
-            result["token order"] = per_kernel_ms(fwd_bwd(x, y, tree), args.repeats)
+            record("token order", per_kernel_ms(fwd_bwd(x, y, tree), args.repeats))
         if "leaf" in args.orders:
-            result["leaf order"] = per_kernel_ms(fwd_bwd(xp, yp, leaf_tree), args.repeats)
+            record("leaf order", per_kernel_ms(fwd_bwd(xp, yp, leaf_tree), args.repeats))
             # session 6's questions, untuned: does the gradient launch gain more from sign words
             # than the prefix launch pays for them; do 4-row programs now beat 1-warp ones
             for label, opts in LEAF_QUESTIONS.items():
-                result[f"leaf order, {label}"] = per_kernel_ms(fwd_bwd(xp, yp, leaf_tree, **opts), args.repeats)
-                print(json.dumps({label: result[f"leaf order, {label}"]}), flush=True)
-        result["tuned"] = [{"key": list(key), **cfg} for key, cfg in tiles_tuning.tuned_configs().items()]
+                record(f"leaf order, {label}", per_kernel_ms(fwd_bwd(xp, yp, leaf_tree, **opts), args.repeats))
         result["index_select both by leaf order"] = event_ms(
             lambda: (x.index_select(1, perm), y.index_select(1, perm)), 5)
         result["copy both"] = event_ms(lambda: (x.clone(), y.clone()), 5)

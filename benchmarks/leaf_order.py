@@ -97,7 +97,7 @@ def main(argv=None) -> int:
         sys.argv = argv_saved
         kl_fn = torch.compile(kl_plain, dynamic=False) if on_gpu else kl_plain
 
-    def measure(n, results, checks):
+    def measure(n, results, checks, save):
         gen_n = torch.Generator().manual_seed(n)
         hidden = torch.randn(n, d, generator=gen_n).to(device, dtype)
         ref_hidden = (hidden.float() + 0.1 * torch.randn(n, d, generator=gen_n).to(device)).to(dtype)
@@ -165,6 +165,9 @@ def main(argv=None) -> int:
                     "mean_penalty": float(tok_vals.double().mean()),
                 }
 
+        save()  # the correctness checks, before the timing runs
+        print(f"N={n}: token vs leaf order checked", flush=True)
+
         # ------------------------------------------------------------------ timing
         times: dict[tuple, list[float]] = {row: [] for row in rows}
         stages["head+kl"] = kl_step
@@ -199,13 +202,36 @@ def main(argv=None) -> int:
                     "leaf_order_all_ms": [1e3 * t for t in times[(stage, b, True)]],
                     **checks[(n, stage, b)],
                 })
+        save()
 
     results, checks = [], {}
+    where = torch.cuda.get_device_name(device) if on_gpu else "1 thread"
+
+    def save() -> None:  # after each stage of each N: a run cut short (a timeout) keeps what it measured
+        record = {
+            "benchmark": "leaf_order_gpu" if on_gpu else "leaf_order_cpu",
+            "device": where,
+            "dtype": str(dtype),
+            "command": "python benchmarks/leaf_order.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "vocab": v,
+            "hidden": d,
+            "rows": args.rows,
+            "repeats": args.repeats,
+            "structure": {"kind": structure.kind, "num_edges": structure.num_edges, "build_s": build_s,
+                          "in_leaf_order_s": relabel_s},
+            "threads": {"torch": torch.get_num_threads(), "numba": os.environ.get("NUMBA_NUM_THREADS")},
+            "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                        "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__},
+            "results": results,
+            "checks": [{"rows": key[0], "stage": key[1], "backend": key[2], **c} for key, c in checks.items()],
+        }
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+
     for n in args.rows:
-        measure(n, results, checks)
+        measure(n, results, checks, save)
 
     header = f"{'N':>5} {'stage':<22} {'backend':<7} {'token order':>12} {'leaf order':>11} {'speedup':>8}"
-    where = torch.cuda.get_device_name(device) if on_gpu else "1 thread"
     print(f"V={v}, d={d}, cluster tree ({structure.num_edges} edges), {dtype}, fwd+bwd, median of {args.repeats}, {where}")
     print(header)
     print("-" * len(header))
@@ -218,25 +244,6 @@ def main(argv=None) -> int:
     worst = max(c["max_rel_diff_grads"] for c in checks.values())
     print(f"token vs leaf order: max |penalty diff| {max(c['max_abs_diff_penalty'] for c in checks.values()):.2e}, "
           f"max relative gradient diff {worst:.2e}")
-
-    record = {
-        "benchmark": "leaf_order_gpu" if on_gpu else "leaf_order_cpu",
-        "device": where,
-        "dtype": str(dtype),
-        "command": "python benchmarks/leaf_order.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "vocab": v,
-        "hidden": d,
-        "rows": args.rows,
-        "repeats": args.repeats,
-        "structure": {"kind": structure.kind, "num_edges": structure.num_edges, "build_s": build_s,
-                      "in_leaf_order_s": relabel_s},
-        "threads": {"torch": torch.get_num_threads(), "numba": os.environ.get("NUMBA_NUM_THREADS")},
-        "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__},
-        "results": results,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {args.out}")
     return 0
 
