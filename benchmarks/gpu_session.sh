@@ -4,10 +4,11 @@
 #
 #   bash benchmarks/gpu_session.sh OUTDIR
 #
-# 1. benchmarks/gpu.py: correctness against float64 (every tuning candidate too), the issue's
-#    table at V = 50,257 / 151,936 / 262,144 with default and tuned "tiles" rows (run 5: 236 s
-#    with this skip list), then the tuning sweep while --budget-s lasts. Sinkhorn, the torch tree
-#    and the scatter kernel's rows are skipped (their numbers are in docs/gpu.md).
+# 1. benchmarks/gpu.py: correctness against float64 (every tuning candidate in token order; at the
+#    first V also on leaf-order logits and the forest, bf16; a case that raises is recorded, the
+#    rest go on), the table at V = 262,144 first, then 151,936 and 50,257, with default and
+#    tuned "tiles" rows (run 5: 236 s with this skip list), then the tuning sweep while --budget-s
+#    lasts. Sinkhorn, the torch tree and the scatter kernel's rows are skipped (docs/gpu.md).
 # 2. benchmarks/gpu_profile.py: per-kernel CUDA-event times at V = 262,144, token and leaf order
 #    (tuned), and leaf order with and without sign words and with 4-row programs (session 6), and
 #    with the log-sum-exp launch fused into the prefix launch (session 7, fused_lse).
