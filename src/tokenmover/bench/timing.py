@@ -2,13 +2,16 @@
 
 Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` above the allocation at the start of
 the call; on CPU, the peak resident set size sampled every ~0.5 ms by a background thread above
-the RSS at the start of the call (large tensors are mmap-backed and returned to the OS when
-freed, so this tracks the call's own temporaries; small allocations under the sampling
-resolution may be missed).
+the RSS at the start of the call. Before each call, memory freed by earlier calls is handed back
+to the OS (glibc ``malloc_trim``): buffers freed after the warm-up would otherwise stay resident
+and be reused without raising the RSS, so a call's own (N, V) temporaries read as 0 MB.
+Allocations shorter than the sampling interval may still be missed.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import statistics
 import threading
@@ -19,6 +22,23 @@ from dataclasses import dataclass
 import torch
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _load_malloc_trim():
+    name = ctypes.util.find_library("c")
+    try:
+        return getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    except OSError:
+        return None
+
+
+_MALLOC_TRIM = _load_malloc_trim()  # glibc only; elsewhere freed memory may stay resident (documented)
+
+
+def release_freed_memory() -> None:
+    """Return freed heap memory to the OS (glibc), so that the next call's RSS growth is its own."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def _rss_bytes() -> int:
@@ -79,6 +99,7 @@ def measure(fn: Callable[[], None], *, repeats: int = 5, warmup: int = 1, device
             times.append(time.perf_counter() - t0)
             peak = max(peak, torch.cuda.max_memory_allocated(device) - base)
         else:
+            release_freed_memory()
             with _RssSampler() as sampler:
                 t0 = time.perf_counter()
                 fn()
