@@ -45,3 +45,10 @@ def test_bad_directions():
         build_chains(np.zeros((5, 3)), directions=np.zeros((3, 1)))
     with pytest.raises(ValueError, match="n_directions"):
         build_chains(np.zeros((5, 3)), n_directions=0)
+
+
+def test_points_without_coordinates_are_refused():
+    """d = 0 had given chains whose distance is always 0."""
+    with pytest.raises(ValueError, match="V, d >= 1"):
+        build_chains(np.zeros((5, 0)), 2)
+

@@ -83,3 +83,22 @@ def test_kmeans_separates_well_separated_blobs():
     assert len(set(labels[:50].tolist())) == 1 and len(set(labels[50:].tolist())) == 1
     assert labels[0] != labels[-1]
     assert centres.shape == (2, 2)
+
+
+def test_points_far_from_the_origin_keep_the_upper_bound():
+    """float64 points far from the origin relative to their spread: centred before the float32
+    k-means, the tree metric still upper-bounds their distances (the differences had rounded away:
+    all-zero edge weights, d_T < d_E for 17% of pairs)."""
+    line = np.array([[1e8, 0.0], [1e8 + 1, 0.0], [1e8 + 3, 0.0]])
+    cost = build_cluster_tree(line, leaf_size=1, branching=2).cost_matrix()
+    assert torch.all(cost >= torch.cdist(torch.tensor(line) - 1e8, torch.tensor(line) - 1e8) - 1e-6)
+    gen = np.random.default_rng(0)
+    points = 1e4 + 1e-3 * gen.standard_normal((60, 3))
+    cost = build_cluster_tree(points, branching=3, leaf_size=4).cost_matrix()
+    euclid = torch.cdist(torch.tensor(points - 1e4), torch.tensor(points - 1e4))
+    assert torch.all(cost >= euclid - 1e-9)  # float32 rounding of a 1e-3 spread
+
+
+def test_lloyd_iterations_must_be_positive():
+    with pytest.raises(ValueError, match="n_iter must be >= 1"):
+        build_cluster_tree(clustered_points(20), n_iter=0)

@@ -62,6 +62,10 @@ def tree_pair_distances(structure, a, b) -> np.ndarray:
     if a.shape != b.shape:
         raise ValueError(f"a and b must have the same length, got {a.size} and {b.size}")
     v = structure.num_tokens
+    ids = np.concatenate([a, b])
+    outside = ids[(ids < 0) | (ids >= v)][:3].tolist()
+    if outside:
+        raise ValueError(f"token ids must be in [0, {v}), got {outside}")
     out = np.zeros(a.size)
     offsets = structure.member_offsets.numpy()
     for k in range(structure.num_members):

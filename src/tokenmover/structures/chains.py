@@ -42,8 +42,8 @@ def build_chains(
     """
     t0 = time.perf_counter()
     x = np.asarray(points.detach().cpu() if isinstance(points, torch.Tensor) else points, dtype=np.float64)
-    if x.ndim != 2 or x.shape[0] < 1:
-        raise ValueError(f"points must have shape (V, d) with V >= 1, got {x.shape}")
+    if x.ndim != 2 or x.shape[0] < 1 or x.shape[1] < 1:
+        raise ValueError(f"points must have shape (V, d) with V, d >= 1, got {x.shape}")
     if not np.isfinite(x).all():
         raise ValueError("points contain NaN or Inf")
     v, d = x.shape

@@ -28,10 +28,13 @@ def _as_points(points: np.ndarray | torch.Tensor) -> torch.Tensor:
         raise ValueError(f"points must have shape (V, d), got {tuple(x.shape)}")
     if x.shape[0] < 1 or x.shape[1] < 1:
         raise ValueError(f"points must be non-empty, got shape {tuple(x.shape)}")
-    x = x.detach().to("cpu", torch.float32).contiguous()
+    x = x.detach().to("cpu", torch.float64)
     if not bool(torch.isfinite(x).all()):
         raise ValueError("points contain NaN or Inf")
-    return x
+    # centred in float64 before the float32 k-means: distances do not move, but points far from the
+    # origin relative to their spread would lose their differences to float32 rounding (and
+    # ||x||^2 - 2 <x, c> + ||c||^2 its digits), breaking d_T >= Euclidean
+    return (x - x.mean(0)).to(torch.float32).contiguous()
 
 
 # Nodes smaller than this run k-means on one thread: their tensor ops are too small to gain from
@@ -116,6 +119,8 @@ def build_cluster_tree(
         raise ValueError(f"branching must be >= 2, got {branching}")
     if leaf_size < 1:
         raise ValueError(f"leaf_size must be >= 1, got {leaf_size}")
+    if n_iter < 1:
+        raise ValueError(f"n_iter must be >= 1, got {n_iter}")
     t0 = time.perf_counter()
     x = _as_points(points)  # (V, d)
     v = x.shape[0]

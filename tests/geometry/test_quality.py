@@ -1,0 +1,28 @@
+"""geometry.quality: tree-metric distances between token pairs."""
+
+import numpy as np
+import pytest
+import torch
+
+from tokenmover.geometry.quality import tree_pair_distances
+from tokenmover.structures import build_chains, build_cluster_forest, build_cluster_tree
+
+
+@pytest.mark.parametrize("kind", ["tree", "forest", "chains"])
+def test_pair_distances_are_the_weighted_cost_matrix_entries(kind):
+    points = torch.randn(60, 4, generator=torch.Generator().manual_seed(0))
+    structure = {"tree": lambda: build_cluster_tree(points, branching=3, leaf_size=5),
+                 "forest": lambda: build_cluster_forest(points, n_trees=3, branching=3, leaf_size=5),
+                 "chains": lambda: build_chains(points, 4)}[kind]()
+    a, b = np.arange(60), np.random.default_rng(1).permutation(60)
+    cost = sum(float(structure.member_weights[k]) * structure.cost_matrix(k).numpy()
+               for k in range(structure.num_members))  # sum_k a_k d_{T_k}
+    np.testing.assert_allclose(tree_pair_distances(structure, a, b), cost[a, b], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("ids", [[-1], [60]])
+def test_token_ids_outside_the_vocabulary_are_refused(ids):
+    """-1 had wrapped round to token V - 1."""
+    structure = build_cluster_tree(torch.randn(60, 4), leaf_size=5)
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, 60\)"):
+        tree_pair_distances(structure, ids, [0])
