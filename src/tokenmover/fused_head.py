@@ -200,8 +200,13 @@ class LogitHead:
         hidden = hidden.to(self.lm_head.weight.device)
         if linear is not None:
             weight, bias, cast = linear
-            logits = F.linear(hidden if cast is None else hidden.to(cast), weight, bias)  # (..., V) in order
+            hidden = hidden if cast is None else hidden.to(cast)
+            # a float32 head behind TRL's float32 cast (seen without the patched forward: the frozen
+            # original of a modules_to_save wrapper) gets float32 hidden states, as TRL's forward gives it
+            logits = F.linear(hidden.to(weight.dtype), weight, bias)  # (..., V) in order
         else:
+            if isinstance(self.lm_head, nn.Linear) and "forward" not in self.lm_head.__dict__:
+                hidden = hidden.to(self.lm_head.weight.dtype)  # as above; a patched forward casts itself
             logits = self.lm_head(hidden)  # (..., V)
             if self.row_order is not None:
                 logits = logits.index_select(-1, self.row_order.to(logits.device))

@@ -62,3 +62,27 @@ def test_an_adapted_head_beside_a_ref_adapter_is_refused():
     plain.add_adapter("ref", LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     assert LogitHead.of_reference(plain).lm_head is plain.get_base_model().get_output_embeddings()
 
+
+
+def test_reference_head_under_trls_float32_cast_of_a_modules_to_save_head():
+    """TRL's cast_lm_head_to_fp32 makes the wrapper (and its frozen original) float32 but patches the
+    float32 forward on the wrapper only: the reference head (the original) must still take the bf16
+    hidden states (it had raised a dtype mismatch) and give the original head's float32 logits."""
+    from torch import nn  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_model(V, D, 1).to(torch.bfloat16),
+                           LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    lm_head = model.lm_head.float()  # what trl's GRPOTrainer does (grpo_trainer.py, cast_lm_head_to_fp32)
+    model.lm_head = lm_head
+
+    def cast_forward_to_fp32(hidden_states):
+        return nn.functional.linear(hidden_states.to(torch.float32), lm_head.weight.to(torch.float32))
+
+    lm_head.forward = cast_forward_to_fp32
+    h = torch.randn(3, D, dtype=torch.bfloat16)
+    with torch.no_grad():
+        got = LogitHead.of_reference(model)(h)
+        with model.disable_adapter():
+            expected = model.get_base_model().get_output_embeddings()(h)
+    assert got.dtype == torch.float32 and torch.equal(got, expected)
