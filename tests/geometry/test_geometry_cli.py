@@ -40,6 +40,9 @@ def test_build_is_reproducible_with_a_seed(corpus, tmp_path):
 def test_build_into_a_used_folder_needs_overwrite_which_removes_the_old_structures(corpus, tmp_path):
     out = tmp_path / "g"
     assert _build(corpus, out) == 0
+    from tokenmover.structures import TransportStructure  # noqa: PLC0415
+
+    TransportStructure.from_pretrained(out, name="structure_sliced").save_pretrained(out)  # "structure.*"
     with pytest.raises(SystemExit, match="--overwrite"):
         _build(corpus, out, "--dim", "4")
     assert main(["geometry", "build", "--tokenizer", "gpt2", "--corpus", str(corpus), "--dim", "4", "--epochs", "1",

@@ -134,10 +134,12 @@ def cmd_build(args) -> int:
 
 
 def _artifacts_in(folder: Path) -> list[Path]:
-    """The files ``build`` writes (``geometry.*``, ``structure_*.*``) already in ``folder``."""
+    """The artifacts already in ``folder`` that ``inspect`` / ``eval`` would read as the build's:
+    ``geometry.*`` and every ``structure*.*`` (``build``'s ``structure_<kind>`` and a structure
+    saved there under the default name ``structure``, as docs/geometry.md shows)."""
     if not folder.is_dir():
         return []
-    names = ("geometry.json", "geometry.safetensors", "structure_*.json", "structure_*.safetensors")
+    names = ("geometry.json", "geometry.safetensors", "structure*.json", "structure*.safetensors")
     return sorted({path for name in names for path in folder.glob(name)})
 
 
