@@ -163,11 +163,10 @@ def test_json_facts_are_checked_against_the_tensors(points, tmp_path, key, value
 @pytest.mark.parametrize(
     "key, change, message",
     [
-        ("edge_weights", lambda t: t.float(), "edge_weights must have dtype torch.float64"),
         ("perms", lambda t: t.double(), "perms must have dtype torch.int64"),
         ("edge_starts", lambda t: t.double(), "edge_starts must have dtype torch.int64"),
         ("edge_ends", lambda t: t[:, None], r"edge_ends must be 1-D, got shape \(299, 1\)"),
-        ("member_weights", lambda t: t.float(), "member_weights must have dtype torch.float64"),
+        ("member_weights", lambda t: t.bool(), "member_weights must have dtype torch.float64"),
     ],
 )
 def test_tensors_of_the_wrong_dtype_or_shape_are_refused_at_load(points, tmp_path, key, change, message):

@@ -213,8 +213,8 @@ def test_a_structure_never_validated_is_validated_before_the_kernels_read_it(bac
     x, y = random_logits(2, 8, seed=1), random_logits(2, 8, seed=2)
     with pytest.raises(ValueError, match="member 0: perm is not a permutation"):
         distance(x, y, "tree", structure=_unvalidated(perm), backend=backend)
-    with pytest.raises(ValueError, match="edge_weights must have dtype torch.float64"):
-        distance(x, y, "tree", structure=_unvalidated(torch.arange(8)[None], torch.float32), backend=backend)
+    with pytest.raises(ValueError, match="perms must have dtype torch.int64"):
+        distance(x, y, "tree", structure=_unvalidated(torch.arange(8)[None].double()), backend=backend)
 
 
 def test_validation_runs_once_per_state_of_the_tensors(rng, monkeypatch):
@@ -282,3 +282,30 @@ def test_validate_checks_dtypes_and_dimensions(field, value, message):
     setattr(tree, field, value(getattr(tree, field)))
     with pytest.raises(ValueError, match=message):
         tree.validate()
+
+
+def test_a_hand_built_structure_of_narrower_dtypes_is_widened_exactly(rng):
+    """int32 indices and float32 weights (torch's defaults for a hand-written tensor) are widened to
+    int64 / float64 when the structure is made: the same distances as the structure built in them."""
+    tree = random_tree(12, rng)
+    narrow = TransportStructure(
+        num_tokens=12, perms=tree.perms.int(), edge_starts=tree.edge_starts.int(), edge_ends=tree.edge_ends.int(),
+        edge_weights=tree.edge_weights.float(), member_offsets=tree.member_offsets.int(),
+        member_weights=tree.member_weights.float(),
+    )
+    assert narrow.perms.dtype == torch.int64 and narrow.edge_weights.dtype == torch.float64
+    exact = TransportStructure(12, tree.perms, tree.edge_starts, tree.edge_ends, tree.edge_weights.float().double(),
+                               tree.member_offsets, tree.member_weights)
+    x, y = random_logits(3, 12, seed=5), random_logits(3, 12, seed=6)
+    assert torch.equal(distance(x, y, "tree", structure=narrow), distance(x, y, "tree", structure=exact))
+
+
+def test_an_identity_relabel_keeps_the_relabelling_label(rng):
+    """in_leaf_order() of a structure already in leaf order relabels by the identity: it still
+    stacks with the structures relabelled once by the same order (it had got a new label and been refused)."""
+    a, b = random_tree(10, rng), random_tree(10, rng)
+    order = a.leaf_order()
+    once, twice = a.relabel(order), a.relabel(order).in_leaf_order()
+    assert twice.metadata["relabel_order_sha256"] == once.metadata["relabel_order_sha256"]
+    TransportStructure.stack([twice, b.relabel(order)])
+

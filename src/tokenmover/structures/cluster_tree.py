@@ -19,7 +19,7 @@ import time
 import numpy as np
 import torch
 
-from tokenmover.structures.transport_structure import TransportStructure
+from tokenmover.structures.transport_structure import TransportStructure, centred_float32
 
 
 def _as_points(points: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -28,13 +28,12 @@ def _as_points(points: np.ndarray | torch.Tensor) -> torch.Tensor:
         raise ValueError(f"points must have shape (V, d), got {tuple(x.shape)}")
     if x.shape[0] < 1 or x.shape[1] < 1:
         raise ValueError(f"points must be non-empty, got shape {tuple(x.shape)}")
-    x = x.detach().to("cpu", torch.float64)
+    x = x.detach().cpu()
     if not bool(torch.isfinite(x).all()):
         raise ValueError("points contain NaN or Inf")
-    # centred in float64 before the float32 k-means: distances do not move, but points far from the
-    # origin relative to their spread would lose their differences to float32 rounding (and
-    # ||x||^2 - 2 <x, c> + ||c||^2 its digits), breaking d_T >= Euclidean
-    return (x - x.mean(0)).to(torch.float32).contiguous()
+    # centred before the float32 k-means: points far from the origin relative to their spread would
+    # lose their differences (and ||x||^2 - 2 <x, c> + ||c||^2 its digits), breaking d_T >= Euclidean
+    return centred_float32(x)
 
 
 # Nodes smaller than this run k-means on one thread: their tensor ops are too small to gain from

@@ -24,19 +24,19 @@ import time
 import numpy as np
 import torch
 
-from tokenmover.structures.transport_structure import TransportStructure
+from tokenmover.structures.transport_structure import TransportStructure, centred_float32
 
 
 def _as_points(points) -> torch.Tensor:
     x = points if isinstance(points, torch.Tensor) else torch.as_tensor(np.asarray(points))
     if x.dim() != 2 or x.shape[0] < 1 or x.shape[1] < 1:
         raise ValueError(f"points must have shape (V, d) with V, d >= 1, got {tuple(x.shape)}")
-    x = x.detach().to("cpu", torch.float64)
+    x = x.detach().cpu()
     if not bool(torch.isfinite(x).all()):
         raise ValueError("points contain NaN or Inf")
-    # centred in float64 first: the float32 ||x||^2 - 2 <x, y> + ||y||^2 of the kNN search keeps its
-    # digits only for points near the origin relative to their spread (distances do not move)
-    return (x - x.mean(0)).to(torch.float32).contiguous()
+    # centred first: the float32 ||x||^2 - 2 <x, y> + ||y||^2 of the kNN search keeps its digits only
+    # for points near the origin relative to their spread (distances do not move)
+    return centred_float32(x)
 
 
 def knn_graph(points, k: int = 10, *, block: int = 512, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:

@@ -105,6 +105,19 @@ class TransportStructure:
     metadata: dict[str, Any] = field(default_factory=dict)
     _packed_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
+    def __post_init__(self) -> None:
+        # a structure built by hand may hold int32 indices or float32 weights: widened here, exactly,
+        # to the int64 / float64 that validate() and the kernels' packing expect (other dtypes and
+        # devices are left for validate() to name)
+        for name in _TENSOR_FIELDS:
+            t = getattr(self, name)
+            if not isinstance(t, torch.Tensor) or t.device.type != "cpu":
+                continue
+            if name in _INDEX_FIELDS and t.dtype in (torch.int8, torch.uint8, torch.int16, torch.int32):
+                setattr(self, name, t.to(torch.int64))
+            elif name not in _INDEX_FIELDS and t.dtype in (torch.float16, torch.bfloat16, torch.float32):
+                setattr(self, name, t.to(torch.float64))
+
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_tree(
@@ -256,7 +269,8 @@ class TransportStructure:
         and the gradients w.r.t. ``x[:, order]`` are those w.r.t. ``x`` taken in the same column order.
         The result has ``metadata["relabelled"] = True`` (so :meth:`save_pretrained` refuses it) and
         ``metadata["relabel_order_sha256"]``, a SHA-256 of ``order`` chained onto the previous one
-        (if this structure was relabelled already), which :meth:`stack` compares.
+        (if this structure was relabelled already; an identity ``order`` keeps it), which
+        :meth:`stack` compares.
 
         Args:
             order: (V,) integer permutation of ``0..V-1`` (validated).
@@ -271,8 +285,11 @@ class TransportStructure:
         if not torch.equal(torch.sort(order_t).values, torch.arange(v, dtype=torch.int64)):
             raise ValueError(f"order is not a permutation of 0..{v - 1} (missing or repeated token ids)")
         inverse = inverse_permutation(order_t)  # inverse[old id] = new id
-        digest = hashlib.sha256(str(self.metadata.get("relabel_order_sha256", "")).encode())
+        previous = self.metadata.get("relabel_order_sha256")
+        digest = hashlib.sha256(str(previous or "").encode())
         digest.update(order_t.numpy().astype("<i8").tobytes())
+        identity = bool(torch.equal(order_t, torch.arange(v, dtype=torch.int64)))
+        label = previous if identity and previous else digest.hexdigest()  # an identity relabel changes no id
         # perms stay permutations and the ranges are untouched, so the structure stays valid.
         return TransportStructure(
             num_tokens=v,
@@ -283,7 +300,7 @@ class TransportStructure:
             member_offsets=self.member_offsets,
             member_weights=self.member_weights,
             kind=self.kind,
-            metadata=dict(self.metadata, relabelled=True, relabel_order_sha256=digest.hexdigest()),
+            metadata=dict(self.metadata, relabelled=True, relabel_order_sha256=label),
         )
 
     def leaf_order(self) -> torch.Tensor:
@@ -505,6 +522,19 @@ def _same_state(a: tuple | None, b: tuple) -> bool:
     if a is None or a[0] != b[0]:
         return False
     return all(ta is tb and va == vb for (ta, va), (tb, vb) in zip(a[1], b[1]))
+
+
+def centred_float32(x: torch.Tensor, rows: int = 16384) -> torch.Tensor:
+    """``x - mean(x)`` (V, d) as float32, the mean and the differences taken in float64 a block of
+    ``rows`` at a time (peak extra memory: the float32 result plus one float64 block).
+
+    Builders run float32 k-means / kNN searches on it: distances do not move, but points far from
+    the origin relative to their spread would lose their differences to float32 rounding."""
+    mean = sum(x[lo : lo + rows].to(torch.float64).sum(0) for lo in range(0, x.shape[0], rows)) / x.shape[0]  # (d,)
+    out = torch.empty(x.shape, dtype=torch.float32)
+    for lo in range(0, x.shape[0], rows):
+        out[lo : lo + rows] = x[lo : lo + rows].to(torch.float64) - mean
+    return out
 
 
 def inverse_permutation(order: torch.Tensor) -> torch.Tensor:
