@@ -51,6 +51,9 @@ def test_yaml_values_are_converted_to_the_field_types(tmp_path):
     assert cfg.epsilon_high == 0.3 and cfg.disable_dropout is False and cfg.regularizer_chunk_size is None
     assert cfg.reward_weights == [2.0, 1.0] and cfg.dataset_config == "2020"
     assert GRPOConfig.from_yaml(path, ["--max_steps", "5"]).max_steps == 5  # the command line still wins
+    path.write_text("mixed_precision: no\nsave_final_model: 0\n")  # YAML's bare no: the field's own "no"
+    cfg = GRPOConfig.from_yaml(path)
+    assert cfg.mixed_precision == "no" and cfg.save_final_model is False
 
 
 def test_yaml_values_that_cannot_be_converted_name_the_field(tmp_path):
@@ -62,7 +65,7 @@ def test_yaml_values_that_cannot_be_converted_name_the_field(tmp_path):
         ("max_steps: true\n", "'max_steps' must be an integer, got True"),
         ("max_steps: null\n", "'max_steps' must not be empty"),
         ("use_chat_template: maybe\n", "'use_chat_template' must be true or false, got 'maybe'"),
-        ("mixed_precision: no\n", "'mixed_precision' must be a string, got False .quote it"),
+        ("dataset_split: no\n", "'dataset_split' must be a string, got False .quote it"),
         ("reward_funcs: vader\n", "'reward_funcs' must be a list"),
         ("reward_weights: [1, x]\n", "'reward_weights' must be a number, got 'x'"),
     ]

@@ -252,3 +252,25 @@ class _FakeAccelerator:
     def __init__(self, n):
         self.num_processes = n
         self.is_main_process = True
+
+
+def test_a_checkpoint_from_before_the_order_version_resumes_on_its_old_order(tiny_config, tmp_path):
+    """A trainer_state.json without "data_order" was written when epochs were drawn from seed + e:
+    resuming keeps that order (the run continues on the prompts it would have seen); new
+    checkpoints record version 2."""
+    import json  # noqa: PLC0415
+
+    from tokenmover.rl.data import PromptOrder  # noqa: PLC0415
+
+    first = GRPOTrainer(tiny_config(max_steps=2, save_steps=1, output_dir=str(tmp_path / "run"), seed=3))
+    first.train(max_steps=1)
+    state_file = tmp_path / "run" / "checkpoints" / "step-000001" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    assert state["data_order"] == 2
+    del state["data_order"]
+    state_file.write_text(json.dumps(state))
+    resumed = GRPOTrainer(tiny_config(max_steps=2, save_steps=1, output_dir=str(tmp_path / "run"), seed=3,
+                                      resume_from_checkpoint="latest"))
+    legacy = PromptOrder(len(resumed.prompts), 2, 3, version=1)
+    assert resumed.order.version == 1
+    assert [resumed.order.global_indices(s) for s in range(6)] == [legacy.global_indices(s) for s in range(6)]

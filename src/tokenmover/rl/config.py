@@ -329,11 +329,22 @@ def config_from_args(args: argparse.Namespace) -> GRPOConfig:
     if unknown:
         raise ValueError(f"unknown config field(s) {unknown}; see `tokenmover train --help` for the fields")
     hints = typing.get_type_hints(GRPOConfig)
-    values = {name: _yaml_value(name, value, hints[name]) for name, value in values.items()}
+    choices = {f.name: f.metadata.get("choices") for f in dataclasses.fields(GRPOConfig)}
+    values = {name: _yaml_value(name, _yaml_choice(value, choices[name]), hints[name]) for name, value in values.items()}
     for name in names:
         if hasattr(args, name):
             values[name] = getattr(args, name)  # already parsed to the field's type by argparse
     return GRPOConfig(**values)
+
+
+def _yaml_choice(value: Any, choices: tuple | None) -> Any:
+    """YAML reads a bare ``no`` / ``yes`` as a boolean: back to the string where the field offers it
+    (``mixed_precision: no``)."""
+    if isinstance(value, bool) and choices:
+        word = "yes" if value else "no"
+        if word in choices:
+            return word
+    return value
 
 
 def _yaml_value(name: str, value: Any, hint) -> Any:
@@ -367,6 +378,8 @@ def _yaml_scalar(name: str, value: Any, tp) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
+        if isinstance(value, int) and value in (0, 1):  # as the command line takes 0 / 1
+            return bool(value)
         if isinstance(value, str):
             try:
                 return _parse_bool(value)

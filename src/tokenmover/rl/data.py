@@ -99,20 +99,29 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return x ^ (x >> 31)
 
 
-class PromptOrder:
-    """Which prompts a step uses (see module docstring); stateless given the step."""
+ORDER_VERSION = 2  # 1: epoch e drawn from seed + e (until session 8); 2: from epoch_seed(seed, e)
 
-    def __init__(self, num_prompts: int, prompts_per_step: int, seed: int) -> None:
+
+class PromptOrder:
+    """Which prompts a step uses (see module docstring); stateless given the step.
+
+    ``version``: how an epoch's order is drawn (:data:`ORDER_VERSION`; 1 only to resume a run
+    checkpointed before session 8 on the order it started with)."""
+
+    def __init__(self, num_prompts: int, prompts_per_step: int, seed: int, version: int = ORDER_VERSION) -> None:
         if num_prompts < 1:
             raise ValueError("no prompts")
+        if version not in (1, 2):
+            raise ValueError(f"unknown prompt-order version {version!r} (this code knows 1 and 2)")
         self.num_prompts = num_prompts
         self.prompts_per_step = prompts_per_step
         self.seed = seed
+        self.version = version
         self._epochs: dict[int, list[int]] = {}
 
     def _epoch(self, e: int) -> list[int]:
         if e not in self._epochs:
-            gen = torch.Generator().manual_seed(epoch_seed(self.seed, e))
+            gen = torch.Generator().manual_seed(epoch_seed(self.seed, e) if self.version == 2 else self.seed + e)
             self._epochs = {e: torch.randperm(self.num_prompts, generator=gen).tolist()}
         return self._epochs[e]
 

@@ -482,7 +482,7 @@ class GRPOTrainer:
         folder = self.checkpoint_dir(self.step)
         acc.save_state(str(folder))
         if acc.is_main_process:
-            state = {"step": self.step, "data": self.order.position(self.step),
+            state = {"step": self.step, "data": self.order.position(self.step), "data_order": self.order.version,
                      "num_processes": acc.num_processes, "config": self.config.to_dict()}
             (folder / STATE_FILE).write_text(json.dumps(state, indent=2), encoding="utf-8")
             self._rotate_checkpoints()
@@ -508,6 +508,9 @@ class GRPOTrainer:
                     f"cannot resume from {folder}: it was trained with {key}={saved[key]!r}, the config says "
                     f"{getattr(self.config, key)!r}"
                 )
+        # a checkpoint written before the order had a version was drawn with seed + epoch (version 1)
+        self.order = PromptOrder(len(self.prompts), self.config.prompts_per_step, self.config.seed,
+                                 version=int(state.get("data_order", 1)))
         self.accelerator.load_state(str(folder))
         self.step = int(state["step"])
         self._resume_step = self.step
