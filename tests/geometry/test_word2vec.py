@@ -72,7 +72,7 @@ def test_empty_corpus_is_refused(toy_tokenizer):
         VocabGeometry.word2vec(["", "   "], toy_tokenizer, dim=4, progress=False)
 
 
-def test_cached_word2vec_builds_once(toy_tokenizer, toy_corpus, tmp_path):
+def test_cached_word2vec_builds_once(toy_tokenizer, toy_corpus, tmp_path, monkeypatch):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(toy_corpus))
     kw = dict(dim=6, cache_dir=tmp_path / "cache", progress=False, workers=1, min_count=2, epochs=2)
@@ -86,6 +86,11 @@ def test_cached_word2vec_builds_once(toy_tokenizer, toy_corpus, tmp_path):
     assert second.metadata["word2vec"] == first.metadata["word2vec"]
     other = cached_word2vec_geometry(toy_tokenizer, corpus=str(corpus), **{**kw, "dim": 4})
     assert other.dim == 4 and len(list((tmp_path / "cache" / "geometries").iterdir())) == 2
+    from tokenmover.geometry import cache  # noqa: PLC0415
+
+    monkeypatch.setattr(cache, "W2V_RECIPE", cache.W2V_RECIPE + 1)  # a changed recipe: not the old cache
+    cached_word2vec_geometry(toy_tokenizer, corpus=str(corpus), **kw)
+    assert len(list((tmp_path / "cache" / "geometries").iterdir())) == 3
 
 
 def test_token_sequences_are_cut_at_the_limit(toy_tokenizer):

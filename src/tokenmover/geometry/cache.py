@@ -9,6 +9,10 @@ from pathlib import Path
 from tokenmover.geometry.fingerprint import vocab_fingerprint
 from tokenmover.geometry.vocab_geometry import VocabGeometry
 
+# bumped when train_word2vec's output changes for the same arguments, so older cached geometries are not
+# reused: 2 = sequences cut at exactly max_sequence_tokens ids (session 8)
+W2V_RECIPE = 2
+
 
 def cached_word2vec_geometry(tokenizer, corpus: str = "shakespeare", dim: int = 64, model=None,
                              cache_dir: str | Path | None = None, *, seed: int = 0, progress: bool = True,
@@ -18,7 +22,7 @@ def cached_word2vec_geometry(tokenizer, corpus: str = "shakespeare", dim: int = 
     ``<cache_dir>/geometries/w2v-<key>`` afterwards (``cache_dir`` defaults to the library's cache).
 
     The key hashes the vocabulary fingerprint, the corpus, ``dim``, ``seed``, the model's name and
-    embedding shape (if given) and the other word2vec arguments.
+    embedding shape (if given), the other word2vec arguments and :data:`W2V_RECIPE`.
     """
     from tokenmover.assets import default_cache_dir
     from tokenmover.geometry.corpora import corpus_key, corpus_lines
@@ -29,7 +33,8 @@ def cached_word2vec_geometry(tokenizer, corpus: str = "shakespeare", dim: int = 
         model_key = [getattr(model.config, "name_or_path", type(model).__name__), list(emb.shape)]
         model_key[0] = Path(model_key[0]).name if Path(str(model_key[0])).is_absolute() else model_key[0]
     spec = {"fp": vocab_fingerprint(tokenizer), "corpus": corpus_key(corpus), "dim": dim, "seed": seed,
-            "model": model_key, "kw": sorted(w2v_kwargs.items())}
+            "model": model_key, "kw": sorted(w2v_kwargs.items()),
+            "recipe": W2V_RECIPE}
     key = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
     folder = Path(cache_dir or default_cache_dir()) / "geometries" / f"w2v-{key}"
     if (folder / "geometry.json").is_file():

@@ -12,7 +12,8 @@ Every adapter reads the same fields (defaults in brackets):
 - ``transport_geometry`` ["embeddings"]: ``"embeddings"`` (the model's input embedding rows),
   ``"output_embeddings"`` (its LM-head rows) or a folder of a saved
   :class:`~tokenmover.geometry.VocabGeometry`.
-- ``transport_structure_kind`` ["tree"]: ``tree`` | ``forest`` | ``mst`` | ``sliced``
+- ``transport_structure_kind`` ["auto"]: ``auto`` (the method's own: a forest for ``forest``, chains
+  for ``sliced``, a tree otherwise) | ``tree`` | ``forest`` | ``mst`` | ``sliced``
   (:meth:`VocabGeometry.build_structure`, seeded with ``seed``).
 - ``transport_chunk_size`` [None]: completion positions projected to (chunk, V) logits at a time;
   None keeps a (chunk, V) float32 block near 64 MiB, near 1 GiB on CUDA (fewer launches and syncs).
