@@ -168,8 +168,8 @@ class LogitHead:
             )
         return dataclasses.replace(head, lm_head=base)
 
-    def ordered_linear(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.dtype | None] | None:
-        """``(W[o], b[o] or None, input dtype or None)`` for the direct path, or None.
+    def ordered_linear(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """``(W[o], b[o] or None)`` for the direct path, or None.
 
         None when there is no ``row_order`` or the head is not a plain linear layer (then
         :meth:`project` computes the full logits and gathers their columns). Computed once per call
@@ -180,17 +180,14 @@ class LogitHead:
         parts = _linear_parts(self.lm_head)
         if parts is None:
             return None
-        weight, bias, cast = parts
+        weight, bias = parts
         if weight.dim() != 2 or weight.shape[0] != self.row_order.numel():
             return None
         order = self.row_order.to(weight.device)
         inverse = inverse_permutation(order)
         weight = _PermuteRows.apply(weight, order, inverse)  # (V, d) rows in the new column order
         bias = None if bias is None else _PermuteRows.apply(bias, order, inverse)  # (V,)
-        if cast is not None:
-            weight = weight.to(cast)
-            bias = None if bias is None else bias.to(cast)
-        return weight, bias, cast
+        return weight, bias
 
     def project(self, hidden: torch.Tensor, linear=None) -> torch.Tensor:
         """Logits (..., V) of ``hidden`` (..., d), in ``row_order`` when set.
@@ -199,10 +196,10 @@ class LogitHead:
         """
         hidden = hidden.to(self.lm_head.weight.device)
         if linear is not None:
-            weight, bias, cast = linear
-            hidden = hidden if cast is None else hidden.to(cast)
-            # a float32 head behind TRL's float32 cast (seen without the patched forward: the frozen
-            # original of a modules_to_save wrapper) gets float32 hidden states, as TRL's forward gives it
+            weight, bias = linear
+            # hidden states take the head's dtype: TRL's cast_lm_head_to_fp32 forward does that for its
+            # float32 head, and a float32 head met without that forward (the frozen original of a
+            # modules_to_save wrapper) needs it too
             logits = F.linear(hidden.to(weight.dtype), weight, bias)  # (..., V) in order
         else:
             if isinstance(self.lm_head, nn.Linear) and "forward" not in self.lm_head.__dict__:
@@ -237,8 +234,8 @@ class _PermuteRows(torch.autograd.Function):
         return grad.index_select(0, inverse), None, None
 
 
-def _linear_parts(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, torch.dtype | None] | None:
-    """``(weight, bias, input dtype or None)`` when ``module(h)`` is exactly ``F.linear(h, weight, bias)``.
+def _linear_parts(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """``(weight, bias)`` when ``module(h)`` is exactly ``F.linear(h.to(weight.dtype), weight, bias)``.
 
     A plain :class:`torch.nn.Linear` (or subclass keeping its forward) without hooks; also TRL's
     ``cast_lm_head_to_fp32`` patch (``F.linear(h.float(), W.float(), b.float())`` on a float32 head).
@@ -249,10 +246,8 @@ def _linear_parts(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None,
     if module._forward_hooks or module._forward_pre_hooks:
         return None
     own = module.__dict__.get("forward")
-    if own is None:
-        return module.weight, module.bias, None
-    if getattr(own, "__name__", "") == "cast_forward_to_fp32" and module.weight.dtype == torch.float32:
-        return module.weight, module.bias, torch.float32
+    if own is None or (getattr(own, "__name__", "") == "cast_forward_to_fp32" and module.weight.dtype == torch.float32):
+        return module.weight, module.bias
     return None
 
 
