@@ -346,7 +346,7 @@ class TransportStructure:
         each member's ranges are laminar (nested or disjoint); edge and member weights are finite,
         edge weights ``>= 0``, member weights ``> 0``; offsets are consistent.
         """
-        state = self._state()
+        state = self.snapshot()
         v = self.num_tokens
         if v < 1:
             raise ValueError(f"a structure needs at least one token, got num_tokens={v}")
@@ -403,21 +403,18 @@ class TransportStructure:
         self._packed_cache["validated"] = state
 
     # ------------------------------------------------------------------ kernels' view
-    def _state(self) -> tuple:
-        """What the cached kernel arrays were derived from: ``num_tokens`` and each tensor field with
-        its version counter (bumped by in-place changes). The tensors themselves are held, so a
-        replaced field is told apart by identity (``is``), never by a reused ``id()``."""
-        return (self.num_tokens, tuple((t, _version(t)) for t in (getattr(self, n) for n in _TENSOR_FIELDS)))
-
     def snapshot(self) -> tuple:
         """An opaque record of the tensor fields as they are now, for :meth:`changed_since`: what a
-        cache derived from this structure (e.g. its leaf-order twin) checks before reuse."""
-        return self._state()
+        cache derived from this structure (the packed arrays, the leaf-order twin) checks before
+        reuse. ``num_tokens`` and each tensor field with its version counter (bumped by in-place
+        changes); the tensors themselves are held, so a replaced field is told apart by identity
+        (``is``), never by a reused ``id()``."""
+        return (self.num_tokens, tuple((t, _version(t)) for t in (getattr(self, n) for n in _TENSOR_FIELDS)))
 
     def changed_since(self, snapshot: tuple) -> bool:
         """Whether a tensor field was replaced or changed in place since :meth:`snapshot` gave
         ``snapshot`` (or ``num_tokens`` changed)."""
-        return not _same_state(snapshot, self._state())
+        return not _same_state(snapshot, self.snapshot())
 
     def packed(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> PackedStructure:
         """The kernel arrays on ``device`` with weights in ``dtype`` (cached).
@@ -429,7 +426,7 @@ class TransportStructure:
         in-place changes made to them under ``torch.inference_mode()`` are not noticed.)
         """
         key = (str(torch.device(device)), dtype)
-        state = self._state()
+        state = self.snapshot()
         entry = self._packed_cache.get(key)
         if entry is None or not _same_state(entry[0], state):
             if not _same_state(self._packed_cache.get("validated"), state):
@@ -518,7 +515,7 @@ def _version(t: torch.Tensor) -> int | None:
 
 
 def _same_state(a: tuple | None, b: tuple) -> bool:
-    """Whether two :meth:`TransportStructure._state` tuples describe the same, unchanged tensors."""
+    """Whether two :meth:`TransportStructure.snapshot` tuples describe the same, unchanged tensors."""
     if a is None or a[0] != b[0]:
         return False
     return all(ta is tb and va == vb for (ta, va), (tb, vb) in zip(a[1], b[1]))
