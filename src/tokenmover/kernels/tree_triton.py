@@ -431,7 +431,7 @@ def tree_rows(
 
     ``block`` (positions per tile), ``num_programs`` (persistent grid size), ``num_warps`` and
     ``algorithm`` (see the module docstring) are tuning knobs; defaults as in the module constants.
-    ``requested``: the knobs of :data:`REQUESTABLE` the caller set itself (a True one that cannot
+    ``requested``: the knobs of :data:`REQUESTABLE` the caller set to True itself (one that cannot
     apply warns, :class:`KnobNotAppliedWarning`; both are "tiles" knobs).
 
     ``values`` are in the accumulation dtype (float32, float64 for float64 logits); ``gx``/``gy``
@@ -459,8 +459,7 @@ def tree_rows(
         gx, gy = _tiles_gradient(x, y, active, ts.levels, ts, state, None, want_gx, want_gy) if want_grad else (None, None)
         return out, gx, gy, bad
     for knob in requested:
-        if {"sign_words": sign_words, "fused_lse": fused_lse}[knob]:
-            _not_applied(knob, f"it is a knob of algorithm='tiles' and this call runs {resolved!r}")
+        _not_applied(knob, f"it is a knob of algorithm='tiles' and this call runs {resolved!r}")
     if resolved == "chains":
         return chain_rows(x, y, active, ts, want_gx, want_gy, block=block, num_warps=num_warps, chunk=chunk,
                           max_workspace_bytes=max_workspace_bytes)
@@ -562,8 +561,8 @@ def _tiles_forward(x, y, active, ts: TritonStructure, want_grad: bool, *, block=
     chunk (``chunk / block`` tiles, a power of two; ``TILES_FUSED_CHUNK`` / ``TILES_FUSED_BLOCK``
     by default) in registers and reads it once for both the row's log-sum-exp and the prefix sums.
 
-    ``requested``: the knobs of :data:`REQUESTABLE` the caller set itself; each that is True but
-    cannot apply to this call warns (:class:`KnobNotAppliedWarning`) and the call runs without it.
+    ``requested``: the knobs of :data:`REQUESTABLE` the caller set to True itself; each that cannot
+    apply to this call warns (:class:`KnobNotAppliedWarning`) and the call runs without it.
     The tuner's candidates pass none (they try a knob where it may apply)."""
     import triton  # noqa: PLC0415
     import triton.language as tl  # noqa: PLC0415
@@ -601,11 +600,11 @@ def _tiles_forward(x, y, active, ts: TritonStructure, want_grad: bool, *, block=
     fused = fused and (resident is None or g <= resident)
     sign_words = TILES_SIGN_WORDS if sign_words is None else sign_words
     signs = want_grad and policy_only and sign_words and uses_sign_words(lv, chunk, min(block, chunk))
-    if "fused_lse" in requested and fused_lse and not fused:
+    if "fused_lse" in requested and not fused:
         _not_applied("fused_lse", fused_lse_obstacle(lv, k_members, row_block)
                      or f"a row's {g} programs of {num_warps} warps do not all fit on {device} at once (at most "
                         f"{resident}); a larger chunk makes fewer")
-    if "sign_words" in requested and sign_words and want_grad and not signs:
+    if "sign_words" in requested and want_grad and not signs:
         _not_applied("sign_words", "the reference's logits want a gradient too (dW/dy reads q)" if not policy_only
                      else sign_words_obstacle(lv, chunk, min(block, chunk)))
     nw = triton.cdiv(v, 8)  # int16 sign words a row
