@@ -34,13 +34,19 @@ def test_bad_prompt_sources(tmp_path):
         load_prompts(GRPOConfig())
     with pytest.raises(ValueError, match="does not exist"):
         load_prompts(GRPOConfig(prompts_file=str(tmp_path / "none.txt")))
-    jl = tmp_path / "bad.jsonl"
-    jl.write_text('{"prompt": "ok"}\n{not json}\n')
-    with pytest.raises(ValueError, match="bad.jsonl:2: not valid JSON"):
-        load_prompts(GRPOConfig(prompts_file=str(jl)))
-    jl.write_text('{"text": "no prompt field"}\n')
-    with pytest.raises(ValueError, match="bad.jsonl:1: expected an object with a 'prompt' field"):
-        load_prompts(GRPOConfig(prompts_file=str(jl)))
+
+
+@pytest.mark.parametrize(("name", "text", "message"), [
+    ("bad.jsonl", '{"prompt": "ok"}\n{not json}\n', "bad.jsonl:2: not valid JSON"),
+    ("bad.jsonl", '{"text": "no prompt field"}\n', "bad.jsonl:1: expected an object with a 'prompt' field"),
+    ("p.json", '{"prompt": "x"}', "expected a JSON list"),  # a .json file must hold a list
+    ("p.json", '[{"text": "x"}]', "entry 0 is neither a string nor an object with a 'prompt' field"),
+])
+def test_bad_prompt_files_name_the_problem(tmp_path, name, text, message):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        load_prompts(GRPOConfig(prompts_file=str(path)))
 
 
 def test_order_is_a_function_of_the_step_and_covers_each_epoch():
@@ -70,14 +76,4 @@ def test_json_prompt_files_whatever_the_case_of_the_suffix(tmp_path, name):
     else:
         path.write_text('[{"prompt": "hello there"}, "bye"]')
     assert load_prompts(GRPOConfig(prompts_file=str(path))) == ["hello there", "bye"]
-
-
-def test_a_json_prompt_file_that_is_not_a_list_is_refused(tmp_path):
-    path = tmp_path / "p.json"
-    path.write_text('{"prompt": "x"}')
-    with pytest.raises(ValueError, match="expected a JSON list"):
-        load_prompts(GRPOConfig(prompts_file=str(path)))
-    path.write_text('[{"text": "x"}]')
-    with pytest.raises(ValueError, match="entry 0 is neither a string nor an object with a 'prompt' field"):
-        load_prompts(GRPOConfig(prompts_file=str(path)))
 
