@@ -22,7 +22,7 @@ def test_pair_distances_are_the_weighted_cost_matrix_entries(kind):
 
 @pytest.mark.parametrize("ids", [[-1], [60]])
 def test_token_ids_outside_the_vocabulary_are_refused(ids):
-    """-1 had wrapped round to token V - 1."""
+    """-1 must not wrap round to token V - 1."""
     structure = build_cluster_tree(torch.randn(60, 4), leaf_size=5)
     with pytest.raises(ValueError, match=r"token ids must be in \[0, 60\)"):
         tree_pair_distances(structure, ids, [0])

@@ -57,7 +57,7 @@ def test_quick_demo_on_smollm2_writes_its_report(tmp_path):
 
 
 def test_demo_refuses_zero_steps_before_loading_anything(tmp_path):
-    """steps=0 had run the plan's default number of steps (``steps or plan.steps``)."""
+    """steps=0 is refused, not read as the plan's default number of steps (``steps or plan.steps``)."""
     from tokenmover.rl.demo import run_demo
 
     with pytest.raises(ValueError, match="steps must be >= 1, got 0"):

@@ -12,7 +12,7 @@ from tokenmover.experiments import EXPERIMENTS
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "experiment",
-        help="run an experiment that tests the seed's claims on SmolLM2 (writes docs/results/NAME/)",
+        help="run an experiment on SmolLM2: synonym moves, near-zero probabilities, RL (writes docs/results/NAME/)",
         description="Experiments: " + ", ".join(EXPERIMENTS) + ". Each writes report.md, results.json "
                     "and PNG plots into --out-dir (default docs/results/NAME).",
     )

@@ -10,7 +10,7 @@ from tokenmover.geometry.fingerprint import vocab_fingerprint
 from tokenmover.geometry.vocab_geometry import VocabGeometry
 
 # bumped when train_word2vec's output changes for the same arguments, so older cached geometries are not
-# reused: 2 = sequences cut at exactly max_sequence_tokens ids (session 8)
+# reused: 2 = sequences cut at exactly max_sequence_tokens ids
 W2V_RECIPE = 2
 
 

