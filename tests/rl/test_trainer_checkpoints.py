@@ -106,3 +106,21 @@ def test_a_partial_folder_left_by_a_killed_save_is_ignored(tiny_config, tmp_path
     resumed.train()
     assert _names(out) == ["step-000001", "step-000002"]
     assert not (out / "checkpoints" / "step-000002.partial").exists()
+
+
+def test_an_interrupted_final_model_save_leaves_no_final_folder(tiny_config, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    trainer = GRPOTrainer(tiny_config(max_steps=1, save_final_model=True, output_dir=str(out)))
+    real_save = trainer.save_model
+
+    def save_then_interrupt(folder):
+        real_save(folder)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "save_model", save_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert not (out / "final").exists() and not (out / "final.partial").exists()
+    monkeypatch.undo()
+    GRPOTrainer(tiny_config(max_steps=1, save_final_model=True, output_dir=str(out))).train()
+    assert (out / "final" / "config.json").is_file() and not (out / "final.partial").exists()

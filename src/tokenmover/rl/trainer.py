@@ -419,6 +419,8 @@ class GRPOTrainer:
         A later call continues where the previous one stopped (same run: its rows stay in
         ``metrics.csv``). Reaching ``config.max_steps`` saves a final checkpoint unless
         ``save_steps == -1``, and the model to ``output_dir/final`` when ``save_final_model``.
+        ``KeyboardInterrupt`` (Ctrl-C) propagates after the logs are closed; a checkpoint or final model
+        being written when it came is removed, so only complete ones are left on disk.
 
         Args:
             max_steps: stop after this many more steps (default: run to ``config.max_steps``).
@@ -459,7 +461,7 @@ class GRPOTrainer:
                 if cfg.save_steps >= 0:  # -1: no checkpoints at all
                     self.save_checkpoint()
                 if cfg.save_final_model:
-                    self.save_model(self.output_dir / "final")
+                    self._save_final_model()
         finally:
             if bar is not None:
                 bar.close()
@@ -549,6 +551,25 @@ class GRPOTrainer:
         self.accelerator.load_state(str(folder))
         self.step = int(state["step"])
         self._resume_step = self.step
+
+    def _save_final_model(self) -> None:
+        """``save_model`` to ``output_dir/final.partial``, renamed to ``final`` when complete."""
+        acc = self.accelerator
+        final = self.output_dir / "final"
+        partial = final.with_name(final.name + PARTIAL_SUFFIX)
+        try:
+            if acc.is_main_process and partial.exists():
+                shutil.rmtree(partial)
+            self.save_model(partial)
+            if acc.is_main_process:
+                if final.exists():
+                    shutil.rmtree(final)
+                partial.replace(final)
+        except BaseException:
+            if acc.is_main_process:
+                shutil.rmtree(partial, ignore_errors=True)
+            raise
+        acc.wait_for_everyone()
 
     def save_model(self, folder: str | Path) -> None:
         """``save_pretrained`` of the policy (and tokenizer), main process only."""
