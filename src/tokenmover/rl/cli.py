@@ -36,7 +36,9 @@ def add_parser(subparsers) -> None:
     )
     demo.add_argument("--quick", action="store_true", help="fewer, shorter steps (about 5 minutes on 2 cores)")
     demo.add_argument("--output-dir", default="outputs/demo", help="where the report, CSVs and PNG go (default outputs/demo)")
-    demo.add_argument("--steps", type=int, default=None, help="override the number of steps per run")
+    demo.add_argument("--steps", type=int, default=None,
+                      help="steps of each run, both runs the same (default: as many as the time budget allows, "
+                           "fixed after one timed step of each run; at most 40, --quick: 8)")
     demo.add_argument("--beta", type=float, default=None, help="override the regularizer weight of both runs")
     demo.add_argument("--seed", type=int, default=0, help="seed of both runs")
     demo.set_defaults(func=run_demo)
