@@ -172,7 +172,11 @@ class GRPOConfig:
     save_steps: int = _f(
         0, "Save a resumable checkpoint every this many steps and at the end (0 = only at the end, -1 = never)."
     )
-    save_total_limit: int | None = _f(None, "Keep only the newest this many checkpoints.")
+    save_total_limit: int | None = _f(
+        2, "Keep only the newest this many checkpoints, deleting older ones after each save (None = keep all). "
+        "A checkpoint holds the policy, its optimizer state and the RNG states (about 3x the policy's weights), "
+        "not the frozen reference, which is rebuilt from the config on resume.",
+    )
     save_final_model: bool = _f(True, "Save the trained policy (save_pretrained) to output_dir/final.")
     resume_from_checkpoint: str | None = _f(
         None, "'latest' (the newest checkpoint in output_dir) or a checkpoint folder to resume from."
@@ -217,6 +221,9 @@ class GRPOConfig:
             raise ValueError("top_k and warmup_steps must be >= 0")
         if self.save_steps < -1:
             raise ValueError(f"save_steps must be >= 0, or -1 for no checkpoints, got {self.save_steps}")
+        if self.save_total_limit is not None and self.save_total_limit < 1:
+            raise ValueError(f"save_total_limit must be >= 1, or None to keep every checkpoint, got "
+                             f"{self.save_total_limit}")
         if not self.learning_rate >= 0:
             raise ValueError(f"learning_rate must be >= 0, got {self.learning_rate}")
         if not self.epsilon > 0 or (self.epsilon_high is not None and not self.epsilon_high > 0):
