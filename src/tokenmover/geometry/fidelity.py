@@ -36,6 +36,7 @@ import torch
 
 import tokenmover
 from tokenmover.geometry.quality import (
+    scaled_to_ground,
     separation_scores,
     single_token_id,
     tree_pair_distances,
@@ -108,7 +109,12 @@ def default_candidates(k: int = 16, *, include_mst: bool = False) -> list[Candid
 
 def build_candidate(candidate: Candidate, points: torch.Tensor, *, metric: str = "l2_euclidean",
                     seed: int = 0) -> tuple[dict, float]:
-    """The keyword arguments of ``tokenmover.distance`` for ``candidate`` over ``points``, and build seconds."""
+    """The keyword arguments of ``tokenmover.distance`` for ``candidate`` over ``points``, and build seconds.
+
+    The structure is scaled to the ground metric (:func:`~tokenmover.geometry.quality.scaled_to_ground`),
+    as the library's defaults build it; rank scores do not depend on the scale, the hybrid's
+    accuracy does (its head is on the ground metric's scale, its tail on the structure's).
+    """
     from tokenmover.geometry import VocabGeometry
 
     geometry = VocabGeometry.from_array(points, metric=metric)
@@ -116,7 +122,7 @@ def build_candidate(candidate: Candidate, points: torch.Tensor, *, metric: str =
     if candidate.structure_kind in ("tree", "forest", "sliced"):
         kwargs.setdefault("seed", seed)
     t0 = time.perf_counter()
-    structure = geometry.build_structure(candidate.structure_kind, **kwargs)
+    structure = scaled_to_ground(geometry.build_structure(candidate.structure_kind, **kwargs), geometry, seed=seed)
     seconds = time.perf_counter() - t0
     out = {"structure": structure, **candidate.method_kwargs}
     if candidate.needs_points:

@@ -45,8 +45,9 @@ def accuracy_against_exact(model, tokenizer, geometry, built: dict, candidates, 
         kwargs = built[c.name]
         with torch.no_grad():
             values = tokenmover.distance(x, y, c.method, **kwargs).double().numpy()
+        moved = exact > 0
         row = {"spearman": float(spearmanr(values, exact).statistic),
-               "median_ratio": float(np.median(values / exact))}
+               "median_ratio": float(np.median(values[moved] / exact[moved]))}
         if c.method in F.TREE_METHODS:
             cal = calibrate(kwargs["structure"], torch.exp(x[:half]).numpy(), torch.exp(y[:half]).numpy(),
                             exact[:half], groups="size")
