@@ -21,6 +21,13 @@ from typing import Any
 
 import yaml
 
+from tokenmover.defaults import (
+    DEFAULT_ABTT,
+    DEFAULT_GEOMETRY,
+    DEFAULT_METHOD,
+    DEFAULT_SCALE_TO_GROUND,
+    DEFAULT_TOP_K,
+)
 from tokenmover.distances.api import METHODS
 from tokenmover.geometry.vocab_geometry import resolve_structure_kind
 
@@ -97,9 +104,10 @@ class GRPOConfig:
 
     # ---- regularizer -------------------------------------------------------------------------
     method: str = _f(
-        "tree",
-        "Distance to the reference: any tokenmover method (tree, forest, sliced, kl, reverse_kl, js, k1, k2, "
-        "k3 = TRL GRPO's KL, exact for tiny V in reward mode, or a registered one such as sinkhorn).",
+        DEFAULT_METHOD,
+        "Distance to the reference: any tokenmover method (hybrid = exact W1 under the ground metric on the "
+        "top-k tokens + a tree for the tail; tree, forest, sliced, kl, reverse_kl, js, k1, k2, k3 = TRL GRPO's "
+        "KL, exact for tiny V in reward mode, or a registered one such as sinkhorn).",
     )
     beta: float = _f(0.04, "Weight of the regularizer (>= 0; 0 turns it off but KL is still logged).")
     regularizer_mode: str = _f(
@@ -109,9 +117,20 @@ class GRPOConfig:
         ("loss", "reward"),
     )
     geometry: str = _f(
-        "word2vec",
-        "Where the token geometry comes from (tree/forest/sliced): 'word2vec' (trained on geometry_corpus "
-        "and cached), 'embeddings' (the model's input embeddings), or the folder of a saved VocabGeometry.",
+        DEFAULT_GEOMETRY,
+        "Where the token geometry comes from: 'embeddings' (the model's input embeddings), 'word2vec' "
+        "(trained on geometry_corpus and cached), or the folder of a saved VocabGeometry (used as saved).",
+    )
+    geometry_abtt: int = _f(
+        DEFAULT_ABTT,
+        "All-but-the-top: principal directions removed from an 'embeddings' or 'word2vec' geometry after "
+        "centring (0 keeps the raw points).",
+    )
+    top_k: int = _f(DEFAULT_TOP_K, "Tokens taken from the top of each distribution for method 'hybrid'.")
+    scale_to_ground: bool = _f(
+        DEFAULT_SCALE_TO_GROUND,
+        "Scale the built structure to the ground metric (median tree/ground distance 1 over random token "
+        "pairs), so every method's penalty is in the ground metric's unit.",
     )
     geometry_corpus: str = _f("shakespeare", "Text corpus for the word2vec geometry.")
     geometry_dim: int = _f(64, "Dimension of the word2vec geometry.")
@@ -208,8 +227,10 @@ class GRPOConfig:
             raise ValueError(
                 f"method {self.method!r} has no gradient: use regularizer_mode='reward' or a differentiable method"
             )
+        if isinstance(self.geometry_abtt, bool) or not isinstance(self.geometry_abtt, int) or self.geometry_abtt < 0:
+            raise ValueError(f"geometry_abtt must be an integer >= 0, got {self.geometry_abtt!r}")
         positive = ("prompts_per_step", "num_generations", "max_new_tokens", "max_steps", "micro_batch_size",
-                    "num_iterations", "max_prompt_length", "geometry_dim", "n_trees", "n_directions")
+                    "num_iterations", "max_prompt_length", "geometry_dim", "n_trees", "n_directions", "top_k")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

