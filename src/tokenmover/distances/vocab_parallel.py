@@ -21,9 +21,9 @@ needs only a few floats per position from the other ranks, never their logits:
    fall on some shards; a shard is *covered* by ``e`` when all its tokens are in ``e``. When at most
    one touched shard is not covered, ``e`` is *owned* by that shard (or the last touched one): its
    owner computes ``m_e = (its own partial sum) + sum over covered shards (P_r - Q_r)`` alone, with
-   ``P_e`` likewise. For member 0 in leaf order this is every edge except those whose range starts
-   strictly inside one shard and ends beyond it: at most depth x (R - 1) edges per tree (the
-   ancestors of the R - 1 shard boundaries). Those *shared* edges (S of them over all members) get
+   ``P_e`` likewise. For member 0 in leaf order this is every edge except those whose two ends lie
+   strictly inside two different shards: at most depth x (R - 1) edges per tree (each holds a shard
+   boundary inside it). Those *shared* edges (S of them over all members) get
    their partial ``(d, p)`` sums all-reduced. The same all-reduce carries three partial sums
    (``W``, ``<p, g>``, ``<q, g>``, see below) and ``R`` floats ``F_r`` = the signed weights
    ``w_e sign(m_e)`` of owned edges covering shard ``r`` whole (its part of the gradient: a constant).
@@ -111,9 +111,11 @@ class TorchCollectives(Collectives):
         self._gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
-        out = torch.empty((self.world_size, *tensor.shape), dtype=tensor.dtype, device=tensor.device)
+        # the concatenated form (R * n, ...) is the one every backend takes (gloo refuses a stack)
+        out = torch.empty((self.world_size * tensor.shape[0], *tensor.shape[1:]), dtype=tensor.dtype,
+                          device=tensor.device)
         self._gather(out, tensor.contiguous(), group=self.group)
-        return out
+        return out.view(self.world_size, *tensor.shape)
 
     def all_reduce(self, tensor: torch.Tensor) -> None:
         self._dist.all_reduce(tensor, group=self.group)
