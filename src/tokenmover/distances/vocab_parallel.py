@@ -17,43 +17,47 @@ needs only a few floats per position from the other ranks, never their logits:
    shard's total mass ``P_r = exp(lse_r(x) - LSE(x))``, ``Q_r`` likewise: the exclusive scan of
    shard totals comes with the normaliser at no extra cost. A NaN/+Inf logit of an active position
    shows in these values on every rank, so all ranks raise the same error (no rank left waiting).
-2. **Edge masses** (one ``all_reduce`` of ``3 + R + 2 S`` floats per position). Edge ``e``'s tokens
+2. **Edge masses** (one ``all_reduce`` of ``1 + R + S`` floats per position). Edge ``e``'s tokens
    fall on some shards; a shard is *covered* by ``e`` when all its tokens are in ``e``. When at most
-   one touched shard is not covered, ``e`` is *owned* by that shard (or the last touched one): its
-   owner computes ``m_e = (its own partial sum) + sum over covered shards (P_r - Q_r)`` alone, with
-   ``P_e`` likewise. For member 0 in leaf order this is every edge except those whose two ends lie
-   strictly inside two different shards: at most depth x (R - 1) edges per tree (each holds a shard
-   boundary inside it). Those *shared* edges (S of them over all members) get
-   their partial ``(d, p)`` sums all-reduced. The same all-reduce carries three partial sums
-   (``W``, ``<p, g>``, ``<q, g>``, see below) and ``R`` floats ``F_r`` = the signed weights
-   ``w_e sign(m_e)`` of owned edges covering shard ``r`` whole (its part of the gradient: a constant).
-3. **Gradient, local** (no communication; computed in the forward pass, as the single-process path
+   one touched shard is not covered, ``e`` is *owned* by that shard (or by the last touched one):
+   its owner computes ``m_e = (its own partial sum) + sum over covered shards (P_r - Q_r)`` alone.
+   For member 0 in leaf order that is every edge except those whose two ends lie strictly inside
+   two different shards: at most depth x (R - 1) edges per tree (each holds a shard boundary
+   inside it). Those *shared* edges (S of them over all members) get their partial sums of ``d``
+   all-reduced. The same all-reduce carries each rank's partial ``W`` (singletons and owned edges)
+   and ``R`` floats ``F_r``: the signed weights ``w_e sign(m_e)`` of the owned edges that cover
+   shard ``r`` whole, which is all shard ``r`` needs of them (a constant over its columns).
+3. **Gradient** (when one is wanted; computed in the forward pass, as the single-process path
    does). ``g_v = t_v sign(d_v) + sum_{e ∋ v} w_e sign(m_e)`` on the rank's columns: a difference
-   array over its owned and shared edges clipped to its columns, plus ``F_r``; and with
-   ``<p, g> = sum_v t_v sign(d_v) p_v + sum_e w_e sign(m_e) P_e`` (summed over edge owners in step 2),
-   ``dW/dx = p (g - <p, g>)``, ``dW/dy = -q (g - <q, g>)`` on its own columns. Every edge's sign is
-   the global one. The backward pass scales these by the incoming gradient, with no communication.
+   array over its owned and shared edges clipped to its columns, plus ``F_r``. One ``all_reduce`` of
+   2 floats per position sums ``<p, g>`` and ``<q, g>`` over the shards; then
+   ``dW/dx = p (g - <p, g>)`` and ``dW/dy = -q (g - <q, g>)`` on the rank's own columns. Every
+   edge's sign is the global one. The backward pass only scales these by the incoming gradient:
+   no communication.
 
 Communication per position (``f`` bytes per float of the compute dtype: 4, or 8 for float64 inputs;
-ring collectives): each rank sends ``2 (R - 1) f`` bytes in step 1 and ``2 (R - 1) / R (3 + R + 2 S) f``
-in step 2 (:func:`communication_per_position`), against ``2 (R - 1) ceil(V / R) b`` to all-gather the
-policy's and the reference's logits in their dtype (``b`` bytes). At V = 262,144, R = 8, float32, one
-cluster tree (S <= 7 x depth), that is under 1 kB against 917 kB of bfloat16 logits.
+ring collectives, where an all-gather of ``k`` floats per rank sends ``(R - 1) k`` and an
+all-reduce of ``k`` sends ``2 (R - 1) k / R``): each rank sends ``(R - 1) (2 + 2 (3 + R + S) / R) f``
+bytes (:func:`communication_per_position`), against ``2 (R - 1) ceil(V / R) b`` to all-gather the
+policy's and the reference's logits in their dtype (``b`` bytes). Measured on a cluster tree over
+V = 262,144 clustered points at R = 8 (``benchmarks/vocab_parallel.py``): S = 36, 371 bytes per
+position against 917,504 bytes of bfloat16 logits.
 
-Forest members other than member 0 are not in leaf order: their subtrees are scattered over the
-shards, and most of their non-singleton edges are shared (2 floats each). Chains of ``sliced`` other
-than member 0 share nearly all V of their edges: more than gathering the logits, which a warning
-says (:class:`VocabParallelPlan`, ``shared_edges``).
+Forest members other than member 0 are not in the shards' order: their subtrees are scattered over
+the shards and many of their edges are shared (one float each; about 45% of a cluster tree's
+edges at R = 8 in that benchmark). Chains of ``sliced`` other than member 0 share nearly all V of
+their edges: more than gathering the logits, which a warning says (:func:`build_plan`).
 
-Other ranks' data never enters a rank's gradient except through ``LSE``, ``P_r``, ``Q_r``, the
-shared edges' sums and ``F_r``, so values and gradients equal the single-process
+Other ranks' data reaches a rank only as ``LSE``, ``P_r``, ``Q_r``, the shared edges' sums,
+``F_r`` and the two dot products, so values and gradients equal the single-process
 :func:`tokenmover.distance` on the gathered logits up to float round-off (summation order).
 
 The process group: a :class:`torch.distributed.ProcessGroup` (``torch.distributed.group.WORLD`` for
 all processes; Megatron's tensor-parallel group), or any :class:`Collectives` (``rank``,
-``world_size``, ``all_gather``, ``all_reduce``). Each call first exchanges 8 integers per rank
-(shard width, positions, mask checksum, structure fingerprint, dtype, chunk size, an error flag), so
-that inconsistent inputs raise a clear ``ValueError`` on every rank instead of a hang.
+``world_size``, ``all_gather``, ``all_reduce``). Each call first exchanges 9 integers per rank
+(shard width, positions, mask checksum, structure fingerprint, dtype, chunk size, whether a
+gradient is wanted, an error flag), so that inconsistent inputs raise a clear ``ValueError`` on
+every rank instead of a hang.
 """
 
 from __future__ import annotations
@@ -210,8 +214,8 @@ class VocabParallelPlan:
 
     @property
     def reduce_floats(self) -> int:
-        """Floats per position in the all-reduce: ``3 + R + 2 S``."""
-        return 3 + self.layout.world_size + 2 * self.num_shared
+        """Floats per position in the all-reduces, with a gradient: ``(1 + R + S) + 2``."""
+        return 3 + self.layout.world_size + self.num_shared
 
     def communication(self, float_bytes: int = 4, logit_bytes: int = 2) -> dict[str, float]:
         """:func:`communication_per_position` for this plan."""
@@ -228,7 +232,9 @@ def communication_per_position(
 
     - ``all_gather_floats``: 2 (the shard log-sum-exps of policy and reference) per rank;
       a ring all-gather of ``k`` per rank sends ``(R - 1) k``.
-    - ``all_reduce_floats``: ``3 + R + 2 S``; a ring all-reduce of ``k`` sends ``2 (R - 1) k / R``.
+    - ``all_reduce_floats``: ``1 + R + S`` (partial values, ``F_r``, shared edges' partial sums)
+      plus 2 (``<p, g>``, ``<q, g>``) when a gradient is wanted; a ring all-reduce of ``k`` sends
+      ``2 (R - 1) k / R``.
     - ``logits_gather_bytes``: ``2 (R - 1) ceil(V / R)`` logits of ``logit_bytes`` each (policy and
       reference), what computing the distance on gathered logits would send.
 
@@ -238,7 +244,7 @@ def communication_per_position(
     """
     r = world_size
     gather_floats = 2
-    reduce_floats = 3 + r + 2 * shared_edges
+    reduce_floats = 3 + r + shared_edges
     sent = ((r - 1) * gather_floats + 2 * (r - 1) / r * reduce_floats) * float_bytes if r > 1 else 0.0
     logits = 2 * (r - 1) * -(-num_tokens // r) * logit_bytes
     return {
@@ -427,13 +433,14 @@ def _build_plan(structure, layout, rank, device, dtype) -> VocabParallelPlan:
         owned_edges=tuple(owned_counts),
         fingerprint=structure_fingerprint(structure),
     )
-    gather_floats = 2 * max(layout.widths)  # what one rank contributes to a gather of both logits
-    if 2 + plan.reduce_floats > gather_floats and layout.world_size > 1:
+    comm = plan.communication(float_bytes=torch.finfo(dtype).bits // 8, logit_bytes=2)
+    if comm["ratio"] < 1 and layout.world_size > 1:
         warnings.warn(
             f"vocab-parallel plan shares {plan.num_shared} edges across shards (per member: {list(shared_counts)}): "
-            f"{2 + plan.reduce_floats} floats per position and rank, more than the {gather_floats} logits a gather "
-            "would send; members other than member 0 are not in the shards' order (chains of 'sliced' share almost "
-            "every edge): gathering the logits and calling tokenmover.distance() costs less here",
+            f"{comm['bytes_sent']:.0f} bytes per position and rank, more than the {comm['logits_gather_bytes']:.0f} "
+            "an all-gather of 16-bit logits sends (a small vocabulary, or members other than member 0, which are "
+            "not in the shards' order: chains of 'sliced' share almost every edge); gathering the logits and "
+            "calling tokenmover.distance() costs less here",
             stacklevel=3,
         )
     return plan
@@ -449,77 +456,60 @@ def _prefix(values: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _sign_weights(mass: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    return mass.sign() * weights
-
-
 def _local_chunk(
     xs: torch.Tensor, ys: torch.Tensor, plan: VocabParallelPlan, comm: Collectives, dtype: torch.dtype,
     need_grad: bool, first_row: int, rows: torch.Tensor | None, stats: dict | None,
 ):
-    """Values (m,) and ``dW/dd``-based gradients (m, V_r) of the active rows ``xs``, ``ys`` (m, V_r)."""
+    """Values (m,), probabilities and, when ``need_grad``, ``g = dW/dd`` (m, V_r) with ``<p, g>``,
+    ``<q, g>`` (m,) for the active rows ``xs``, ``ys`` (m, V_r) of this rank's columns."""
     m = xs.shape[0]
     r_count, rank = plan.layout.world_size, plan.rank
     xs, ys = xs.to(dtype), ys.to(dtype)
     # step 1: shard log-sum-exps -> normalisers and shard totals
     lse = torch.stack([torch.logsumexp(xs, -1), torch.logsumexp(ys, -1)], dim=1)  # (m, 2)
     shards = comm.all_gather(lse)  # (R, m, 2)
-    if stats is not None:
-        stats["all_gather_floats"] = stats.get("all_gather_floats", 0) + lse.numel()
+    _count(stats, "all_gather_floats", lse.numel())
     total = torch.logsumexp(shards, dim=0)  # (m, 2)
     bad = torch.isnan(shards).any(0) | torch.isposinf(shards).any(0) | torch.isneginf(total)  # (m, 2)
     if bool(bad.any()):
         raise ValueError(_bad_rows_message(bad, shards, first_row, rows))
-    mass = torch.exp(shards - total).permute(1, 0, 2)  # (m, R, 2): shard totals P_r, Q_r
-    shard_p, shard_q = mass[..., 0], mass[..., 1]  # (m, R)
-    shard_d = shard_p - shard_q
+    shard_mass = torch.exp(shards - total)  # (R, m, 2): shard totals P_r, Q_r
+    shard_d = (shard_mass[..., 0] - shard_mass[..., 1]).T  # (m, R)
     p = torch.exp(xs - total[:, :1])  # (m, V_r)
     q = torch.exp(ys - total[:, 1:])
     d = p - q
-    # step 2: owned edges here, partial sums of shared edges, one all-reduce
+    # step 2: owned edges here, partial sums of shared edges; one all-reduce of 1 + R + S floats
     s_count = plan.num_shared
-    buffer = torch.zeros(m, 3 + r_count + 2 * s_count, dtype=dtype, device=xs.device)  # (m, 3 + R + 2S)
-    value, dot_p, dot_q = buffer[:, 0], buffer[:, 1], buffer[:, 2]
-    covered_signs = buffer[:, 3 : 3 + r_count]  # (m, R) F_r partial sums
-    shared_d = buffer[:, 3 + r_count : 3 + r_count + s_count]  # (m, S)
-    shared_p = buffer[:, 3 + r_count + s_count :]  # (m, S)
+    buffer = torch.zeros(m, 1 + r_count + s_count, dtype=dtype, device=xs.device)  # (m, 1 + R + S)
+    value = buffer[:, 0]
+    covered_signs = buffer[:, 1 : 1 + r_count]  # (m, R): F_r, owned edges covering shard r whole
+    shared_d = buffer[:, 1 + r_count :]  # (m, S)
     tw = plan.token_weights
-    token_signs = d.sign() * tw  # (m, V_r)
     value += (d.abs() * tw).sum(-1)
-    dot_p += (token_signs * p).sum(-1)
-    dot_q += (token_signs * q).sum(-1)
     owned_signs = []
     for mp in plan.members:
         dk = d if mp.order is None else d.index_select(1, mp.order)  # (m, V_r) in the member's order
-        pk = p if mp.order is None else p.index_select(1, mp.order)
-        cd, cp = _prefix(dk), _prefix(pk)  # (m, V_r + 1)
+        cd = _prefix(dk)  # (m, V_r + 1)
         md = cd.index_select(1, mp.own_b) - cd.index_select(1, mp.own_a)  # (m, E_o)
-        mpp = cp.index_select(1, mp.own_b) - cp.index_select(1, mp.own_a)
         if mp.cov_idx.numel():
             md[:, mp.cov_idx] += shard_d @ mp.cov.T  # (m, E_c): the shards the edge covers whole
-            mpp[:, mp.cov_idx] += shard_p @ mp.cov.T
-        sw = _sign_weights(md, mp.own_w)  # (m, E_o)
         value += (md.abs() * mp.own_w).sum(-1)
-        dot_p += (sw * mpp).sum(-1)
-        dot_q += (sw * (mpp - md)).sum(-1)
-        if mp.cov_idx.numel():
-            covered_signs += sw[:, mp.cov_idx] @ mp.cov  # (m, R)
-        owned_signs.append(sw)
+        if need_grad:
+            sw = md.sign() * mp.own_w  # (m, E_o)
+            if mp.cov_idx.numel():
+                covered_signs += sw[:, mp.cov_idx] @ mp.cov  # (m, R)
+            owned_signs.append(sw)
         if mp.cut_slot.numel():
             shared_d[:, mp.cut_slot] = cd.index_select(1, mp.cut_b) - cd.index_select(1, mp.cut_a)
-            shared_p[:, mp.cut_slot] = cp.index_select(1, mp.cut_b) - cp.index_select(1, mp.cut_a)
     comm.all_reduce(buffer)
-    if stats is not None:
-        stats["all_reduce_floats"] = stats.get("all_reduce_floats", 0) + buffer.numel()
-        stats["positions"] = stats.get("positions", 0) + m
-    shared_signs = _sign_weights(shared_d, plan.shared_weights)  # (m, S), the same on every rank
+    _count(stats, "all_reduce_floats", buffer.numel())
+    _count(stats, "positions", m)
     values = value + (shared_d.abs() * plan.shared_weights).sum(-1)
     if not need_grad:
         return values, p, q, None, None, None
-    dot_p = dot_p + (shared_signs * shared_p).sum(-1)
-    dot_q = dot_q + (shared_signs * (shared_p - shared_d)).sum(-1)
-    # step 3: dW/dd on this rank's columns
-    g = token_signs + covered_signs[:, rank : rank + 1]  # (m, V_r)
+    # step 3: dW/dd on this rank's columns, then <p, g> and <q, g> (one all-reduce of 2 floats)
+    shared_signs = shared_d.sign() * plan.shared_weights  # (m, S), the same on every rank
+    g = d.sign() * tw + covered_signs[:, rank : rank + 1]  # (m, V_r)
     width = xs.shape[1]
     for mp, sw in zip(plan.members, owned_signs):
         diff = torch.zeros(m, width + 1, dtype=dtype, device=xs.device)  # (m, V_r + 1)
@@ -532,7 +522,15 @@ def _local_chunk(
             g.add_(gk)
         else:
             g.index_add_(1, mp.order, gk)
-    return values, p, q, g, dot_p, dot_q
+    dots = torch.stack([(p * g).sum(-1), (q * g).sum(-1)], dim=1)  # (m, 2)
+    comm.all_reduce(dots)
+    _count(stats, "all_reduce_floats", dots.numel())
+    return values, p, q, g, dots[:, 0], dots[:, 1]
+
+
+def _count(stats: dict | None, key: str, amount: int) -> None:
+    if stats is not None:
+        stats[key] = stats.get(key, 0) + amount
 
 
 def _bad_rows_message(bad: torch.Tensor, shards: torch.Tensor, first_row: int, rows: torch.Tensor | None) -> str:
@@ -581,7 +579,7 @@ def _chunk_fn(plan: VocabParallelPlan, comm: Collectives, stats: dict | None):
 
 # ---------------------------------------------------------------------------------------------- entry point
 
-_HANDSHAKE = ("error", "width", "positions", "active", "mask_checksum", "fingerprint", "dtype", "chunk_size")
+_HANDSHAKE = ("error", "width", "positions", "active", "mask_checksum", "fingerprint", "dtype", "chunk_size", "grad")
 
 
 def _mask_checksum(mask: torch.Tensor | None, n: int) -> tuple[int, int]:
@@ -593,9 +591,9 @@ def _mask_checksum(mask: torch.Tensor | None, n: int) -> tuple[int, int]:
 
 def _agree(comm: Collectives, local: list[int], device: torch.device, error: str | None) -> torch.Tensor:
     """All-gather the handshake integers and raise the same ``ValueError`` on every rank when the
-    ranks' inputs do not fit together (or one rank's are invalid). Returns (R, 8) int64."""
+    ranks' inputs do not fit together (or one rank's are invalid). Returns (R, 9) int64."""
     mine = torch.tensor(local, dtype=torch.int64, device=device)
-    table = comm.all_gather(mine).cpu()  # (R, 8)
+    table = comm.all_gather(mine).cpu()  # (R, 9)
     failed = torch.nonzero(table[:, 0]).reshape(-1).tolist()
     if failed:
         if error is not None:
@@ -612,6 +610,7 @@ def _agree(comm: Collectives, local: list[int], device: torch.device, error: str
         "fingerprint": "structure (pass the same TransportStructure, in leaf order, on every rank)",
         "dtype": "compute dtype (float64 logits on some ranks only)",
         "chunk_size": "chunk_size",
+        "grad": "need for a gradient (logits that require grad, or grad mode, on some ranks only)",
     }
     for field, what in checks.items():
         column = table[:, _HANDSHAKE.index(field)]
@@ -680,11 +679,12 @@ def vocab_parallel_tree_wasserstein(
         n = int(inputs.policy.shape[0])
         active, checksum = _mask_checksum(inputs.mask, n)
         dtype = compute_dtype(inputs.policy, inputs.ref)
+        grad = torch.is_grad_enabled() and (inputs.policy.requires_grad or inputs.ref.requires_grad)
         local = [0, inputs.num_tokens, n, active, checksum, structure_fingerprint(structure),
-                 int(dtype == torch.float64), chunk_size or 0]
+                 int(dtype == torch.float64), chunk_size or 0, int(grad)]
     except ValueError as exc:  # told to every rank in the handshake, then raised here
         error = f"rank {comm.rank}: {exc}"
-        local = [1, 0, 0, 0, 0, 0, 0, 0]
+        local = [1] + [0] * (len(_HANDSHAKE) - 1)
     device = policy_logits.device if isinstance(policy_logits, torch.Tensor) else torch.device("cpu")
     table = _agree(comm, local, device, error)
     layout = ShardLayout.from_widths(table[:, _HANDSHAKE.index("width")].tolist())
