@@ -188,6 +188,43 @@ def test_regularizer_passes_the_process_group_through():
     assert torch.equal(v0, v1) and m0 == m1
 
 
+def test_row_parallel_head_in_leaf_order_equals_the_token_order_distance():
+    """The documented recipe: the LM head's rows permuted once into the tree's leaf order and split
+    by rows over the ranks; each rank projects its own rows. Values and the head's gradient equal
+    the single-process distance on token-order logits with the original structure."""
+    rng = np.random.default_rng(5)
+    tree = random_tree(V, rng)  # member 0 in a random order: token order is not leaf order
+    order = tree.leaf_order()
+    d, n = 6, 5
+    gen = torch.Generator().manual_seed(6)
+    weight = torch.randn(V, d, generator=gen, dtype=torch.float64, requires_grad=True)
+    ref_weight = weight.detach() + 0.3 * torch.randn(V, d, generator=gen, dtype=torch.float64)
+    hidden = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    expected = distance(hidden @ weight.T, hidden @ ref_weight.T, "tree", structure=tree)
+    (expected_grad,) = torch.autograd.grad(weighted_sum(expected), weight)
+
+    layout = vp.ShardLayout.even(V, 4)
+    leaf_tree = tree.in_leaf_order()
+    board = _Board(4)
+    shards = [weight.detach()[order][lo:hi].clone().requires_grad_() for lo, hi in
+              zip(layout.bounds[:-1], layout.bounds[1:])]  # (V_r, d) rows of each rank
+
+    def one(rank):
+        lo, hi = layout.bounds[rank], layout.bounds[rank + 1]
+        local = hidden @ shards[rank].T  # (n, V_r)
+        ref_local = hidden @ ref_weight[order][lo:hi].T
+        values = distance(local, ref_local, "tree", structure=leaf_tree, process_group=ThreadCollectives(board, rank))
+        weighted_sum(values).backward()
+        return values.detach()
+
+    with ThreadPoolExecutor(4) as pool:
+        values = list(pool.map(one, range(4)))
+    torch.testing.assert_close(values[0], expected.detach(), rtol=1e-12, atol=0)
+    grad = torch.empty_like(expected_grad)
+    grad[order] = torch.cat([w.grad for w in shards])  # rows back to token order
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-11, atol=1e-14)
+
+
 def test_every_rank_gets_the_same_bits():
     structure = structures(V)["forest"]
     x, y = random_logits(6, V, seed=9, dtype=torch.float32), random_logits(6, V, seed=10, dtype=torch.float32)
