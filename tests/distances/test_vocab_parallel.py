@@ -447,12 +447,15 @@ def test_structure_not_in_leaf_order_is_refused():
 
 def test_kernel_backends_and_non_tree_methods_are_refused():
     structure = structures(V)["tree"]
-    x = random_logits(2, 19)
-    comm = ThreadCollectives(_Board(1), 0)
-    with pytest.raises(ValueError, match="backend='numba'"):
-        distance(x, x, "tree", structure=structure, process_group=comm, backend="numba")
+    x, y = random_logits(2, V, seed=1), random_logits(2, V, seed=2)
+
+    def numba_on_rank_1(rank, xl, yl, kw):
+        return xl, yl, dict(kw, backend="numba" if rank == 1 else "auto")
+
+    messages = _errors(structure, x, y, [19, 18], per_rank=numba_on_rank_1)
+    assert "rank 1: backend='numba'" in messages[1] and "rank(s) [1] are invalid" in messages[0]
     with pytest.raises(ValueError, match="does not take"):
-        distance(x, x, "kl", process_group=comm)
+        distance(x, x, "kl", process_group=ThreadCollectives(_Board(1), 0))
 
 
 def test_a_group_of_one_is_the_single_process_distance():

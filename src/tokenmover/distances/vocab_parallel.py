@@ -634,8 +634,8 @@ def vocab_parallel_tree_wasserstein(
 
     Every rank of ``process_group`` calls this with its own contiguous slice of the columns, in rank
     order, the structure's leaf order: rank ``r`` holds columns ``lo_r .. hi_r - 1`` of the logits of
-    ``structure`` (built with ``in_leaf_order()``), the widths summing to V (any widths: the last
-    rank may be shorter; a rank may hold none). Every rank gets the full per-position values.
+    ``structure`` (built with ``in_leaf_order()``), the widths summing to V (any widths of at least
+    one column: the last rank may be shorter). Every rank gets the full per-position values.
 
     Args:
         policy_logits, ref_logits: (..., V_r) this rank's columns, any float dtype.
@@ -657,19 +657,20 @@ def vocab_parallel_tree_wasserstein(
 
     Raises:
         ValueError on every rank (never a hang) for: shard widths that do not sum to the structure's
-        V; ranks that disagree on the positions, the mask, the structure or the dtype; NaN/+Inf
+        V; ranks that disagree on the positions, the mask, the structure, the dtype, the chunk size
+        or on wanting a gradient; NaN/+Inf
         logits (or a row of only -Inf) at an active position on any rank; a structure whose member 0
         is not in leaf order; invalid local inputs on any rank.
     """
-    if backend not in ("auto", "torch"):
-        raise ValueError(
-            f"backend={backend!r}: the vocab-parallel path runs its own vectorised torch code on the logits' "
-            "device; use backend='auto' or 'torch'"
-        )
     comm = as_collectives(process_group)
     error = None
     inputs = None
     try:
+        if backend not in ("auto", "torch"):
+            raise ValueError(
+                f"backend={backend!r}: the vocab-parallel path runs its own vectorised torch code on the logits' "
+                "device; use backend='auto' or 'torch'"
+            )
         if not isinstance(structure, TransportStructure):
             raise ValueError(f"structure must be a TransportStructure, got {type(structure).__name__}")
         inputs = flatten_inputs(policy_logits, ref_logits, mask)
