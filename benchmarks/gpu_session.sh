@@ -13,7 +13,7 @@
 #    (tuned), and leaf order with and without sign words and with 4-row programs (session 6), and
 #    with the log-sum-exp launch fused into the prefix launch (session 7, fused_lse).
 # 3. benchmarks/leaf_order.py --device cuda --kl: hidden states -> logits -> penalty, token vs leaf
-#    order, against the same head + compiled full KL (no TRL needed: tokenmover.fused_head).
+#    order, against the same head + compiled full KL (no TRL needed: tokenmover.head).
 # Logs and JSON go to OUTDIR; a step cut short still leaves what it wrote.
 set -uo pipefail
 out=${1:?usage: bash benchmarks/gpu_session.sh OUTDIR}

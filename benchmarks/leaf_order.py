@@ -27,7 +27,7 @@ head, then full KL under ``torch.compile`` (``benchmarks/gpu.py``'s ``kl_plain``
 
     python benchmarks/leaf_order.py --device cuda --vocab 262144 --hidden 2304 --rows 8192 --kl --out DIR/leaf_order_gpu.json
 
-No TRL needed: ``LogitHead`` and ``transport_from_hidden`` come from :mod:`tokenmover.fused_head`.
+No TRL needed: ``LogitHead`` and ``transport_from_hidden`` come from :mod:`tokenmover.head`.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     import torch
 
     from tokenmover import build_cluster_tree, distance
-    from tokenmover.fused_head import LogitHead, leaf_order_pays, transport_from_hidden
+    from tokenmover.head import LogitHead, leaf_order_pays, transport_from_hidden
     from tokenmover.regularizer import Regularizer
 
     v, d, n = args.vocab, args.hidden, args.rows
