@@ -5,7 +5,7 @@ Rows (the policy's logits require grad, the reference's do not, as in RL fine-tu
   kl eager          plain PyTorch KL(p || q): log_softmax in float32, sum p (log p - log q)
   kl compile        the same function under torch.compile
   k3 (TRL)          TRL GRPO's per-token k3 at the sampled token (float32 logsumexp + gather)
-  tree / forest / sliced   the Triton kernel (tokenmover.kernels.tree_triton; "tiles" for trees
+  tree / forest / sliced   the Triton kernel (tokenmover.kernels.triton.wasserstein; "tiles" for trees
                     and forests, gradient made in backward; "levels" and "scatter" for comparison;
                     "chains" for the 16 chains of sliced, "scatter" as an optional comparison row)
                     on a cluster tree, a forest of 4 trees, 16 chains, built
@@ -70,7 +70,8 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from tokenmover import METHODS, TransportStructure, build_chains, build_cluster_tree, distance  # noqa: E402
-from tokenmover.kernels import tiles_tuning, tree_triton  # noqa: E402
+from tokenmover.kernels.triton import tuning as tiles_tuning  # noqa: E402
+from tokenmover.kernels.triton import wasserstein as tree_triton  # noqa: E402
 
 T_START = time.perf_counter()
 

@@ -1,6 +1,6 @@
 """Where the time of the "tiles" tree kernels goes: CUDA-event time of each of the four launches.
 
-Wraps the four Triton kernels of :mod:`tokenmover.kernels.tree_triton_tiles_jit` so that every
+Wraps the four Triton kernels of :mod:`tokenmover.kernels.triton.tiles` so that every
 launch is bracketed by CUDA events, runs fwd+bwd of the tree distance at N = 8,192 bf16 rows for
 logits in token order and in the tree's leaf order (tuned, then with the knobs of
 ``LEAF_QUESTIONS``: sign words or not, rows per program), and prints the median per-kernel time. Also
@@ -29,9 +29,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tokenmover import build_chains, build_cluster_tree  # noqa: E402
-from tokenmover.kernels import tiles_tuning, tree_triton  # noqa: E402
-from tokenmover.kernels import tree_triton_chains_jit as jc  # noqa: E402
-from tokenmover.kernels import tree_triton_tiles_jit as jt  # noqa: E402
+from tokenmover.kernels.triton import tuning as tiles_tuning  # noqa: E402
+from tokenmover.kernels.triton import wasserstein as tree_triton  # noqa: E402
+from tokenmover.kernels.triton import chains as jc  # noqa: E402
+from tokenmover.kernels.triton import tiles as jt  # noqa: E402
 
 KERNELS = ("lse_partial_kernel", "prefix_kernel", "lse_prefix_kernel", "edge_kernel", "grad_kernel")
 CHAIN_KERNELS = ("chain_totals_kernel", "chain_edges_kernel", "chain_suffix_kernel", "chain_finish_kernel")

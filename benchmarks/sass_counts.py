@@ -36,8 +36,8 @@ import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from tokenmover.kernels import tree_triton  # noqa: E402
-from tokenmover.kernels import tree_triton_tiles_jit as jt  # noqa: E402
+from tokenmover.kernels.triton import wasserstein as tree_triton  # noqa: E402
+from tokenmover.kernels.triton import tiles as jt  # noqa: E402
 
 DIVISIBLE_BY_16 = {"stride_x", "stride_y", "stride_gx", "stride_gy", "nb", "nw", "V", "L"}
 POINTER_TYPES = {  # every other pointer (and workspace, "*_ws") is in the accumulation dtype
@@ -161,9 +161,9 @@ def report_fused(name: str, cubin: bytes, positions: int, threads: int) -> None:
 def check_configurations() -> list[tuple]:
     """(kernel, constexprs, warps) for every kernel of the four families over its flags: what
     ``--check`` compiles (float32 and float64 accumulation, masks, gradients wanted or not)."""
-    from tokenmover.kernels import tree_triton_chains_jit as jc  # noqa: PLC0415
-    from tokenmover.kernels import tree_triton_jit as j0  # noqa: PLC0415
-    from tokenmover.kernels import tree_triton_levels_jit as jl  # noqa: PLC0415
+    from tokenmover.kernels.triton import chains as jc  # noqa: PLC0415
+    from tokenmover.kernels.triton import scatter as j0  # noqa: PLC0415
+    from tokenmover.kernels.triton import levels as jl  # noqa: PLC0415
 
     out = []
     for acc, mask in itertools.product((tl.float32, tl.float64), (False, True)):

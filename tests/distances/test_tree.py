@@ -275,7 +275,7 @@ def test_bad_rows_are_named_by_their_position_in_the_flattened_input(backend, rn
 
 
 def test_triton_packing_follows_changes_to_the_structure(rng):
-    from tokenmover.kernels import tree_triton
+    from tokenmover.kernels.triton import wasserstein as tree_triton
 
     tree = random_tree(30, rng)
     cpu = torch.device("cpu")

@@ -14,7 +14,8 @@ pytest.importorskip("triton", reason="the triton package is not installed: the G
 
 from tests.conftest import random_logits  # noqa: E402
 from tokenmover import build_chains, build_cluster_tree, distance  # noqa: E402
-from tokenmover.kernels import chains_triton, tree_triton  # noqa: E402
+from tokenmover.kernels.triton import chains_launch as chains_triton  # noqa: E402
+from tokenmover.kernels.triton import wasserstein as tree_triton  # noqa: E402
 from tokenmover.structures import TransportStructure  # noqa: E402
 
 if not tree_triton.interpret_mode():

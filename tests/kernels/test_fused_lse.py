@@ -20,7 +20,7 @@ pytest.importorskip("triton", reason="the triton package is not installed: the G
 
 from tests.conftest import random_logits  # noqa: E402
 from tests.kernels.test_tree_triton import leaf_order_tree, rel_err, structures, values_and_grads  # noqa: E402
-from tokenmover.kernels import tree_triton  # noqa: E402
+from tokenmover.kernels.triton import wasserstein as tree_triton  # noqa: E402
 
 if not tree_triton.interpret_mode():
     pytest.skip("TRITON_INTERPRET is set to 0: these CPU tests need Triton's interpreter", allow_module_level=True)
@@ -71,7 +71,7 @@ def test_programs_that_find_the_row_log_sum_exp_stored_read_it():
     (already at G + 1): its prefix sums, singleton sums and sign words equal the first launch's."""
     import triton.language as tl  # noqa: PLC0415
 
-    from tokenmover.kernels import tree_triton_tiles_jit as jt  # noqa: PLC0415
+    from tokenmover.kernels.triton import tiles as jt  # noqa: PLC0415
 
     tree, leaf_tree = leaf_order_tree(200)
     x = random_logits(3, 200, seed=93)[:, tree.perms[0]].contiguous()
@@ -181,7 +181,7 @@ def test_fallback_without_waiting(monkeypatch):
 def test_fused_launch_in_groups_of_rows_and_gradient_modes(options, monkeypatch):
     """One row a launch group (a fresh counter per group), rows split into autograd chunks, and the
     gradient made in forward: the same values and gradients as numba, with a masked row."""
-    from tokenmover.kernels import tree_triton_tiles_jit as jt  # noqa: PLC0415
+    from tokenmover.kernels.triton import tiles as jt  # noqa: PLC0415
 
     launches = []
     kernel = jt.lse_prefix_kernel

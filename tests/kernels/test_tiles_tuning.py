@@ -1,4 +1,4 @@
-"""Picking the "tiles" tile configuration (tokenmover.kernels.tiles_tuning), under TRITON_INTERPRET=1.
+"""Picking the "tiles" tile configuration (tokenmover.kernels.triton.tuning), under TRITON_INTERPRET=1.
 
 Timings on the interpreter mean nothing, so the choice is checked with a timer that returns a
 known time per candidate; the values of the tuned call are checked against numba (1e-12, float64)."""
@@ -16,7 +16,8 @@ pytest.importorskip("triton", reason="the triton package is not installed: the G
 
 from tests.conftest import random_logits  # noqa: E402
 from tokenmover import build_cluster_forest, distance  # noqa: E402
-from tokenmover.kernels import tiles_tuning, tree_triton  # noqa: E402
+from tokenmover.kernels.triton import tuning as tiles_tuning  # noqa: E402
+from tokenmover.kernels.triton import wasserstein as tree_triton  # noqa: E402
 
 if not tree_triton.interpret_mode():
     pytest.skip("TRITON_INTERPRET is set to 0: these CPU tests need Triton's interpreter", allow_module_level=True)
@@ -82,14 +83,14 @@ def test_failing_candidates_are_skipped_and_all_failing_keeps_the_untuned_defaul
     x, y = random_logits(3, 120, seed=3), random_logits(3, 120, seed=4)
     ts = packed(structure)
     bad = {**SMALL[0], "scan": 9}  # scan=9 is refused
-    with caplog.at_level(logging.WARNING, logger="tokenmover.kernels.tiles_tuning"):
+    with caplog.at_level(logging.WARNING, logger="tokenmover.kernels.triton.tuning"):
         got = tiles_tuning.tune_tiles(x, y, None, ts, True, candidates=[bad, SMALL[0]],
                                       timer=FakeTimer(lambda c: 1.0))
     assert got == SMALL[0]
     assert "scan must be one of" in caplog.text
     tiles_tuning.clear_tuned()
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="tokenmover.kernels.tiles_tuning"):
+    with caplog.at_level(logging.WARNING, logger="tokenmover.kernels.triton.tuning"):
         got = tiles_tuning.tune_tiles(x, y, None, ts, True, candidates=[bad, bad], timer=FakeTimer(lambda c: 1.0))
     assert got == tiles_tuning.UNTUNED and "no candidate ran" in caplog.text  # tuning itself does not fail:
     tree_triton.tree_wasserstein_triton(x, y, None, forest(), algorithm="tiles", **got)  # the defaults run
@@ -161,7 +162,7 @@ def test_out_of_memory_while_timing_keeps_the_defaults(caplog):
             raise torch.OutOfMemoryError("CUDA out of memory")
         return 1.0 if run.__defaults__[0] is SMALL[0] else 0.5
 
-    with caplog.at_level(logging.WARNING, logger="tokenmover.kernels.tiles_tuning"):
+    with caplog.at_level(logging.WARNING, logger="tokenmover.kernels.triton.tuning"):
         got = tiles_tuning.tune_tiles(x, y, None, ts, True, candidates=SMALL, timer=timer)
     assert got == tiles_tuning.UNTUNED
     assert "out of memory" in caplog.text

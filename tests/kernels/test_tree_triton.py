@@ -22,7 +22,7 @@ pytest.importorskip("triton", reason="the triton package is not installed: the G
 from tests.conftest import random_logits, random_tree  # noqa: E402
 from tokenmover import build_chains, build_cluster_forest, build_cluster_tree, distance  # noqa: E402
 from tokenmover.distances import tree as tree_module  # noqa: E402
-from tokenmover.kernels import tree_triton  # noqa: E402
+from tokenmover.kernels.triton import wasserstein as tree_triton  # noqa: E402
 from tokenmover.structures import TransportStructure  # noqa: E402
 
 if not tree_triton.interpret_mode():

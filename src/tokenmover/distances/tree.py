@@ -17,7 +17,7 @@ dtype, until backward scales it by the incoming gradient (one autograd node for 
 
 Backends: ``"numba"`` (fused CPU kernel, float64 accumulation), ``"torch"`` (vectorised, any
 device; cumsum in the compute dtype), ``"triton"`` (fused GPU kernel, float32 accumulation, see
-:mod:`tokenmover.kernels.tree_triton`), ``"auto"`` (numba on CPU, triton on CUDA when importable,
+:mod:`tokenmover.kernels.triton.wasserstein`), ``"auto"`` (numba on CPU, triton on CUDA when importable,
 torch otherwise).
 
 Leaf order: with ``structure.in_leaf_order()`` and logits whose columns come in member 0's leaf
@@ -38,7 +38,8 @@ from tokenmover.distances._inputs import (
     restore,
 )
 from tokenmover.distances._rowwise import rowwise_chunked
-from tokenmover.kernels import tree_cpu, tree_triton
+from tokenmover.kernels import cpu as tree_cpu
+from tokenmover.kernels.triton import wasserstein as tree_triton
 from tokenmover.structures.transport_structure import PackedStructure, TransportStructure
 
 BACKENDS = ("auto", "numba", "torch", "triton")

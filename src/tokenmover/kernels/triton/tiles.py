@@ -37,7 +37,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from tokenmover.kernels.tree_triton_jit import (
+from tokenmover.kernels.triton.scatter import (
     _exp,
     _lse_floor,
     _lse_lane_bad,
@@ -51,7 +51,7 @@ from tokenmover.kernels.tree_triton_jit import (
     _zero,
     _zero_pass,
 )
-from tokenmover.kernels.tree_triton_levels_jit import _edge_signs, _gradient_levels
+from tokenmover.kernels.triton.levels import _edge_signs, _gradient_levels
 
 
 @triton.jit

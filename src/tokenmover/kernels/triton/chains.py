@@ -32,8 +32,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from tokenmover.kernels.tree_triton_jit import _member_probs, _row_active, _signed, _zero
-from tokenmover.kernels.tree_triton_tiles_jit import _row_lses, _store_bad_flag
+from tokenmover.kernels.triton.scatter import _member_probs, _row_active, _signed, _zero
+from tokenmover.kernels.triton.tiles import _row_lses, _store_bad_flag
 
 
 @triton.jit

@@ -1,6 +1,6 @@
 """Host side of the tile-parallel chain kernels (``algorithm="chains"``; sliced Wasserstein).
 
-:func:`chain_rows` runs the launches of :mod:`tokenmover.kernels.tree_triton_chains_jit` over
+:func:`chain_rows` runs the launches of :mod:`tokenmover.kernels.triton.chains` over
 groups of rows. Each row of a group needs ``G`` (K V float32: the summed edge signs at every
 member position), so a group holds ``max_workspace_bytes / (4 K V)`` rows (63 rows for 16 chains
 at V = 262,144 and the default 1 GiB), and the gradient is written in the forward launches, in the logits'
@@ -37,9 +37,9 @@ def chain_rows(x: torch.Tensor, y: torch.Tensor, active: torch.Tensor | None, ts
     import triton  # noqa: PLC0415
     import triton.language as tl  # noqa: PLC0415
 
-    from tokenmover.kernels import tree_triton_chains_jit as jc  # noqa: PLC0415
-    from tokenmover.kernels import tree_triton_tiles_jit as jt  # noqa: PLC0415
-    from tokenmover.kernels.tree_triton import INTERPRET_BLOCK, accumulation_dtype  # noqa: PLC0415
+    from tokenmover.kernels.triton import chains as jc  # noqa: PLC0415
+    from tokenmover.kernels.triton import tiles as jt  # noqa: PLC0415
+    from tokenmover.kernels.triton.wasserstein import INTERPRET_BLOCK, accumulation_dtype  # noqa: PLC0415
 
     n, v = x.shape
     device = x.device

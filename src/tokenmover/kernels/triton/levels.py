@@ -1,6 +1,6 @@
 """Triton kernel for structures whose members are all trees: edges by depth level, no V-sized scatter.
 
-The general kernel (:mod:`tokenmover.kernels.tree_triton_jit`) turns each tree's edge signs into
+The general kernel (:mod:`tokenmover.kernels.triton.scatter`) turns each tree's edge signs into
 token gradients with a difference array over V and one more member-order pass that reads and
 writes the per-token gradient at random (``g[perm[pos]] += ...``). For trees, this kernel uses the
 tree itself instead. With ``s_e = w_e sign(mass_e)`` and ``S_e = s_e + S_parent(e)`` (the sum of
@@ -31,7 +31,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from tokenmover.kernels.tree_triton_jit import (
+from tokenmover.kernels.triton.scatter import (
     _member_probs,
     _probs,
     _row_active,

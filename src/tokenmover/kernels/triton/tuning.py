@@ -10,7 +10,7 @@ and gradient launches together, keeps the fastest, and caches it per
 
     (device, V, logits dtypes, members, edges, leaf-order logits, gradient wanted, reference's too).
 
-:func:`tokenmover.kernels.tree_triton.tree_wasserstein_triton` calls it on CUDA when no tile
+:func:`tokenmover.kernels.triton.wasserstein.tree_wasserstein_triton` calls it on CUDA when no tile
 knob (:data:`KNOBS`) is given and ``tune`` is not False; ``TOKENMOVER_TRITON_TUNE=0`` turns that
 default off, and batches of fewer than :data:`TUNE_MIN_ROWS` rows run the defaults untuned.
 The first call for a new shape pays the compiles and a few timed runs of every candidate
@@ -139,7 +139,7 @@ def tune_tiles(x: torch.Tensor, y: torch.Tensor, active: torch.Tensor | None, ts
 
     ``fixed``: the other "tiles" options (``edge_block``, ``edge_warps``, ...) used for every
     candidate. Returns the knobs of the winner (without its time)."""
-    from tokenmover.kernels.tree_triton import (  # noqa: PLC0415 (circular)
+    from tokenmover.kernels.triton.wasserstein import (  # noqa: PLC0415 (circular)
         _tiles_forward,
         _tiles_gradient,
         uses_fused_lse,

@@ -14,23 +14,23 @@ edge boundaries, per-edge signs, per-chunk partials; rows run in several launche
 
 Four kernel families, picked by ``algorithm``:
 
-- ``"tiles"`` (:mod:`tokenmover.kernels.tree_triton_tiles_jit`), for structures whose members are
+- ``"tiles"`` (:mod:`tokenmover.kernels.triton.tiles`), for structures whose members are
   all trees with at most ``MAX_LEVELS`` edge levels: four launches, each row cut into chunks of
   ``chunk`` positions handled by separate programs (log-sum-exp partials, member-order prefix
   sums at edge boundaries, edges by level, gradient). The fastest on an H200 (docs/gpu.md).
-- ``"levels"`` (:mod:`tokenmover.kernels.tree_triton_levels_jit`), same structures, one program
+- ``"levels"`` (:mod:`tokenmover.kernels.triton.levels`), same structures, one program
   per row: the gradient of each token is read off the tree (the summed edge signs of its deepest
   edge and that edge's ancestors); 1 + K + 1 passes over a row.
-- ``"chains"`` (:mod:`tokenmover.kernels.tree_triton_chains_jit`, host
-  :mod:`tokenmover.kernels.chains_triton`), for structures made only of chains (sliced): each
+- ``"chains"`` (:mod:`tokenmover.kernels.triton.chains`, host
+  :mod:`tokenmover.kernels.triton.chains_launch`), for structures made only of chains (sliced): each
   (row, member, chunk) a program, prefix and suffix sums joined through chunk totals; the
   gradient is made in forward.
-- ``"scatter"`` (:mod:`tokenmover.kernels.tree_triton_jit`), for any structure: one program per
+- ``"scatter"`` (:mod:`tokenmover.kernels.triton.scatter`), for any structure: one program per
   row with a per-program gradient workspace updated in member order.
 
 ``"auto"`` (default) takes ``"tiles"`` or ``"chains"`` where they apply, else ``"scatter"``. On CUDA the
 ``"tiles"`` tile configuration is picked by timing a few candidates once per problem shape
-(:mod:`tokenmover.kernels.tiles_tuning`) unless the caller sets it. All read the
+(:mod:`tokenmover.kernels.triton.tuning`) unless the caller sets it. All read the
 structure's packed arrays (:meth:`TransportStructure.packed`) converted to int32 indices once per
 (structure, device, dtype) and cached.
 
@@ -52,7 +52,7 @@ import numpy as np
 import torch
 
 from tokenmover.distances._inputs import describe_bad_rows, iter_chunks
-from tokenmover.kernels.chains_triton import chain_leaf, chain_rows
+from tokenmover.kernels.triton.chains_launch import chain_leaf, chain_rows
 from tokenmover.structures.transport_structure import PackedStructure, TransportStructure
 
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
@@ -440,8 +440,8 @@ def tree_rows(
     """
     import triton.language as tl  # noqa: PLC0415
 
-    from tokenmover.kernels import tree_triton_jit as jit  # noqa: PLC0415 (imports triton lazily)
-    from tokenmover.kernels import tree_triton_levels_jit as jit_levels  # noqa: PLC0415
+    from tokenmover.kernels.triton import scatter as jit  # noqa: PLC0415 (imports triton lazily)
+    from tokenmover.kernels.triton import levels as jit_levels  # noqa: PLC0415
 
     n, v = x.shape
     device = x.device
@@ -567,7 +567,7 @@ def _tiles_forward(x, y, active, ts: TritonStructure, want_grad: bool, *, block=
     import triton  # noqa: PLC0415
     import triton.language as tl  # noqa: PLC0415
 
-    from tokenmover.kernels import tree_triton_tiles_jit as jt  # noqa: PLC0415
+    from tokenmover.kernels.triton import tiles as jt  # noqa: PLC0415
 
     n, v = x.shape
     device = x.device
@@ -741,7 +741,7 @@ def _tiles_gradient(x, y, active, lv: TritonLevels, ts: TritonStructure, state: 
     import triton  # noqa: PLC0415
     import triton.language as tl  # noqa: PLC0415
 
-    from tokenmover.kernels import tree_triton_tiles_jit as jt  # noqa: PLC0415
+    from tokenmover.kernels.triton import tiles as jt  # noqa: PLC0415
 
     n, v = x.shape
     acc = state.lse_part.dtype
@@ -829,7 +829,7 @@ class _TritonTreeFunction(torch.autograd.Function):
 def _tuned_knobs(policy: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor | None, ts: TritonStructure,
                  options: dict, tune: bool | None) -> dict:
     """The tile knobs :func:`tiles_tuning.tune_tiles` picks for these logits ({} when not tuning)."""
-    from tokenmover.kernels import tiles_tuning  # noqa: PLC0415
+    from tokenmover.kernels.triton import tuning as tiles_tuning  # noqa: PLC0415
 
     if not tiles_tuning.should_tune(tune, policy.device, options, policy.shape[0]):
         return {}
@@ -900,7 +900,7 @@ def tree_wasserstein_triton(
 
     ``tune`` ("tiles" only): pick ``block``, ``num_warps``, ``scan``, ``row_block``, ``chunk``,
     ``sign_words`` and ``fused_lse`` by timing a few candidates on this card and these rows, once per problem shape
-    (:mod:`tokenmover.kernels.tiles_tuning`). ``None`` (default): on CUDA when none of those seven
+    (:mod:`tokenmover.kernels.triton.tuning`). ``None`` (default): on CUDA when none of those seven
     is given and ``TOKENMOVER_TRITON_TUNE`` is not ``0``; True: always (also on the CPU
     interpreter); False: never (the ``TILES_*`` defaults).
     """
