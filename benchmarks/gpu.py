@@ -70,8 +70,8 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from tokenmover import METHODS, TransportStructure, build_chains, build_cluster_tree, distance  # noqa: E402
+from tokenmover.kernels.triton import runtime, wasserstein  # noqa: E402
 from tokenmover.kernels.triton import tuning as tiles_tuning  # noqa: E402
-from tokenmover.kernels.triton import wasserstein as tree_triton  # noqa: E402
 
 T_START = time.perf_counter()
 
@@ -208,7 +208,7 @@ def triton_tree(structure: TransportStructure, **options):
     """f(x, y) -> (N,) with the Triton kernel and the given tuning options; the "tiles" defaults
     (``tune=False``) unless the options say ``tune=True`` or set tile knobs."""
     options.setdefault("tune", False)
-    return lambda a, b: tree_triton.tree_wasserstein_triton(a, b, None, structure, **options)
+    return lambda a, b: wasserstein.tree_wasserstein_triton(a, b, None, structure, **options)
 
 
 def check_correctness(structures: dict, v: int, device: torch.device, n: int, small: bool,
@@ -261,7 +261,7 @@ def check_correctness(structures: dict, v: int, device: torch.device, n: int, sm
             try:
                 with warnings.catch_warnings():  # the tuner's candidates set sign_words / fused_lse where they may apply
                     if not leaf or from_tuner:
-                        warnings.simplefilter("ignore", tree_triton.KnobNotAppliedWarning)
+                        warnings.simplefilter("ignore", runtime.KnobNotAppliedWarning)
                     got = triton_tree(s, algorithm=algorithm, **knobs)(xt, yc.to(dtype))
                 got.sum().backward()
             except Exception as exc:  # a configuration the card cannot run must not hide the others
@@ -309,7 +309,7 @@ def time_row(timings: list, v: int, name: str, fn, x, y, device, repeats: int, f
 def sweep_configs(device: torch.device, small: bool) -> list[dict]:
     """The "tiles" kernels' tuning sweep: logits order ("token" / "leaf": a leaf-order output
     layer), positions per tile, positions per program, warps, prefix-scan form (1-4, see
-    ``tree_triton_tiles_jit.prefix_kernel``), rows per prefix program, launch groups and edge
+    ``tiles_prefix.prefix_kernel``), rows per prefix program, launch groups and edge
     tiles, and the "chains" kernels of sliced (tile, warps, positions per program, workspace);
     the newest questions first (the time budget cuts the tail)."""
     if small:
@@ -344,8 +344,8 @@ def main() -> int:
     vocab = ARGS.vocab or ([1000, 300] if small else [262_144, 151_936, 50_257])
     n = ARGS.rows or (8 if small else 8192)
     repeats = ARGS.repeats or (1 if small else 5)
-    if not tree_triton.available(device):
-        print(f"cannot run: {tree_triton.unavailable_reason(device)}")
+    if not runtime.available(device):
+        print(f"cannot run: {runtime.unavailable_reason(device)}")
         return 2
     all_structures = build_all_structures(vocab, small)  # before CUDA starts: forked workers
     if small:  # the interpreter: tune over two interpreter-sized candidates, one timed run each

@@ -1,6 +1,7 @@
 """Tile-parallel Triton kernels for all-tree structures: many programs per row, four launches.
 
-The one-program-per-row kernels (:mod:`tree_triton_jit`, :mod:`tree_triton_levels_jit`) keep a
+The one-program-per-row kernels (:mod:`~tokenmover.kernels.triton.scatter`,
+:mod:`~tokenmover.kernels.triton.levels`) keep a
 whole row in one program, so a row's passes run one tile after the other and the rows in flight
 (one per program) overflow the L2 cache when the row is read in a permuted order. Here each row is
 cut into chunks of ``L`` positions and every (row, member, chunk) is its own program; programs of
@@ -10,9 +11,9 @@ prefix sums are kept only at edge boundaries and tile ends, in a compact array).
 
 For a row with ``p = softmax(x)``, ``q = softmax(y)``, ``d = p - q``:
 
-1. ``lse_partial_kernel`` (row, chunk of columns): running max and sum of exp of x and y and
+1. ``lse_partial_kernel`` (:mod:`~tokenmover.kernels.triton.lse`; row, chunk of columns): running max and sum of exp of x and y and
    non-finite counts per chunk; each later program combines its row's chunks into ``lse``.
-2. ``prefix_kernel`` (row, member k, chunk c): in member order, the tile-local prefix sums of
+2. ``prefix_kernel`` (:mod:`~tokenmover.kernels.triton.tiles_prefix`; row, member k, chunk c): in member order, the tile-local prefix sums of
    ``d`` and ``p`` at edge boundaries and tile ends (``C_loc``, ``P_loc``), and (member 0) the
    singleton terms ``t . |d|``, ``sum t sign(d) p``, ``sum t sign(d) q`` as partial sums.
 3. ``edge_kernel`` (one program per row): flags NaN / +Inf / no-mass rows; tile offsets (exclusive
@@ -27,490 +28,63 @@ For a row with ``p = softmax(x)``, ``q = softmax(y)``, ``d = p - q``:
 
 Passes over a row's logits: 1 + K + 1, each spread over many programs. Accumulation in ``ACC``.
 
-``lse_prefix_kernel`` runs launches 1 and 2 as one on logits in the leaf order of one tree
+``lse_prefix_kernel`` (:mod:`~tokenmover.kernels.triton.tiles_prefix`) runs launches 1 and 2 as one on logits in the leaf order of one tree
 (``fused_lse``): each program keeps its chunk in registers while the row's programs agree on the
 log-sum-exp through a per-row counter, so the logits are read twice in all instead of three times.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
+from dataclasses import dataclass
+
+import torch
 import triton
 import triton.language as tl
 
-from tokenmover.kernels.triton.scatter import (
-    _exp,
-    _lse_floor,
-    _lse_lane_bad,
-    _online_lse_step,
-    _online_lse_total,
-    _pack_signs,
-    _probs,
-    _row_active,
-    _signed,
-    _softmax_entries,
-    _zero,
-    _zero_pass,
+from tokenmover.kernels.triton import lse, tiles_prefix
+from tokenmover.kernels.triton._common import _edge_signs, _gradient_levels, _row_active, _zero, _zero_pass
+from tokenmover.kernels.triton.lse import _row_lses, _store_bad_flag
+from tokenmover.kernels.triton.packing import TritonLevels, TritonStructure, tile_boundaries
+from tokenmover.kernels.triton.runtime import (
+    INTERPRET_BLOCK,
+    INTERPRET_EBLOCK,
+    MAX_WORKSPACE_BYTES,
+    accumulation_dtype,
+    warn_not_applied,
 )
-from tokenmover.kernels.triton.levels import _edge_signs, _gradient_levels
 
-
-@triton.jit
-def lse_partial_kernel(x_ptr, y_ptr, stride_x, stride_y, active_ptr, lse_part_ptr, V, G, L,
-                       HAS_MASK: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    """Per (row, chunk of columns): running max and sum of exp for x and y, and how many lanes saw
-    a NaN or +inf (read off the end state, :func:`_lse_lane_bad`: no per-entry test).
-
-    lse_part[r, c] = (max_x, sum_x, max_y, sum_y, nonfinite_x, nonfinite_y) in ACC."""
-    pid = tl.program_id(0)
-    c = pid % G
-    r = (pid // G).to(tl.int64)
-    active = _row_active(active_ptr, r, HAS_MASK)
-    if active != 0:
-        offs = tl.arange(0, BLOCK)
-        start = c * L
-        end = tl.minimum(start + L, V)
-        x_row = x_ptr + r * stride_x
-        y_row = y_ptr + r * stride_y
-        mx = _lse_floor(ACC, BLOCK)
-        sx = tl.zeros([BLOCK], ACC)
-        my = _lse_floor(ACC, BLOCK)
-        sy = tl.zeros([BLOCK], ACC)
-        for s0 in range(start, end, BLOCK):
-            idx = s0 + offs
-            msk = idx < end
-            x = tl.load(x_row + idx, mask=msk, other=float("-inf")).to(ACC)
-            y = tl.load(y_row + idx, mask=msk, other=float("-inf")).to(ACC)
-            mx, sx = _online_lse_step(mx, sx, x)
-            my, sy = _online_lse_step(my, sy, y)
-        base = lse_part_ptr + 6 * (r * G + c)
-        chunk_mx, chunk_sx = _online_lse_total(mx, sx)
-        chunk_my, chunk_sy = _online_lse_total(my, sy)
-        _store_partials(base, chunk_mx, chunk_sx, tl.sum(_lse_lane_bad(mx, sx), 0),  # lanes that saw NaN / +inf
-                        chunk_my, chunk_sy, tl.sum(_lse_lane_bad(my, sy), 0))
-
-
-@triton.jit
-def _combine(part_rows, which, G, GBLOCK: tl.constexpr, L2_ONLY: tl.constexpr = False):
-    """log-sum-exp of rows from their chunks' (max, sum) at offsets which, which + 1;
-    ``part_rows`` (R,) pointers to each row's partials, result (R,). L2_ONLY: loads that skip
-    the L1 cache (``.cg``), for partials other programs of the same launch stored."""
-    goffs = tl.arange(0, GBLOCK)
-    gm = goffs < G
-    ptrs = part_rows[:, None] + 6 * goffs[None, :] + which  # (R, GBLOCK)
-    if L2_ONLY:
-        m = tl.load(ptrs, mask=gm[None, :], other=float("-inf"), cache_modifier=".cg")
-        s = tl.load(ptrs + 1, mask=gm[None, :], other=0.0, cache_modifier=".cg")
-    else:
-        m = tl.load(ptrs, mask=gm[None, :], other=float("-inf"))
-        s = tl.load(ptrs + 1, mask=gm[None, :], other=0.0)
-    top = tl.max(m, 1)  # (R,) finite: every chunk's max is at least _lse_floor
-    return top + tl.log(tl.sum(s * tl.exp(m - top[:, None]), 1))
-
-
-@triton.jit
-def _rows_lses(lse_part_ptr, r, G, GBLOCK: tl.constexpr, L2_ONLY: tl.constexpr = False):
-    """(lse_x, lse_y) of the rows ``r`` (R,) int64, each (R,)."""
-    part_rows = lse_part_ptr + 6 * r * G
-    return _combine(part_rows, 0, G, GBLOCK, L2_ONLY), _combine(part_rows, 2, G, GBLOCK, L2_ONLY)
-
-
-@triton.jit
-def _row_lses(lse_part_ptr, r, G, GBLOCK: tl.constexpr, L2_ONLY: tl.constexpr = False):
-    """(lse_x, lse_y) of one row ``r`` (a scalar), as scalars."""
-    lse_x, lse_y = _rows_lses(lse_part_ptr, r + tl.zeros([1], tl.int64), G, GBLOCK, L2_ONLY)
-    return tl.sum(lse_x, 0), tl.sum(lse_y, 0)
-
-
-@triton.jit
-def _cumsum(v, ROWS: tl.constexpr, BLOCK: tl.constexpr, SCAN: tl.constexpr):
-    """Inclusive prefix sums along axis 1 of a (ROWS, BLOCK) tile: ``tl.cumsum`` (SCAN=1) or
-    two-level (SCAN=2: runs of 32 scanned, then the exclusive prefix of the run totals added)."""
-    if SCAN == 2 and BLOCK >= 64:
-        runs = tl.reshape(v, (ROWS, BLOCK // 32, 32))
-        totals = tl.sum(runs, 2)
-        before = tl.cumsum(totals, 1) - totals
-        return tl.reshape(tl.cumsum(runs, 2) + before[:, :, None], (ROWS, BLOCK))
-    else:
-        return tl.cumsum(v, 1)
-
-
-@triton.jit
-def _add2(a0, a1, b0, b1):
-    return a0 + b0, a1 + b1
-
-
-@triton.jit
-def _cumsum2(u, v, ROWS: tl.constexpr, BLOCK: tl.constexpr, TWO_LEVEL: tl.constexpr):
-    """Inclusive prefix sums along axis 1 of two (ROWS, BLOCK) tiles in one scan (shared
-    exchanges done once for both); two-level when TWO_LEVEL, as :func:`_cumsum`."""
-    if TWO_LEVEL and BLOCK >= 64:
-        ru = tl.reshape(u, (ROWS, BLOCK // 32, 32))
-        rv = tl.reshape(v, (ROWS, BLOCK // 32, 32))
-        su, sv = tl.associative_scan((ru, rv), 2, _add2)
-        tu, tv = tl.reduce((ru, rv), 2, _add2)
-        bu, bv = tl.associative_scan((tu, tv), 1, _add2)
-        return (tl.reshape(su + (bu - tu)[:, :, None], (ROWS, BLOCK)),
-                tl.reshape(sv + (bv - tv)[:, :, None], (ROWS, BLOCK)))
-    else:
-        return tl.associative_scan((u, v), 1, _add2)
-
-
-@triton.jit
-def _prefix_tile(x_rows, y_rows, lse_x, lse_y, perm_row, bidx_row, tw0_ptr, cp_rows, sign_rows, live, k,
-                 s0, end, nw, val_l, dot_p_l, val, dot_p,
-                 MASKED: tl.constexpr, WANT_GRAD: tl.constexpr, ACC: tl.constexpr, ROWS: tl.constexpr,
-                 BLOCK: tl.constexpr, SCAN: tl.constexpr, IDENTITY: tl.constexpr, SIGNS: tl.constexpr):
-    """One (ROWS, BLOCK) tile of :func:`prefix_kernel` at member-order positions ``s0 ..``: the
-    tile-local prefix sums of ``d`` (and ``p``) stored at the tile's boundary slots, and the
-    singleton sums carried in ``val_l``, ``dot_p_l``, ``val``, ``dot_p`` (returned). MASKED: the chunk's last tile,
-    which may end before BLOCK positions; the others load the order, weights and slots without
-    masks, and with one row a program the logits too (a program whose row is masked out has
-    returned already)."""
-    offs = tl.arange(0, BLOCK)
-    pos = s0 + offs
-    msk = pos < end
-    if IDENTITY:
-        tok = pos
-    elif MASKED:
-        tok = tl.load(perm_row + pos, mask=msk, other=0)
-    else:
-        tok = tl.load(perm_row + pos)
-    if MASKED:
-        msk2 = live[:, None] & msk[None, :]  # (ROWS, BLOCK)
-        p = _probs(x_rows, tok[None, :], msk2, lse_x[:, None], ACC)  # (ROWS, BLOCK) in member order
-        q = _probs(y_rows, tok[None, :], msk2, lse_y[:, None], ACC)
-        t = tl.load(tw0_ptr + pos, mask=msk, other=0.0).to(ACC)[None, :]
-        b = tl.load(bidx_row + pos, mask=msk, other=-1)[None, :]  # the same for every row
-        at_edge = msk2 & (b >= 0)
-    else:
-        if ROWS > 1:  # rows masked out or past the last one: not read (one row: the program has returned)
-            rows_live = tl.broadcast_to(live[:, None], (ROWS, BLOCK))
-            p = _probs(x_rows, tok[None, :], rows_live, lse_x[:, None], ACC)
-            q = _probs(y_rows, tok[None, :], rows_live, lse_y[:, None], ACC)
-        else:
-            p = _softmax_entries(tl.load(x_rows + tok[None, :]).to(ACC), lse_x[:, None])  # (ROWS, BLOCK), member order
-            q = _softmax_entries(tl.load(y_rows + tok[None, :]).to(ACC), lse_y[:, None])
-        t = tl.load(tw0_ptr + pos).to(ACC)[None, :]
-        b = tl.load(bidx_row + pos)[None, :]
-        at_edge = live[:, None] & (b >= 0)
-    if not IDENTITY:
-        t = t * (k == 0).to(ACC)  # singleton terms: member 0 only
-    return _prefix_entries(p, q, t, b, at_edge, cp_rows, sign_rows, live, s0, nw, val_l, dot_p_l, val, dot_p,
-                           WANT_GRAD, ROWS, BLOCK, SCAN, SIGNS)
-
-
-@triton.jit
-def _prefix_entries(p, q, t, b, at_edge, cp_rows, sign_rows, live, s0, nw, val_l, dot_p_l, val, dot_p,
-                    WANT_GRAD: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, SCAN: tl.constexpr,
-                    SIGNS: tl.constexpr):
-    """The work of one (ROWS, BLOCK) tile of probabilities ``p``, ``q`` in member order at
-    positions ``s0 ..`` (a scalar: ROWS logit rows; (ROWS,): consecutive tiles of one row, as in
-    :func:`lse_prefix_kernel`), with singleton weights ``t`` and boundary slots ``b`` (stored where
-    ``at_edge``): the tile-local prefix sums of ``d = p - q`` and ``p`` at the slots, the sign
-    words (SIGNS), and the singleton sums ``t |d|``, ``p t sign(d)`` added to the carried
-    ``val_l``, ``dot_p_l`` (SCAN 3 / 4, per lane) or ``val``, ``dot_p`` (per row), returned."""
-    FUSED: tl.constexpr = SCAN >= 3
-    LEVELS: tl.constexpr = 2 - SCAN % 2  # 1: one-level scan, 2: two-level
-    d = p - q
-    s = _signed(t, d)
-    if SIGNS:
-        # the signs of s = t sign(d): sign(d) wherever t > 0 (t >= 0: edge weights are checked), and
-        # where t = 0 the gradient's t_i sign(d_i) is 0 whatever the sign
-        # (ROWS, BLOCK / 8) words of this tile; s0 a scalar, or (ROWS,) where the rows are one row's tiles
-        words = (s0 // 8 + tl.zeros([ROWS], tl.int32))[:, None] + tl.arange(0, BLOCK // 8)[None, :]
-        tl.store(sign_rows + words, _pack_signs(s, ROWS, BLOCK), mask=live[:, None] & (words < nw))
-    if FUSED:
-        val_l += t * tl.abs(d)
-    else:
-        val += tl.sum(t * tl.abs(d), 1)
-    if FUSED and WANT_GRAD:
-        dot_p_l += p * s
-        cum_d, cum_p = _cumsum2(d, p, ROWS, BLOCK, LEVELS == 2)
-        pair = tl.arange(0, 2)[None, None, :]
-        tl.store((cp_rows + 2 * b)[:, :, None] + pair, tl.join(cum_d, cum_p), mask=at_edge[:, :, None])  # (C, P) pairs
-    else:
-        tl.store(cp_rows + 2 * b, _cumsum(d, ROWS, BLOCK, LEVELS), mask=at_edge)
-        if WANT_GRAD:
-            dot_p += tl.sum(p * s, 1)
-            tl.store(cp_rows + 2 * b + 1, _cumsum(p, ROWS, BLOCK, LEVELS), mask=at_edge)
-    return val_l, dot_p_l, val, dot_p
-
-
-@triton.jit
-def _store_singletons(slot, val, dot_p, mask):
-    """A chunk's singleton sums at ``slot``: ``sum t |d|``, ``sum p t sign(d)`` and ``sum q t
-    sign(d) = sum p t sign(d) - sum t |d|`` (``d t sign(d) = t |d|``: one accumulator less)."""
-    tl.store(slot, val, mask=mask)
-    tl.store(slot + 1, dot_p, mask=mask)
-    tl.store(slot + 2, dot_p - val, mask=mask)
-
-
-@triton.jit
-def prefix_kernel(x_ptr, y_ptr, stride_x, stride_y, active_ptr, lse_part_ptr,
-                  perm_ptr, bidx_ptr, tw0_ptr,  # (K, V) int32, (K, V) int32 slot after each position (-1: none), (V,)
-                  cp_ptr, nb,  # (n, NB, 2) tile-local prefix sums of d and p at the boundary slots
-                  part_ptr,  # (n, K, G, 3) singleton sums
-                  sign_ptr, nw,  # (n, NW) int16 sign words of d (2 bits a position, _pack_signs), written when SIGNS
-                  n, V, K, G, L,
-                  HAS_MASK: tl.constexpr, WANT_GRAD: tl.constexpr, ACC: tl.constexpr, ROWS: tl.constexpr,
-                  BLOCK: tl.constexpr, GBLOCK: tl.constexpr, SCAN: tl.constexpr, IDENTITY: tl.constexpr,
-                  SIGNS: tl.constexpr):
-    """One program: ROWS rows, member k, chunk c, in (ROWS, BLOCK) tiles (:func:`_prefix_tile`).
-    The member's order, boundary slots and singleton weights are loaded once for all ROWS rows;
-    every scan and sum runs along a row (axis 1). The prefix sums restart at every tile: each
-    tile's total is stored at the slot of its last position (:class:`TileBoundaries`), and the
-    edge launch adds the tiles' offsets back, so no running total is carried from tile to tile.
-
-    IDENTITY: the (single) member's order is the column order: contiguous loads, no gather.
-
-    SIGNS (IDENTITY only; ``BLOCK`` a multiple of 8, ``L`` of ``BLOCK``): also the signs of ``d``
-    in column order, 2 bits a position (:func:`_pack_signs`), so that the gradient launch needs
-    the policy's logits only (``sign(p_i - q_i)`` is all it reads of the reference).
-
-    SCAN: 1 / 2 one- / two-level ``tl.cumsum`` per array and two sums per tile; 3 / 4 the same
-    scans fused into one two-array ``associative_scan`` and the singleton sums kept per lane until
-    the end (one exchange per tile instead of four)."""
-    pid = tl.program_id(0)
-    c = pid % G
-    k = (pid // G) % K
-    r = (pid // (G * K)).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # (ROWS,)
-    live = r < n
-    r = tl.minimum(r, n - 1)  # rows past the last one read row n - 1 and store nothing
-    if HAS_MASK:
-        live &= tl.load(active_ptr + r).to(tl.int32) != 0
-    if tl.max(live.to(tl.int32), 0) != 0:
-        lse_x, lse_y = _rows_lses(lse_part_ptr, r, G, GBLOCK)  # (ROWS,)
-        x_rows = (x_ptr + r * stride_x)[:, None]  # (ROWS, 1)
-        y_rows = (y_ptr + r * stride_y)[:, None]
-        perm_row = perm_ptr + k.to(tl.int64) * V
-        bidx_row = bidx_ptr + k.to(tl.int64) * V
-        cp_rows = (cp_ptr + r * (2 * nb))[:, None]  # (ROWS, 1)
-        sign_rows = (sign_ptr + r * nw)[:, None]
-        start = c * L
-        end = tl.minimum(start + L, V)
-        full_end = start + (end - start) // BLOCK * BLOCK  # tiles before it have BLOCK positions
-        val_l = tl.zeros([ROWS, BLOCK], ACC)  # SCAN 3 / 4: per-lane sums, reduced once after the loop
-        dot_p_l = tl.zeros([ROWS, BLOCK], ACC)
-        val = tl.zeros([ROWS], ACC)  # SCAN 1 / 2: per-tile sums
-        dot_p = tl.zeros([ROWS], ACC)
-        for s0 in range(start, full_end, BLOCK):
-            val_l, dot_p_l, val, dot_p = _prefix_tile(
-                x_rows, y_rows, lse_x, lse_y, perm_row, bidx_row, tw0_ptr, cp_rows, sign_rows, live, k,
-                s0, end, nw, val_l, dot_p_l, val, dot_p,
-                False, WANT_GRAD, ACC, ROWS, BLOCK, SCAN, IDENTITY, SIGNS)
-        if full_end < end:
-            val_l, dot_p_l, val, dot_p = _prefix_tile(
-                x_rows, y_rows, lse_x, lse_y, perm_row, bidx_row, tw0_ptr, cp_rows, sign_rows, live, k,
-                full_end, end, nw, val_l, dot_p_l, val, dot_p,
-                True, WANT_GRAD, ACC, ROWS, BLOCK, SCAN, IDENTITY, SIGNS)
-        if SCAN >= 3:
-            val += tl.sum(val_l, 1)
-            dot_p += tl.sum(dot_p_l, 1)
-        _store_singletons(part_ptr + 3 * ((r * K + k) * G + c), val, dot_p, live)  # (ROWS,) slots
-
-
-@triton.jit
-def _tile_lse(x, ACC: tl.constexpr):
-    """Softmax partials of (NT, TILE) logits, one per tile (row): ``(m, s, bad, e)`` with ``m``
-    (NT,) the tile's max (at least :func:`_lse_floor`), ``e = exp(x - m)`` (NT, TILE), ``s`` (NT,)
-    its sums, and ``bad`` (NT,) 1.0 where a NaN or +inf is in the tile (either makes ``s`` NaN:
-    ``+inf - +inf``, ``exp(NaN)``), else 0.0. A tile is one warp's in the layouts used, so the
-    reductions need no shared memory."""
-    top = tl.maximum(tl.max(x, 1), tl.max(_lse_floor(ACC, 1), 0))  # (NT,)
-    e = _exp(x - top[:, None])  # (NT, TILE); an fma here made Triton 3.6 lay the tiles across warps
-    total = tl.sum(e, 1)
-    return top, total, ((top == float("inf")) | (total != total)).to(ACC), e
-
-
-@triton.jit
-def _load_chunk(row_ptr, pos, V, other, MASKED: tl.constexpr):
-    """``row_ptr[pos]``; MASKED: ``other`` at positions ``>= V`` (a row's last chunk)."""
-    if MASKED:
-        return tl.load(row_ptr + pos, mask=pos < V, other=other)
-    else:
-        return tl.load(row_ptr + pos)
-
-
-@triton.jit
-def _store_partials(base, mx, sx, bx, my, sy, by):
-    """Softmax partials ``(max_x, sum_x, max_y, sum_y, bad_x, bad_y)`` at ``base`` (scalars, or
-    (NT,) with ``base`` (NT,) pointers), the layout of :func:`lse_partial_kernel`."""
-    tl.store(base, mx)
-    tl.store(base + 1, sx)
-    tl.store(base + 2, my)
-    tl.store(base + 3, sy)
-    tl.store(base + 4, bx)
-    tl.store(base + 5, by)
-
-
-@triton.jit
-def _chunk_positions(s0, NT: tl.constexpr, TILE: tl.constexpr):
-    """The (NT, TILE) positions of a chunk starting at ``s0``: row j is the chunk's tile j."""
-    return s0 + tl.arange(0, NT)[:, None] * TILE + tl.arange(0, TILE)[None, :]
-
-
-@triton.jit
-def _chunk_partials(x_row, y_row, part_row, c, V, ACC: tl.constexpr, NT: tl.constexpr, TILE: tl.constexpr,
-                    MASKED: tl.constexpr):
-    """Loads chunk ``c`` of a row and stores its tiles' softmax partials at entries ``c NT ..`` of
-    the row's ``part_row``; returns the (NT, TILE) logits and :func:`_tile_lse`'s ``m`` and ``e``:
-    ``(x, y, m_x, m_y, e_x, e_y)``."""
-    pos = _chunk_positions(c * (NT * TILE), NT, TILE)
-    x = _load_chunk(x_row, pos, V, float("-inf"), MASKED).to(ACC)  # (NT, TILE)
-    y = _load_chunk(y_row, pos, V, float("-inf"), MASKED).to(ACC)
-    mx, sx, bx, ex = _tile_lse(x, ACC)
-    my, sy, by, ey = _tile_lse(y, ACC)
-    _store_partials(part_row + 6 * (c * NT + tl.arange(0, NT)), mx, sx, bx, my, sy, by)
-    return x, y, mx, my, ex, ey
-
-
-@triton.jit
-def _combine_row(part_row, lse_row, GT, GBLOCK: tl.constexpr):
-    """The row's log-sum-exp from its ``GT`` tiles' partials (loads that skip L1: other programs
-    stored them), stored at ``lse_row`` as the partials of one chunk, which :func:`_combine`
-    turns back into the same log-sum-exp: ``(lse, 1)``, or ``(floor, 0)`` for a row with no mass
-    (``lse = -inf``), then the bad-lane counts; returns ``(lse_x, lse_y)``."""
-    lse_x, lse_y = _row_lses(part_row, 0, GT, GBLOCK, True)
-    bad_x, bad_y = _bad_lanes(part_row, GT, GBLOCK, True)
-    floor = tl.max(_lse_floor(lse_x.dtype, 1), 0)
-    no_x = lse_x == float("-inf")
-    no_y = lse_y == float("-inf")
-    _store_partials(lse_row, tl.where(no_x, floor, lse_x), tl.where(no_x, 0.0, 1.0), bad_x,
-                    tl.where(no_y, floor, lse_y), tl.where(no_y, 0.0, 1.0), bad_y)
-    return lse_x, lse_y
-
-
-@triton.jit
-def _lse_prefix_chunk(x_row, y_row, r, c, lse_part_ptr, lse_row_ptr, count_ptr, bidx_ptr, tw0_ptr, cp_ptr, nb,
-                      part_ptr, sign_ptr, nw, V, G, spin_limit,
-                      WANT_GRAD: tl.constexpr, ACC: tl.constexpr, NT: tl.constexpr, TILE: tl.constexpr,
-                      GBLOCK: tl.constexpr, SIGNS: tl.constexpr, MASKED: tl.constexpr):
-    """:func:`lse_prefix_kernel`'s work on chunk ``c`` of row ``r``; MASKED: the row's last chunk,
-    which may end before ``NT TILE`` positions (the others load without masks)."""
-    L: tl.constexpr = NT * TILE
-    s0 = c * L
-    part_row = lse_part_ptr + 6 * r * (G * NT)  # the row's G NT tiles' partials
-    lse_row = lse_row_ptr + 6 * r
-    x, y, mx, my, ex, ey = _chunk_partials(x_row, y_row, part_row, c, V, ACC, NT, TILE, MASKED)
-    # arrive (release: the partials above are visible to whoever sees the count); the last of the
-    # row's G programs to arrive (acquire: it sees all their partials) combines them, stores the
-    # row's log-sum-exp and counts once more; the others wait for that count, G + 1
-    # (the CTA barrier before each count: every thread's stores come before the one thread's fence)
-    tl.debug_barrier()
-    arrived = tl.atomic_add(count_ptr + r, 1, sem="acq_rel", scope="gpu")
-    if arrived == G - 1:
-        lse_x, lse_y = _combine_row(part_row, lse_row, G * NT, GBLOCK)
-        tl.debug_barrier()
-        tl.atomic_add(count_ptr + r, 1, sem="release", scope="gpu")
-    else:
-        stored = tl.atomic_add(count_ptr + r, 0, sem="acquire", scope="gpu")
-        spins = 0
-        while (stored <= G) & (spins < spin_limit):
-            stored = tl.atomic_add(count_ptr + r, 0, sem="acquire", scope="gpu")
-            spins += 1
-        if stored > G:
-            lse_x = tl.load(lse_row, cache_modifier=".cg")
-            lse_y = tl.load(lse_row + 2, cache_modifier=".cg")
-        else:
-            # waited long enough (or a program of the row is not resident): compute every chunk's
-            # partials here, with the same code and tile shapes, so the same bits as the chunks'
-            # own programs store, and combine them as the last arriver will
-            for cc in range(0, G - 1):
-                _chunk_partials(x_row, y_row, part_row, cc, V, ACC, NT, TILE, False)
-            _chunk_partials(x_row, y_row, part_row, G - 1, V, ACC, NT, TILE, True)
-            lse_x, lse_y = _row_lses(part_row, 0, G * NT, GBLOCK, True)
-    if SIGNS or not WANT_GRAD:
-        # nothing later recomputes p - q from the logits: reuse exp(x - m) (no second exponential)
-        p = ex * _exp(mx - lse_x)[:, None]  # (NT, TILE)
-        q = ey * _exp(my - lse_y)[:, None]
-    else:
-        # the gradient launch recomputes the signs of p - q: the same bits as it will
-        p = _softmax_entries(x, lse_x)
-        q = _softmax_entries(y, lse_y)
-    pos = _chunk_positions(s0, NT, TILE)
-    t = _load_chunk(tw0_ptr, pos, V, 0.0, MASKED).to(ACC)  # (NT, TILE)
-    b = _load_chunk(bidx_ptr, pos, V, -1, MASKED)
-    tiles = tl.arange(0, NT)
-    row = tl.zeros([NT], tl.int64) + r
-    acc_l = tl.zeros([NT, TILE], ACC)
-    acc_r = tl.zeros([NT], ACC)
-    # the chunk's NT tiles as the rows of _prefix_entries' (ROWS, BLOCK) tiles: scans and sign
-    # words per tile, all into row r's slots
-    val_l, dot_p_l, val, dot_p = _prefix_entries(
-        p, q, t, b, b >= 0, (cp_ptr + row * (2 * nb))[:, None], (sign_ptr + row * nw)[:, None], tiles >= 0,
-        s0 + tiles * TILE, nw, acc_l, acc_l, acc_r, acc_r, WANT_GRAD, NT, TILE, 3, SIGNS)
-    val = tl.sum(val + tl.sum(val_l, 1), 0)
-    dot_p = tl.sum(dot_p + tl.sum(dot_p_l, 1), 0)
-    _store_singletons(part_ptr + 3 * (r * G + c), val, dot_p, True)
-
-
-@triton.jit
-def lse_prefix_kernel(x_ptr, y_ptr, stride_x, stride_y, active_ptr,
-                      lse_part_ptr,  # (n, G NT, 6) the tiles' softmax partials (lse_partial_kernel's layout)
-                      lse_row_ptr,  # (n, 1, 6) out: the row's (lse_x, 1, lse_y, 1, bad x, bad y), one chunk's partials
-                      count_ptr,  # (n,) int32, zero at launch: the row's programs arrived (+ 1 once lse_row is stored)
-                      bidx_ptr, tw0_ptr,  # (V,) int32 slot after each position (-1: none), (V,) singleton weights
-                      cp_ptr, nb,  # (n, NB, 2) tile-local prefix sums of d and p at the boundary slots
-                      part_ptr,  # (n, 1, G, 3) singleton sums
-                      sign_ptr, nw,  # (n, NW) int16 sign words, written when SIGNS
-                      V, G, spin_limit,
-                      HAS_MASK: tl.constexpr, WANT_GRAD: tl.constexpr, ACC: tl.constexpr,
-                      NT: tl.constexpr, TILE: tl.constexpr, GBLOCK: tl.constexpr, SIGNS: tl.constexpr):
-    """Launches 1 and 2 of "tiles" in one, for logits in the tree's leaf order (one member, the
-    column order). Each program reads one chunk of ``NT`` tiles of ``TILE`` positions of a row once
-    and keeps it in registers, stores its tiles' softmax partials, and counts itself in at the
-    row's counter. The row's last program to arrive combines the ``G NT`` partials into the row's
-    log-sum-exp, stores it at ``lse_row`` and counts once more; the others wait for that and read
-    it (release / acquire at GPU scope). Each program then does :func:`prefix_kernel`'s work on
-    its tiles (fused scan) from the registers. The logits are read once for both launches' work,
-    and each entry's exponential is computed once where nothing recomputes ``p - q`` later (sign
-    words, or no gradient).
-
-    Progress: a program waits only for programs of its own row, which the GPU starts in program
-    order, so a row's ``G`` programs run side by side when ``G`` programs fit on the GPU. A
-    program that has polled the counter ``spin_limit`` times computes the row's partials itself
-    (reading the whole row: correct, and slow), so no launch waits for ever. The interpreter runs
-    programs one after another: there every program but a row's last takes that path."""
-    pid = tl.program_id(0)
-    c = pid % G
-    r = (pid // G).to(tl.int64)
-    active = _row_active(active_ptr, r, HAS_MASK)
-    if active != 0:
-        x_row = x_ptr + r * stride_x
-        y_row = y_ptr + r * stride_y
-        if (c + 1) * (NT * TILE) <= V:
-            _lse_prefix_chunk(x_row, y_row, r, c, lse_part_ptr, lse_row_ptr, count_ptr, bidx_ptr, tw0_ptr, cp_ptr, nb,
-                              part_ptr, sign_ptr, nw, V, G, spin_limit,
-                              WANT_GRAD, ACC, NT, TILE, GBLOCK, SIGNS, False)
-        else:
-            _lse_prefix_chunk(x_row, y_row, r, c, lse_part_ptr, lse_row_ptr, count_ptr, bidx_ptr, tw0_ptr, cp_ptr, nb,
-                              part_ptr, sign_ptr, nw, V, G, spin_limit,
-                              WANT_GRAD, ACC, NT, TILE, GBLOCK, SIGNS, True)
-
-
-@triton.jit
-def _bad_lanes(part_row, G, GBLOCK: tl.constexpr, L2_ONLY: tl.constexpr = False):
-    """The lanes that saw a NaN or +inf in x and in y, summed over a row's ``G`` partials at
-    ``part_row``; L2_ONLY as in :func:`_combine`."""
-    goffs = tl.arange(0, GBLOCK)
-    gm = goffs < G
-    if L2_ONLY:
-        bad_x = tl.load(part_row + 6 * goffs + 4, mask=gm, other=0.0, cache_modifier=".cg")
-        bad_y = tl.load(part_row + 6 * goffs + 5, mask=gm, other=0.0, cache_modifier=".cg")
-    else:
-        bad_x = tl.load(part_row + 6 * goffs + 4, mask=gm, other=0.0)
-        bad_y = tl.load(part_row + 6 * goffs + 5, mask=gm, other=0.0)
-    return tl.sum(bad_x, 0), tl.sum(bad_y, 0)
-
-
-@triton.jit
-def _store_bad_flag(lse_part_ptr, bad_ptr, r, G, GBLOCK: tl.constexpr):
-    """bad[r] = 1 (policy) or 2 (reference) for a row with NaN / +Inf or no mass (lse = -inf), else 0."""
-    lse_x, lse_y = _row_lses(lse_part_ptr, r, G, GBLOCK)
-    nonfinite_x, nonfinite_y = _bad_lanes(lse_part_ptr + 6 * r * G, G, GBLOCK)
-    bad_x = (nonfinite_x > 0) | (lse_x == float("-inf"))
-    bad_y = (nonfinite_y > 0) | (lse_y == float("-inf"))
-    tl.store(bad_ptr + r, tl.where(bad_x, 1, tl.where(bad_y, 2, 0)).to(tl.int8))
+# "tiles" defaults: the fastest of the configurations measured on an H200 at V = 262,144 (docs/gpu.md)
+TILES_CHUNK = 8192  # positions per program
+TILES_BLOCK = 512
+TILES_WARPS = 4
+TILES_LEAF_BLOCK = 256  # logits in the tree's leaf order (contiguous loads): one warp a program
+TILES_LEAF_WARPS = 1
+TILES_EDGE_BLOCK = 128  # H200, leaf order, 262k: 2.55 ms against 3.15 at 256 and 4.9 at 512 (session 5)
+TILES_EDGE_WARPS = 4
+TILES_EDGE_STAGES = 1  # software-pipeline stages of the edge loop (loads one or two tiles ahead); 1: none
+EDGE_TILE_BLOCK = 128  # tiles whose offsets the edge launch sums at a time: 32 registers a thread as in session 5 (256: 40, 1,024: 96)
+# the log-sum-exp pass has its own tile, whatever the prefix kernel's
+TILES_LSE_BLOCK = 512  # H200: 2.33 ms at 262k against 2.75 (1024 / 4 warps) and 3.3 (2048 / 8)
+TILES_LSE_WARPS = 4
+TILES_SCAN = 3  # 1: tl.cumsum over the tile; 2: two-level (rows of 32); 3 / 4: the same, fused (see prefix_kernel)
+SCANS = (1, 2, 3, 4)
+TILES_ROW_BLOCK = 1  # rows per prefix-kernel program (a power of two); 1 is what the H200 runs measured
+# leaf-order logits, policy-only gradient: the prefix launch keeps sign(p - q) (V / 4 bytes a row) and
+# the gradient launch skips the reference's logits (session 6: not yet timed on a card; tuned both ways)
+TILES_SIGN_WORDS = True
+# leaf-order logits of one tree: launches 1 and 2 in one (lse_prefix_kernel), each program's chunk of the
+# row kept in registers across a wait for the row's log-sum-exp (session 7: not yet timed on a card; a
+# tuning candidate, off by default)
+TILES_FUSED_LSE = False
+TILES_FUSED_BLOCK = 256  # positions per tile (scan and sign words per tile, as TILES_LEAF_BLOCK)
+TILES_FUSED_CHUNK = 2048  # positions per program: 8 tiles of 256, 16 a thread per logit row at 4 warps
+TILES_FUSED_WARPS = 4
+# polls of a row's counter before a program computes the row's partials itself (reading the whole row): a
+# program waits only for its row's programs, which run beside it, so this is a guard against a stalled
+# launch (a shared GPU), not a wait a normal launch reaches
+TILES_SPIN_LIMIT = 1 << 16
+INTERPRET_SPIN_LIMIT = 2  # the interpreter runs programs in turn: only a row's last program finds the row done
 
 
 @triton.jit
@@ -653,3 +227,240 @@ def grad_kernel(x_ptr, y_ptr, stride_x, stride_y, active_ptr, lse_part_ptr, dots
                          start, end, V, K, sign_ptr + r * nw, nw, WANT_GX, WANT_GY, ACC, BLOCK, SIGNS)
     else:
         _zero_pass(gx_row, gy_row, start, end, WANT_GX, WANT_GY, BLOCK)
+
+
+@dataclass
+class TilesState:
+    """What the "tiles" gradient launch needs from the forward launches, for n rows.
+
+    ``lse_part`` (n, G, 6) softmax partials, ``dots`` (n, 2) ``<p, g>`` and ``<q, g>``, ``s`` (n, E + 1)
+    summed edge signs ``S``, and on leaf-order logits with a policy-only gradient ``signs``. Memory:
+    ``4 (E + 1)`` bytes a row (float32), plus ``V / 4`` for the signs, against ``2 V`` for a
+    bf16 gradient; for one cluster tree E is about V / 8, so a quarter of the gradient it replaces
+    (three eighths with the signs)."""
+
+    lse_part: torch.Tensor
+    dots: torch.Tensor
+    s: torch.Tensor
+    signs: torch.Tensor | None  # (n, ceil(V / 8)) int16 signs of p - q, 2 bits a position (uses_sign_words)
+    chunk: int
+    block: int
+    num_warps: int | None  # of the gradient launch, resolved in forward (None under the interpreter)
+    interpret: bool
+
+
+def tiles_forward(x, y, active, ts: TritonStructure, want_grad: bool, *, block=None, num_warps=None, chunk=None,
+                   edge_block=None, edge_warps=None, edge_stages=None, scan=None, row_block=None, sign_words=None,
+                   fused_lse=None, max_workspace_bytes: int = MAX_WORKSPACE_BYTES,
+                   policy_only: bool = False, requested: Collection[str] = ()
+                   ) -> tuple[torch.Tensor, torch.Tensor, TilesState]:
+    """Launches 1 - 3 of "tiles" over groups of rows (the per-row workspaces bound a group) on
+    (n, V) logits with contiguous rows: values (n,) in the accumulation dtype, bad-row flags (n,)
+    int8, and (``want_grad``) the state of the gradient launch.
+
+    ``policy_only`` (the gradient launch will want ``dW/dx`` only) and ``sign_words`` (default
+    ``TILES_SIGN_WORDS``): on logits in leaf order the prefix launch also keeps the signs of
+    ``p - q``, 2 bits a position (``V / 4`` bytes a row), so that the gradient launch reads the
+    policy's logits and not the reference's (:func:`uses_sign_words`).
+
+    ``fused_lse`` (default ``TILES_FUSED_LSE``, off; :func:`uses_fused_lse`): on leaf-order logits
+    of one tree, launches 1 and 2 run as one (``lse_prefix_kernel``): each program holds one
+    chunk (``chunk / block`` tiles, a power of two; ``TILES_FUSED_CHUNK`` / ``TILES_FUSED_BLOCK``
+    by default) in registers and reads it once for both the row's log-sum-exp and the prefix sums.
+
+    ``requested``: the knobs of :data:`REQUESTABLE` the caller set to True itself; each that cannot
+    apply to this call warns (:class:`KnobNotAppliedWarning`) and the call runs without it.
+    The tuner's candidates pass none (they try a knob where it may apply)."""
+    n, v = x.shape
+    device = x.device
+    lv = ts.levels
+    acc = accumulation_dtype(x, y)
+    interpret = device.type == "cpu"
+    out = torch.empty(n, dtype=acc, device=device)
+    bad = torch.zeros(n, dtype=torch.int8, device=device)
+    k_members = ts.num_members
+    scan = scan or TILES_SCAN
+    if scan not in SCANS:
+        raise ValueError(f"scan must be one of {SCANS}, got {scan!r}")
+    row_block = TILES_ROW_BLOCK if row_block is None else row_block
+    if row_block < 1 or row_block & (row_block - 1):
+        raise ValueError(f"row_block must be a power of two, got {row_block!r}")
+    fused_lse = TILES_FUSED_LSE if fused_lse is None else fused_lse
+    fused = fused_lse and uses_fused_lse(lv, k_members, row_block)
+    if fused and block is None and num_warps is None and not interpret:
+        block, num_warps, chunk = TILES_FUSED_BLOCK, TILES_FUSED_WARPS, chunk or TILES_FUSED_CHUNK
+    block, num_warps = tiles_tile_defaults(block, num_warps, bool(lv.identity_order), interpret)
+    for knob, value in (("block", block), ("edge_block", edge_block)):
+        if value is not None and (value < 1 or value & (value - 1)):
+            raise ValueError(f"{knob} must be a power of two (a Triton tile), got {value!r}")
+    chunk = chunk or (4 * block if interpret else TILES_CHUNK)
+    if fused and (chunk % block or (chunk // block) & (chunk // block - 1)):
+        raise ValueError(f"fused_lse: a program holds chunk / block tiles, a power of two; got chunk {chunk}, "
+                         f"block {block}")
+    g = triton.cdiv(v, chunk)
+    resident = resident_programs(device, num_warps) if fused and not interpret else None
+    fused = fused and (resident is None or g <= resident)
+    sign_words = TILES_SIGN_WORDS if sign_words is None else sign_words
+    signs = want_grad and policy_only and sign_words and uses_sign_words(lv, chunk, min(block, chunk))
+    if "fused_lse" in requested and not fused:
+        warn_not_applied("fused_lse", fused_lse_obstacle(lv, k_members, row_block)
+                     or f"a row's {g} programs of {num_warps} warps do not all fit on {device} at once (at most "
+                        f"{resident}); a larger chunk makes fewer")
+    if "sign_words" in requested and want_grad and not signs:
+        warn_not_applied("sign_words", "the reference's logits want a gradient too (dW/dy reads q)" if not policy_only
+                     else sign_words_obstacle(lv, chunk, min(block, chunk)))
+    nw = triton.cdiv(v, 8)  # int16 sign words a row
+    tb = tile_boundaries(lv, min(block, chunk), chunk)
+    nb, ne, t = tb.num_boundaries, lv.num_edges, tb.num_tiles
+    acc_tl = tl.float64 if acc == torch.float64 else tl.float32
+    acc_bytes = 8 if acc == torch.float64 else 4
+    fused_parts = g * (chunk // block) if fused else 0  # a fused launch's softmax partials a row: one a tile
+    per_row = acc_bytes * (2 * max(nb, 1) + 3 * k_members * g + 2 * t + 2 + 6 * fused_parts)
+    rows = max(1, min(n, max_workspace_bytes // per_row))
+    extra = {} if interpret else {"num_warps": num_warps}
+    lse_extra = {} if interpret else {"num_warps": TILES_LSE_WARPS}
+    lse_block = block if interpret else TILES_LSE_BLOCK
+    edge_extra = {} if interpret else {"num_warps": edge_warps or TILES_EDGE_WARPS}
+    eblock = INTERPRET_EBLOCK if interpret else (edge_block or TILES_EDGE_BLOCK)
+    gblock = triton.next_power_of_2(g)
+    # kept for the gradient launch (all rows); the rest is per group of rows
+    # fused: each row's log-sum-exp as one chunk's partials (n, 1, 6); the chunks' partials per group of rows
+    lse_part = torch.empty(n, 1 if fused else g, 6, dtype=acc, device=device)  # (n, GL, 6)
+    gl = lse_part.shape[1]
+    chunk_part = torch.empty(rows, fused_parts, 6, dtype=acc, device=device) if fused else None  # (rows, G NT, 6)
+    dots = torch.empty(n, 2, dtype=acc, device=device)  # (n, 2)
+    s_all = torch.empty(n if want_grad else 1, ne + 1, dtype=acc, device=device)  # (n, E + 1)
+    sign_store = torch.empty(n if signs else 1, nw if signs else 1, dtype=torch.int16, device=device)  # (n, NW)
+    cp = torch.empty(rows, max(nb, 1), 2, dtype=acc, device=device)  # (rows, NB, 2): C and P at each slot
+    part = torch.empty(rows, k_members, g, 3, dtype=acc, device=device)
+    offsets = torch.empty(rows, t, 2, dtype=acc, device=device)  # per row: the tiles' offsets of C and P
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        m = r1 - r0
+        xs, ys = x[r0:r1], y[r0:r1]
+        act = active[r0:r1].to(torch.int8).contiguous() if active is not None else bad
+        has_mask = active is not None
+        lse_rows = lse_part[r0:r1]
+        signs_rows = sign_store[r0:r1] if signs else sign_store
+        if fused:
+            counts = torch.zeros(m, dtype=torch.int32, device=device)  # (m,) programs arrived, + 1 once lse is stored
+            tiles_prefix.lse_prefix_kernel[(m * g,)](
+                xs, ys, xs.stride(0), ys.stride(0), act, chunk_part, lse_rows, counts, tb.boundary_index,
+                lv.token_weights_first, cp, cp.shape[1], part, signs_rows, nw, v, g,
+                INTERPRET_SPIN_LIMIT if interpret else TILES_SPIN_LIMIT,
+                HAS_MASK=has_mask, WANT_GRAD=want_grad, ACC=acc_tl, NT=chunk // block, TILE=block,
+                GBLOCK=triton.next_power_of_2(chunk_part.shape[1]),
+                SIGNS=signs, **extra,
+            )
+        else:
+            lse.lse_partial_kernel[(m * g,)](xs, ys, xs.stride(0), ys.stride(0), act, lse_rows, v, g, chunk,
+                                            HAS_MASK=has_mask, ACC=acc_tl, BLOCK=min(lse_block, chunk), **lse_extra)
+            tiles_prefix.prefix_kernel[(triton.cdiv(m, row_block) * k_members * g,)](
+                xs, ys, xs.stride(0), ys.stride(0), act, lse_rows, ts.perms, tb.boundary_index, lv.token_weights_first,
+                cp, cp.shape[1], part, signs_rows, nw, m, v, k_members, g, chunk,
+                HAS_MASK=has_mask, WANT_GRAD=want_grad, ACC=acc_tl, ROWS=row_block, BLOCK=min(block, chunk),
+                GBLOCK=gblock, SCAN=scan, IDENTITY=lv.identity_order, SIGNS=signs, **extra,
+            )
+        edge_kernel[(m,)](
+            act, lse_rows, bad[r0:r1], cp, cp.shape[1], part, offsets, tb.tile_slot,
+            tb.edge_ends, lv.edge_weights,
+            lv.parent, lv.level_offsets, lv.member_levels, s_all[r0:r1] if want_grad else s_all, ne,
+            out[r0:r1], dots[r0:r1], k_members, g, gl, t,
+            HAS_MASK=has_mask, WANT_GRAD=want_grad, ACC=acc_tl, GBLOCK=gblock, GLBLOCK=triton.next_power_of_2(gl),
+            TBLOCK=min(triton.next_power_of_2(t), EDGE_TILE_BLOCK),
+            EBLOCK=eblock, STAGES=edge_stages or TILES_EDGE_STAGES, **edge_extra,
+        )
+    # the gradient launch keeps a fused launch's warps a tile (one warp a 256-tile by default: the leaf-order
+    # gradient's measured best), not a whole chunk's
+    grad_warps = max(1, num_warps * block // chunk) if fused and num_warps is not None else num_warps
+    return out, bad, TilesState(lse_part=lse_part, dots=dots, s=s_all, signs=sign_store if signs else None,
+                                chunk=chunk, block=block, num_warps=grad_warps, interpret=interpret)
+
+
+def tiles_gradient(x, y, active, lv: TritonLevels, ts: TritonStructure, state: TilesState,
+                    scale: torch.Tensor | None, want_gx: bool, want_gy: bool):
+    """Launch 4 of "tiles": ``(gx, gy)`` in the logits' dtype, each row times ``scale[r]`` (1 if None)."""
+    n, v = x.shape
+    acc = state.lse_part.dtype
+    gx = torch.empty_like(x, memory_format=torch.contiguous_format) if want_gx else None  # (n, V)
+    gy = torch.empty_like(y, memory_format=torch.contiguous_format) if want_gy else None
+    if n == 0:
+        return gx, gy
+    dummy = torch.zeros(1, dtype=acc, device=x.device)
+    g = triton.cdiv(v, state.chunk)
+    extra = {} if state.interpret else {"num_warps": state.num_warps}  # resolved in forward
+    act = active.to(torch.int8).contiguous() if active is not None else dummy
+    scale = scale.to(acc).contiguous() if scale is not None else None
+    signs = state.signs is not None and not want_gy  # dW/dy needs q, so it reads the reference anyway
+    grad_kernel[(n * g,)](
+        x, y, x.stride(0), y.stride(0), act, state.lse_part, state.dots, ts.token_weights, lv.leaf,
+        state.s, lv.num_edges, scale if scale is not None else dummy,
+        gx if want_gx else dummy, gy if want_gy else dummy,
+        gx.stride(0) if want_gx else 0, gy.stride(0) if want_gy else 0,
+        state.signs if signs else state.lse_part, state.signs.shape[1] if signs else 0,
+        v, ts.num_members, g, state.chunk, state.lse_part.shape[1],
+        HAS_MASK=active is not None, HAS_SCALE=scale is not None, WANT_GX=want_gx, WANT_GY=want_gy,
+        ACC=tl.float64 if acc == torch.float64 else tl.float32, BLOCK=min(state.block, state.chunk),
+        GLBLOCK=triton.next_power_of_2(state.lse_part.shape[1]), SIGNS=signs, **extra,
+    )
+    return gx, gy
+
+
+def resident_programs(device: torch.device, num_warps: int) -> int:
+    """Programs of ``num_warps`` warps the GPU runs at once at the least: 64K registers per
+    multiprocessor and at most 255 a thread (a fused launch's programs of one row must all run at
+    once, or they wait until :data:`TILES_SPIN_LIMIT` and read the whole row each)."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return sms * max(1, 65536 // (255 * 32 * num_warps))
+
+
+def fused_lse_obstacle(lv: TritonLevels, num_members: int, row_block: int) -> str | None:
+    """Why ``fused_lse`` cannot apply to this structure and row blocking (None where it can): it
+    needs logits in the leaf order of a single tree (contiguous tiles of the column order; a tile of
+    a permuted order would need the whole row's log-sum-exp before its gather), one row a program."""
+    if not lv.identity_order:
+        return "the logits are not in the tree's leaf order (LogitHead(row_order=...), docs/trl.md)"
+    if num_members != 1:
+        return f"the structure has {num_members} members (fusing needs a single tree)"
+    if row_block != 1:
+        return f"row_block={row_block} (fusing runs one row a program)"
+    return None
+
+
+def uses_fused_lse(lv: TritonLevels, num_members: int, row_block: int) -> bool:
+    """Whether ``fused_lse`` applies (:func:`fused_lse_obstacle`; on a GPU a row's programs must
+    also all fit at once, :func:`resident_programs`)."""
+    return fused_lse_obstacle(lv, num_members, row_block) is None
+
+
+def sign_words_obstacle(lv: TritonLevels, chunk: int, block: int) -> str | None:
+    """Why the "tiles" prefix launch cannot keep the signs of ``p - q`` (None where it can): it
+    needs logits in the tree's leaf order, tiles of a multiple of 8 positions and chunks of whole
+    tiles (each tile then owns whole sign words, 8 positions each)."""
+    if not lv.identity_order:
+        return "the logits are not in the tree's leaf order (LogitHead(row_order=...), docs/trl.md)"
+    if block % 8:
+        return f"tiles of {block} positions (sign words need a multiple of 8)"
+    if chunk % block:
+        return f"chunks of {chunk} positions are not whole tiles of {block}"
+    return None
+
+
+def uses_sign_words(lv: TritonLevels, chunk: int, block: int) -> bool:
+    """Whether the "tiles" prefix launch can keep the signs of ``p - q`` for a policy-only gradient
+    (:func:`sign_words_obstacle`)."""
+    return sign_words_obstacle(lv, chunk, block) is None
+
+
+def tiles_tile_defaults(block: int | None, num_warps: int | None, leaf_order: bool,
+                        interpret: bool) -> tuple[int, int | None]:
+    """(positions per tile, warps) of the "tiles" prefix and gradient kernels when the caller set
+    neither: ``TILES_LEAF_BLOCK`` / ``TILES_LEAF_WARPS`` (256, 1 warp) on logits already in the
+    tree's leaf order, ``TILES_BLOCK`` / ``TILES_WARPS`` (512, 4) otherwise: the H200's fastest
+    in each order (session 5, run 5: 15.5 against 17.9 ms in leaf order at V = 262,144).
+    Under the interpreter: ``INTERPRET_BLOCK`` (warps do not apply)."""
+    if interpret:
+        return (INTERPRET_BLOCK if block is None else block), num_warps
+    if block is None and num_warps is None and leaf_order:
+        return TILES_LEAF_BLOCK, TILES_LEAF_WARPS
+    return (TILES_BLOCK if block is None else block), (TILES_WARPS if num_warps is None else num_warps)
