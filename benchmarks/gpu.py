@@ -70,7 +70,7 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from tokenmover import METHODS, TransportStructure, build_chains, build_cluster_tree, distance  # noqa: E402
-from tokenmover.kernels.triton import runtime, wasserstein  # noqa: E402
+from tokenmover.kernels.triton import TritonOptions, runtime, tree_wasserstein_triton  # noqa: E402
 from tokenmover.kernels.triton import tuning as tiles_tuning  # noqa: E402
 
 T_START = time.perf_counter()
@@ -208,7 +208,8 @@ def triton_tree(structure: TransportStructure, **options):
     """f(x, y) -> (N,) with the Triton kernel and the given tuning options; the "tiles" defaults
     (``tune=False``) unless the options say ``tune=True`` or set tile knobs."""
     options.setdefault("tune", False)
-    return lambda a, b: wasserstein.tree_wasserstein_triton(a, b, None, structure, **options)
+    knobs = TritonOptions(**options)
+    return lambda a, b: tree_wasserstein_triton(a, b, structure, options=knobs)
 
 
 def check_correctness(structures: dict, v: int, device: torch.device, n: int, small: bool,

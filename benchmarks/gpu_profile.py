@@ -29,7 +29,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tokenmover import build_chains, build_cluster_tree  # noqa: E402
-from tokenmover.kernels.triton import chains, lse, packing, tiles, tiles_prefix, wasserstein  # noqa: E402
+from tokenmover.kernels.triton import (  # noqa: E402
+    TritonOptions,
+    chains,
+    lse,
+    packing,
+    tiles,
+    tiles_prefix,
+    tree_wasserstein_triton,
+)
 from tokenmover.kernels.triton import tuning as tiles_tuning  # noqa: E402
 
 # (module, kernel): every launch of "tiles" and "chains" goes through these module attributes
@@ -175,7 +183,8 @@ def main() -> None:
     def fwd_bwd(a, b, structure, **opts):
         def run():
             xa = a.detach().requires_grad_()
-            wasserstein.tree_wasserstein_triton(xa, b, None, structure, algorithm="tiles", **opts).sum().backward()
+            tree_wasserstein_triton(xa, b, structure,
+                                    options=TritonOptions(algorithm="tiles", **opts)).sum().backward()
         return run
 
     xp, yp = x[:, perm].contiguous(), y[:, perm].contiguous()
@@ -206,10 +215,12 @@ def main() -> None:
 
             def run(a=a, b=b, structure=structure, opts=opts):
                 xa = a.detach().requires_grad_()
-                wasserstein.tree_wasserstein_triton(xa, b, None, structure, algorithm="tiles", **opts).sum().backward()
+                tree_wasserstein_triton(xa, b, structure,
+                                        options=TritonOptions(algorithm="tiles", **opts)).sum().backward()
 
             xa = a[:16].detach().requires_grad_()  # correctness on 16 rows against float64 torch
-            got = wasserstein.tree_wasserstein_triton(xa, b[:16], None, structure, algorithm="tiles", **opts)
+            got = tree_wasserstein_triton(xa, b[:16], structure,
+                                          options=TritonOptions(algorithm="tiles", **opts))
             got.sum().backward()
             want_grad = x64.grad if order == "token" else ref_grad_leaf
             err_v = float(((got.double() - ref).abs().max() / ref.abs().max()).item())
@@ -243,7 +254,7 @@ def main() -> None:
 
         def sliced_fwd_bwd():
             xa = x.detach().requires_grad_()
-            wasserstein.tree_wasserstein_triton(xa, y, None, chains, algorithm="chains").sum().backward()
+            tree_wasserstein_triton(xa, y, chains, options=TritonOptions(algorithm="chains")).sum().backward()
 
         result["sliced (16 chains)"] = per_kernel_ms(sliced_fwd_bwd, 3)
         print(json.dumps({"sliced (16 chains)": result["sliced (16 chains)"]}), flush=True)

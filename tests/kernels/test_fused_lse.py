@@ -20,7 +20,14 @@ pytest.importorskip("triton", reason="the triton package is not installed: the G
 
 from tests.conftest import random_logits  # noqa: E402
 from tests.kernels.test_tree_triton import leaf_order_tree, rel_err, structures, values_and_grads  # noqa: E402
-from tokenmover.kernels.triton import packing, runtime, tiles, tiles_prefix, wasserstein  # noqa: E402
+from tokenmover.kernels.triton import (  # noqa: E402
+    TritonOptions,
+    packing,
+    runtime,
+    tiles,
+    tiles_prefix,
+    tree_wasserstein_triton,
+)
 
 if not runtime.interpret_mode():
     pytest.skip("TRITON_INTERPRET is set to 0: these CPU tests need Triton's interpreter", allow_module_level=True)
@@ -52,16 +59,18 @@ def test_fused_launch_matches_numba(v, block, chunk):
     assert not bool(bad.any()) and rel_err(out, ref[0] * mask) < 1e-12 and out[1] == 0
     for want_y in (False, True):
         xs, ys = xl.clone().requires_grad_(), yl.clone().requires_grad_(want_y)
-        vals = wasserstein.tree_wasserstein_triton(xs, ys, mask, leaf_tree, algorithm="tiles", block=block,
-                                                   chunk=chunk, fused_lse=True)
+        vals = tree_wasserstein_triton(xs, ys, leaf_tree, mask,
+                                       options=TritonOptions(algorithm="tiles", block=block, chunk=chunk,
+                                                             fused_lse=True))
         (vals * w).sum().backward()
         assert rel_err(vals, ref[0] * mask) < 1e-12
         assert rel_err(xs.grad, ref[1][:, perm]) < 1e-12 and xs.grad[1].abs().max() == 0
         if want_y:
             assert rel_err(ys.grad, ref[2][:, perm]) < 1e-12
     with torch.no_grad():  # values only: no prefix sums of p, no sign words
-        vals = wasserstein.tree_wasserstein_triton(xl, yl, mask, leaf_tree, algorithm="tiles", block=block,
-                                                   chunk=chunk, fused_lse=True)
+        vals = tree_wasserstein_triton(xl, yl, leaf_tree, mask,
+                                       options=TritonOptions(algorithm="tiles", block=block, chunk=chunk,
+                                                             fused_lse=True))
     assert rel_err(vals, ref[0] * mask) < 1e-12
 
 
@@ -112,17 +121,17 @@ def test_fused_launch_reports_bad_rows(dtype):
         for r, c, value in entries:
             (x if which == "x" else y)[r, c] = value
         with pytest.raises(ValueError, match="policy_logits" if which == "x" else "ref_logits"):
-            wasserstein.tree_wasserstein_triton(x, y, None, leaf_tree, algorithm="tiles", block=16, chunk=32,
-                                                fused_lse=True)
+            tree_wasserstein_triton(x, y, leaf_tree,
+                                    options=TritonOptions(algorithm="tiles", block=16, chunk=32, fused_lse=True))
     x, y = random_logits(3, 100, seed=97).to(dtype), random_logits(3, 100, seed=98).to(dtype)
     x[0, :99] = -inf  # a point mass
     x[1] = -300.0
     x[1, 5] = -298.0
     y[2, ::2] = -inf
-    got = wasserstein.tree_wasserstein_triton(x, y, None, leaf_tree, algorithm="tiles", block=16, chunk=32,
-                                              fused_lse=True)
-    want = wasserstein.tree_wasserstein_triton(x, y, None, leaf_tree, algorithm="tiles", block=16, chunk=32,
-                                               fused_lse=False)
+    got = tree_wasserstein_triton(x, y, leaf_tree,
+                                  options=TritonOptions(algorithm="tiles", block=16, chunk=32, fused_lse=True))
+    want = tree_wasserstein_triton(x, y, leaf_tree,
+                                   options=TritonOptions(algorithm="tiles", block=16, chunk=32, fused_lse=False))
     assert rel_err(got, want) < (1e-12 if dtype == torch.float64 else 1e-5)
 
 
@@ -135,8 +144,8 @@ def test_bf16_logits_on_the_fused_launch():
     w = torch.rand(4, dtype=torch.float64, generator=torch.Generator().manual_seed(101)) + 0.5
     ref = values_and_grads(x.double(), y.double(), tree, "numba", w)
     xs = x[:, perm].contiguous().requires_grad_()
-    vals = wasserstein.tree_wasserstein_triton(xs, y[:, perm].contiguous(), None, leaf_tree, algorithm="tiles",
-                                               block=32, chunk=128, fused_lse=True)
+    vals = tree_wasserstein_triton(xs, y[:, perm].contiguous(), leaf_tree,
+                                   options=TritonOptions(algorithm="tiles", block=32, chunk=128, fused_lse=True))
     (vals.double() * w).sum().backward()
     assert vals.dtype == torch.float32 and xs.grad.dtype == torch.bfloat16
     assert rel_err(vals, ref[0]) < 1e-5 and rel_err(xs.grad, ref[1][:, perm]) < 2e-2
@@ -170,8 +179,8 @@ def test_fallback_without_waiting(monkeypatch):
     w = torch.randn(2, dtype=torch.float64, generator=torch.Generator().manual_seed(106))
     ref = values_and_grads(x, y, tree, "numba", w)
     xs = x[:, perm].clone().requires_grad_()
-    vals = wasserstein.tree_wasserstein_triton(xs, y[:, perm], None, leaf_tree, algorithm="tiles", block=16,
-                                               chunk=32, fused_lse=True)
+    vals = tree_wasserstein_triton(xs, y[:, perm], leaf_tree,
+                                   options=TritonOptions(algorithm="tiles", block=16, chunk=32, fused_lse=True))
     (vals * w).sum().backward()
     assert rel_err(vals, ref[0]) < 1e-12 and rel_err(xs.grad, ref[1][:, perm]) < 1e-12
 
@@ -197,8 +206,9 @@ def test_fused_launch_in_groups_of_rows_and_gradient_modes(options, monkeypatch)
     w = torch.randn(4, dtype=torch.float64, generator=torch.Generator().manual_seed(109))
     ref = values_and_grads(x, y, tree, "numba", w * mask)
     xs = x[:, perm].clone().requires_grad_()
-    vals = wasserstein.tree_wasserstein_triton(xs, y[:, perm], mask, leaf_tree, algorithm="tiles", block=16,
-                                               chunk=64, fused_lse=True, **options)
+    knobs = {k: v for k, v in options.items() if k != "chunk_size"}
+    vals = tree_wasserstein_triton(xs, y[:, perm], leaf_tree, mask, chunk_size=options.get("chunk_size"),
+                                   options=TritonOptions(algorithm="tiles", block=16, chunk=64, fused_lse=True, **knobs))
     (vals * w).sum().backward()
     assert rel_err(vals, ref[0] * mask) < 1e-12 and rel_err(xs.grad, ref[1][:, perm]) < 1e-12
     assert len(launches) == {"max_workspace_bytes": 4, "chunk_size": 2}.get(next(iter(options)), 1)

@@ -16,7 +16,13 @@ pytest.importorskip("triton", reason="the triton package is not installed: the G
 
 from tests.conftest import random_logits  # noqa: E402
 from tokenmover import build_cluster_forest, distance  # noqa: E402
-from tokenmover.kernels.triton import packing, runtime, tiles, wasserstein  # noqa: E402
+from tokenmover.kernels.triton import (  # noqa: E402
+    TritonOptions,
+    packing,
+    runtime,
+    tiles,
+    tree_wasserstein_triton,
+)
 from tokenmover.kernels.triton import tuning as tiles_tuning  # noqa: E402
 
 if not runtime.interpret_mode():
@@ -93,7 +99,7 @@ def test_failing_candidates_are_skipped_and_all_failing_keeps_the_untuned_defaul
     with caplog.at_level(logging.WARNING, logger="tokenmover.kernels.triton.tuning"):
         got = tiles_tuning.tune_tiles(x, y, None, ts, True, candidates=[bad, bad], timer=FakeTimer(lambda c: 1.0))
     assert got == tiles_tuning.UNTUNED and "no candidate ran" in caplog.text  # tuning itself does not fail:
-    wasserstein.tree_wasserstein_triton(x, y, None, forest(), algorithm="tiles", **got)  # the defaults run
+    tree_wasserstein_triton(x, y, forest(), options=TritonOptions(algorithm="tiles", **got))  # the defaults run
 
 
 def test_candidates_must_set_every_knob_and_not_be_empty():
@@ -113,7 +119,7 @@ def test_tuned_call_matches_numba_with_a_mask(monkeypatch):
     x, y = random_logits(6, 120, seed=7), random_logits(6, 120, seed=8)
     mask = torch.tensor([True, True, False, True, False, True])
     xs = x.clone().requires_grad_()
-    vals = wasserstein.tree_wasserstein_triton(xs, y, mask, structure, tune=True)
+    vals = tree_wasserstein_triton(xs, y, structure, mask, options=TritonOptions(tune=True))
     (vals * torch.arange(1.0, 7.0, dtype=torch.float64)).sum().backward()
     xr = x.clone().requires_grad_()
     ref = distance(xr, y, "tree", structure=structure, backend="numba", mask=mask)
@@ -141,7 +147,7 @@ def test_when_to_tune(monkeypatch):
 def test_tune_true_with_a_knob_raises():
     x, y = random_logits(2, 120, seed=9), random_logits(2, 120, seed=10)
     with pytest.raises(ValueError, match="do not also pass"):
-        wasserstein.tree_wasserstein_triton(x, y, None, forest(), tune=True, block=32)
+        tree_wasserstein_triton(x, y, forest(), options=TritonOptions(tune=True, block=32))
 
 
 def test_elapsed_ms_runs_once_untimed_then_repeats():

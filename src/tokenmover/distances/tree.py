@@ -221,7 +221,7 @@ def tree_wasserstein(
     resolved = resolve_backend(backend, device)
     if resolved == "triton":
         values = tree_wasserstein_triton(
-            inputs.policy, inputs.ref, inputs.mask, structure, chunk_size=chunk_size
+            inputs.policy, inputs.ref, structure, inputs.mask, chunk_size=chunk_size
         )
         return restore(values, inputs)
     weight_dtype = torch.float64 if resolved == "numba" else compute_dtype(inputs.policy, inputs.ref)

@@ -11,22 +11,25 @@ Wasserstein from logits, one module per kernel family:
 Shared pieces: :mod:`~tokenmover.kernels.triton._common` (``@triton.jit`` helpers),
 :mod:`~tokenmover.kernels.triton.runtime` (where the kernels run, host helpers),
 :mod:`~tokenmover.kernels.triton.packing` (the structure as the kernels read it),
-:mod:`~tokenmover.kernels.triton.tuning` (the "tiles" configuration picked on the card), and
-:mod:`~tokenmover.kernels.triton.wasserstein` (the entry point, :func:`tree_wasserstein_triton`).
+:mod:`~tokenmover.kernels.triton.tuning` (the "tiles" configuration picked on the card),
+:mod:`~tokenmover.kernels.triton.wasserstein` (the entry point, :func:`tree_wasserstein_triton`) and
+:mod:`~tokenmover.kernels.triton.options` (its experimental knobs, :class:`TritonOptions`).
 Importing this package does not import ``triton``: the family modules do, when a kernel first runs.
 """
 
+from tokenmover.kernels.triton.options import ALGORITHMS, TritonOptions
 from tokenmover.kernels.triton.runtime import (
     KnobNotAppliedWarning,
     available,
     interpret_mode,
     unavailable_reason,
 )
-from tokenmover.kernels.triton.wasserstein import ALGORITHMS, tree_wasserstein_triton
+from tokenmover.kernels.triton.wasserstein import tree_wasserstein_triton
 
 __all__ = [
     "ALGORITHMS",
     "KnobNotAppliedWarning",
+    "TritonOptions",
     "available",
     "interpret_mode",
     "tree_wasserstein_triton",

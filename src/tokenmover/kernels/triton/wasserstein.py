@@ -50,6 +50,7 @@ from collections.abc import Collection
 
 import torch
 
+from tokenmover.kernels.triton.options import ALGORITHMS, GRADIENT_MODES, REQUESTABLE, TritonOptions
 from tokenmover.kernels.triton.packing import MAX_LEVELS, TritonStructure, pack_for_triton
 from tokenmover.kernels.triton.runtime import (
     MAX_WORKSPACE_BYTES,
@@ -60,11 +61,6 @@ from tokenmover.kernels.triton.runtime import (
     warn_not_applied,
 )
 from tokenmover.structures.transport_structure import TransportStructure
-
-ALGORITHMS = ("auto", "tiles", "levels", "scatter", "chains")
-GRADIENT_MODES = ("backward", "forward")  # where "tiles" makes the gradient (see tree_wasserstein_triton)
-REQUESTABLE = ("sign_words", "fused_lse")  # "tiles" knobs that apply only to some calls (a True a caller set warns
-# where it cannot apply: KnobNotAppliedWarning)
 
 
 def resolve_algorithm(ts: TritonStructure, algorithm: str) -> str:
@@ -226,61 +222,27 @@ def _tuned_knobs(policy: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor | N
 def tree_wasserstein_triton(
     policy: torch.Tensor,
     ref: torch.Tensor,
-    mask: torch.Tensor | None,
     structure: TransportStructure,
+    mask: torch.Tensor | None = None,
     *,
     chunk_size: int | None = None,
-    block: int | None = None,
-    num_programs: int | None = None,
-    num_warps: int | None = None,
-    algorithm: str = "auto",
-    chunk: int | None = None,
-    edge_block: int | None = None,
-    edge_warps: int | None = None,
-    edge_stages: int | None = None,
-    scan: int | None = None,
-    row_block: int | None = None,
-    sign_words: bool | None = None,
-    fused_lse: bool | None = None,
-    max_workspace_bytes: int = MAX_WORKSPACE_BYTES,
-    gradient: str = "backward",
-    tune: bool | None = None,
+    options: TritonOptions | None = None,
 ) -> torch.Tensor:
-    """Per-row distance of flattened (N, V) logits; (N,) float32 (float64 for float64 logits).
+    """Per-row distance of flattened (N, V) logits; (N,) float32 (float64 for float64 logits),
+    differentiable w.r.t. both logit tensors.
 
-    ``gradient`` (where the "tiles" kernels make the gradient; the other kernels always use
-    ``"forward"``): ``"backward"`` (default) keeps ``S`` (N, E + 1) float32 plus references to
-    both logit tensors and writes the scaled gradient in backward (one pass, nothing wasted under
-    activation checkpointing, a retained graph can be reused); ``"forward"`` writes the gradient
-    in forward in the logits' dtype and keeps only it (backward rescales it in place): less held
-    memory when the caller frees its logits before backward.
+    Args:
+        policy, ref: (N, V) logits (any float dtype; contiguous rows are used as they are).
+        structure: a tree, forest or chains over the same V tokens.
+        mask: optional (N,) boolean; False rows get 0 and no gradient.
+        chunk_size: rows per launch; default all rows: the kernels' memory does not grow with the
+            number of rows, only the gradients (N, V in the logits' dtype) do.
+        options: experimental kernel knobs (:class:`TritonOptions`); None runs the defaults.
 
-    ``chunk_size`` (rows per launch) defaults to all rows: the kernel's memory does not grow
-    with the number of rows, only the gradients (N, V in the logits' dtype) do. ``block``,
-    ``num_programs``, ``num_warps``, ``algorithm``, ``chunk``, ``edge_block``, ``edge_warps``,
-    ``edge_stages`` (the "tiles" edge loop's software-pipeline stages; default 1, untimed),
-    ``scan`` and ``row_block`` (rows per "tiles" prefix program: the member order, boundary
-    indices and singleton weights are then read once for that many rows; default 1) are passed
-    to :func:`tree_rows`; ``max_workspace_bytes`` bounds the per-launch
-    workspace (not the gradients, nor the "tiles" state kept for backward: ``4 (E + 1)`` bytes a row).
-    ``sign_words`` ("tiles" on logits in the tree's leaf order with a gradient for the policy
-    only; default ``TILES_SIGN_WORDS``, True): forward also keeps ``sign(p - q)``, 2 bits a
-    position (``V / 4`` bytes a row, until backward), and the gradient launch then reads the
-    policy's logits but not the reference's: 4 bytes a position instead of 6 for bf16 logits.
-    ``fused_lse`` ("tiles" on logits in the leaf order of one tree; default ``TILES_FUSED_LSE``,
-    False): the log-sum-exp and prefix launches run as one, which reads the logits once for
-    both: each program keeps its ``chunk`` of positions (``TILES_FUSED_CHUNK``, 2048, in tiles of
-    ``block``, 256) in registers while it waits for the softmax partials of the row's other
-    chunks. Either set True where it cannot apply (other logits, structures or kernels, the
-    reference's gradient wanted for ``sign_words``, too few resident programs for ``fused_lse``)
-    warns with the reason (:class:`KnobNotAppliedWarning`) and the call runs without it; left at
-    None, each applies where it can without a word.
-
-    ``tune`` ("tiles" only): pick ``block``, ``num_warps``, ``scan``, ``row_block``, ``chunk``,
-    ``sign_words`` and ``fused_lse`` by timing a few candidates on this card and these rows, once per problem shape
-    (:mod:`tokenmover.kernels.triton.tuning`). ``None`` (default): on CUDA when none of those seven
-    is given and ``TOKENMOVER_TRITON_TUNE`` is not ``0``; True: always (also on the CPU
-    interpreter); False: never (the ``TILES_*`` defaults).
+    Raises ``ValueError`` where Triton cannot run on the logits' device, for no rows, an unknown
+    or unusable ``options.algorithm``, an unknown ``options.gradient``, and rows with NaN / +Inf
+    logits or no probability mass (naming them). A ``sign_words`` / ``fused_lse`` set True where
+    it cannot apply warns (:class:`~tokenmover.kernels.triton.KnobNotAppliedWarning`).
     """
     from tokenmover.distances._inputs import iter_chunks  # noqa: PLC0415 (distances imports the kernels)
 
@@ -289,26 +251,26 @@ def tree_wasserstein_triton(
         raise ValueError(unavailable_reason(device))
     if policy.shape[0] == 0:
         raise ValueError("no positions: the logits have 0 rows")
+    if options is None:
+        options = TritonOptions()
+    if not isinstance(options, TritonOptions):
+        raise ValueError(f"options must be a TritonOptions, got {type(options).__name__}")
     ts = pack_for_triton(structure, device, accumulation_dtype(policy, ref))
-    resolve_algorithm(ts, algorithm)  # a bad name or an unusable choice fails before any launch
-    if gradient not in GRADIENT_MODES:
-        raise ValueError(f"gradient must be one of {GRADIENT_MODES}, got {gradient!r}")
-    options = {"block": block, "num_programs": num_programs, "num_warps": num_warps, "algorithm": algorithm,
-               "chunk": chunk, "edge_block": edge_block, "edge_warps": edge_warps, "edge_stages": edge_stages,
-               "scan": scan,
-               "row_block": row_block, "sign_words": sign_words, "fused_lse": fused_lse,
-               "max_workspace_bytes": max_workspace_bytes,
-               "gradient": gradient}
-    options["requested"] = tuple(knob for knob in REQUESTABLE if options[knob])  # set True by the caller
-    if resolve_algorithm(ts, algorithm) == "tiles":
-        options.update(_tuned_knobs(policy, ref, mask, ts, options, tune))
+    resolve_algorithm(ts, options.algorithm)  # a bad name or an unusable choice fails before any launch
+    if options.gradient not in GRADIENT_MODES:
+        raise ValueError(f"gradient must be one of {GRADIENT_MODES}, got {options.gradient!r}")
+    knobs = dataclasses.asdict(options)  # the launches' keyword arguments
+    tune = knobs.pop("tune")
+    knobs["requested"] = tuple(knob for knob in REQUESTABLE if knobs[knob])  # set True by the caller
+    if resolve_algorithm(ts, options.algorithm) == "tiles":
+        knobs.update(_tuned_knobs(policy, ref, mask, ts, knobs, tune))
     n = policy.shape[0]
     size = chunk_size if chunk_size is not None else n
     slices = list(iter_chunks(n, size, policy.shape[1]))
     if len(slices) == 1:  # no view: a view's SliceBackward would write the gradient into a zero-filled (N, V) copy
-        return _TritonTreeFunction.apply(policy, ref, mask, ts, 0, options)
+        return _TritonTreeFunction.apply(policy, ref, mask, ts, 0, knobs)
     # split views: one SplitBackward concatenates the chunks' gradients once (slices would each
     # zero-fill a whole (N, V) gradient and autograd would sum them)
-    pieces = [_TritonTreeFunction.apply(pol, rf, None if mask is None else mask[sl], ts, sl.start, options)
+    pieces = [_TritonTreeFunction.apply(pol, rf, None if mask is None else mask[sl], ts, sl.start, knobs)
               for sl, pol, rf in zip(slices, policy.split(size), ref.split(size), strict=True)]
     return torch.cat(pieces)
