@@ -5,13 +5,13 @@ Rows (the policy's logits require grad, the reference's do not, as in RL fine-tu
   kl eager          plain PyTorch KL(p || q): log_softmax in float32, sum p (log p - log q)
   kl compile        the same function under torch.compile
   k3 (TRL)          TRL GRPO's per-token k3 at the sampled token (float32 logsumexp + gather)
-  tree / forest / sliced   the Triton kernel (tokenmover.kernels.triton.wasserstein; "tiles" for trees
+  tree / forest / sliced   the Triton kernels (tokenmover.kernels.triton; "tiles" for trees
                     and forests, gradient made in backward; "levels" and "scatter" for comparison;
                     "chains" for the 16 chains of sliced, "scatter" as an optional comparison row)
                     on a cluster tree, a forest of 4 trees, 16 chains, built
                     here from random clustered points (in parallel worker processes, before CUDA starts)
   tree (tiles, tuned) the same with tune=True: block / warps / scan / rows per prefix program
-                    picked by timing tiles_tuning.CANDIDATES here, once per shape (the first,
+                    picked by timing kernels.triton.tuning.CANDIDATES here, once per shape (the first,
                     untimed run tunes; every candidate is also checked for correctness)
   tree (leaf order) the tree on logits that arrive already in its leaf order (what
                     LogitHead(row_order=structure.leaf_order()) produces by projecting onto the
@@ -318,7 +318,7 @@ def sweep_configs(device: torch.device, small: bool) -> list[dict]:
             {"order": "leaf", "block": 32, "chunk": 64, "num_warps": 4, "scan": 3, "row_block": 4},
             {"order": "sliced", "block": 32, "chunk": 64, "num_warps": 4},
             {"order": "token", "edge_block": 32, "edge_warps": 4}]
-    best_leaf = {"order": "leaf", "block": 256, "chunk": 8192, "num_warps": 1, "scan": 3}  # session 5's fastest
+    best_leaf = {"order": "leaf", "block": 256, "chunk": 8192, "num_warps": 1, "scan": 3}  # the fastest in leaf order on an H200
     around_defaults = (  # launch groups (workspace), edge tiles, the gradient made in forward
         [{**best_leaf, "max_workspace_bytes": ws << 20} for ws in (512, 2048)]
         + [{**best_leaf, "edge_block": e, "edge_warps": w} for e, w in ((64, 4), (128, 2), (128, 8), (256, 4))]
@@ -341,7 +341,7 @@ def sweep_configs(device: torch.device, small: bool) -> list[dict]:
 def main() -> int:
     device = torch.device(ARGS.device)
     small = ARGS.small
-    # largest V first: the issue's targets are at 262,144, so a run cut short by its timeout loses the small V
+    # largest V first: the targets are at 262,144, so a run cut short by its timeout loses the small V
     vocab = ARGS.vocab or ([1000, 300] if small else [262_144, 151_936, 50_257])
     n = ARGS.rows or (8 if small else 8192)
     repeats = ARGS.repeats or (1 if small else 5)
@@ -373,7 +373,7 @@ def main() -> int:
                                         "problems": PROBLEMS, "seconds": time.perf_counter() - T_START}, indent=1))
 
     floors = {v: (3 * n * v * 2) / bw for v in vocab}
-    # 1. correctness and the issue's table, every V
+    # 1. correctness and the timing table, every V
     for v in vocab:
         print(f"V = {v}", flush=True)
         structures = all_structures[v]

@@ -1,17 +1,16 @@
 #!/usr/bin/env bash
-# Everything a lent H100/H200 session should measure, in one command that ends within the device
-# tool's 600 s per call (about 9 minutes):
+# The GPU measurements on an H100/H200 in one command that ends within 600 s (about 9 minutes):
 #
 #   bash benchmarks/gpu_session.sh OUTDIR
 #
 # 1. benchmarks/gpu.py: correctness against float64 (every tuning candidate in token order; at the
 #    first V also on leaf-order logits and the forest, bf16; a case that raises is recorded, the
-#    rest go on), the table at V = 262,144 first, then 151,936 and 50,257, with default and
-#    tuned "tiles" rows (run 5: 236 s with this skip list), then the tuning sweep while --budget-s
+#    rest go on), the timing table at V = 262,144 first, then 151,936 and 50,257, with default and
+#    tuned "tiles" rows (236 s with this skip list on an H200), then the tuning sweep while --budget-s
 #    lasts. Sinkhorn, the torch tree and the scatter kernel's rows are skipped (docs/gpu.md).
 # 2. benchmarks/gpu_profile.py: per-kernel CUDA-event times at V = 262,144, token and leaf order
-#    (tuned), and leaf order with and without sign words and with 4-row programs (session 6), and
-#    with the log-sum-exp launch fused into the prefix launch (session 7, fused_lse).
+#    (tuned), and leaf order with and without sign words and with 4-row programs, and with the
+#    log-sum-exp launch fused into the prefix launch (fused_lse).
 # 3. benchmarks/leaf_order.py --device cuda --kl: hidden states -> logits -> penalty, token vs leaf
 #    order, against the same head + compiled full KL (no TRL needed: tokenmover.head).
 # Logs and JSON go to OUTDIR; a step cut short still leaves what it wrote.

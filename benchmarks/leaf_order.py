@@ -12,7 +12,7 @@ rows interleaved so that load changes on a shared machine hit all alike):
   (``structure``) or already in leaf order (``x[:, o]`` with ``structure.in_leaf_order()``);
 - ``head+distance``: ``LogitHead(W)(h)`` -> distance, vs ``LogitHead(W, row_order=o)(h)`` (the rows
   of W gathered once, ``h @ W[o].T``) -> distance on ``structure.in_leaf_order()``;
-- ``transport_from_hidden``: the TRL adapter's function (default chunking, checkpointed chunks),
+- ``transport_from_hidden``: the function the TRL adapters call (default chunking, checkpointed chunks),
   ``leaf_order=False`` vs ``"always"`` (its default, ``True``, picks leaf order only where it pays:
   a tree on the torch backend, not numba).
 

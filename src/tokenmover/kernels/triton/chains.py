@@ -40,7 +40,7 @@ from tokenmover.kernels.triton._common import _member_probs, _row_active, _signe
 from tokenmover.kernels.triton.lse import _row_lses, _store_bad_flag
 from tokenmover.kernels.triton.runtime import INTERPRET_BLOCK, accumulation_dtype
 
-# positions per tile / per program, warps; not tuned on a card yet (docs/gpu.md)
+# positions per tile / per program, warps; not timed against other values on a GPU yet (docs/gpu.md)
 CHAINS_BLOCK = 512
 CHAINS_CHUNK = 8192
 CHAINS_WARPS = 4

@@ -12,14 +12,15 @@ import torch
 
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
 
-# Tile sizes: positions per tile (member passes, softmax) and edges per tile.
+# Tile sizes of the one-program-per-row kernels ("levels", "scatter"): positions per tile (member
+# passes, softmax) and edges per tile; smaller tiles under the interpreter keep the CPU tests fast.
 GPU_BLOCK = 1024
 GPU_EBLOCK = 256
 GPU_WARPS = 8
 INTERPRET_BLOCK = 64
 INTERPRET_EBLOCK = 16
 PROGRAMS_PER_SM = 4
-MAX_WORKSPACE_BYTES = 1 << 30  # per launch group; "tiles" at V = 262,144: ~4,000 rows (H200, session 5)
+MAX_WORKSPACE_BYTES = 1 << 30  # per launch group; "tiles" at V = 262,144: ~4,000 rows a group
 
 
 class KnobNotAppliedWarning(UserWarning):

@@ -1,4 +1,4 @@
-"""Triton kernels for tree/forest/sliced Wasserstein from logits (imported lazily: needs triton).
+"""The "scatter" family: Triton kernels for any structure (trees and chains mixed), one program per row.
 
 One program owns one row (position) at a time and loops over rows (a persistent grid). For a row
 with policy logits ``x`` and reference logits ``y`` (length V, any float dtype, math in ``ACC``):

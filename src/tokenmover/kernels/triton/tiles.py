@@ -1,25 +1,30 @@
-"""Tile-parallel Triton kernels for all-tree structures: many programs per row, four launches.
+"""The "tiles" family: tile-parallel Triton kernels for all-tree structures, many programs per
+row, four launches; the host code that runs them (:func:`tiles_forward`, :func:`tiles_gradient`)
+and their defaults.
 
 The one-program-per-row kernels (:mod:`~tokenmover.kernels.triton.scatter`,
-:mod:`~tokenmover.kernels.triton.levels`) keep a
-whole row in one program, so a row's passes run one tile after the other and the rows in flight
-(one per program) overflow the L2 cache when the row is read in a permuted order. Here each row is
-cut into chunks of ``L`` positions and every (row, member, chunk) is its own program; programs of
-the same row run side by side, so few rows are in flight at any time. The prefix sums restart at
-each tile of a chunk; the tile totals are added back when the edges are read (edges are few: the
-prefix sums are kept only at edge boundaries and tile ends, in a compact array).
+:mod:`~tokenmover.kernels.triton.levels`) keep a whole row in one program, so a row's passes run
+one tile after the other and the rows in flight (one per program) overflow the L2 cache when the
+row is read in a permuted order. Here each row is cut into chunks of ``L`` positions and every
+(row, member, chunk) is its own program; programs of the same row run side by side, so few rows
+are in flight at any time. The prefix sums restart at each tile of a chunk; the tile totals are
+added back when the edges are read (edges are few: the prefix sums are kept only at edge
+boundaries and tile ends, in a compact array).
 
 For a row with ``p = softmax(x)``, ``q = softmax(y)``, ``d = p - q``:
 
-1. ``lse_partial_kernel`` (:mod:`~tokenmover.kernels.triton.lse`; row, chunk of columns): running max and sum of exp of x and y and
-   non-finite counts per chunk; each later program combines its row's chunks into ``lse``.
-2. ``prefix_kernel`` (:mod:`~tokenmover.kernels.triton.tiles_prefix`; row, member k, chunk c): in member order, the tile-local prefix sums of
-   ``d`` and ``p`` at edge boundaries and tile ends (``C_loc``, ``P_loc``), and (member 0) the
-   singleton terms ``t . |d|``, ``sum t sign(d) p``, ``sum t sign(d) q`` as partial sums.
+1. ``lse_partial_kernel`` (:mod:`~tokenmover.kernels.triton.lse`; row, chunk of columns): running
+   max and sum of exp of x and y and non-finite counts per chunk; each later program combines its
+   row's chunks into ``lse``.
+2. ``prefix_kernel`` (:mod:`~tokenmover.kernels.triton.tiles_prefix`; row, member k, chunk c): in
+   member order, the tile-local prefix sums of ``d`` and ``p`` at edge boundaries and tile ends
+   (``C_loc``, ``P_loc``), and (member 0) the singleton terms ``t . |d|``, ``sum t sign(d) p``,
+   ``sum t sign(d) q`` as partial sums.
 3. ``edge_kernel`` (one program per row): flags NaN / +Inf / no-mass rows; tile offsets (exclusive
    prefix of the tile totals), then the edges level by level (parents first): ``mass_e = C(end) -
-   C(start)`` with ``C(j) = C_loc[j] + offset[tile of j]``, ``W += w_e |mass_e|``, ``S_e = w_e sign(mass_e) +
-   S_parent``, and ``<p, g>``, ``<q, g>``; writes ``W``, the two dot products and ``S``.
+   C(start)`` with ``C(j) = C_loc[j] + offset[tile of j]``, ``W += w_e |mass_e|``,
+   ``S_e = w_e sign(mass_e) + S_parent``, and ``<p, g>``, ``<q, g>``; writes ``W``, the two dot
+   products and ``S``.
 4. ``grad_kernel`` (row, chunk of columns): ``g_i = t_i sign(d_i) + sum_k S_{leaf_k(i)}``,
    ``dW/dx = c p (g - <p, g>)``, ``dW/dy = -c q (g - <q, g>)``, in the logits' dtype, column
    order, where ``c`` is the incoming gradient of the row's value: the autograd function runs
@@ -28,9 +33,10 @@ For a row with ``p = softmax(x)``, ``q = softmax(y)``, ``d = p - q``:
 
 Passes over a row's logits: 1 + K + 1, each spread over many programs. Accumulation in ``ACC``.
 
-``lse_prefix_kernel`` (:mod:`~tokenmover.kernels.triton.tiles_prefix`) runs launches 1 and 2 as one on logits in the leaf order of one tree
-(``fused_lse``): each program keeps its chunk in registers while the row's programs agree on the
-log-sum-exp through a per-row counter, so the logits are read twice in all instead of three times.
+``lse_prefix_kernel`` (:mod:`~tokenmover.kernels.triton.tiles_prefix`) runs launches 1 and 2 as
+one on logits in the leaf order of one tree (``fused_lse``): each program keeps its chunk in
+registers while the row's programs agree on the log-sum-exp through a per-row counter, so the
+logits are read twice in all instead of three times.
 """
 
 from __future__ import annotations
@@ -60,22 +66,27 @@ TILES_BLOCK = 512
 TILES_WARPS = 4
 TILES_LEAF_BLOCK = 256  # logits in the tree's leaf order (contiguous loads): one warp a program
 TILES_LEAF_WARPS = 1
-TILES_EDGE_BLOCK = 128  # H200, leaf order, 262k: 2.55 ms against 3.15 at 256 and 4.9 at 512 (session 5)
+# edge launch: 2.55 ms at V = 262,144 in leaf order against 3.15 at 256 and 4.9 at 512 edges a tile
+# (H200, benchmarks/gpu_profile.py --configs --focus: benchmarks/results/gpu_h200_profile_focus_run5.json)
+TILES_EDGE_BLOCK = 128
 TILES_EDGE_WARPS = 4
 TILES_EDGE_STAGES = 1  # software-pipeline stages of the edge loop (loads one or two tiles ahead); 1: none
-EDGE_TILE_BLOCK = 128  # tiles whose offsets the edge launch sums at a time: 32 registers a thread as in session 5 (256: 40, 1,024: 96)
+# tiles whose offsets the edge launch sums at a time: 32 registers a thread in the sm_90 compile
+# (benchmarks/sass_counts.py; 256: 40, 1,024: 96)
+EDGE_TILE_BLOCK = 128
 # the log-sum-exp pass has its own tile, whatever the prefix kernel's
-TILES_LSE_BLOCK = 512  # H200: 2.33 ms at 262k against 2.75 (1024 / 4 warps) and 3.3 (2048 / 8)
+# H200, V = 262,144: 2.33 ms against 2.75 (1024 / 4 warps) and 3.3 (2048 / 8), gpu_h200_profile_focus_run5.json
+TILES_LSE_BLOCK = 512
 TILES_LSE_WARPS = 4
 TILES_SCAN = 3  # 1: tl.cumsum over the tile; 2: two-level (rows of 32); 3 / 4: the same, fused (see prefix_kernel)
 SCANS = (1, 2, 3, 4)
 TILES_ROW_BLOCK = 1  # rows per prefix-kernel program (a power of two); 1 is what the H200 runs measured
 # leaf-order logits, policy-only gradient: the prefix launch keeps sign(p - q) (V / 4 bytes a row) and
-# the gradient launch skips the reference's logits (session 6: not yet timed on a card; tuned both ways)
+# the gradient launch skips the reference's logits (not timed on a GPU yet; the tuner tries both)
 TILES_SIGN_WORDS = True
 # leaf-order logits of one tree: launches 1 and 2 in one (lse_prefix_kernel), each program's chunk of the
-# row kept in registers across a wait for the row's log-sum-exp (session 7: not yet timed on a card; a
-# tuning candidate, off by default)
+# row kept in registers across a wait for the row's log-sum-exp (not timed on a GPU yet; a tuning
+# candidate, off by default)
 TILES_FUSED_LSE = False
 TILES_FUSED_BLOCK = 256  # positions per tile (scan and sign words per tile, as TILES_LEAF_BLOCK)
 TILES_FUSED_CHUNK = 2048  # positions per program: 8 tiles of 256, 16 a thread per logit row at 4 warps
@@ -268,8 +279,9 @@ def tiles_forward(x, y, active, ts: TritonStructure, want_grad: bool, *, block=N
     chunk (``chunk / block`` tiles, a power of two; ``TILES_FUSED_CHUNK`` / ``TILES_FUSED_BLOCK``
     by default) in registers and reads it once for both the row's log-sum-exp and the prefix sums.
 
-    ``requested``: the knobs of :data:`REQUESTABLE` the caller set to True itself; each that cannot
-    apply to this call warns (:class:`KnobNotAppliedWarning`) and the call runs without it.
+    ``requested``: the knobs of :data:`~tokenmover.kernels.triton.options.REQUESTABLE` the caller
+    set to True itself; each that cannot apply to this call warns (:class:`KnobNotAppliedWarning`)
+    and the call runs without it.
     The tuner's candidates pass none (they try a knob where it may apply)."""
     n, v = x.shape
     device = x.device
@@ -456,8 +468,9 @@ def tiles_tile_defaults(block: int | None, num_warps: int | None, leaf_order: bo
                         interpret: bool) -> tuple[int, int | None]:
     """(positions per tile, warps) of the "tiles" prefix and gradient kernels when the caller set
     neither: ``TILES_LEAF_BLOCK`` / ``TILES_LEAF_WARPS`` (256, 1 warp) on logits already in the
-    tree's leaf order, ``TILES_BLOCK`` / ``TILES_WARPS`` (512, 4) otherwise: the H200's fastest
-    in each order (session 5, run 5: 15.5 against 17.9 ms in leaf order at V = 262,144).
+    tree's leaf order, ``TILES_BLOCK`` / ``TILES_WARPS`` (512, 4) otherwise: the fastest in each
+    order on an H200 (benchmarks/gpu.py at V = 262,144, N = 8,192 bf16 rows: 15.5 against 17.9 ms
+    in leaf order, benchmarks/results/gpu_h200_run5.json).
     Under the interpreter: ``INTERPRET_BLOCK`` (warps do not apply)."""
     if interpret:
         return (INTERPRET_BLOCK if block is None else block), num_warps

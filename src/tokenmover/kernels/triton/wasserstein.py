@@ -1,30 +1,33 @@
-"""GPU path (Triton) for tree/forest/sliced Wasserstein from logits: host side.
+"""GPU path (Triton) for tree/forest/sliced Wasserstein from logits: the entry point.
 
-``tree_wasserstein_triton(policy, ref, mask, structure)`` computes, for (N, V) logits,
+``tree_wasserstein_triton(policy, ref, structure, mask=None)`` computes, for (N, V) logits,
 
     W_r = sum_k a_k W_{T_k}(softmax(policy_r), softmax(ref_r))
 
 and its gradients, written once in the logits' dtype (bf16 in -> bf16 gradient): ``"tiles"`` makes
 them in backward, already scaled by the incoming gradient, from the small state its forward kept
 (``gradient="backward"``, the default); the other kernels make them in forward and scale them in
-place in backward (Liger-Kernel's trick). No (N, V) float32 tensor is ever made. Accumulation is float32 (float64 for float64
-logits). The only extra memory is a workspace capped by ``max_workspace_bytes`` (default 1 GiB):
-per program (``"levels"``, ``"scatter"``) or per row of a launch (``"tiles"``: prefix sums at the
-edge boundaries, per-edge signs, per-chunk partials; rows run in several launches when needed).
+place in backward (Liger-Kernel's trick). No (N, V) float32 tensor is ever made. Accumulation is
+float32 (float64 for float64 logits). The only extra memory is a workspace capped by
+``max_workspace_bytes`` (default 1 GiB): per program (``"levels"``, ``"scatter"``) or per row of a
+launch (``"tiles"``: prefix sums at the edge boundaries, per-edge signs, per-chunk partials; rows
+run in several launches when needed).
 
-Four kernel families, picked by ``algorithm``:
+Four kernel families, picked by ``algorithm`` (``algorithm``, ``gradient`` and
+``max_workspace_bytes`` are fields of the experimental
+:class:`~tokenmover.kernels.triton.options.TritonOptions`):
 
-- ``"tiles"`` (:mod:`~tokenmover.kernels.triton.tiles`, with :mod:`~tokenmover.kernels.triton.lse` and
-  :mod:`~tokenmover.kernels.triton.tiles_prefix`), for structures whose members are
-  all trees with at most ``MAX_LEVELS`` edge levels: four launches, each row cut into chunks of
-  ``chunk`` positions handled by separate programs (log-sum-exp partials, member-order prefix
-  sums at edge boundaries, edges by level, gradient). The fastest on an H200 (docs/gpu.md).
-- ``"levels"`` (:mod:`~tokenmover.kernels.triton.levels`), same structures, one program
-  per row: the gradient of each token is read off the tree (the summed edge signs of its deepest
-  edge and that edge's ancestors); 1 + K + 1 passes over a row.
-- ``"chains"`` (:mod:`~tokenmover.kernels.triton.chains`), for structures made only of chains (sliced): each
-  (row, member, chunk) a program, prefix and suffix sums joined through chunk totals; the
-  gradient is made in forward.
+- ``"tiles"`` (:mod:`~tokenmover.kernels.triton.tiles`, with :mod:`~tokenmover.kernels.triton.lse`
+  and :mod:`~tokenmover.kernels.triton.tiles_prefix`), for structures whose members are all trees
+  with at most ``MAX_LEVELS`` edge levels: four launches, each row cut into chunks of ``chunk``
+  positions handled by separate programs (log-sum-exp partials, member-order prefix sums at edge
+  boundaries, edges by level, gradient). The fastest on an H200 (docs/gpu.md).
+- ``"levels"`` (:mod:`~tokenmover.kernels.triton.levels`), same structures, one program per row:
+  the gradient of each token is read off the tree (the summed edge signs of its deepest edge and
+  that edge's ancestors); 1 + K + 1 passes over a row.
+- ``"chains"`` (:mod:`~tokenmover.kernels.triton.chains`), for structures made only of chains
+  (sliced): each (row, member, chunk) a program, prefix and suffix sums joined through chunk
+  totals; the gradient is made in forward.
 - ``"scatter"`` (:mod:`~tokenmover.kernels.triton.scatter`), for any structure: one program per
   row with a per-program gradient workspace updated in member order.
 
