@@ -275,17 +275,17 @@ def test_bad_rows_are_named_by_their_position_in_the_flattened_input(backend, rn
 
 
 def test_triton_packing_follows_changes_to_the_structure(rng):
-    from tokenmover.kernels import tree_triton
+    from tokenmover.kernels.triton import packing
 
     tree = random_tree(30, rng)
     cpu = torch.device("cpu")
-    first = tree_triton.pack_for_triton(tree, cpu, torch.float64)
-    assert tree_triton.pack_for_triton(tree, cpu, torch.float64) is first  # cached
+    first = packing.pack_for_triton(tree, cpu, torch.float64)
+    assert packing.pack_for_triton(tree, cpu, torch.float64) is first  # cached
     weights = first.levels.edge_weights.clone()
     tree.edge_weights.mul_(2.0)
-    again = tree_triton.pack_for_triton(tree, cpu, torch.float64)
+    again = packing.pack_for_triton(tree, cpu, torch.float64)
     assert again is not first
     assert torch.allclose(again.levels.edge_weights, 2 * weights)
     tree.edge_weights = tree.edge_weights / 4
-    halved = tree_triton.pack_for_triton(tree, cpu, torch.float64).levels.edge_weights
+    halved = packing.pack_for_triton(tree, cpu, torch.float64).levels.edge_weights
     assert torch.allclose(halved, weights / 2)
