@@ -236,7 +236,7 @@ def cmd_fidelity(args) -> int:
     from tokenmover.geometry.fidelity_report import run
 
     path = run(out_dir=args.out, quick=args.quick, k=args.k, abtt=args.abtt, seed=args.seed,
-               include_mst=args.mst, log=lambda text: print(text, flush=True))
+               include_mst=args.mst, builds=args.builds, log=lambda text: print(text, flush=True))
     print(path.read_text())
     return 0
 
@@ -303,10 +303,12 @@ def add_parser(subparsers) -> None:
              "its accuracy against exact W1 and its cost against KL, on SmolLM2",
     )
     fid.add_argument("--out", default="outputs/fidelity", help="output folder (default outputs/fidelity)")
-    fid.add_argument("--quick", action="store_true", help="fewer pairs and repeats, no V = 262,144 build")
+    fid.add_argument("--quick", action="store_true", help="fewer pairs and repeats (a few minutes)")
     fid.add_argument("-k", type=int, default=16, help="top-k of each distribution for the hybrid (default 16)")
     fid.add_argument("--abtt", type=int, default=2,
                      help="all-but-the-top components removed from the embeddings (default 2; 0 keeps them)")
     fid.add_argument("--mst", action="store_true", help="also score the kNN spanning tree (minutes to build)")
+    fid.add_argument("--builds", default="default", choices=("default", "all", "none"),
+                     help="structures timed at V = 262,144, d = 576: the default tree (default), all, none")
     fid.add_argument("--seed", type=int, default=0)
     fid.set_defaults(func=cmd_fidelity)
