@@ -56,3 +56,19 @@ def test_build_into_a_used_folder_needs_overwrite_which_removes_the_old_structur
 def test_build_refuses_what_it_cannot_do(corpus, tmp_path, extra, message):
     with pytest.raises(SystemExit, match=message):
         _build(corpus, tmp_path / "g", *extra)
+
+
+def test_help_is_plain_text_and_shows_every_default(capsys):
+    import pytest
+
+    from tokenmover.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["geometry", "--help"])
+    text = capsys.readouterr().out
+    assert "``" not in text and ":mod:" not in text
+    with pytest.raises(SystemExit):
+        main(["geometry", "build", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for option, default in (("--branching", "8"), ("--leaf-size", "32"), ("--n-trees", "4"), ("--metric", "l2_euclidean")):
+        assert f"{option}" in text and f"(default: {default})" in text
