@@ -350,8 +350,7 @@ def build_regularizer(args, model, *, tokenizer=None, structure: TransportStruct
 class _LeafView:
     """A regularizer's structure in member 0's leaf order, built once per regularizer."""
 
-    source: TransportStructure  # the regularizer's own structure (to notice a replaced one)
-    snapshot: tuple  # source.snapshot() when built (to notice changed fields)
+    source: TransportStructure  # the regularizer's own (immutable) structure, to notice a replaced one
     regularizer: Regularizer  # same method/options on source.in_leaf_order()
     order: torch.Tensor  # (V,) int64: token id of each logit column
     inverse: torch.Tensor  # (V,) int64: column of each token id
@@ -396,13 +395,12 @@ def leaf_order_view(regularizer: Regularizer) -> _LeafView | None:
     if structure is None or "structure" not in METHODS[regularizer.method].needs:
         return None
     view = _LEAF_VIEWS.get(regularizer)
-    if view is None or view.source is not structure or structure.changed_since(view.snapshot):
+    if view is None or view.source is not structure:
         order = structure.leaf_order()  # (V,)
         if torch.equal(order, torch.arange(order.numel(), dtype=order.dtype)):
             return None
         inverse = inverse_permutation(order)
-        view = _LeafView(structure, structure.snapshot(), regularizer.with_structure(structure.in_leaf_order()),
-                         order, inverse, {})
+        view = _LeafView(structure, regularizer.with_structure(structure.in_leaf_order()), order, inverse, {})
         _LEAF_VIEWS[regularizer] = view
     return view
 
