@@ -21,7 +21,6 @@ pytest.importorskip("triton", reason="the triton package is not installed: the G
 
 from tests.conftest import random_logits, random_tree  # noqa: E402
 from tokenmover import build_chains, build_cluster_forest, build_cluster_tree, distance  # noqa: E402
-from tokenmover.distances.tree import method_for  # noqa: E402
 from tokenmover.distances import tree as tree_module  # noqa: E402
 from tokenmover.kernels import tree_triton  # noqa: E402
 from tokenmover.structures import TransportStructure  # noqa: E402
@@ -39,7 +38,7 @@ def values_and_grads(x, y, structure, backend, weights, **kw):
     """Values and the gradients of sum_r weights_r W_r to both logits."""
     x = x.detach().clone().requires_grad_()
     y = y.detach().clone().requires_grad_()
-    values = distance(x, y, method_for(structure), structure=structure, backend=backend, **kw)
+    values = distance(x, y, tree_module.method_for(structure), structure=structure, backend=backend, **kw)
     (values.double() * weights).sum().backward()
     return values.detach(), x.grad, y.grad
 
@@ -245,12 +244,12 @@ def test_mask_zeroes_values_and_gradients_even_with_garbage_rows():
     mask = torch.tensor([[True, False, True], [False, True, True]])
     x[~mask] = float("nan")  # padding positions may hold anything
     xs, ys = x.clone().requires_grad_(), y.clone().requires_grad_()
-    values = distance(xs, ys, method_for(structure), structure=structure, backend="triton", mask=mask)
+    values = distance(xs, ys, tree_module.method_for(structure), structure=structure, backend="triton", mask=mask)
     values.sum().backward()
     assert values.shape == (2, 3)
     assert torch.all(values[~mask] == 0)
     assert torch.all(xs.grad[~mask] == 0) and torch.all(ys.grad[~mask] == 0)
-    ref = distance(x[mask], y[mask], method_for(structure), structure=structure, backend="numba")
+    ref = distance(x[mask], y[mask], tree_module.method_for(structure), structure=structure, backend="numba")
     assert rel_err(values[mask], ref) < 1e-12
 
 
@@ -307,8 +306,8 @@ def test_no_grad_forward_matches_and_ignores_minus_inf_tokens():
     x, y = random_logits(3, 80, seed=16), random_logits(3, 80, seed=17)
     x[:, :10] = float("-inf")  # masked vocabulary: probability 0
     with torch.no_grad():
-        got = distance(x, y, method_for(structure), structure=structure, backend="triton")
-    ref = distance(x, y, method_for(structure), structure=structure, backend="numba")
+        got = distance(x, y, tree_module.method_for(structure), structure=structure, backend="triton")
+    ref = distance(x, y, tree_module.method_for(structure), structure=structure, backend="numba")
     assert rel_err(got, ref) < 1e-12
 
 
@@ -353,7 +352,7 @@ def test_non_finite_logits_are_found_from_the_log_sum_exp_state(algorithm, dtype
     x[1, 5] = -298.0
     y[2, ::2] = -inf
     got = tree_triton.tree_wasserstein_triton(x, y, None, structure, algorithm=algorithm, chunk=16)
-    want = distance(x.double(), y.double(), method_for(structure), structure=structure, backend="numba")
+    want = distance(x.double(), y.double(), tree_module.method_for(structure), structure=structure, backend="numba")
     assert rel_err(got, want) < (1e-12 if dtype == torch.float64 else 1e-5)
 
 
@@ -472,7 +471,7 @@ def test_gradient_reaches_the_logits_without_a_view_copy():
     mask = torch.tensor([True, False, True, True, False])
     w = torch.tensor([1.0, 2.0, -0.5, 3.0, 1.5], dtype=torch.float64)
     ref_x, ref_y = x.clone().requires_grad_(), y.clone().requires_grad_()
-    want = distance(ref_x, ref_y, method_for(structure), structure=structure, backend="numba", mask=mask)
+    want = distance(ref_x, ref_y, tree_module.method_for(structure), structure=structure, backend="numba", mask=mask)
     (want.double() * w).sum().backward()
     cx, cy = x.clone().requires_grad_(), y.clone().requires_grad_()
     got = tree_triton.tree_wasserstein_triton(cx, cy, mask, structure, chunk_size=2)

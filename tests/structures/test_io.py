@@ -253,7 +253,7 @@ def test_a_folder_written_by_geometry_build_loads_through_every_loader(tiny_buil
     """`geometry build` writes structure_<kind>.*; every loader had looked for structure.* only."""
     model_dir, out = tiny_build
     built = TransportStructure.from_pretrained(out["one"], name="structure_tree")
-    for loader_name, load in _loaders(model_dir).items():
+    for load in _loaders(model_dir).values():
         _same(load(out["one"]), built)  # the folder: its only structure
         _same(load(out["two"] / "structure_tree.json"), built)  # one file of a folder holding two
         with pytest.raises(ValueError, match="holds 2 structures.*structure_sliced.json"):
