@@ -316,7 +316,7 @@ def sweep_configs(device: torch.device, small: bool) -> list[dict]:
             {"order": "leaf", "block": 32, "chunk": 64, "num_warps": 4, "scan": 3, "row_block": 4},
             {"order": "sliced", "block": 32, "chunk": 64, "num_warps": 4},
             {"order": "token", "edge_block": 32, "edge_warps": 4}]
-    best_leaf = {"order": "leaf", "block": 256, "chunk": 8192, "num_warps": 1, "scan": 3}  # session 5's fastest
+    best_leaf = {"order": "leaf", "block": 256, "chunk": 8192, "num_warps": 1, "scan": 3}  # the H200's fastest in leaf order (docs/gpu.md)
     around_defaults = (  # launch groups (workspace), edge tiles, the gradient made in forward
         [{**best_leaf, "max_workspace_bytes": ws << 20} for ws in (512, 2048)]
         + [{**best_leaf, "edge_block": e, "edge_warps": w} for e, w in ((64, 4), (128, 2), (128, 8), (256, 4))]
@@ -330,7 +330,7 @@ def sweep_configs(device: torch.device, small: bool) -> list[dict]:
             for o in ("leaf", "token")
             for b, w, sc, rb in ((256, 4, 3, 4), (256, 4, 1, 4), (256, 4, 2, 4), (256, 8, 3, 8), (256, 2, 3, 2))]
     edges = [{"order": "token", "edge_block": e, "edge_warps": w} for e, w in ((128, 4), (512, 4), (1024, 8))]
-    forward_made = [{"order": o, "gradient": "forward"} for o in ("token", "leaf")]  # the pre-deferral path
+    forward_made = [{"order": o, "gradient": "forward"} for o in ("token", "leaf")]  # gradient made in forward
     chains = [{"order": "sliced", "block": b, "num_warps": w, "chunk": c, "max_workspace_bytes": ws << 20}
               for b, w, c, ws in ((256, 4, 8192, 512), (1024, 8, 8192, 512), (512, 4, 4096, 512), (512, 4, 8192, 2048))]
     return around_defaults + forward_made + chains + rows + tiles + edges
@@ -339,7 +339,7 @@ def sweep_configs(device: torch.device, small: bool) -> list[dict]:
 def main() -> int:
     device = torch.device(ARGS.device)
     small = ARGS.small
-    # largest V first: the issue's targets are at 262,144, so a run cut short by its timeout loses the small V
+    # largest V first: the headline numbers are at 262,144, so a run cut short by its timeout loses the small V
     vocab = ARGS.vocab or ([1000, 300] if small else [262_144, 151_936, 50_257])
     n = ARGS.rows or (8 if small else 8192)
     repeats = ARGS.repeats or (1 if small else 5)
@@ -371,7 +371,7 @@ def main() -> int:
                                         "problems": PROBLEMS, "seconds": time.perf_counter() - T_START}, indent=1))
 
     floors = {v: (3 * n * v * 2) / bw for v in vocab}
-    # 1. correctness and the issue's table, every V
+    # 1. correctness and the main table, every V
     for v in vocab:
         print(f"V = {v}", flush=True)
         structures = all_structures[v]

@@ -38,21 +38,21 @@ CHAIN_KERNELS = ("chain_totals_kernel", "chain_edges_kernel", "chain_suffix_kern
 CONFIGS = [
     {"order": order, "block": b, "num_warps": w, "scan": sc, "chunk": c, "row_block": rb}
     for order, b, w, sc, c, rb in (
-        # the defaults, and what run 5 measured (token order: block / warps / scan / chunk)
+        # the defaults and their neighbours (token order: block / warps / scan / chunk)
         ("token", 512, 4, 2, 8192, 1), ("leaf", 512, 4, 2, 8192, 1), ("leaf", 512, 4, 2, 4096, 1),
-        # several rows per prefix program (session 4): one row per warp, order / weights / boundaries read once
+        # several rows per prefix program: one row per warp, order / weights / boundaries read once
         ("leaf", 256, 4, 3, 8192, 4), ("leaf", 256, 8, 3, 8192, 8), ("token", 256, 4, 3, 8192, 4),
-        # fused scans (session 3) and 1-warp programs (no block barriers)
+        # fused scans and 1-warp programs (no block barriers)
         ("leaf", 512, 4, 3, 8192, 1), ("leaf", 256, 1, 3, 8192, 1), ("token", 512, 4, 3, 8192, 1),
         ("leaf", 256, 4, 1, 8192, 4), ("leaf", 256, 4, 2, 8192, 4), ("leaf", 256, 2, 3, 8192, 2),
         ("token", 256, 8, 3, 8192, 8), ("leaf", 512, 4, 4, 8192, 1), ("leaf", 512, 1, 3, 8192, 1),
         ("token", 256, 1, 3, 8192, 1), ("token", 1024, 4, 2, 4096, 1), ("leaf, no identity path", 512, 4, 2, 4096, 1),
     )
 ]  # most informative first: --budget-s cuts the tail
-# session 5, leaf order around the fastest prefix configuration measured (256 / 1 warp / fused scan):
-# edge tiles below the default 128 and launch groups (max_workspace_bytes) with them. (Run 5a's
-# list, which set the defaults: lse_block / lse_warps, edge tiles 128-2048, chunk and prefix
-# neighbours, is in benchmarks/results/gpu_h200_profile_focus_run5.json.)
+# leaf order around the fastest prefix configuration measured (256 / 1 warp / fused scan): edge
+# tiles below the default 128 and launch groups (max_workspace_bytes) with them. (The sweep that set
+# the defaults: lse_block / lse_warps, edge tiles 128-2048, chunk and prefix neighbours, is in
+# benchmarks/results/gpu_h200_profile_focus_run5.json.)
 BEST_LEAF = {"order": "leaf", "block": 256, "num_warps": 1, "scan": 3, "chunk": 8192, "row_block": 1}
 FOCUS_CONFIGS = [
     BEST_LEAF,
@@ -65,7 +65,7 @@ FOCUS_CONFIGS = [
 _BEST_LEAF_KNOBS = {k: val for k, val in BEST_LEAF.items() if k != "order"}
 LEAF_QUESTIONS = {  # explicit knobs (no tuning), most informative first (gpu_session.sh's timeout cuts the tail)
     "256 / 1 warp, sign words": {**_BEST_LEAF_KNOBS, "sign_words": True},
-    # session 7: the log-sum-exp launch fused into the prefix launch (lse_prefix_kernel), 8 or 16 tiles of
+    # the log-sum-exp launch fused into the prefix launch (lse_prefix_kernel), 8 or 16 tiles of
     # 256 a program; sm_90: 81 instructions a position against 65 for the two launches, half their reads
     "fused lse + prefix, 8 x 256 / 4 warps, sign words": {**_BEST_LEAF_KNOBS, "num_warps": 4, "chunk": 2048,
                                                           "sign_words": True, "fused_lse": True},
@@ -231,8 +231,8 @@ def main() -> None:
             record("token order", per_kernel_ms(fwd_bwd(x, y, tree), args.repeats))
         if "leaf" in args.orders:
             record("leaf order", per_kernel_ms(fwd_bwd(xp, yp, leaf_tree), args.repeats))
-            # session 6's questions, untuned: does the gradient launch gain more from sign words
-            # than the prefix launch pays for them; do 4-row programs now beat 1-warp ones
+            # explicit knobs, untuned: does the gradient launch gain more from sign words than the
+            # prefix launch pays for them; do 4-row programs beat 1-warp ones; does fusing pay
             for label, opts in LEAF_QUESTIONS.items():
                 record(f"leaf order, {label}", per_kernel_ms(fwd_bwd(xp, yp, leaf_tree, **opts), args.repeats))
         result["index_select both by leaf order"] = event_ms(

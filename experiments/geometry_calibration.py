@@ -9,7 +9,8 @@ metric on the geometry's ground points) is cheap. Three kinds of pairs:
 - ``tempered``: a distribution vs the same logits at temperature 0.7 or 1.5 (same support).
 
 Contexts are split in half: pairs from the first half fit the weights, pairs from the second half
-(held out: other contexts) are reported. Writes docs/results/geometry_calibration.{md,json}.
+(held out: other contexts) are reported. Writes outputs/geometry_calibration.{md,json}; the
+committed copy is regenerated with ``--out docs/results/geometry_calibration``.
 
     python experiments/geometry_calibration.py [--pairs 3000] [--topk 32] [--geometries input,w2v]
 """
@@ -29,7 +30,7 @@ from tokenmover.assets import load_smollm2, shakespeare_lines
 from tokenmover.geometry import VocabGeometry, cached_word2vec_geometry
 from tokenmover.structures.calibration import calibrate, edge_features, fit_scores
 
-OUT = Path(__file__).resolve().parents[1] / "docs" / "results"
+OUT = Path(__file__).resolve().parents[1] / "outputs"  # docs/results holds the committed copies
 
 
 def contexts(tokenizer, n: int, length: int, seed: int) -> torch.Tensor:

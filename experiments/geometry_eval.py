@@ -3,7 +3,8 @@
 Rows: SmolLM2-135M-Instruct input embeddings; word2vec on offline text with SmolLM2's tokenizer
 (untrained tokens from their pieces, and from the model's embeddings through a ridge map); word2vec
 with GPT-2's tokenizer. Each is built and scored through the CLI code paths
-(``tokenmover geometry build`` then ``eval``). Writes docs/results/geometry_eval.{md,json}.
+(``tokenmover geometry build`` then ``eval``). Writes outputs/geometry_eval.{md,json}; the committed
+copy is regenerated with ``--out docs/results/geometry_eval``.
 
     python experiments/geometry_eval.py [--corpus shakespeare+fortunes+lee] [--structures tree,mst,sliced]
 """
@@ -22,7 +23,7 @@ from tokenmover.geometry.corpora import corpus_lines
 from tokenmover.geometry.quality import evaluate, wordnet_synonym_pairs
 from tokenmover.structures import TransportStructure
 
-OUT = Path(__file__).resolve().parents[1] / "docs" / "results" / "geometry_eval"
+OUT = Path(__file__).resolve().parents[1] / "outputs" / "geometry_eval"  # committed copy: docs/results
 
 
 def parser():

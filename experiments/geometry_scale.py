@@ -2,7 +2,8 @@
 
 Points: 262,144 x 64 float32, a mixture of 4,096 Gaussian clusters, rows L2-normalised (like a
 normalised embedding). Each builder runs in its own subprocess so that its peak resident memory
-(``ru_maxrss``) is its own. Writes docs/results/geometry_scale.{md,json}.
+(``ru_maxrss``) is its own. Writes outputs/geometry_scale.{md,json}; the committed copy is
+regenerated with ``--out docs/results/geometry_scale``.
 
     python experiments/geometry_scale.py [--v 262144] [--dim 64] [--kinds tree,forest,mst,sliced]
 """
@@ -16,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-OUT = Path(__file__).resolve().parents[1] / "docs" / "results" / "geometry_scale"
+OUT = Path(__file__).resolve().parents[1] / "outputs" / "geometry_scale"  # committed copy: docs/results
 
 CHILD = r"""
 import json, resource, sys, time

@@ -10,8 +10,8 @@ from tokenmover.bench.synthetic import synthetic_logits, synthetic_points
 def test_cpu_peak_counts_buffers_that_earlier_calls_freed():
     """The tree's fwd+bwd at V = 5,000, N = 1,024 keeps at least one (N, V) float32 gradient (19.5 MiB).
     Measured after the KL row, as the bench does: the buffers KL freed are handed back to the OS
-    before each timed call, so the tree's own show (the heap had reused them without raising the
-    RSS: 0 MB)."""
+    before each timed call, so the tree's own show (otherwise the heap reuses them without raising
+    the RSS: 0 MB)."""
     v, n = 5000, 1024
     points = synthetic_points(v, 64)
     x, y = synthetic_logits(points, n)

@@ -30,7 +30,7 @@ def test_plan_option_picks_a_named_plan_of_the_experiment(monkeypatch, tmp_path)
     p = argparse.ArgumentParser(prog="tokenmover")
     experiments_cli.add_parser(p.add_subparsers())
     assert experiments_cli.main(p.parse_args(["experiment", "rl_frontier", "--plan", "quick3"])) == 0
-    assert calls[0]["plan_name"] == "quick3" and calls[0]["out_dir"] == "docs/results/rl_frontier_quick3"
+    assert calls[0]["plan_name"] == "quick3" and calls[0]["out_dir"] == "outputs/rl_frontier_quick3"
     assert rl_frontier.validate_plan(rl_frontier.PLANS["quick3"])["seeds"] == [0, 1, 2]
     with pytest.raises(SystemExit, match="no plan 'huge'"):
         experiments_cli.main(p.parse_args(["experiment", "rl_frontier", "--plan", "huge"]))

@@ -10,7 +10,7 @@ def test_pair_distances_follow_the_metric():
     pts = torch.tensor([[3.0, 4.0], [1.0, 0.0], [0.0, 2.0], [0.0, 0.0]])
     e = VocabGeometry.from_array(pts, metric="euclidean")
     assert e.pair_distances([0, 1], [1, 2]).tolist() == pytest.approx([np.hypot(2, 4), np.hypot(1, 2)])
-    l2 = VocabGeometry.from_array(pts)  # default: the seed's l2-normalised euclidean
+    l2 = VocabGeometry.from_array(pts)  # default: euclidean on the l2-normalised points
     assert l2.metric == "l2_euclidean"
     # unit vectors (0.6, 0.8) and (1, 0): distance sqrt(0.4^2 + 0.8^2); zero row stays at the origin
     assert l2.pair_distances([0, 3], [1, 1]).tolist() == pytest.approx([np.hypot(0.4, 0.8), 1.0])

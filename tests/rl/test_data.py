@@ -60,7 +60,7 @@ def test_order_is_a_function_of_the_step_and_covers_each_epoch():
 
 
 def test_neighbouring_seeds_do_not_share_their_orders():
-    """seed + epoch had given seed 1 the orders of seed 0 one epoch later."""
+    """seed + epoch would give seed 1 the orders of seed 0 one epoch later."""
     a, b = PromptOrder(8, 2, seed=0), PromptOrder(8, 2, seed=1)
     later_a = [a.global_indices(s) for s in range(4, 20)]
     assert [b.global_indices(s) for s in range(16)] != later_a

@@ -20,8 +20,8 @@ def _kinds(inputs: dict) -> dict:
     ("tree", ["sliced"], "tree", {"tree": ("tree", 1), "sliced": ("tree", 1)}),  # an explicit kind serves all
 ])
 def test_each_logged_distance_gets_its_own_methods_structure(tmp_path, method, logged, structure_kind, expected):
-    """structure_kind auto: distance/forest is a forest's W1 and distance/sliced chains' (they had
-    been computed on the regularizer's tree and logged under their names); explicit: one for all."""
+    """structure_kind auto: distance/forest is a forest's W1 and distance/sliced chains' (not the
+    regularizer's tree logged under their names); an explicit kind: one structure for all."""
     config = _tiny_config(tmp_path, method=method, log_distances=logged, structure_kind=structure_kind)
     model, tokenizer = load_policy(config)
     inputs = method_inputs(config, model, tokenizer, progress=False)

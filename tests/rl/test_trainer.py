@@ -103,8 +103,8 @@ def test_micro_batches_give_the_same_update(tiny_config):
         row = trainer.train()[0]
         results.append((row["loss"], _params(trainer)))
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-5, abs=1e-7)
-    for k in results[0][1]:
-        torch.testing.assert_close(results[0][1][k], results[1][1][k], rtol=1e-5, atol=1e-6)
+    for k in results[0][1]:  # float32 sums in another order (lr 3e-2 scales their rounding into the weights)
+        torch.testing.assert_close(results[0][1][k], results[1][1][k], rtol=1e-5, atol=3e-6)
 
 
 def test_clipped_ratio_with_several_iterations(tiny_config):

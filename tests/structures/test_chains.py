@@ -48,7 +48,7 @@ def test_bad_directions():
 
 
 def test_points_without_coordinates_are_refused():
-    """d = 0 had given chains whose distance is always 0."""
+    """d = 0 would give chains whose distance is always 0."""
     with pytest.raises(ValueError, match="V, d >= 1"):
         build_chains(np.zeros((5, 0)), 2)
 

@@ -87,8 +87,8 @@ def test_kmeans_separates_well_separated_blobs():
 
 def test_points_far_from_the_origin_keep_the_upper_bound():
     """float64 points far from the origin relative to their spread: centred before the float32
-    k-means, the tree metric still upper-bounds their distances (the differences had rounded away:
-    all-zero edge weights, d_T < d_E for 17% of pairs)."""
+    k-means, the tree metric still upper-bounds their distances (uncentred, the differences round
+    away: all-zero edge weights, d_T < d_E for 17% of pairs)."""
     line = np.array([[1e8, 0.0], [1e8 + 1, 0.0], [1e8 + 3, 0.0]])
     cost = build_cluster_tree(line, leaf_size=1, branching=2).cost_matrix()
     assert torch.all(cost >= torch.cdist(torch.tensor(line) - 1e8, torch.tensor(line) - 1e8) - 1e-6)

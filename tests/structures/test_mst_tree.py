@@ -26,7 +26,7 @@ def test_knn_graph_is_exact():
 
 def test_knn_graph_is_exact_far_from_the_origin():
     """Points offset by 100 with a spread of 0.05: centred before the float32 search, the neighbours
-    are the float64 ones (19% had been right)."""
+    are the float64 ones (searched uncentred, 19% of them are)."""
     x = 100.0 + 0.05 * np.random.default_rng(1).normal(size=(400, 16))
     idx, dist = knn_graph(x, 5)
     full = cdist(x, x)

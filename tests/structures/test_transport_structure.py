@@ -345,7 +345,7 @@ def test_a_hand_built_structure_of_narrower_dtypes_is_widened_exactly(rng):
 
 def test_an_identity_relabel_keeps_the_relabelling_label(rng):
     """in_leaf_order() of a structure already in leaf order relabels by the identity: it still
-    stacks with the structures relabelled once by the same order (it had got a new label and been refused)."""
+    stacks with the structures relabelled once by the same order (a new label would make stack refuse it)."""
     a, b = random_tree(10, rng), random_tree(10, rng)
     order = a.leaf_order()
     once, twice = a.relabel(order), a.relabel(order).in_leaf_order()

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from tokenmover.distances import exact as _exact
+from tokenmover.distances import hybrid as _hybrid
 from tokenmover.distances import kl as _kl
 from tokenmover.distances import sinkhorn as _sinkhorn
 from tokenmover.distances import tree as _tree
@@ -77,6 +78,17 @@ register_method(
         True,
         "entropic OT on the union of both top-k supports, tail mass kept (Sinkhorn divergence between "
         "(p-q)+ and (q-p)+ by default); needs points= (V, d) or geometry=",
+    ),
+)
+register_method(
+    "hybrid",
+    Method(
+        _hybrid.hybrid_wasserstein,
+        ("structure",),
+        ("points", "geometry", "metric", "k", "backend"),
+        True,
+        "exact W1 under the ground metric on the union of both top-k supports, the tree for the tail mass "
+        "(exact for moves among likely tokens); needs structure= and points= (V, d) or geometry=",
     ),
 )
 register_method("kl", Method(_kl.kl, (), (), True, "full KL(policy || reference)"))

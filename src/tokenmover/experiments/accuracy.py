@@ -85,7 +85,7 @@ PLANS = {
 }
 
 
-def run(*, quick: bool = False, out_dir: str | Path = "docs/results/accuracy", seed: int = 0) -> Path:
+def run(*, quick: bool = False, out_dir: str | Path = "outputs/accuracy", seed: int = 0) -> Path:
     from tokenmover.assets import load_smollm2
     from tokenmover.structures.calibration import calibrate
 

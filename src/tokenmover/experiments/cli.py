@@ -7,14 +7,16 @@ import importlib
 import inspect
 
 from tokenmover.experiments import EXPERIMENTS
+from tokenmover.experiments.common import default_out_dir
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "experiment",
-        help="run an experiment that tests the seed's claims on SmolLM2 (writes docs/results/NAME/)",
+        help="run an experiment on SmolLM2: synonym moves, near-zero probabilities, RL (writes outputs/NAME/)",
         description="Experiments: " + ", ".join(EXPERIMENTS) + ". Each writes report.md, results.json "
-                    "and PNG plots into --out-dir (default docs/results/NAME).",
+                    "and PNG plots into --out-dir (default outputs/NAME; the committed reports are in "
+                    "docs/results/NAME: pass that folder to regenerate one).",
     )
     parser.add_argument("name", choices=EXPERIMENTS)
     parser.add_argument("--quick", action="store_true", help="the small configuration (minutes on 2 CPU cores)")
@@ -24,7 +26,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--plan", default=None,
                         help="a named configuration of the experiment's PLANS (overrides --quick), "
                              "e.g. rl_frontier --plan quick3 (three training seeds)")
-    parser.add_argument("--out-dir", default=None, help="default: docs/results/NAME")
+    parser.add_argument("--out-dir", default=None,
+                        help="default: outputs/NAME (outputs/NAME_PLAN with --plan); pass docs/results/NAME to "
+                             "regenerate the committed report")
     parser.set_defaults(func=main)
     return parser
 
@@ -39,7 +43,7 @@ def main(args) -> int:
         if "plan_name" not in inspect.signature(module.run).parameters:
             raise SystemExit(f"experiment {args.name!r} takes only --quick (plans: {sorted(plans)})")
         kwargs["plan_name"] = args.plan
-    out = args.out_dir or f"docs/results/{args.name}" + (f"_{args.plan}" if args.plan else "")
+    out = args.out_dir or default_out_dir(args.name + (f"_{args.plan}" if args.plan else ""))
     path = module.run(quick=args.quick, out_dir=out, seed=args.seed, **kwargs)
     print(f"report: {path}")
     return 0

@@ -7,6 +7,8 @@
 - ``bootstrap_ci``: percentile bootstrap (default 2000 resamples, 95%) of a statistic of one or
   more paired samples (resampled jointly, e.g. ratio of means over the same contexts).
 - ``reference_positions``: next-token logits of a causal LM on Shakespeare lines.
+- ``default_out_dir(name)``: ``outputs/NAME``, where an experiment writes unless told otherwise. The
+  committed reports in ``docs/results/NAME`` are rewritten only on purpose, by passing that folder.
 """
 
 from __future__ import annotations
@@ -174,6 +176,15 @@ def build_structures(geometries: dict, kinds=("tree", "forest", "sliced"), *, se
 
 
 # ----------------------------------------------------------------------------- reports
+OUTPUT_ROOT = "outputs"
+
+
+def default_out_dir(name: str) -> str:
+    """``outputs/NAME`` (relative to the working directory, ignored by git): an experiment's default
+    output folder, so that a run never overwrites the committed ``docs/results/NAME``."""
+    return f"{OUTPUT_ROOT}/{name}"
+
+
 def md_table(headers: list[str], rows: list[list]) -> str:
     def cell(v):
         if isinstance(v, float):

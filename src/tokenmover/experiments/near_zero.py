@@ -71,7 +71,7 @@ PLANS = {
 }
 
 
-def run(*, quick: bool = False, out_dir: str | Path = "docs/results/near_zero", seed: int = 0) -> Path:
+def run(*, quick: bool = False, out_dir: str | Path = "outputs/near_zero", seed: int = 0) -> Path:
     from tokenmover.assets import load_smollm2
 
     plan = PLANS["quick" if quick else "full"]

@@ -365,7 +365,7 @@ def drift_yardsticks(
 def run(
     *,
     quick: bool = False,
-    out_dir: str | Path = "docs/results/rl_frontier",
+    out_dir: str | Path = "outputs/rl_frontier",
     seed: int = 0,
     require_similarity: bool = True,
     plan: dict | None = None,

@@ -295,7 +295,7 @@ def train_and_measure(base, ref, tokenizer, fns: dict, diameters: dict, plan: di
     return out
 
 
-def run(*, quick: bool = False, out_dir: str | Path = "docs/results/rl_gradients", seed: int = 0,
+def run(*, quick: bool = False, out_dir: str | Path = "outputs/rl_gradients", seed: int = 0,
         plan: dict | None = None) -> Path:
     """Train, measure, write ``report.md``, ``results.json`` and ``grad_distributions.png``.
 
@@ -331,7 +331,7 @@ def run(*, quick: bool = False, out_dir: str | Path = "docs/results/rl_gradients
 
 
 # ----------------------------------------------------------------------------- report
-def render(out_dir: str | Path = "docs/results/rl_gradients") -> Path:
+def render(out_dir: str | Path = "outputs/rl_gradients") -> Path:
     """Rewrite ``report.md`` and the PNG from an existing ``results.json`` (no training)."""
     import json
 

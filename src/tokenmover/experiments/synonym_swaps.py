@@ -145,7 +145,7 @@ PLANS = {
 }
 
 
-def run(*, quick: bool = False, out_dir: str | Path = "docs/results/synonym_swaps", seed: int = 0) -> Path:
+def run(*, quick: bool = False, out_dir: str | Path = "outputs/synonym_swaps", seed: int = 0) -> Path:
     from tokenmover.assets import load_smollm2
     from tokenmover.geometry.quality import wordnet_synonym_pairs
 

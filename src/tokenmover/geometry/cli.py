@@ -232,6 +232,15 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_fidelity(args) -> int:
+    from tokenmover.geometry.fidelity_report import run
+
+    path = run(out_dir=args.out, quick=args.quick, k=args.k, abtt=args.abtt, seed=args.seed,
+               include_mst=args.mst, log=lambda text: print(text, flush=True))
+    print(path.read_text())
+    return 0
+
+
 def add_parser(subparsers) -> None:
     """Register ``tokenmover geometry`` and its ``build`` / ``inspect`` / ``eval`` sub-commands."""
     parser = subparsers.add_parser("geometry", help="build, inspect and evaluate vocabulary geometries",
@@ -287,3 +296,17 @@ def add_parser(subparsers) -> None:
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--json", default=None, help="also write the report here")
     ev.set_defaults(func=cmd_eval)
+
+    fid = sub.add_parser(
+        "fidelity",
+        help="how much of the ground metric's meaning each structure/method keeps (SimLex-999, WordNet), "
+             "its accuracy against exact W1 and its cost against KL, on SmolLM2",
+    )
+    fid.add_argument("--out", default="outputs/fidelity", help="output folder (default outputs/fidelity)")
+    fid.add_argument("--quick", action="store_true", help="fewer pairs and repeats, no V = 262,144 build")
+    fid.add_argument("-k", type=int, default=16, help="top-k of each distribution for the hybrid (default 16)")
+    fid.add_argument("--abtt", type=int, default=2,
+                     help="all-but-the-top components removed from the embeddings (default 2; 0 keeps them)")
+    fid.add_argument("--mst", action="store_true", help="also score the kNN spanning tree (minutes to build)")
+    fid.add_argument("--seed", type=int, default=0)
+    fid.set_defaults(func=cmd_fidelity)

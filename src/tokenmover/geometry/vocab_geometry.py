@@ -3,7 +3,7 @@
 Ground metrics (``metric``):
 
 - ``"euclidean"``: ``d(u, v) = ||e_u - e_v||``;
-- ``"l2_euclidean"`` (default, the seed's "L2-normalised Euclidean"): ``||e_u/|e_u| - e_v/|e_v|||``,
+- ``"l2_euclidean"`` (default, Euclidean on the L2-normalised points): ``||e_u/|e_u| - e_v/|e_v|||``,
   in [0, 2]; a zero row stays at the origin (distance 1 to every unit vector);
 - ``"cosine"``: ``1 - cos(e_u, e_v)``. Not a metric itself; it equals half the squared
   ``l2_euclidean`` distance, so structures built for it follow the ``l2_euclidean`` geometry.

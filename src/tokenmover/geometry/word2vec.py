@@ -1,4 +1,4 @@
-"""Word2vec on token ids (the seed's route): every token of a tokenizer gets a point.
+"""Word2vec on token ids: every token of a tokenizer gets a point.
 
 1. The corpus is tokenized with the tokenizer (no special tokens); the ids of consecutive lines
    are concatenated and cut into sequences of at most ``max_sequence_tokens`` ids (a long line

@@ -21,6 +21,13 @@ from typing import Any
 
 import yaml
 
+from tokenmover.defaults import (
+    DEFAULT_ABTT,
+    DEFAULT_GEOMETRY,
+    DEFAULT_METHOD,
+    DEFAULT_SCALE_TO_GROUND,
+    DEFAULT_TOP_K,
+)
 from tokenmover.distances.api import METHODS
 from tokenmover.geometry.vocab_geometry import resolve_structure_kind
 
@@ -97,9 +104,10 @@ class GRPOConfig:
 
     # ---- regularizer -------------------------------------------------------------------------
     method: str = _f(
-        "tree",
-        "Distance to the reference: any tokenmover method (tree, forest, sliced, kl, reverse_kl, js, k1, k2, "
-        "k3 = TRL GRPO's KL, exact for tiny V in reward mode, or a registered one such as sinkhorn).",
+        DEFAULT_METHOD,
+        "Distance to the reference: any tokenmover method (hybrid = exact W1 under the ground metric on the "
+        "top-k tokens + a tree for the tail; tree, forest, sliced, kl, reverse_kl, js, k1, k2, k3 = TRL GRPO's "
+        "KL, exact for tiny V in reward mode, or a registered one such as sinkhorn).",
     )
     beta: float = _f(0.04, "Weight of the regularizer (>= 0; 0 turns it off but KL is still logged).")
     regularizer_mode: str = _f(
@@ -109,9 +117,20 @@ class GRPOConfig:
         ("loss", "reward"),
     )
     geometry: str = _f(
-        "word2vec",
-        "Where the token geometry comes from (tree/forest/sliced): 'word2vec' (trained on geometry_corpus "
-        "and cached), 'embeddings' (the model's input embeddings), or the folder of a saved VocabGeometry.",
+        DEFAULT_GEOMETRY,
+        "Where the token geometry comes from: 'embeddings' (the model's input embeddings), 'word2vec' "
+        "(trained on geometry_corpus and cached), or the folder of a saved VocabGeometry (used as saved).",
+    )
+    geometry_abtt: int = _f(
+        DEFAULT_ABTT,
+        "All-but-the-top: principal directions removed from an 'embeddings' or 'word2vec' geometry after "
+        "centring (0 keeps the raw points).",
+    )
+    top_k: int = _f(DEFAULT_TOP_K, "Tokens taken from the top of each distribution for method 'hybrid'.")
+    scale_to_ground: bool = _f(
+        DEFAULT_SCALE_TO_GROUND,
+        "Scale the built structure to the ground metric (median tree/ground distance 1 over random token "
+        "pairs), so every method's penalty is in the ground metric's unit.",
     )
     geometry_corpus: str = _f("shakespeare", "Text corpus for the word2vec geometry.")
     geometry_dim: int = _f(64, "Dimension of the word2vec geometry.")
@@ -172,7 +191,11 @@ class GRPOConfig:
     save_steps: int = _f(
         0, "Save a resumable checkpoint every this many steps and at the end (0 = only at the end, -1 = never)."
     )
-    save_total_limit: int | None = _f(None, "Keep only the newest this many checkpoints.")
+    save_total_limit: int | None = _f(
+        2, "Keep only the newest this many checkpoints, deleting older ones after each save (None = keep all). "
+        "A checkpoint holds the policy, its optimizer state and the RNG states (about 3x the policy's weights), "
+        "not the frozen reference, which is rebuilt from the config on resume.",
+    )
     save_final_model: bool = _f(True, "Save the trained policy (save_pretrained) to output_dir/final.")
     resume_from_checkpoint: str | None = _f(
         None, "'latest' (the newest checkpoint in output_dir) or a checkpoint folder to resume from."
@@ -204,8 +227,10 @@ class GRPOConfig:
             raise ValueError(
                 f"method {self.method!r} has no gradient: use regularizer_mode='reward' or a differentiable method"
             )
+        if isinstance(self.geometry_abtt, bool) or not isinstance(self.geometry_abtt, int) or self.geometry_abtt < 0:
+            raise ValueError(f"geometry_abtt must be an integer >= 0, got {self.geometry_abtt!r}")
         positive = ("prompts_per_step", "num_generations", "max_new_tokens", "max_steps", "micro_batch_size",
-                    "num_iterations", "max_prompt_length", "geometry_dim", "n_trees", "n_directions")
+                    "num_iterations", "max_prompt_length", "geometry_dim", "n_trees", "n_directions", "top_k")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -217,6 +242,9 @@ class GRPOConfig:
             raise ValueError("top_k and warmup_steps must be >= 0")
         if self.save_steps < -1:
             raise ValueError(f"save_steps must be >= 0, or -1 for no checkpoints, got {self.save_steps}")
+        if self.save_total_limit is not None and self.save_total_limit < 1:
+            raise ValueError(f"save_total_limit must be >= 1, or None to keep every checkpoint, got "
+                             f"{self.save_total_limit}")
         if not self.learning_rate >= 0:
             raise ValueError(f"learning_rate must be >= 0, got {self.learning_rate}")
         if not self.epsilon > 0 or (self.epsilon_high is not None and not self.epsilon_high > 0):

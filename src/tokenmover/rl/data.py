@@ -3,12 +3,12 @@
 Sources (first one given wins): a ``datasets`` dataset, a ``.txt`` file (one prompt per line,
 blank lines skipped), a ``.jsonl`` file (one object per line, text under ``prompt_field``), a
 ``.json`` file (a list of such objects, or of strings), or an inline list. The suffixes are read
-case-insensitively (``.JSONL`` had been read as text lines, JSON and all); a file of any other
-suffix is read as text, one prompt per line.
+case-insensitively (``.JSONL`` is JSON lines too); a file of any other suffix is read as text, one
+prompt per line.
 
 Order: epoch ``e`` visits the prompts in ``randperm(n, epoch_seed(seed, e))``, a fixed mix of the
-seed and the epoch (``seed + e``, used until session 8, gave seed ``s + 1`` the orders of seed ``s``
-one epoch later, so "independent" seeds shared their data order); step ``s`` takes the global
+seed and the epoch (``seed + e``, prompt-order version 1, would give seed ``s + 1`` the orders of
+seed ``s`` one epoch later, so "independent" seeds would share their data order); step ``s`` takes the global
 prompts ``s * P .. (s + 1) * P - 1`` of the concatenated epochs (``P = prompts_per_step``). The
 data position is therefore a function of the step alone, which is what makes resuming exact and
 makes 1 and several processes see the same global batch (process ``r`` of ``W`` takes the
@@ -99,14 +99,14 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return x ^ (x >> 31)
 
 
-ORDER_VERSION = 2  # 1: epoch e drawn from seed + e (until session 8); 2: from epoch_seed(seed, e)
+ORDER_VERSION = 2  # 1: epoch e drawn from seed + e (checkpoints without a version); 2: from epoch_seed(seed, e)
 
 
 class PromptOrder:
     """Which prompts a step uses (see module docstring); stateless given the step.
 
     ``version``: how an epoch's order is drawn (:data:`ORDER_VERSION`; 1 only to resume a run
-    checkpointed before session 8 on the order it started with)."""
+    whose checkpoint records no order version, on the order it started with)."""
 
     def __init__(self, num_prompts: int, prompts_per_step: int, seed: int, version: int = ORDER_VERSION) -> None:
         if num_prompts < 1:

@@ -5,6 +5,12 @@ there are dropped, missing ones left empty). A fresh run (``resume_step=None``) 
 file. Otherwise rows after ``resume_step`` are removed and new rows are appended under the file's
 header: on resume that is the checkpoint's step, so the file reads as one uninterrupted run; a
 later ``train()`` call of the same trainer passes its current step, which keeps every row.
+
+TensorBoard follows the same rule: each ``MetricsLog`` opens a new event file whose writer is given
+``purge_step = resume_step + 1`` (1 for a fresh run), so TensorBoard discards the events of earlier
+files at that step and after (a resumed run does not show its redone steps twice), and its trackers
+are closed and removed from the accelerator on ``close()`` (a later ``train()`` call does not log
+every step through a second writer).
 """
 
 from __future__ import annotations
@@ -32,8 +38,12 @@ class MetricsLog:
         self.csv_path = Path(output_dir) / "metrics.csv" if "csv" in report_to else None
         self.use_trackers = "tensorboard" in report_to
         self.header: list[str] | None = None
+        self._trackers: list = []
         if self.use_trackers:
-            accelerator.init_trackers("tensorboard", config=_scalar_config(tracker_config or {}))
+            before = list(accelerator.trackers)
+            purge = {"tensorboard": {"purge_step": (resume_step or 0) + 1}}
+            accelerator.init_trackers("tensorboard", config=_scalar_config(tracker_config or {}), init_kwargs=purge)
+            self._trackers = [t for t in accelerator.trackers if not any(t is b for b in before)]
         if self.csv_path is not None and self.is_main:
             self.csv_path.parent.mkdir(parents=True, exist_ok=True)
             if resume_step is not None and self.csv_path.is_file():
@@ -68,8 +78,12 @@ class MetricsLog:
             writer.writerow({k: format_metric(v) for k, v in metrics.items()})
 
     def close(self) -> None:
-        if self.use_trackers:
-            self.accelerator.end_training()
+        """Finish this log's trackers and drop them from the accelerator (the process group stays up)."""
+        for tracker in self._trackers:
+            tracker.finish()
+        ours = self._trackers
+        self.accelerator.trackers[:] = [t for t in self.accelerator.trackers if not any(t is o for o in ours)]
+        self._trackers = []
 
 
 def read_metrics(path: str | Path) -> list[dict[str, float]]:

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tokenmover import defaults
+from tokenmover.defaults import embedding_geometry
 from tokenmover.distances.api import METHODS
 from tokenmover.geometry.vocab_geometry import resolve_structure_kind
 from tokenmover.rl.models import logits_vocab_size
@@ -38,12 +40,14 @@ def load_geometry(config, model, tokenizer, *, progress: bool = True):
     from tokenmover.geometry import VocabGeometry, cached_word2vec_geometry
 
     source = config.geometry
+    abtt = config.geometry_abtt
     if source == "word2vec":
-        return cached_word2vec_geometry(
+        geometry = cached_word2vec_geometry(
             tokenizer, corpus=config.geometry_corpus, dim=config.geometry_dim, model=model, progress=progress
         )
+        return geometry.all_but_the_top(abtt) if abtt else geometry
     if source == "embeddings":
-        return VocabGeometry.from_model(model, "input")
+        return embedding_geometry(model, "input", abtt=abtt)
     if Path(source).is_dir():
         return VocabGeometry.from_pretrained(source, tokenizer=tokenizer)
     raise ValueError(
@@ -72,9 +76,10 @@ def method_inputs(config, model, tokenizer, *, structure=None, progress: bool = 
     """
     methods = [config.method, *config.log_distances]
     needs_points = [m for m in methods if m == "exact" or "points" in METHODS[m].needs]
+    needs_geometry = needs_points or "hybrid" in methods
     needs_structure = [m for m in methods if "structure" in METHODS[m].needs]
     geometry = None
-    if needs_points or (needs_structure and structure is None and not config.structure_path):
+    if needs_geometry or (needs_structure and structure is None and not config.structure_path):
         geometry = _checked_geometry(config, model, tokenizer, progress)
     per_method = structure is None and not config.structure_path and config.structure_kind == "auto"
     if needs_structure and structure is None:
@@ -95,6 +100,9 @@ def method_inputs(config, model, tokenizer, *, structure=None, progress: bool = 
             kwargs["structure"] = structure if kind is None else by_kind[kind]
         if m in needs_points:
             kwargs["points"] = geometry.ground_points()
+        if m in needs_structure:
+            kwargs.update(defaults.method_inputs(m, geometry, kwargs["structure"], top_k=config.top_k,
+                                                 scale_to_ground=config.scale_to_ground, seed=config.seed))
         out[m] = kwargs
     return out
 

@@ -24,8 +24,12 @@ no (N, V) copy outlives the micro-batch that needs it.
 
 Distribution is accelerate's: ``accelerate launch`` with DDP / FSDP / DeepSpeed; the loss is
 scaled so that DDP's gradient averaging gives the global mean. Checkpoints are accelerate's
-``save_state`` (model, optimizer, scheduler, RNG states) plus ``trainer_state.json`` (step and data
-position; the data order and the sampling seeds are functions of the step).
+``save_state`` of the policy (weights, optimizer, scheduler, RNG states) plus ``trainer_state.json``
+(step and data position; the data order and the sampling seeds are functions of the step). The
+frozen reference is not saved: on resume it is rebuilt as it was at the start (a copy of the policy
+loaded from the config, or the ``ref_model`` passed in), before the policy's weights are restored.
+A checkpoint is written under a temporary name and renamed when complete, and only the newest
+``save_total_limit`` are kept.
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ from tokenmover.rl.structure import method_inputs
 
 CHECKPOINT_PREFIX = "step-"
 STATE_FILE = "trainer_state.json"
+PARTIAL_SUFFIX = ".partial"  # a checkpoint folder being written; renamed when complete
 
 
 @dataclass
@@ -185,6 +190,9 @@ class GRPOTrainer:
         )
         self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
         self.ref_model = acc.prepare_model(ref, evaluation_mode=True)
+        # accelerate's save_state writes every prepared model: the frozen reference would double the size
+        # of each checkpoint, yet it is rebuilt identically from the config before a resume loads the state
+        acc._models[:] = [m for m in acc._models if m is not self.ref_model]
         self._keep_kwarg = _takes_logits_to_keep(acc.unwrap_model(self.model))
         self.step = 0
         self.history: list[dict] = []
@@ -411,6 +419,8 @@ class GRPOTrainer:
         A later call continues where the previous one stopped (same run: its rows stay in
         ``metrics.csv``). Reaching ``config.max_steps`` saves a final checkpoint unless
         ``save_steps == -1``, and the model to ``output_dir/final`` when ``save_final_model``.
+        ``KeyboardInterrupt`` (Ctrl-C) propagates after the logs are closed; a checkpoint or final model
+        being written when it came is removed, so only complete ones are left on disk.
 
         Args:
             max_steps: stop after this many more steps (default: run to ``config.max_steps``).
@@ -451,7 +461,7 @@ class GRPOTrainer:
                 if cfg.save_steps >= 0:  # -1: no checkpoints at all
                     self.save_checkpoint()
                 if cfg.save_final_model:
-                    self.save_model(self.output_dir / "final")
+                    self._save_final_model()
         finally:
             if bar is not None:
                 bar.close()
@@ -477,24 +487,51 @@ class GRPOTrainer:
         return self.output_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{step:06d}"
 
     def save_checkpoint(self) -> Path:
-        """Save model, optimizer, scheduler, RNG states (accelerate) and the step / data position."""
+        """Save the policy, optimizer, scheduler, RNG states (accelerate) and the step / data position.
+
+        Written to ``step-XXXXXX.partial`` and renamed when complete, so an interrupted save leaves no
+        folder that :func:`list_checkpoints` (hence ``resume_from_checkpoint: latest``) would pick.
+        Then the oldest checkpoints beyond ``save_total_limit`` are deleted (never this one).
+        """
         acc = self.accelerator
         folder = self.checkpoint_dir(self.step)
-        acc.save_state(str(folder))
+        partial = folder.with_name(folder.name + PARTIAL_SUFFIX)
+        try:
+            if acc.is_main_process and partial.exists():
+                shutil.rmtree(partial)  # left by a save that was killed
+            acc.wait_for_everyone()
+            acc.save_state(str(partial))
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                state = {"step": self.step, "data": self.order.position(self.step),
+                         "data_order": self.order.version, "num_processes": acc.num_processes,
+                         "config": self.config.to_dict()}
+                (partial / STATE_FILE).write_text(json.dumps(state, indent=2), encoding="utf-8")
+                if folder.exists():  # the same step saved again (a run resumed from an earlier checkpoint)
+                    shutil.rmtree(folder)
+                partial.replace(folder)
+        except BaseException:
+            if acc.is_main_process:
+                shutil.rmtree(partial, ignore_errors=True)
+            raise
         if acc.is_main_process:
-            state = {"step": self.step, "data": self.order.position(self.step), "data_order": self.order.version,
-                     "num_processes": acc.num_processes, "config": self.config.to_dict()}
-            (folder / STATE_FILE).write_text(json.dumps(state, indent=2), encoding="utf-8")
-            self._rotate_checkpoints()
+            self._rotate_checkpoints(keep=folder)
         acc.wait_for_everyone()
         return folder
 
-    def _rotate_checkpoints(self) -> None:
+    def _rotate_checkpoints(self, keep: Path) -> None:
+        """Delete the oldest checkpoints until ``save_total_limit`` remain, never ``keep``."""
         limit = self.config.save_total_limit
-        if not limit:
+        if limit is None:
             return
-        for old in list_checkpoints(self.output_dir)[:-limit]:
-            shutil.rmtree(old, ignore_errors=True)
+        found = list_checkpoints(self.output_dir)
+        excess = len(found) - limit
+        for old in found:
+            if excess <= 0:
+                break
+            if old != keep:
+                shutil.rmtree(old, ignore_errors=True)
+                excess -= 1
 
     def _resume(self, which: str) -> None:
         folder = resolve_checkpoint(self.output_dir, which)
@@ -515,6 +552,25 @@ class GRPOTrainer:
         self.step = int(state["step"])
         self._resume_step = self.step
 
+    def _save_final_model(self) -> None:
+        """``save_model`` to ``output_dir/final.partial``, renamed to ``final`` when complete."""
+        acc = self.accelerator
+        final = self.output_dir / "final"
+        partial = final.with_name(final.name + PARTIAL_SUFFIX)
+        try:
+            if acc.is_main_process and partial.exists():
+                shutil.rmtree(partial)
+            self.save_model(partial)
+            if acc.is_main_process:
+                if final.exists():
+                    shutil.rmtree(final)
+                partial.replace(final)
+        except BaseException:
+            if acc.is_main_process:
+                shutil.rmtree(partial, ignore_errors=True)
+            raise
+        acc.wait_for_everyone()
+
     def save_model(self, folder: str | Path) -> None:
         """``save_pretrained`` of the policy (and tokenizer), main process only."""
         acc = self.accelerator
@@ -526,11 +582,12 @@ class GRPOTrainer:
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints (with trainer_state.json) in ``output_dir``, oldest first."""
+    """Complete checkpoints (``step-N`` with trainer_state.json; not ``.partial`` ones) in ``output_dir``, oldest first."""
     root = Path(output_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.name.startswith(CHECKPOINT_PREFIX) and (p / STATE_FILE).is_file()]
+    found = [p for p in root.iterdir() if p.name.startswith(CHECKPOINT_PREFIX)
+             and p.name[len(CHECKPOINT_PREFIX):].isdigit() and (p / STATE_FILE).is_file()]
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
 
 

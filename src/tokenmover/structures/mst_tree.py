@@ -1,4 +1,4 @@
-"""The seed's "manifold" tree: a minimum spanning tree of the k-nearest-neighbour graph.
+"""The "manifold" tree: a minimum spanning tree of the k-nearest-neighbour graph (geodesic distances).
 
 Steps, for points ``x`` (V, d) under the Euclidean metric:
 
