@@ -40,11 +40,12 @@ def _inputs(shape=(3, 5), dtype=torch.float64, seed=1):
 
 
 def _method_kwargs(method, structures, points):
+    kwargs = {}
     if "structure" in METHODS[method].needs:
-        return {"structure": structures[method] if method in structures else structures["tree"]}
-    if "points" in METHODS[method].needs or "points" in METHODS[method].accepts:  # exact, sinkhorn
-        return {"points": points}
-    return {}
+        kwargs["structure"] = structures[method] if method in structures else structures["tree"]
+    if "points" in METHODS[method].needs or "points" in METHODS[method].accepts:  # exact, sinkhorn, hybrid
+        kwargs["points"] = points
+    return kwargs
 
 
 DIFFERENTIABLE = sorted(m for m, spec in METHODS.items() if spec.differentiable)
