@@ -13,6 +13,7 @@ from tokenmover.distances import hybrid as _hybrid
 from tokenmover.distances import kl as _kl
 from tokenmover.distances import sinkhorn as _sinkhorn
 from tokenmover.distances import tree as _tree
+from tokenmover.distances import vocab_parallel as _vocab_parallel
 from tokenmover.distances._inputs import check_not_probabilities, flatten_inputs
 
 
@@ -37,22 +38,33 @@ def register_method(name: str, method: Method) -> None:
     METHODS[name] = method
 
 
+def _tree_method(policy_logits, ref_logits, structure, *, process_group=None, **kwargs) -> torch.Tensor:
+    """The tree methods: on full logits, or, with ``process_group``, on this rank's vocabulary shard
+    (:func:`tokenmover.distances.vocab_parallel.vocab_parallel_tree_wasserstein`)."""
+    if process_group is not None:
+        return _vocab_parallel.vocab_parallel_tree_wasserstein(
+            policy_logits, ref_logits, structure, process_group=process_group, **kwargs
+        )
+    return _tree.tree_wasserstein(policy_logits, ref_logits, structure, **kwargs)
+
+
+_TREE_ACCEPTS = ("backend", "process_group")
 register_method(
     "tree",
-    Method(_tree.tree_wasserstein, ("structure",), ("backend",), True,
+    Method(_tree_method, ("structure",), _TREE_ACCEPTS, True,
            "exact W1 under the tree metric of one tree (kind 'tree', or a one-member forest); needs structure="),
 )
 register_method(
     "forest",
-    Method(_tree.tree_wasserstein, ("structure",), ("backend",), True,
+    Method(_tree_method, ("structure",), _TREE_ACCEPTS, True,
            "average of exact tree W1 over the trees of a forest (kind 'forest', or one tree); needs structure="),
 )
 register_method(
     "sliced",
     Method(
-        _tree.tree_wasserstein,
+        _tree_method,
         ("structure",),
-        ("backend",),
+        _TREE_ACCEPTS,
         True,
         "sliced W1 on fixed support: average 1-D W1 over the chains of build_chains() (kind 'chains'); "
         "needs structure=",
@@ -156,7 +168,9 @@ def distance(
         **kwargs: what the method needs or accepts: ``structure`` (tree/forest/sliced; its
             ``kind`` must suit the method, :data:`tokenmover.distances.tree.METHOD_KINDS`),
             ``tokens`` (k1/k2/k3: sampled ids, shape (...)), ``cost`` or ``points`` (exact),
-            ``backend`` ("auto" | "numba" | "torch" for tree methods), ...
+            ``backend`` ("auto" | "numba" | "torch" for tree methods), ``process_group`` (tree
+            methods: the logits are this rank's slice of a vocabulary sharded over the group, in the
+            structure's leaf order; see :mod:`tokenmover.distances.vocab_parallel`), ...
 
     Returns:
         (...) tensor: float32 (float64 for float64 logits), differentiable w.r.t. the logits,
