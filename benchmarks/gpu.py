@@ -5,13 +5,13 @@ Rows (the policy's logits require grad, the reference's do not, as in RL fine-tu
   kl eager          plain PyTorch KL(p || q): log_softmax in float32, sum p (log p - log q)
   kl compile        the same function under torch.compile
   k3 (TRL)          TRL GRPO's per-token k3 at the sampled token (float32 logsumexp + gather)
-  tree / forest / sliced   the Triton kernel (tokenmover.kernels.tree_triton; "tiles" for trees
+  tree / forest / sliced   the Triton kernels (tokenmover.kernels.triton; "tiles" for trees
                     and forests, gradient made in backward; "levels" and "scatter" for comparison;
                     "chains" for the 16 chains of sliced, "scatter" as an optional comparison row)
                     on a cluster tree, a forest of 4 trees, 16 chains, built
                     here from random clustered points (in parallel worker processes, before CUDA starts)
   tree (tiles, tuned) the same with tune=True: block / warps / scan / rows per prefix program
-                    picked by timing tiles_tuning.CANDIDATES here, once per shape (the first,
+                    picked by timing kernels.triton.tuning.CANDIDATES here, once per shape (the first,
                     untimed run tunes; every candidate is also checked for correctness)
   tree (leaf order) the tree on logits that arrive already in its leaf order (what
                     LogitHead(row_order=structure.leaf_order()) produces by projecting onto the
@@ -70,7 +70,8 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from tokenmover import METHODS, TransportStructure, build_chains, build_cluster_tree, distance  # noqa: E402
-from tokenmover.kernels import tiles_tuning, tree_triton  # noqa: E402
+from tokenmover.kernels.triton import TritonOptions, runtime, tree_wasserstein_triton  # noqa: E402
+from tokenmover.kernels.triton import tuning as tiles_tuning  # noqa: E402
 
 T_START = time.perf_counter()
 
@@ -207,7 +208,8 @@ def triton_tree(structure: TransportStructure, **options):
     """f(x, y) -> (N,) with the Triton kernel and the given tuning options; the "tiles" defaults
     (``tune=False``) unless the options say ``tune=True`` or set tile knobs."""
     options.setdefault("tune", False)
-    return lambda a, b: tree_triton.tree_wasserstein_triton(a, b, None, structure, **options)
+    knobs = TritonOptions(**options)
+    return lambda a, b: tree_wasserstein_triton(a, b, structure, options=knobs)
 
 
 def check_correctness(structures: dict, v: int, device: torch.device, n: int, small: bool,
@@ -260,7 +262,7 @@ def check_correctness(structures: dict, v: int, device: torch.device, n: int, sm
             try:
                 with warnings.catch_warnings():  # the tuner's candidates set sign_words / fused_lse where they may apply
                     if not leaf or from_tuner:
-                        warnings.simplefilter("ignore", tree_triton.KnobNotAppliedWarning)
+                        warnings.simplefilter("ignore", runtime.KnobNotAppliedWarning)
                     got = triton_tree(s, algorithm=algorithm, **knobs)(xt, yc.to(dtype))
                 got.sum().backward()
             except Exception as exc:  # a configuration the card cannot run must not hide the others
@@ -308,7 +310,7 @@ def time_row(timings: list, v: int, name: str, fn, x, y, device, repeats: int, f
 def sweep_configs(device: torch.device, small: bool) -> list[dict]:
     """The "tiles" kernels' tuning sweep: logits order ("token" / "leaf": a leaf-order output
     layer), positions per tile, positions per program, warps, prefix-scan form (1-4, see
-    ``tree_triton_tiles_jit.prefix_kernel``), rows per prefix program, launch groups and edge
+    ``tiles_prefix.prefix_kernel``), rows per prefix program, launch groups and edge
     tiles, and the "chains" kernels of sliced (tile, warps, positions per program, workspace);
     the newest questions first (the time budget cuts the tail)."""
     if small:
@@ -316,7 +318,7 @@ def sweep_configs(device: torch.device, small: bool) -> list[dict]:
             {"order": "leaf", "block": 32, "chunk": 64, "num_warps": 4, "scan": 3, "row_block": 4},
             {"order": "sliced", "block": 32, "chunk": 64, "num_warps": 4},
             {"order": "token", "edge_block": 32, "edge_warps": 4}]
-    best_leaf = {"order": "leaf", "block": 256, "chunk": 8192, "num_warps": 1, "scan": 3}  # the H200's fastest in leaf order (docs/gpu.md)
+    best_leaf = {"order": "leaf", "block": 256, "chunk": 8192, "num_warps": 1, "scan": 3}  # the fastest in leaf order on an H200
     around_defaults = (  # launch groups (workspace), edge tiles, the gradient made in forward
         [{**best_leaf, "max_workspace_bytes": ws << 20} for ws in (512, 2048)]
         + [{**best_leaf, "edge_block": e, "edge_warps": w} for e, w in ((64, 4), (128, 2), (128, 8), (256, 4))]
@@ -339,12 +341,12 @@ def sweep_configs(device: torch.device, small: bool) -> list[dict]:
 def main() -> int:
     device = torch.device(ARGS.device)
     small = ARGS.small
-    # largest V first: the headline numbers are at 262,144, so a run cut short by its timeout loses the small V
+    # largest V first: the targets are at 262,144, so a run cut short by its timeout loses the small V
     vocab = ARGS.vocab or ([1000, 300] if small else [262_144, 151_936, 50_257])
     n = ARGS.rows or (8 if small else 8192)
     repeats = ARGS.repeats or (1 if small else 5)
-    if not tree_triton.available(device):
-        print(f"cannot run: {tree_triton.unavailable_reason(device)}")
+    if not runtime.available(device):
+        print(f"cannot run: {runtime.unavailable_reason(device)}")
         return 2
     all_structures = build_all_structures(vocab, small)  # before CUDA starts: forked workers
     if small:  # the interpreter: tune over two interpreter-sized candidates, one timed run each
@@ -371,7 +373,7 @@ def main() -> int:
                                         "problems": PROBLEMS, "seconds": time.perf_counter() - T_START}, indent=1))
 
     floors = {v: (3 * n * v * 2) / bw for v in vocab}
-    # 1. correctness and the main table, every V
+    # 1. correctness and the timing table, every V
     for v in vocab:
         print(f"V = {v}", flush=True)
         structures = all_structures[v]

@@ -1,6 +1,7 @@
 """Where the time of the "tiles" tree kernels goes: CUDA-event time of each of the four launches.
 
-Wraps the four Triton kernels of :mod:`tokenmover.kernels.tree_triton_tiles_jit` so that every
+Wraps the Triton kernels of the "tiles" launches (:mod:`tokenmover.kernels.triton.lse`,
+:mod:`~tokenmover.kernels.triton.tiles_prefix`, :mod:`~tokenmover.kernels.triton.tiles`) so that every
 launch is bracketed by CUDA events, runs fwd+bwd of the tree distance at N = 8,192 bf16 rows for
 logits in token order and in the tree's leaf order (tuned, then with the knobs of
 ``LEAF_QUESTIONS``: sign words or not, rows per program), and prints the median per-kernel time. Also
@@ -29,16 +30,26 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tokenmover import build_chains, build_cluster_tree  # noqa: E402
-from tokenmover.kernels import tiles_tuning, tree_triton  # noqa: E402
-from tokenmover.kernels import tree_triton_chains_jit as jc  # noqa: E402
-from tokenmover.kernels import tree_triton_tiles_jit as jt  # noqa: E402
+from tokenmover.kernels.triton import (  # noqa: E402
+    TritonOptions,
+    chains,
+    lse,
+    packing,
+    tiles,
+    tiles_prefix,
+    tree_wasserstein_triton,
+)
+from tokenmover.kernels.triton import tuning as tiles_tuning  # noqa: E402
 
-KERNELS = ("lse_partial_kernel", "prefix_kernel", "lse_prefix_kernel", "edge_kernel", "grad_kernel")
-CHAIN_KERNELS = ("chain_totals_kernel", "chain_edges_kernel", "chain_suffix_kernel", "chain_finish_kernel")
+# (module, kernel): every launch of "tiles" and "chains" goes through these module attributes
+TILES_KERNELS = ((lse, "lse_partial_kernel"), (tiles_prefix, "prefix_kernel"), (tiles_prefix, "lse_prefix_kernel"),
+                 (tiles, "edge_kernel"), (tiles, "grad_kernel"))
+CHAIN_KERNELS = tuple((chains, name) for name in ("chain_totals_kernel", "chain_edges_kernel", "chain_suffix_kernel",
+                                                  "chain_finish_kernel"))
 CONFIGS = [
     {"order": order, "block": b, "num_warps": w, "scan": sc, "chunk": c, "row_block": rb}
     for order, b, w, sc, c, rb in (
-        # the defaults and their neighbours (token order: block / warps / scan / chunk)
+        # 512 positions / 4 warps / two-level scan, token and leaf order, two chunk lengths
         ("token", 512, 4, 2, 8192, 1), ("leaf", 512, 4, 2, 8192, 1), ("leaf", 512, 4, 2, 4096, 1),
         # several rows per prefix program: one row per warp, order / weights / boundaries read once
         ("leaf", 256, 4, 3, 8192, 4), ("leaf", 256, 8, 3, 8192, 8), ("token", 256, 4, 3, 8192, 4),
@@ -49,10 +60,10 @@ CONFIGS = [
         ("token", 256, 1, 3, 8192, 1), ("token", 1024, 4, 2, 4096, 1), ("leaf, no identity path", 512, 4, 2, 4096, 1),
     )
 ]  # most informative first: --budget-s cuts the tail
-# leaf order around the fastest prefix configuration measured (256 / 1 warp / fused scan): edge
-# tiles below the default 128 and launch groups (max_workspace_bytes) with them. (The sweep that set
-# the defaults: lse_block / lse_warps, edge tiles 128-2048, chunk and prefix neighbours, is in
-# benchmarks/results/gpu_h200_profile_focus_run5.json.)
+# leaf order around the fastest prefix configuration measured on an H200 (256 / 1 warp / fused scan):
+# edge tiles below the default 128 and launch groups (max_workspace_bytes) with them. (The list that
+# set the defaults, lse_block / lse_warps, edge tiles 128-2048, chunk and prefix neighbours, and its
+# times are in benchmarks/results/gpu_h200_profile_focus_run5.json.)
 BEST_LEAF = {"order": "leaf", "block": 256, "num_warps": 1, "scan": 3, "chunk": 8192, "row_block": 1}
 FOCUS_CONFIGS = [
     BEST_LEAF,
@@ -79,7 +90,7 @@ LEAF_QUESTIONS = {  # explicit knobs (no tuning), most informative first (gpu_se
                                                            "sign_words": True, "fused_lse": True},
 }
 EVENTS: dict[str, list] = defaultdict(list)
-LSE_DEFAULTS = (tree_triton.TILES_LSE_BLOCK, tree_triton.TILES_LSE_WARPS)
+LSE_DEFAULTS = (tiles.TILES_LSE_BLOCK, tiles.TILES_LSE_WARPS)
 
 
 class Timed:
@@ -112,7 +123,7 @@ def per_kernel_ms(fn, repeats: int) -> dict:
         fn()
         torch.cuda.synchronize()
         walls.append(1e3 * (time.perf_counter() - t0))
-        for name in KERNELS + CHAIN_KERNELS:
+        for _, name in TILES_KERNELS + CHAIN_KERNELS:
             if EVENTS[name]:
                 sums[name].append(sum(s.elapsed_time(e) for s, e in EVENTS[name]))
     out = {name: statistics.median(v) for name, v in sums.items()}
@@ -151,10 +162,8 @@ def main() -> None:
 
     def save() -> None:  # after every configuration: a run cut short still leaves its numbers
         (args.out / "gpu_profile.json").write_text(json.dumps(result, indent=1))
-    for name in KERNELS:
-        setattr(jt, name, Timed(name, getattr(jt, name)))
-    for name in CHAIN_KERNELS:
-        setattr(jc, name, Timed(name, getattr(jc, name)))
+    for module, name in TILES_KERNELS + CHAIN_KERNELS:
+        setattr(module, name, Timed(name, getattr(module, name)))
     argv, sys.argv = sys.argv, sys.argv[:1]  # gpu.py parses sys.argv when imported
     from gpu import clustered_points  # noqa: PLC0415
     sys.argv = argv
@@ -167,15 +176,16 @@ def main() -> None:
     y = (x.float() + torch.randn(n, v, generator=gen, device=device)).to(torch.bfloat16)
     perm = tree.perms[0].to(device)
     leaf_tree = tree.in_leaf_order()
-    lv = tree_triton.pack_for_triton(tree, device, torch.float32).levels
+    lv = packing.pack_for_triton(tree, device, torch.float32).levels
     result = {"device": torch.cuda.get_device_name(device), "V": v, "N": n, "edges": lv.num_edges,
-              "boundaries": tree_triton.tile_boundaries(lv, tree_triton.TILES_LEAF_BLOCK, tree_triton.TILES_CHUNK).num_boundaries,
+              "boundaries": packing.tile_boundaries(lv, tiles.TILES_LEAF_BLOCK, tiles.TILES_CHUNK).num_boundaries,
               "levels": lv.num_levels}
 
     def fwd_bwd(a, b, structure, **opts):
         def run():
             xa = a.detach().requires_grad_()
-            tree_triton.tree_wasserstein_triton(xa, b, None, structure, algorithm="tiles", **opts).sum().backward()
+            tree_wasserstein_triton(xa, b, structure,
+                                    options=TritonOptions(algorithm="tiles", **opts)).sum().backward()
         return run
 
     xp, yp = x[:, perm].contiguous(), y[:, perm].contiguous()
@@ -192,24 +202,26 @@ def main() -> None:
                 result["configs"].append({**cfg, "error": "skipped: time budget"})
                 continue
             opts = {k: val for k, val in cfg.items() if k not in ("order", "lse_block", "lse_warps")}
-            tree_triton.TILES_LSE_BLOCK = cfg.get("lse_block", LSE_DEFAULTS[0])
-            tree_triton.TILES_LSE_WARPS = cfg.get("lse_warps", LSE_DEFAULTS[1])
+            tiles.TILES_LSE_BLOCK = cfg.get("lse_block", LSE_DEFAULTS[0])
+            tiles.TILES_LSE_WARPS = cfg.get("lse_warps", LSE_DEFAULTS[1])
             order = cfg["order"]
             structure = tree if order == "token" else leaf_tree
             if order == "leaf, no identity path":
-                ts = tree_triton.pack_for_triton(leaf_tree, xp.device, torch.float32)
+                ts = packing.pack_for_triton(leaf_tree, xp.device, torch.float32)
                 key = (id(leaf_tree), str(xp.device), torch.float32)
                 # the cache holds (the packed arrays converted, their conversion); only the conversion changes
-                tree_triton._CACHE[key] = (leaf_tree.packed(xp.device, torch.float32), dataclasses.replace(
+                packing._CACHE[key] = (leaf_tree.packed(xp.device, torch.float32), dataclasses.replace(
                     ts, levels=dataclasses.replace(ts.levels, identity_order=False)))
             a, b = (x, y) if order == "token" else (xp, yp)
 
             def run(a=a, b=b, structure=structure, opts=opts):
                 xa = a.detach().requires_grad_()
-                tree_triton.tree_wasserstein_triton(xa, b, None, structure, algorithm="tiles", **opts).sum().backward()
+                tree_wasserstein_triton(xa, b, structure,
+                                        options=TritonOptions(algorithm="tiles", **opts)).sum().backward()
 
             xa = a[:16].detach().requires_grad_()  # correctness on 16 rows against float64 torch
-            got = tree_triton.tree_wasserstein_triton(xa, b[:16], None, structure, algorithm="tiles", **opts)
+            got = tree_wasserstein_triton(xa, b[:16], structure,
+                                          options=TritonOptions(algorithm="tiles", **opts))
             got.sum().backward()
             want_grad = x64.grad if order == "token" else ref_grad_leaf
             err_v = float(((got.double() - ref).abs().max() / ref.abs().max()).item())
@@ -219,7 +231,7 @@ def main() -> None:
             print(json.dumps(row), flush=True)
             save()
             if order == "leaf, no identity path":
-                tree_triton._CACHE.pop((id(leaf_tree), str(xp.device), torch.float32), None)
+                packing._CACHE.pop((id(leaf_tree), str(xp.device), torch.float32), None)
     else:  # every section is printed and saved as it ends: a timeout cuts only the tail
         def record(label: str, value) -> None:
             result[label] = value
@@ -232,7 +244,7 @@ def main() -> None:
         if "leaf" in args.orders:
             record("leaf order", per_kernel_ms(fwd_bwd(xp, yp, leaf_tree), args.repeats))
             # explicit knobs, untuned: does the gradient launch gain more from sign words than the
-            # prefix launch pays for them; do 4-row programs beat 1-warp ones; does fusing pay
+            # prefix launch pays for them; do 4-row programs beat 1-warp ones
             for label, opts in LEAF_QUESTIONS.items():
                 record(f"leaf order, {label}", per_kernel_ms(fwd_bwd(xp, yp, leaf_tree, **opts), args.repeats))
         result["index_select both by leaf order"] = event_ms(
@@ -243,7 +255,7 @@ def main() -> None:
 
         def sliced_fwd_bwd():
             xa = x.detach().requires_grad_()
-            tree_triton.tree_wasserstein_triton(xa, y, None, chains, algorithm="chains").sum().backward()
+            tree_wasserstein_triton(xa, y, chains, options=TritonOptions(algorithm="chains")).sum().backward()
 
         result["sliced (16 chains)"] = per_kernel_ms(sliced_fwd_bwd, 3)
         print(json.dumps({"sliced (16 chains)": result["sliced (16 chains)"]}), flush=True)

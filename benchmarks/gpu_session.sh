@@ -13,7 +13,7 @@
 #    sign words, 4-row programs, the log-sum-exp launch fused into the prefix launch (fused_lse),
 #    and a software-pipelined edge loop.
 # 3. benchmarks/leaf_order.py --device cuda --kl: hidden states -> logits -> penalty, token vs leaf
-#    order, against the same head + compiled full KL (no TRL needed: tokenmover.fused_head).
+#    order, against the same head + compiled full KL (no TRL needed: tokenmover.head).
 # Logs and JSON go to OUTDIR; a step cut short by its timeout still leaves what it wrote.
 set -uo pipefail
 out=${1:?usage: bash benchmarks/gpu_session.sh OUTDIR}

@@ -12,7 +12,7 @@ rows interleaved so that load changes on a shared machine hit all alike):
   (``structure``) or already in leaf order (``x[:, o]`` with ``structure.in_leaf_order()``);
 - ``head+distance``: ``LogitHead(W)(h)`` -> distance, vs ``LogitHead(W, row_order=o)(h)`` (the rows
   of W gathered once, ``h @ W[o].T``) -> distance on ``structure.in_leaf_order()``;
-- ``transport_from_hidden``: the TRL adapter's function (default chunking, checkpointed chunks),
+- ``transport_from_hidden``: the function the TRL adapters call (default chunking, checkpointed chunks),
   ``leaf_order=False`` vs ``"always"`` (its default, ``True``, picks leaf order only where it pays:
   a tree on the torch backend, not numba).
 
@@ -27,7 +27,7 @@ head, then full KL under ``torch.compile`` (``benchmarks/gpu.py``'s ``kl_plain``
 
     python benchmarks/leaf_order.py --device cuda --vocab 262144 --hidden 2304 --rows 8192 --kl --out DIR/leaf_order_gpu.json
 
-No TRL needed: ``LogitHead`` and ``transport_from_hidden`` come from :mod:`tokenmover.fused_head`.
+No TRL needed: ``LogitHead`` and ``transport_from_hidden`` come from :mod:`tokenmover.head`.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     import torch
 
     from tokenmover import build_cluster_tree, distance
-    from tokenmover.fused_head import LogitHead, leaf_order_pays, transport_from_hidden
+    from tokenmover.head import LogitHead, leaf_order_pays, transport_from_hidden
     from tokenmover.regularizer import Regularizer
 
     v, d, n = args.vocab, args.hidden, args.rows

@@ -36,8 +36,7 @@ import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from tokenmover.kernels import tree_triton  # noqa: E402
-from tokenmover.kernels import tree_triton_tiles_jit as jt  # noqa: E402
+from tokenmover.kernels.triton import lse, tiles, tiles_prefix  # noqa: E402
 
 DIVISIBLE_BY_16 = {"stride_x", "stride_y", "stride_gx", "stride_gy", "nb", "nw", "V", "L"}
 POINTER_TYPES = {  # every other pointer (and workspace, "*_ws") is in the accumulation dtype
@@ -161,25 +160,25 @@ def report_fused(name: str, cubin: bytes, positions: int, threads: int) -> None:
 def check_configurations() -> list[tuple]:
     """(kernel, constexprs, warps) for every kernel of the four families over its flags: what
     ``--check`` compiles (float32 and float64 accumulation, masks, gradients wanted or not)."""
-    from tokenmover.kernels import tree_triton_chains_jit as jc  # noqa: PLC0415
-    from tokenmover.kernels import tree_triton_jit as j0  # noqa: PLC0415
-    from tokenmover.kernels import tree_triton_levels_jit as jl  # noqa: PLC0415
+    from tokenmover.kernels.triton import chains as jc  # noqa: PLC0415
+    from tokenmover.kernels.triton import levels as jl  # noqa: PLC0415
+    from tokenmover.kernels.triton import scatter as j0  # noqa: PLC0415
 
     out = []
     for acc, mask in itertools.product((tl.float32, tl.float64), (False, True)):
         for ident, signs, grad, rows, scan in itertools.product((True, False), (False, True), (True, False),
                                                                 (1, 4), (2, 3)):
             if not (signs and (not ident or not grad)):
-                out.append((jt.prefix_kernel, {"HAS_MASK": mask, "ACC": acc, "WANT_GRAD": grad, "ROWS": rows,
+                out.append((tiles_prefix.prefix_kernel, {"HAS_MASK": mask, "ACC": acc, "WANT_GRAD": grad, "ROWS": rows,
                                                "BLOCK": 256, "GBLOCK": 32, "SCAN": scan, "IDENTITY": ident,
                                                "SIGNS": signs}, 1 if rows == 1 else 4))
-        out.append((jt.lse_partial_kernel, {"HAS_MASK": mask, "ACC": acc, "BLOCK": 512}, 4))
+        out.append((lse.lse_partial_kernel, {"HAS_MASK": mask, "ACC": acc, "BLOCK": 512}, 4))
         for grad in (True, False):
-            out += [(jt.edge_kernel, {"HAS_MASK": mask, "WANT_GRAD": grad, "ACC": acc, "GBLOCK": 32, "GLBLOCK": gl,
+            out += [(tiles.edge_kernel, {"HAS_MASK": mask, "WANT_GRAD": grad, "ACC": acc, "GBLOCK": 32, "GLBLOCK": gl,
                                       "TBLOCK": 128, "EBLOCK": 128, "STAGES": stages}, 4)
                     for stages, gl in ((1, 32), (3, 32), (1, 1))]
             for signs in (False, True) if grad else (False,):
-                out.append((jt.lse_prefix_kernel, {"HAS_MASK": mask, "WANT_GRAD": grad, "ACC": acc, "NT": 8,
+                out.append((tiles_prefix.lse_prefix_kernel, {"HAS_MASK": mask, "WANT_GRAD": grad, "ACC": acc, "NT": 8,
                                                    "TILE": 256, "GBLOCK": 1024, "SIGNS": signs}, 4))
             out.append((jc.chain_edges_kernel, {"HAS_MASK": mask, "WANT_GRAD": grad, "ACC": acc, "BLOCK": 512,
                                                 "GBLOCK": 32}, 4))
@@ -188,7 +187,7 @@ def check_configurations() -> list[tuple]:
                 for k in (jc.chain_totals_kernel, jc.chain_suffix_kernel)]
         for gx, gy, signs in itertools.product((True, False), (True, False), (False, True)):
             if (gx or gy) and not (signs and gy):
-                out.append((jt.grad_kernel, {"HAS_MASK": mask, "HAS_SCALE": True, "WANT_GX": gx, "WANT_GY": gy,
+                out.append((tiles.grad_kernel, {"HAS_MASK": mask, "HAS_SCALE": True, "WANT_GX": gx, "WANT_GY": gy,
                                              "ACC": acc, "BLOCK": 256, "GLBLOCK": 32, "SIGNS": signs}, 1))
                 out.append((jl.tree_levels_kernel, {"HAS_MASK": mask, "WANT_GX": gx, "WANT_GY": gy, "ACC": acc,
                                                     "BLOCK": 1024, "EBLOCK": 256}, 8))
@@ -225,32 +224,32 @@ def main() -> None:
         consts = {"HAS_MASK": False, "ACC": tl.float32, "WANT_GRAD": True, "ROWS": rows, "BLOCK": block,
                   "GBLOCK": 32, "SCAN": scan, "IDENTITY": bool(identity), "SIGNS": False}
         name = f"prefix {'leaf' if identity else 'token'} {rows}x{block} warps={warps} scan={scan}"
-        report(name, compile_cubin(jt.prefix_kernel, consts, warps, args.arch), rows * block, 32 * warps)
+        report(name, compile_cubin(tiles_prefix.prefix_kernel, consts, warps, args.arch), rows * block, 32 * warps)
     # the leaf-order default tile with the sign words a policy-only gradient keeps
-    block, warps = tree_triton.TILES_LEAF_BLOCK, tree_triton.TILES_LEAF_WARPS
+    block, warps = tiles.TILES_LEAF_BLOCK, tiles.TILES_LEAF_WARPS
     consts = {"HAS_MASK": False, "ACC": tl.float32, "WANT_GRAD": True, "ROWS": 1, "BLOCK": block,
-              "GBLOCK": 32, "SCAN": tree_triton.TILES_SCAN, "IDENTITY": True, "SIGNS": True}
+              "GBLOCK": 32, "SCAN": tiles.TILES_SCAN, "IDENTITY": True, "SIGNS": True}
     report(f"prefix leaf 1x{block} warps={warps} + sign words",
-           compile_cubin(jt.prefix_kernel, consts, warps, args.arch), block, 32 * warps)
+           compile_cubin(tiles_prefix.prefix_kernel, consts, warps, args.arch), block, 32 * warps)
     for signs in (False, True):  # the gradient launch, policy only, reading the reference or the sign words
         consts = {"HAS_MASK": False, "HAS_SCALE": True, "WANT_GX": True, "WANT_GY": False, "ACC": tl.float32,
                   "BLOCK": block, "GLBLOCK": 32, "SIGNS": signs}
         report(f"grad 1x{block} warps={warps} {'sign words' if signs else 'reads reference'}",
-               compile_cubin(jt.grad_kernel, consts, warps, args.arch), block, 32 * warps)
-    eblock, ewarps = tree_triton.TILES_EDGE_BLOCK, tree_triton.TILES_EDGE_WARPS  # per edge, the loop over a level's edges
+               compile_cubin(tiles.grad_kernel, consts, warps, args.arch), block, 32 * warps)
+    eblock, ewarps = tiles.TILES_EDGE_BLOCK, tiles.TILES_EDGE_WARPS  # per edge, the loop over a level's edges
     consts = {"HAS_MASK": False, "WANT_GRAD": True, "ACC": tl.float32, "GBLOCK": 32, "GLBLOCK": 32,
-              "TBLOCK": tree_triton.EDGE_TILE_BLOCK, "EBLOCK": eblock, "STAGES": 1}
-    report(f"edge {eblock} warps={ewarps} (per edge)", compile_cubin(jt.edge_kernel, consts, ewarps, args.arch),
+              "TBLOCK": tiles.EDGE_TILE_BLOCK, "EBLOCK": eblock, "STAGES": 1}
+    report(f"edge {eblock} warps={ewarps} (per edge)", compile_cubin(tiles.edge_kernel, consts, ewarps, args.arch),
            eblock, 32 * ewarps, which="last innermost")
     # log-sum-exp and prefix in one launch (fused_lse): no main loop, so the count is of a program's usual path
     for nt, tile, warps, signs in ((8, 256, 4, True), (8, 256, 4, False), (4, 256, 4, True), (16, 256, 8, True)):
         consts = {"HAS_MASK": False, "WANT_GRAD": True, "ACC": tl.float32, "NT": nt, "TILE": tile,
                   "GBLOCK": triton.next_power_of_2(triton.cdiv(262144, tile)), "SIGNS": signs}
         report_fused(f"lse+prefix {nt}x{tile} warps={warps}{' + sign words' if signs else ''}",
-                     compile_cubin(jt.lse_prefix_kernel, consts, warps, args.arch), nt * tile, 32 * warps)
-    for block, warps in dict.fromkeys(((512, 4), (tree_triton.TILES_LSE_BLOCK, tree_triton.TILES_LSE_WARPS))):
+                     compile_cubin(tiles_prefix.lse_prefix_kernel, consts, warps, args.arch), nt * tile, 32 * warps)
+    for block, warps in dict.fromkeys(((512, 4), (tiles.TILES_LSE_BLOCK, tiles.TILES_LSE_WARPS))):
         consts = {"HAS_MASK": False, "ACC": tl.float32, "BLOCK": block}
-        report(f"lse_partial {block} warps={warps}", compile_cubin(jt.lse_partial_kernel, consts, warps, args.arch),
+        report(f"lse_partial {block} warps={warps}", compile_cubin(lse.lse_partial_kernel, consts, warps, args.arch),
                block, 32 * warps)
 
 

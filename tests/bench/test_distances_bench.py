@@ -8,7 +8,7 @@ def test_tiny_benchmark_writes_every_row_and_ratio(tmp_path):
     config = BenchConfig(sizes=(150,), positions=8, repeats=1, external_positions=1, out_dir=str(tmp_path))
     result = run_benchmark(config, log=lambda _: None)
     methods = {r["method"] for r in result["rows"]}
-    for name in ["kl (plain torch)", "kl", "k3", "tree", "forest (4 trees)", "sliced (16 dirs)",
+    for name in ["kl (plain torch)", "kl", "k3", "tree", "hybrid (top-16)", "forest (4 trees)", "sliced (16 dirs)",
                  "sinkhorn (top-32)", "POT emd2 (exact, fwd only)", "POT sliced (16 dirs, fwd+bwd)"]:
         assert name in methods
     kl_row = next(r for r in result["rows"] if r["method"] == "kl (plain torch)")

@@ -39,6 +39,15 @@ def test_top_level_exports():
     assert hasattr(tokenmover, "build_cluster_tree") and hasattr(tokenmover, "TransportStructure")
 
 
+def test_public_api_exports_the_pieces_a_user_starts_from():
+    import tokenmover
+
+    for name in ("VocabGeometry", "Regularizer", "TransportStructure", "build_cluster_tree", "build_cluster_forest",
+                 "build_chains", "build_mst_tree", "distance", "available_methods", "METHODS"):
+        assert name in tokenmover.__all__ and getattr(tokenmover, name) is not None
+    assert "hybrid" in tokenmover.available_methods()
+
+
 # ------------------------------------------------------------------ misspelt keywords
 @pytest.mark.parametrize(("method", "kwargs", "wrong", "right"), [
     ("tree", {"strucutre": None}, "strucutre", "structure"),

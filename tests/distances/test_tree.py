@@ -276,16 +276,16 @@ def test_bad_rows_are_named_by_their_position_in_the_flattened_input(backend, rn
 
 
 def test_triton_packing_is_cached_per_structure_and_refuses_in_place_edits(rng):
-    from tokenmover.kernels import tree_triton
+    from tokenmover.kernels.triton import packing
 
     tree = random_tree(30, rng)
     cpu = torch.device("cpu")
-    first = tree_triton.pack_for_triton(tree, cpu, torch.float64)
-    assert tree_triton.pack_for_triton(tree, cpu, torch.float64) is first  # cached
+    first = packing.pack_for_triton(tree, cpu, torch.float64)
+    assert packing.pack_for_triton(tree, cpu, torch.float64) is first  # cached
     weights = first.levels.edge_weights.clone()
-    doubled = tree_triton.pack_for_triton(tree.with_edge_weights(2 * tree.edge_weights), cpu, torch.float64)
+    doubled = packing.pack_for_triton(tree.with_edge_weights(2 * tree.edge_weights), cpu, torch.float64)
     assert torch.allclose(doubled.levels.edge_weights, 2 * weights)
-    assert torch.equal(tree_triton.pack_for_triton(tree, cpu, torch.float64).levels.edge_weights, weights)
+    assert torch.equal(packing.pack_for_triton(tree, cpu, torch.float64).levels.edge_weights, weights)
     tree.edge_weights.mul_(2.0)  # read-only: refused rather than silently ignored
     with pytest.raises(ValueError, match="changed in place"):
-        tree_triton.pack_for_triton(tree, cpu, torch.float64)
+        packing.pack_for_triton(tree, cpu, torch.float64)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from tokenmover.fused_head import LogitHead, adapter_free
+from tokenmover.head import LogitHead, adapter_free
 from tokenmover.rl.models import tiny_model
 
 V, D = 64, 16

@@ -12,14 +12,9 @@ import torch
 from torch import nn
 
 import tokenmover
-from tokenmover.fused_head import (
-    GPU_CHUNK_BYTES,
-    LogitHead,
-    build_regularizer,
-    transport_chunk_size,
-    transport_from_hidden,
-)
 from tokenmover.geometry import VocabGeometry
+from tokenmover.head import GPU_CHUNK_BYTES, LogitHead, transport_chunk_size, transport_from_hidden
+from tokenmover.integrations.trl.regularizer import build_regularizer
 from tokenmover.regularizer import Regularizer
 from tokenmover.rl.models import tiny_model
 from tokenmover.structures import build_cluster_tree

@@ -15,10 +15,10 @@ pytest.importorskip("triton", reason="the triton package is not installed: the G
 from tests.conftest import random_logits  # noqa: E402
 from tokenmover import build_chains, build_cluster_tree, distance  # noqa: E402
 from tokenmover.distances.tree import method_for  # noqa: E402
-from tokenmover.kernels import chains_triton, tree_triton  # noqa: E402
+from tokenmover.kernels.triton import TritonOptions, packing, runtime, tree_wasserstein_triton, wasserstein  # noqa: E402
 from tokenmover.structures import TransportStructure  # noqa: E402
 
-if not tree_triton.interpret_mode():
+if not runtime.interpret_mode():
     pytest.skip("TRITON_INTERPRET is set to 0: these CPU tests need Triton's interpreter", allow_module_level=True)
 
 CPU = torch.device("cpu")
@@ -52,22 +52,22 @@ def test_chains_match_numba_in_float64(options):
     w = torch.randn(5, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     ref = reference(x, y, structure, w)
     xs, ys = x.clone().requires_grad_(), y.clone().requires_grad_()
-    values = tree_triton.tree_wasserstein_triton(xs, ys, None, structure, algorithm="chains", **options)
+    values = tree_wasserstein_triton(xs, ys, structure, options=TritonOptions(algorithm="chains", **options))
     (values * w).sum().backward()
     assert rel_err(values, ref[0]) < 1e-12
     assert rel_err(xs.grad, ref[1]) < 1e-12 and rel_err(ys.grad, ref[2]) < 1e-12
 
 
 def test_auto_picks_chains_for_sliced_and_scatter_for_mixed():
-    sliced = tree_triton.pack_for_triton(chains(60), CPU, torch.float64)
-    assert tree_triton.resolve_algorithm(sliced, "auto") == "chains"
+    sliced = packing.pack_for_triton(chains(60), CPU, torch.float64)
+    assert wasserstein.resolve_algorithm(sliced, "auto") == "chains"
     pts = torch.randn(60, 4, generator=torch.Generator().manual_seed(4))
     mixed = TransportStructure.stack([build_cluster_tree(pts, branching=3, leaf_size=4), build_chains(pts, 2)])
-    assert tree_triton.resolve_algorithm(tree_triton.pack_for_triton(mixed, CPU, torch.float64), "auto") == "scatter"
+    assert wasserstein.resolve_algorithm(packing.pack_for_triton(mixed, CPU, torch.float64), "auto") == "scatter"
     tree = build_cluster_tree(pts, branching=3, leaf_size=4)
     x, y = random_logits(2, 60, seed=5), random_logits(2, 60, seed=6)
     with pytest.raises(ValueError, match="algorithm='chains' needs a structure whose members are all chains"):
-        tree_triton.tree_wasserstein_triton(x, y, None, tree, algorithm="chains")
+        tree_wasserstein_triton(x, y, tree, options=TritonOptions(algorithm="chains"))
 
 
 def test_sliced_distance_on_the_triton_backend_uses_chains_with_a_mask():
@@ -95,7 +95,8 @@ def test_one_gradient_or_none(grads):
     ref = reference(x, y, structure, torch.ones(3, dtype=torch.float64))
     xs = x.clone().requires_grad_(grads == "policy")
     ys = y.clone().requires_grad_(grads == "reference")
-    values = tree_triton.tree_wasserstein_triton(xs, ys, None, structure, algorithm="chains", chunk=64, block=32)
+    values = tree_wasserstein_triton(xs, ys, structure,
+                                     options=TritonOptions(algorithm="chains", chunk=64, block=32))
     assert rel_err(values, ref[0]) < 1e-12
     if grads == "none":
         assert values.grad_fn is None
@@ -110,7 +111,8 @@ def test_bf16_logits_accumulate_in_float32():
     x = random_logits(4, 200, seed=14, dtype=torch.bfloat16)
     y = random_logits(4, 200, seed=15, dtype=torch.bfloat16)
     xs = x.clone().requires_grad_()
-    values = tree_triton.tree_wasserstein_triton(xs, y, None, structure, algorithm="chains", chunk=64, block=32)
+    values = tree_wasserstein_triton(xs, y, structure,
+                                     options=TritonOptions(algorithm="chains", chunk=64, block=32))
     values.sum().backward()
     ref = reference(x.double(), y.double(), structure, torch.ones(4, dtype=torch.float64))
     assert values.dtype == torch.float32 and xs.grad.dtype == torch.bfloat16
@@ -130,12 +132,12 @@ def test_bad_rows_raise_naming_the_input(which, value, name):
     else:
         target[1, 7] = value
     with pytest.raises(ValueError, match=name):
-        tree_triton.tree_wasserstein_triton(x, y, None, structure, algorithm="chains", chunk=16)
+        tree_wasserstein_triton(x, y, structure, options=TritonOptions(algorithm="chains", chunk=16))
 
 
 def test_chain_leaf_indexes_each_members_positions():
     perms = torch.tensor([[2, 0, 1], [1, 2, 0]])
-    leaf = chains_triton.chain_leaf(perms)
+    leaf = packing.chain_leaf(perms)
     # token 2 sits at position 0 of member 0 and position 1 of member 1
     assert leaf.tolist() == [[2, 3, 1], [6, 4, 5]]
     assert leaf.dtype == torch.int32
@@ -145,4 +147,4 @@ def test_chain_leaf_indexes_each_members_positions():
 def test_zero_rows_raise_a_clear_error(algorithm):
     empty = torch.zeros(0, 40, dtype=torch.float64)
     with pytest.raises(ValueError, match="no positions"):
-        tree_triton.tree_wasserstein_triton(empty, empty, None, chains(40, seed=19), algorithm=algorithm)
+        tree_wasserstein_triton(empty, empty, chains(40, seed=19), options=TritonOptions(algorithm=algorithm))

@@ -20,9 +20,16 @@ pytest.importorskip("triton", reason="the triton package is not installed: the G
 
 from tests.conftest import random_logits  # noqa: E402
 from tests.kernels.test_tree_triton import leaf_order_tree, rel_err, structures, values_and_grads  # noqa: E402
-from tokenmover.kernels import tree_triton  # noqa: E402
+from tokenmover.kernels.triton import (  # noqa: E402
+    TritonOptions,
+    packing,
+    runtime,
+    tiles,
+    tiles_prefix,
+    tree_wasserstein_triton,
+)
 
-if not tree_triton.interpret_mode():
+if not runtime.interpret_mode():
     pytest.skip("TRITON_INTERPRET is set to 0: these CPU tests need Triton's interpreter", allow_module_level=True)
 
 CPU = torch.device("cpu")
@@ -42,8 +49,8 @@ def test_fused_launch_matches_numba(v, block, chunk):
     w = torch.randn(5, dtype=torch.float64, generator=torch.Generator().manual_seed(92))
     ref = values_and_grads(x, y, tree, "numba", w * mask)
     xl, yl = x[:, perm].contiguous(), y[:, perm].contiguous()
-    ts = tree_triton.pack_for_triton(leaf_tree, CPU, torch.float64)
-    out, bad, state = tree_triton._tiles_forward(xl, yl, mask, ts, True, block=block, chunk=chunk, fused_lse=True,
+    ts = packing.pack_for_triton(leaf_tree, CPU, torch.float64)
+    out, bad, state = tiles.tiles_forward(xl, yl, mask, ts, True, block=block, chunk=chunk, fused_lse=True,
                                                  policy_only=True)
     assert state.lse_part.shape == (5, 1, 6), "the fused launch keeps the row's log-sum-exp only"
     live = mask.nonzero().flatten()
@@ -52,16 +59,18 @@ def test_fused_launch_matches_numba(v, block, chunk):
     assert not bool(bad.any()) and rel_err(out, ref[0] * mask) < 1e-12 and out[1] == 0
     for want_y in (False, True):
         xs, ys = xl.clone().requires_grad_(), yl.clone().requires_grad_(want_y)
-        vals = tree_triton.tree_wasserstein_triton(xs, ys, mask, leaf_tree, algorithm="tiles", block=block,
-                                                   chunk=chunk, fused_lse=True)
+        vals = tree_wasserstein_triton(xs, ys, leaf_tree, mask,
+                                       options=TritonOptions(algorithm="tiles", block=block, chunk=chunk,
+                                                             fused_lse=True))
         (vals * w).sum().backward()
         assert rel_err(vals, ref[0] * mask) < 1e-12
         assert rel_err(xs.grad, ref[1][:, perm]) < 1e-12 and xs.grad[1].abs().max() == 0
         if want_y:
             assert rel_err(ys.grad, ref[2][:, perm]) < 1e-12
     with torch.no_grad():  # values only: no prefix sums of p, no sign words
-        vals = tree_triton.tree_wasserstein_triton(xl, yl, mask, leaf_tree, algorithm="tiles", block=block,
-                                                   chunk=chunk, fused_lse=True)
+        vals = tree_wasserstein_triton(xl, yl, leaf_tree, mask,
+                                       options=TritonOptions(algorithm="tiles", block=block, chunk=chunk,
+                                                             fused_lse=True))
     assert rel_err(vals, ref[0] * mask) < 1e-12
 
 
@@ -71,14 +80,13 @@ def test_programs_that_find_the_row_log_sum_exp_stored_read_it():
     (already at G + 1): its prefix sums, singleton sums and sign words equal the first launch's."""
     import triton.language as tl  # noqa: PLC0415
 
-    from tokenmover.kernels import tree_triton_tiles_jit as jt  # noqa: PLC0415
 
     tree, leaf_tree = leaf_order_tree(200)
     x = random_logits(3, 200, seed=93)[:, tree.perms[0]].contiguous()
     y = random_logits(3, 200, seed=94)[:, tree.perms[0]].contiguous()
-    lv = tree_triton.pack_for_triton(leaf_tree, CPU, torch.float64).levels
+    lv = packing.pack_for_triton(leaf_tree, CPU, torch.float64).levels
     block, chunk = 32, 64
-    tb = tree_triton.tile_boundaries(lv, block, chunk)
+    tb = packing.tile_boundaries(lv, block, chunk)
     g, nw = -(-200 // chunk), -(-200 // 8)
     counts = torch.zeros(3, dtype=torch.int32)
     lse_row = torch.empty(3, 1, 6, dtype=torch.float64)
@@ -88,9 +96,9 @@ def test_programs_that_find_the_row_log_sum_exp_stored_read_it():
         cp = torch.full((3, tb.num_boundaries, 2), float("nan"), dtype=torch.float64)
         part = torch.full((3, 1, g, 3), float("nan"), dtype=torch.float64)
         signs = torch.zeros(3, nw, dtype=torch.int16)
-        jt.lse_prefix_kernel[(3 * g,)](
+        tiles_prefix.lse_prefix_kernel[(3 * g,)](
             x, y, x.stride(0), y.stride(0), counts, parts, lse_row, counts, tb.boundary_index, lv.token_weights_first,
-            cp, tb.num_boundaries, part, signs, nw, 200, g, 0 if launch else tree_triton.INTERPRET_SPIN_LIMIT,
+            cp, tb.num_boundaries, part, signs, nw, 200, g, 0 if launch else tiles.INTERPRET_SPIN_LIMIT,
             HAS_MASK=False, WANT_GRAD=True, ACC=tl.float64, NT=chunk // block, TILE=block, GBLOCK=16, SIGNS=True)
         assert counts.tolist() == [g + 1 + launch * g] * 3  # the second launch has no last arriver
         results.append((cp.clone(), part.clone(), signs.clone(), lse_row.clone()))
@@ -113,17 +121,17 @@ def test_fused_launch_reports_bad_rows(dtype):
         for r, c, value in entries:
             (x if which == "x" else y)[r, c] = value
         with pytest.raises(ValueError, match="policy_logits" if which == "x" else "ref_logits"):
-            tree_triton.tree_wasserstein_triton(x, y, None, leaf_tree, algorithm="tiles", block=16, chunk=32,
-                                                fused_lse=True)
+            tree_wasserstein_triton(x, y, leaf_tree,
+                                    options=TritonOptions(algorithm="tiles", block=16, chunk=32, fused_lse=True))
     x, y = random_logits(3, 100, seed=97).to(dtype), random_logits(3, 100, seed=98).to(dtype)
     x[0, :99] = -inf  # a point mass
     x[1] = -300.0
     x[1, 5] = -298.0
     y[2, ::2] = -inf
-    got = tree_triton.tree_wasserstein_triton(x, y, None, leaf_tree, algorithm="tiles", block=16, chunk=32,
-                                              fused_lse=True)
-    want = tree_triton.tree_wasserstein_triton(x, y, None, leaf_tree, algorithm="tiles", block=16, chunk=32,
-                                               fused_lse=False)
+    got = tree_wasserstein_triton(x, y, leaf_tree,
+                                  options=TritonOptions(algorithm="tiles", block=16, chunk=32, fused_lse=True))
+    want = tree_wasserstein_triton(x, y, leaf_tree,
+                                   options=TritonOptions(algorithm="tiles", block=16, chunk=32, fused_lse=False))
     assert rel_err(got, want) < (1e-12 if dtype == torch.float64 else 1e-5)
 
 
@@ -136,8 +144,8 @@ def test_bf16_logits_on_the_fused_launch():
     w = torch.rand(4, dtype=torch.float64, generator=torch.Generator().manual_seed(101)) + 0.5
     ref = values_and_grads(x.double(), y.double(), tree, "numba", w)
     xs = x[:, perm].contiguous().requires_grad_()
-    vals = tree_triton.tree_wasserstein_triton(xs, y[:, perm].contiguous(), None, leaf_tree, algorithm="tiles",
-                                               block=32, chunk=128, fused_lse=True)
+    vals = tree_wasserstein_triton(xs, y[:, perm].contiguous(), leaf_tree,
+                                   options=TritonOptions(algorithm="tiles", block=32, chunk=128, fused_lse=True))
     (vals.double() * w).sum().backward()
     assert vals.dtype == torch.float32 and xs.grad.dtype == torch.bfloat16
     assert rel_err(vals, ref[0]) < 1e-5 and rel_err(xs.grad, ref[1][:, perm]) < 2e-2
@@ -151,28 +159,28 @@ def test_fused_launch_only_where_it_applies():
     x, y = random_logits(3, 150, seed=102), random_logits(3, 150, seed=103)
     cases = [(leaf_tree, {}, True), (leaf_tree, {"row_block": 2}, False), (tree, {}, False), (forest, {}, False)]
     for structure, options, fused in cases:
-        ts = tree_triton.pack_for_triton(structure, CPU, torch.float64)
-        _, _, state = tree_triton._tiles_forward(x, y, None, ts, True, block=16, chunk=64, fused_lse=True, **options)
+        ts = packing.pack_for_triton(structure, CPU, torch.float64)
+        _, _, state = tiles.tiles_forward(x, y, None, ts, True, block=16, chunk=64, fused_lse=True, **options)
         assert (state.lse_part.shape[1] == 1) == fused, options
-    ts = tree_triton.pack_for_triton(leaf_tree, CPU, torch.float64)
-    _, _, state = tree_triton._tiles_forward(x, y, None, ts, True, block=16, chunk=64)  # TILES_FUSED_LSE: off
+    ts = packing.pack_for_triton(leaf_tree, CPU, torch.float64)
+    _, _, state = tiles.tiles_forward(x, y, None, ts, True, block=16, chunk=64)  # TILES_FUSED_LSE: off
     assert state.lse_part.shape[1] == 3
     with pytest.raises(ValueError, match="power of two"):
-        tree_triton._tiles_forward(x, y, None, ts, True, block=16, chunk=48, fused_lse=True)
+        tiles.tiles_forward(x, y, None, ts, True, block=16, chunk=48, fused_lse=True)
 
 
 def test_fallback_without_waiting(monkeypatch):
     """With no polls at all every program but a row's last computes the row's partials itself:
     the same values and gradients."""
-    monkeypatch.setattr(tree_triton, "INTERPRET_SPIN_LIMIT", 0)
+    monkeypatch.setattr(tiles, "INTERPRET_SPIN_LIMIT", 0)
     tree, leaf_tree = leaf_order_tree(120)
     perm = tree.perms[0]
     x, y = random_logits(2, 120, seed=104), random_logits(2, 120, seed=105)
     w = torch.randn(2, dtype=torch.float64, generator=torch.Generator().manual_seed(106))
     ref = values_and_grads(x, y, tree, "numba", w)
     xs = x[:, perm].clone().requires_grad_()
-    vals = tree_triton.tree_wasserstein_triton(xs, y[:, perm], None, leaf_tree, algorithm="tiles", block=16,
-                                               chunk=32, fused_lse=True)
+    vals = tree_wasserstein_triton(xs, y[:, perm], leaf_tree,
+                                   options=TritonOptions(algorithm="tiles", block=16, chunk=32, fused_lse=True))
     (vals * w).sum().backward()
     assert rel_err(vals, ref[0]) < 1e-12 and rel_err(xs.grad, ref[1][:, perm]) < 1e-12
 
@@ -181,17 +189,16 @@ def test_fallback_without_waiting(monkeypatch):
 def test_fused_launch_in_groups_of_rows_and_gradient_modes(options, monkeypatch):
     """One row a launch group (a fresh counter per group), rows split into autograd chunks, and the
     gradient made in forward: the same values and gradients as numba, with a masked row."""
-    from tokenmover.kernels import tree_triton_tiles_jit as jt  # noqa: PLC0415
 
     launches = []
-    kernel = jt.lse_prefix_kernel
+    kernel = tiles_prefix.lse_prefix_kernel
 
     class Counted:
         def __getitem__(self, grid):
             launches.append(grid)
             return kernel[grid]
 
-    monkeypatch.setattr(jt, "lse_prefix_kernel", Counted())
+    monkeypatch.setattr(tiles_prefix, "lse_prefix_kernel", Counted())
     tree, leaf_tree = leaf_order_tree(130)
     perm = tree.perms[0]
     x, y = random_logits(4, 130, seed=107), random_logits(4, 130, seed=108)
@@ -199,8 +206,9 @@ def test_fused_launch_in_groups_of_rows_and_gradient_modes(options, monkeypatch)
     w = torch.randn(4, dtype=torch.float64, generator=torch.Generator().manual_seed(109))
     ref = values_and_grads(x, y, tree, "numba", w * mask)
     xs = x[:, perm].clone().requires_grad_()
-    vals = tree_triton.tree_wasserstein_triton(xs, y[:, perm], mask, leaf_tree, algorithm="tiles", block=16,
-                                               chunk=64, fused_lse=True, **options)
+    knobs = {k: v for k, v in options.items() if k != "chunk_size"}
+    vals = tree_wasserstein_triton(xs, y[:, perm], leaf_tree, mask, chunk_size=options.get("chunk_size"),
+                                   options=TritonOptions(algorithm="tiles", block=16, chunk=64, fused_lse=True, **knobs))
     (vals * w).sum().backward()
     assert rel_err(vals, ref[0] * mask) < 1e-12 and rel_err(xs.grad, ref[1][:, perm]) < 1e-12
     assert len(launches) == {"max_workspace_bytes": 4, "chunk_size": 2}.get(next(iter(options)), 1)

@@ -1,4 +1,4 @@
-"""Picking the "tiles" tile configuration (tokenmover.kernels.tiles_tuning), under TRITON_INTERPRET=1.
+"""Picking the "tiles" tile configuration (tokenmover.kernels.triton.tuning), under TRITON_INTERPRET=1.
 
 Timings on the interpreter mean nothing, so the choice is checked with a timer that returns a
 known time per candidate; the values of the tuned call are checked against numba (1e-12, float64)."""
@@ -17,9 +17,16 @@ pytest.importorskip("triton", reason="the triton package is not installed: the G
 from tests.conftest import random_logits  # noqa: E402
 from tokenmover import build_cluster_forest, distance  # noqa: E402
 from tokenmover.distances.tree import method_for  # noqa: E402
-from tokenmover.kernels import tiles_tuning, tree_triton  # noqa: E402
+from tokenmover.kernels.triton import (  # noqa: E402
+    TritonOptions,
+    packing,
+    runtime,
+    tiles,
+    tree_wasserstein_triton,
+)
+from tokenmover.kernels.triton import tuning as tiles_tuning  # noqa: E402
 
-if not tree_triton.interpret_mode():
+if not runtime.interpret_mode():
     pytest.skip("TRITON_INTERPRET is set to 0: these CPU tests need Triton's interpreter", allow_module_level=True)
 
 SMALL = [  # interpreter-sized tiles
@@ -43,7 +50,7 @@ def forest(v=120):
 
 
 def packed(structure):
-    return tree_triton.pack_for_triton(structure, torch.device("cpu"), torch.float64)
+    return packing.pack_for_triton(structure, torch.device("cpu"), torch.float64)
 
 
 class FakeTimer:
@@ -83,17 +90,17 @@ def test_failing_candidates_are_skipped_and_all_failing_keeps_the_untuned_defaul
     x, y = random_logits(3, 120, seed=3), random_logits(3, 120, seed=4)
     ts = packed(structure)
     bad = {**SMALL[0], "scan": 9}  # scan=9 is refused
-    with caplog.at_level(logging.WARNING, logger="tokenmover.kernels.tiles_tuning"):
+    with caplog.at_level(logging.WARNING, logger="tokenmover.kernels.triton.tuning"):
         got = tiles_tuning.tune_tiles(x, y, None, ts, True, candidates=[bad, SMALL[0]],
                                       timer=FakeTimer(lambda c: 1.0))
     assert got == SMALL[0]
     assert "scan must be one of" in caplog.text
     tiles_tuning.clear_tuned()
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="tokenmover.kernels.tiles_tuning"):
+    with caplog.at_level(logging.WARNING, logger="tokenmover.kernels.triton.tuning"):
         got = tiles_tuning.tune_tiles(x, y, None, ts, True, candidates=[bad, bad], timer=FakeTimer(lambda c: 1.0))
     assert got == tiles_tuning.UNTUNED and "no candidate ran" in caplog.text  # tuning itself does not fail:
-    tree_triton.tree_wasserstein_triton(x, y, None, forest(), algorithm="tiles", **got)  # the defaults run
+    tree_wasserstein_triton(x, y, forest(), options=TritonOptions(algorithm="tiles", **got))  # the defaults run
 
 
 def test_candidates_must_set_every_knob_and_not_be_empty():
@@ -113,7 +120,7 @@ def test_tuned_call_matches_numba_with_a_mask(monkeypatch):
     x, y = random_logits(6, 120, seed=7), random_logits(6, 120, seed=8)
     mask = torch.tensor([True, True, False, True, False, True])
     xs = x.clone().requires_grad_()
-    vals = tree_triton.tree_wasserstein_triton(xs, y, mask, structure, tune=True)
+    vals = tree_wasserstein_triton(xs, y, structure, mask, options=TritonOptions(tune=True))
     (vals * torch.arange(1.0, 7.0, dtype=torch.float64)).sum().backward()
     xr = x.clone().requires_grad_()
     ref = distance(xr, y, method_for(structure), structure=structure, backend="numba", mask=mask)
@@ -141,7 +148,7 @@ def test_when_to_tune(monkeypatch):
 def test_tune_true_with_a_knob_raises():
     x, y = random_logits(2, 120, seed=9), random_logits(2, 120, seed=10)
     with pytest.raises(ValueError, match="do not also pass"):
-        tree_triton.tree_wasserstein_triton(x, y, None, forest(), tune=True, block=32)
+        tree_wasserstein_triton(x, y, forest(), options=TritonOptions(tune=True, block=32))
 
 
 def test_elapsed_ms_runs_once_untimed_then_repeats():
@@ -162,7 +169,7 @@ def test_out_of_memory_while_timing_keeps_the_defaults(caplog):
             raise torch.OutOfMemoryError("CUDA out of memory")
         return 1.0 if run.__defaults__[0] is SMALL[0] else 0.5
 
-    with caplog.at_level(logging.WARNING, logger="tokenmover.kernels.tiles_tuning"):
+    with caplog.at_level(logging.WARNING, logger="tokenmover.kernels.triton.tuning"):
         got = tiles_tuning.tune_tiles(x, y, None, ts, True, candidates=SMALL, timer=timer)
     assert got == tiles_tuning.UNTUNED
     assert "out of memory" in caplog.text
@@ -173,13 +180,13 @@ def test_reference_gradient_is_tuned_apart(monkeypatch):
     """A call that also wants the reference's gradient times that gradient launch (no sign
     words: it needs q) and is cached under its own key; a policy-only call times the policy's."""
     seen = []
-    real = tree_triton._tiles_gradient
+    real = tiles.tiles_gradient
 
     def spy(x, y, active, lv, ts, state, scale, want_gx, want_gy):
         seen.append((want_gx, want_gy, state.signs is not None))
         return real(x, y, active, lv, ts, state, scale, want_gx, want_gy)
 
-    monkeypatch.setattr(tree_triton, "_tiles_gradient", spy)
+    monkeypatch.setattr(tiles, "tiles_gradient", spy)
     monkeypatch.setattr(tiles_tuning, "CANDIDATES", tuple(SMALL[:1]))  # 32-position tiles: sign words apply
     pts = torch.randn(96, 4, generator=torch.Generator().manual_seed(0))
     tree = build_cluster_forest(pts, 1, branching=4, leaf_size=5)

@@ -22,10 +22,17 @@ pytest.importorskip("triton", reason="the triton package is not installed: the G
 from tests.conftest import random_logits, random_tree  # noqa: E402
 from tokenmover import build_chains, build_cluster_forest, build_cluster_tree, distance  # noqa: E402
 from tokenmover.distances import tree as tree_module  # noqa: E402
-from tokenmover.kernels import tree_triton  # noqa: E402
+from tokenmover.kernels.triton import (  # noqa: E402
+    TritonOptions,
+    packing,
+    runtime,
+    tiles,
+    tree_wasserstein_triton,
+    wasserstein,
+)
 from tokenmover.structures import TransportStructure  # noqa: E402
 
-if not tree_triton.interpret_mode():
+if not runtime.interpret_mode():
     pytest.skip("TRITON_INTERPRET is set to 0: these CPU tests need Triton's interpreter", allow_module_level=True)
 
 
@@ -114,8 +121,9 @@ def test_bf16_logits_with_several_rows_per_prefix_program(scan, row_block):
     y = random_logits(5, 200, seed=52, dtype=torch.bfloat16)
     w = torch.rand(5, dtype=torch.float64, generator=torch.Generator().manual_seed(53)) + 0.5
     xs = x.clone().requires_grad_()
-    vals = tree_triton.tree_wasserstein_triton(xs, y, None, structure, algorithm="tiles", block=32, chunk=64,
-                                               scan=scan, row_block=row_block)
+    vals = tree_wasserstein_triton(xs, y, structure,
+                                   options=TritonOptions(algorithm="tiles", block=32, chunk=64, scan=scan,
+                                                         row_block=row_block))
     (vals.double() * w).sum().backward()
     ref = values_and_grads(x.double(), y.double(), structure, "numba", w)
     assert vals.dtype == torch.float32 and xs.grad.dtype == torch.bfloat16
@@ -131,7 +139,7 @@ def test_many_rows_per_program_and_chunks_reuse_workspaces():
     ref = values_and_grads(x, y, structure, "numba", w)
     for kw in ({"num_programs": 2}, {"num_programs": 1, "block": 32}):
         xs, ys = x.clone().requires_grad_(), y.clone().requires_grad_()
-        vals = tree_triton.tree_wasserstein_triton(xs, ys, None, structure, **kw)
+        vals = tree_wasserstein_triton(xs, ys, structure, options=TritonOptions(**kw))
         vals.sum().backward()
         for a, b in zip((vals, xs.grad, ys.grad), ref):
             assert rel_err(a, b) < 1e-12
@@ -154,7 +162,8 @@ def test_every_tree_kernel_matches_numba(kind, algorithm):
     mask = torch.tensor([True, True, False, True, True, True, False])
     w = torch.randn(7, dtype=torch.float64, generator=torch.Generator().manual_seed(25))
     xs, ys = x.clone().requires_grad_(), y.clone().requires_grad_()
-    vals = tree_triton.tree_wasserstein_triton(xs, ys, mask, structure, algorithm=algorithm, num_programs=3)
+    vals = tree_wasserstein_triton(xs, ys, structure, mask,
+                                   options=TritonOptions(algorithm=algorithm, num_programs=3))
     (vals * w).sum().backward()
     ref = values_and_grads(x, y, structure, "numba", w * mask)
     assert rel_err(vals, ref[0] * mask) < 1e-12
@@ -182,8 +191,8 @@ def test_tiles_chunks_of_columns_and_rows(options):
     ref = values_and_grads(x, y, structure, "numba", w)
     xs, ys = x.clone().requires_grad_(), y.clone().requires_grad_()
     n, v = x.shape
-    vals, gx, gy, bad = tree_triton.tree_rows(
-        xs.detach(), ys.detach(), None, tree_triton.pack_for_triton(structure, torch.device("cpu"), torch.float64),
+    vals, gx, gy, bad = wasserstein.tree_rows(
+        xs.detach(), ys.detach(), None, packing.pack_for_triton(structure, torch.device("cpu"), torch.float64),
         True, True, algorithm="tiles", **options,
     )
     assert not bool(bad.any())
@@ -198,14 +207,15 @@ def test_tiles_on_logits_in_leaf_order(scan, row_block):
     tree = structures(200)["cluster_tree"]
     perm = tree.perms[0]
     leaf_tree = tree.in_leaf_order()
-    assert tree_triton.pack_for_triton(leaf_tree, torch.device("cpu"), torch.float64).levels.identity_order
-    assert not tree_triton.pack_for_triton(tree, torch.device("cpu"), torch.float64).levels.identity_order
+    assert packing.pack_for_triton(leaf_tree, torch.device("cpu"), torch.float64).levels.identity_order
+    assert not packing.pack_for_triton(tree, torch.device("cpu"), torch.float64).levels.identity_order
     x, y = random_logits(4, 200, seed=34), random_logits(4, 200, seed=35)
     w = torch.randn(4, dtype=torch.float64, generator=torch.Generator().manual_seed(36))
     ref = values_and_grads(x, y, tree, "numba", w)
     xs = x[:, perm].clone().requires_grad_()
-    vals = tree_triton.tree_wasserstein_triton(xs, y[:, perm], None, leaf_tree, algorithm="tiles", block=64,
-                                               chunk=128, scan=scan, row_block=row_block)
+    vals = tree_wasserstein_triton(xs, y[:, perm], leaf_tree,
+                                   options=TritonOptions(algorithm="tiles", block=64, chunk=128, scan=scan,
+                                                         row_block=row_block))
     (vals * w).sum().backward()
     assert rel_err(vals, ref[0]) < 1e-12
     assert rel_err(xs.grad, ref[1][:, perm]) < 1e-12
@@ -216,13 +226,13 @@ def test_levels_kernel_applies_to_trees_only():
     kernel) have no "levels" arrays."""
     cpu = torch.device("cpu")
     chains = structures(50)["chains"]
-    assert tree_triton.pack_for_triton(chains, cpu, torch.float64).levels is None
+    assert packing.pack_for_triton(chains, cpu, torch.float64).levels is None
     x, y = random_logits(2, 50, seed=26), random_logits(2, 50, seed=27)
     with pytest.raises(ValueError, match="algorithm='levels' needs"):
-        tree_triton.tree_wasserstein_triton(x, y, None, chains, algorithm="levels")
+        tree_wasserstein_triton(x, y, chains, options=TritonOptions(algorithm="levels"))
     with pytest.raises(ValueError, match="algorithm must be one of"):
-        tree_triton.tree_wasserstein_triton(x, y, None, chains, algorithm="fused")
-    v = tree_triton.MAX_LEVELS + 10  # a caterpillar: ranges [i, V) nested V - 1 deep
+        tree_wasserstein_triton(x, y, chains, options=TritonOptions(algorithm="fused"))
+    v = packing.MAX_LEVELS + 10  # a caterpillar: ranges [i, V) nested V - 1 deep
     starts = torch.tensor([*range(1, v - 1), *range(v)])
     ends = torch.tensor([v] * (v - 2) + list(range(1, v + 1)))
     deep = TransportStructure(
@@ -231,7 +241,7 @@ def test_levels_kernel_applies_to_trees_only():
         member_offsets=torch.tensor([0, starts.numel()]), member_weights=torch.ones(1, dtype=torch.float64),
     )
     deep.validate()
-    assert tree_triton.pack_for_triton(deep, cpu, torch.float64).levels is None
+    assert packing.pack_for_triton(deep, cpu, torch.float64).levels is None
     xd, yd = random_logits(2, v, seed=29), random_logits(2, v, seed=30)
     got = distance(xd, yd, "tree", structure=deep, backend="triton")  # auto: the scatter kernel
     assert rel_err(got, distance(xd, yd, "tree", structure=deep, backend="numba")) < 1e-12
@@ -262,8 +272,9 @@ def test_tiles_row_blocks_with_masked_and_garbage_rows(scan):
     mask = torch.tensor([True, False, True, True, False, False, True])
     x[~mask] = float("nan")
     xs, ys = x.clone().requires_grad_(), y.clone().requires_grad_()
-    vals = tree_triton.tree_wasserstein_triton(xs, ys, mask, structure, algorithm="tiles", block=32, chunk=64,
-                                               scan=scan, row_block=4)
+    vals = tree_wasserstein_triton(xs, ys, structure, mask,
+                                   options=TritonOptions(algorithm="tiles", block=32, chunk=64, scan=scan,
+                                                         row_block=4))
     vals.sum().backward()
     assert torch.all(vals[~mask] == 0)
     assert torch.all(xs.grad[~mask] == 0) and torch.all(ys.grad[~mask] == 0)
@@ -278,8 +289,8 @@ def test_tile_sizes_must_be_a_power_of_two(knob, value):
     v = 40
     x, y = random_logits(2, v, seed=21), random_logits(2, v, seed=22)
     with pytest.raises(ValueError, match=f"{knob} must be a power of two"):
-        tree_triton.tree_wasserstein_triton(x, y, None, structures(v)["cluster_tree"], algorithm="tiles",
-                                            **{knob: value})
+        tree_wasserstein_triton(x, y, structures(v)["cluster_tree"],
+                                options=TritonOptions(algorithm="tiles", **{knob: value}))
 
 
 @pytest.mark.parametrize("row_block", [0, 3, -2])
@@ -287,7 +298,7 @@ def test_tiles_row_block_must_be_a_power_of_two(row_block):
     structure = structures(60)["cluster_tree"]
     x, y = random_logits(2, 60, seed=49), random_logits(2, 60, seed=50)
     with pytest.raises(ValueError, match="row_block must be a power of two"):
-        tree_triton.tree_wasserstein_triton(x, y, None, structure, algorithm="tiles", row_block=row_block)
+        tree_wasserstein_triton(x, y, structure, options=TritonOptions(algorithm="tiles", row_block=row_block))
 
 
 def test_policy_gradient_only_matches_numba():
@@ -326,7 +337,7 @@ def test_bad_rows_raise_value_error_naming_the_input(which, value, name, algorit
     else:
         target[1, 7] = value
     with pytest.raises(ValueError, match=name):
-        tree_triton.tree_wasserstein_triton(x, y, None, structure, algorithm=algorithm, chunk=16)
+        tree_wasserstein_triton(x, y, structure, options=TritonOptions(algorithm=algorithm, chunk=16))
 
 
 @pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
@@ -345,13 +356,13 @@ def test_non_finite_logits_are_found_from_the_log_sum_exp_state(algorithm, dtype
         for r, c, value in entries:
             (x if which == "x" else y)[r, c] = value
         with pytest.raises(ValueError, match="policy_logits" if which == "x" else "ref_logits"):
-            tree_triton.tree_wasserstein_triton(x, y, None, structure, algorithm=algorithm, chunk=16)
+            tree_wasserstein_triton(x, y, structure, options=TritonOptions(algorithm=algorithm, chunk=16))
     x, y = random_logits(3, 40, seed=32).to(dtype), random_logits(3, 40, seed=33).to(dtype)
     x[0, :39] = -inf  # one token left: a point mass
     x[1] = -300.0  # far below the usual logits, one token above the rest
     x[1, 5] = -298.0
     y[2, ::2] = -inf
-    got = tree_triton.tree_wasserstein_triton(x, y, None, structure, algorithm=algorithm, chunk=16)
+    got = tree_wasserstein_triton(x, y, structure, options=TritonOptions(algorithm=algorithm, chunk=16))
     want = distance(x.double(), y.double(), tree_module.method_for(structure), structure=structure, backend="numba")
     assert rel_err(got, want) < (1e-12 if dtype == torch.float64 else 1e-5)
 
@@ -362,7 +373,8 @@ def test_second_backward_through_the_same_graph_raises(options):
     """Gradients made in forward are scaled in place (no extra (N, V) copy): backward runs once."""
     structure = structures(30)["cluster_tree"]
     x = random_logits(2, 30, seed=20).requires_grad_()
-    values = tree_triton.tree_wasserstein_triton(x, random_logits(2, 30, seed=21), None, structure, **options)
+    values = tree_wasserstein_triton(x, random_logits(2, 30, seed=21), structure,
+                                     options=TritonOptions(**options))
     assert all(t.data_ptr() != x.data_ptr() for t in values.grad_fn.saved_tensors if t is not None)  # the gradient
     values.sum().backward(retain_graph=True)
     with pytest.raises(RuntimeError):
@@ -376,11 +388,11 @@ def test_backend_resolution(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="CUDA"):
         tree_module.resolve_backend("triton", cpu)
-    monkeypatch.setattr(tree_triton, "HAVE_TRITON", False)
+    monkeypatch.setattr(runtime, "HAVE_TRITON", False)
     with pytest.raises(ValueError, match="pip install triton"):
         tree_module.resolve_backend("triton", cpu)
     if torch.cuda.is_available():  # pragma: no cover - GPU machines only
-        monkeypatch.setattr(tree_triton, "HAVE_TRITON", True)
+        monkeypatch.setattr(runtime, "HAVE_TRITON", True)
         assert tree_module.resolve_backend("auto", torch.device("cuda")) == "triton"
 
 
@@ -390,11 +402,25 @@ def test_gradient_mode_forward_matches_and_bad_mode_raises():
     w = torch.randn(3, dtype=torch.float64, generator=torch.Generator().manual_seed(49))
     ref = values_and_grads(x, y, structure, "numba", w)
     xs = x.clone().requires_grad_()
-    vals = tree_triton.tree_wasserstein_triton(xs, y, None, structure, algorithm="tiles", gradient="forward", block=16)
+    vals = tree_wasserstein_triton(xs, y, structure,
+                                   options=TritonOptions(algorithm="tiles", gradient="forward", block=16))
     (vals * w).sum().backward()
     assert rel_err(vals, ref[0]) < 1e-12 and rel_err(xs.grad, ref[1]) < 1e-12
     with pytest.raises(ValueError, match="gradient must be one of"):
-        tree_triton.tree_wasserstein_triton(xs, y, None, structure, gradient="later")
+        tree_wasserstein_triton(xs, y, structure, options=TritonOptions(gradient="later"))
+
+
+def test_default_call_takes_the_mask_after_the_structure_and_options_as_one_object():
+    """tree_wasserstein_triton(x, y, structure, mask) runs the defaults; the knobs come only as a
+    TritonOptions (a dict of them is refused, naming the type)."""
+    structure = structures(60)["cluster_tree"]
+    x, y = random_logits(3, 60, seed=50), random_logits(3, 60, seed=51)
+    mask = torch.tensor([True, False, True])
+    want = distance(x, y, tree_module.method_for(structure), structure=structure, mask=mask, backend="numba")
+    assert rel_err(tree_wasserstein_triton(x, y, structure, mask), want) < 1e-12
+    assert rel_err(tree_wasserstein_triton(x, y, structure, mask, options=TritonOptions()), want) < 1e-12
+    with pytest.raises(ValueError, match="options must be a TritonOptions, got dict"):
+        tree_wasserstein_triton(x, y, structure, mask, options={"algorithm": "tiles"})
 
 
 @pytest.mark.parametrize("grads", ["both", "policy", "reference"])
@@ -409,8 +435,9 @@ def test_tiles_gradient_is_made_in_backward_already_scaled(grads):
     ref = values_and_grads(x, y, structure, "numba", w * mask)
     xs = x.clone().requires_grad_(grads in ("both", "policy"))
     ys = y.clone().requires_grad_(grads in ("both", "reference"))
-    vals = tree_triton.tree_wasserstein_triton(xs, ys, mask, structure, algorithm="tiles", block=16, chunk=40,
-                                               max_workspace_bytes=1)
+    vals = tree_wasserstein_triton(xs, ys, structure, mask,
+                                   options=TritonOptions(algorithm="tiles", block=16, chunk=40,
+                                                         max_workspace_bytes=1))
     saved = vals.grad_fn.saved_tensors
     big = [t for t in saved if t.numel() >= x.numel()]
     assert all(t.data_ptr() in (xs.data_ptr(), ys.data_ptr()) for t in big)  # only the inputs themselves
@@ -433,7 +460,8 @@ def test_tiles_under_activation_checkpointing_and_retain_graph():
     ref = values_and_grads(x, y, structure, "numba", torch.ones(3, dtype=torch.float64))
 
     def run(a):
-        return tree_triton.tree_wasserstein_triton(a, y, None, structure, algorithm="tiles", block=16, chunk=32)
+        return tree_wasserstein_triton(a, y, structure,
+                                       options=TritonOptions(algorithm="tiles", block=16, chunk=32))
 
     xs = x.clone().requires_grad_()
     checkpoint(run, xs, use_reentrant=False).sum().backward()
@@ -452,10 +480,11 @@ def test_tiles_fused_scans_without_gradient_and_bad_scan(scan):
     structure = structures(150)["forest"]
     x, y = random_logits(3, 150, seed=45), random_logits(3, 150, seed=46)
     ref = values_and_grads(x, y, structure, "numba", torch.ones(3, dtype=torch.float64))[0]
-    vals = tree_triton.tree_wasserstein_triton(x, y, None, structure, algorithm="tiles", block=64, chunk=100, scan=scan)
+    vals = tree_wasserstein_triton(x, y, structure,
+                                   options=TritonOptions(algorithm="tiles", block=64, chunk=100, scan=scan))
     assert rel_err(vals, ref) < 1e-12
     with pytest.raises(ValueError, match="scan must be one of"):
-        tree_triton.tree_wasserstein_triton(x, y, None, structure, algorithm="tiles", scan=5)
+        tree_wasserstein_triton(x, y, structure, options=TritonOptions(algorithm="tiles", scan=5))
 
 
 def test_gradient_reaches_the_logits_without_a_view_copy():
@@ -465,7 +494,7 @@ def test_gradient_reaches_the_logits_without_a_view_copy():
     structure = structures(150)["cluster_tree"]
     x, y = random_logits(5, 150, seed=12), random_logits(5, 150, seed=13)
     xs = x.clone().requires_grad_()
-    vals = tree_triton.tree_wasserstein_triton(xs, y, None, structure)
+    vals = tree_wasserstein_triton(xs, y, structure)
     (node, _), = [f for f in vals.grad_fn.next_functions if f[0] is not None]
     assert type(node).__name__ == "AccumulateGrad"
     mask = torch.tensor([True, False, True, True, False])
@@ -474,7 +503,7 @@ def test_gradient_reaches_the_logits_without_a_view_copy():
     want = distance(ref_x, ref_y, tree_module.method_for(structure), structure=structure, backend="numba", mask=mask)
     (want.double() * w).sum().backward()
     cx, cy = x.clone().requires_grad_(), y.clone().requires_grad_()
-    got = tree_triton.tree_wasserstein_triton(cx, cy, mask, structure, chunk_size=2)
+    got = tree_wasserstein_triton(cx, cy, structure, mask, chunk_size=2)
     assert type(got.grad_fn.next_functions[0][0]).__name__ != "SliceBackward0"
     (got.double() * w).sum().backward()
     for a, b in ((got, want), (cx.grad, ref_x.grad), (cy.grad, ref_y.grad)):
@@ -485,12 +514,12 @@ def test_tile_defaults_depend_on_the_logits_order():
     """Untuned "tiles" launches: 256 positions / 1 warp on leaf-order logits, 512 / 4 warps in
     token order (the H200's fastest of each); knobs the caller sets are kept; the interpreter
     uses its own small tile."""
-    defaults = tree_triton.tiles_tile_defaults
-    assert defaults(None, None, True, False) == (tree_triton.TILES_LEAF_BLOCK, tree_triton.TILES_LEAF_WARPS) == (256, 1)
-    assert defaults(None, None, False, False) == (tree_triton.TILES_BLOCK, tree_triton.TILES_WARPS) == (512, 4)
-    assert defaults(1024, None, True, False) == (1024, tree_triton.TILES_WARPS)
-    assert defaults(None, 8, True, False) == (tree_triton.TILES_BLOCK, 8)
-    assert defaults(None, None, True, True) == (tree_triton.INTERPRET_BLOCK, None)
+    defaults = tiles.tiles_tile_defaults
+    assert defaults(None, None, True, False) == (tiles.TILES_LEAF_BLOCK, tiles.TILES_LEAF_WARPS) == (256, 1)
+    assert defaults(None, None, False, False) == (tiles.TILES_BLOCK, tiles.TILES_WARPS) == (512, 4)
+    assert defaults(1024, None, True, False) == (1024, tiles.TILES_WARPS)
+    assert defaults(None, 8, True, False) == (tiles.TILES_BLOCK, 8)
+    assert defaults(None, None, True, True) == (runtime.INTERPRET_BLOCK, None)
 
 
 def leaf_order_tree(v: int):
@@ -513,9 +542,9 @@ def test_policy_gradient_on_leaf_order_logits_reads_signs_not_the_reference(v, c
     mask = torch.tensor([True, True, False, True, True])
     w = torch.randn(5, dtype=torch.float64, generator=torch.Generator().manual_seed(72))
     ref = values_and_grads(x, y, tree, "numba", w * mask)
-    ts = tree_triton.pack_for_triton(leaf_tree, torch.device("cpu"), torch.float64)
+    ts = packing.pack_for_triton(leaf_tree, torch.device("cpu"), torch.float64)
     xl, yl = x[:, perm].contiguous(), y[:, perm].contiguous()
-    out, bad, state = tree_triton._tiles_forward(xl, yl, mask, ts, True, block=block, chunk=chunk, policy_only=True)
+    out, bad, state = tiles.tiles_forward(xl, yl, mask, ts, True, block=block, chunk=chunk, policy_only=True)
     assert state.signs is not None and state.signs.shape == (5, (v + 7) // 8) and state.signs.dtype == torch.int16
     assert not bool(bad.any()) and rel_err(out, ref[0] * mask) < 1e-12
     # the encoding: bit j of word w is t d > 0 at position 8 w + j, bit 8 + j is t d < 0 (t >= 0: the
@@ -530,14 +559,15 @@ def test_policy_gradient_on_leaf_order_logits_reads_signs_not_the_reference(v, c
     assert bool(((up - down) == torch.sign(td).to(up.dtype))[sure].all())
     assert int((up & down).sum()) == 0 and int(up[1].sum() + down[1].sum()) == 0  # row 1: d = 0
     scale = w * mask
-    gx, gy = tree_triton._tiles_gradient(xl, torch.full_like(yl, float("nan")), mask, ts.levels, ts, state, scale,
+    gx, gy = tiles.tiles_gradient(xl, torch.full_like(yl, float("nan")), mask, ts.levels, ts, state, scale,
                                          True, False)
     assert gy is None and rel_err(gx, ref[1][:, perm]) < 1e-12
     assert gx[1].abs().max() == 0 and out[1] == 0
     # through autograd: the same signs path, and the reference's gradient (which needs q) still works
     for want_y in (False, True):
         xs, ys = xl.clone().requires_grad_(), yl.clone().requires_grad_(want_y)
-        vals = tree_triton.tree_wasserstein_triton(xs, ys, mask, leaf_tree, algorithm="tiles", block=block, chunk=chunk)
+        vals = tree_wasserstein_triton(xs, ys, leaf_tree, mask,
+                                       options=TritonOptions(algorithm="tiles", block=block, chunk=chunk))
         (vals * w).sum().backward()
         assert rel_err(xs.grad, ref[1][:, perm]) < 1e-12
         if want_y:
@@ -550,14 +580,14 @@ def test_sign_words_only_where_they_apply():
     reads the reference."""
     tree, leaf_tree = leaf_order_tree(150)
     x, y = random_logits(3, 150, seed=73), random_logits(3, 150, seed=74)
-    leaf_ts = tree_triton.pack_for_triton(leaf_tree, torch.device("cpu"), torch.float64)
-    token_ts = tree_triton.pack_for_triton(tree, torch.device("cpu"), torch.float64)
+    leaf_ts = packing.pack_for_triton(leaf_tree, torch.device("cpu"), torch.float64)
+    token_ts = packing.pack_for_triton(tree, torch.device("cpu"), torch.float64)
     cases = [(leaf_ts, True, True, 64, 128, None, True), (leaf_ts, True, True, 16, 64, True, True),
              (leaf_ts, True, True, 64, 128, False, False), (leaf_ts, True, False, 64, 128, None, False),
              (leaf_ts, False, True, 64, 128, None, False), (leaf_ts, True, True, 4, 16, None, False),
              (leaf_ts, True, True, 64, 100, None, False), (token_ts, True, True, 64, 128, None, False)]
     for ts, want_grad, policy_only, block, chunk, sign_words, expected in cases:
-        _, _, state = tree_triton._tiles_forward(x, y, None, ts, want_grad, block=block, chunk=chunk,
+        _, _, state = tiles.tiles_forward(x, y, None, ts, want_grad, block=block, chunk=chunk,
                                                  policy_only=policy_only, sign_words=sign_words)
         assert (state.signs is not None) == expected, (want_grad, policy_only, block, chunk, sign_words)
 
@@ -586,10 +616,10 @@ def test_a_knob_set_true_that_cannot_apply_warns_why(order, options, reason):
         xs, ys = x.clone().requires_grad_(), y.clone().requires_grad_(ref_grad)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            vals = tree_triton.tree_wasserstein_triton(xs, ys, None, structure, **{**options, knob: value})
+            vals = tree_wasserstein_triton(xs, ys, structure, options=TritonOptions(**{**options, knob: value}))
         vals.sum().backward()
         runs.append((vals, xs.grad))
-        notes = [str(w.message) for w in caught if issubclass(w.category, tree_triton.KnobNotAppliedWarning)]
+        notes = [str(w.message) for w in caught if issubclass(w.category, runtime.KnobNotAppliedWarning)]
         assert len(notes) == (value is not None), notes
         if value is not None:
             assert notes[0].startswith(f"{knob}=True does not apply here") and reason in notes[0], notes
@@ -602,11 +632,12 @@ def test_a_knob_set_true_that_applies_is_silent():
     _, leaf_tree = leaf_order_tree(150)
     x, y = random_logits(3, 150, seed=77), random_logits(3, 150, seed=78)
     with warnings.catch_warnings():
-        warnings.simplefilter("error", tree_triton.KnobNotAppliedWarning)
+        warnings.simplefilter("error", runtime.KnobNotAppliedWarning)
         xs = x.clone().requires_grad_()
-        tree_triton.tree_wasserstein_triton(xs, y, None, leaf_tree, sign_words=True, fused_lse=True).sum().backward()
+        tree_wasserstein_triton(xs, y, leaf_tree,
+                                options=TritonOptions(sign_words=True, fused_lse=True)).sum().backward()
         with torch.no_grad():
-            tree_triton.tree_wasserstein_triton(x, y, None, leaf_tree, sign_words=True)
+            tree_wasserstein_triton(x, y, leaf_tree, options=TritonOptions(sign_words=True))
 
 
 @pytest.mark.parametrize(("block", "chunk"), [(16, 40), (64, 128), (64, 1000), (32, 32)])
@@ -617,9 +648,9 @@ def test_tile_boundaries_store_every_edge_end_and_every_tile_total(block, chunk)
     (empty) share the last slot; each edge end knows its tile (no division in the edge launch).
     Cached per tiling."""
     structure = structures(150)["forest"]
-    lv = tree_triton.pack_for_triton(structure, torch.device("cpu"), torch.float64).levels
-    tb = tree_triton.tile_boundaries(lv, block, chunk)
-    assert tree_triton.tile_boundaries(lv, block, chunk) is tb
+    lv = packing.pack_for_triton(structure, torch.device("cpu"), torch.float64).levels
+    tb = packing.tile_boundaries(lv, block, chunk)
+    assert packing.tile_boundaries(lv, block, chunk) is tb
     v, k_members = 150, lv.flags.shape[0]
     chunks = -(-v // chunk)
     assert tb.tiles_per_chunk == -(-chunk // block) and tb.num_tiles == chunks * tb.tiles_per_chunk
@@ -652,13 +683,14 @@ def test_tile_boundaries_store_every_edge_end_and_every_tile_total(block, chunk)
 def test_edge_launch_sums_tile_offsets_in_blocks(monkeypatch):
     """The edge launch sums the tiles' totals EDGE_TILE_BLOCK tiles at a time, carrying the sum:
     with 2 a time over 12 tiles (and over 7 in leaf order), values and gradients match numba."""
-    monkeypatch.setattr(tree_triton, "EDGE_TILE_BLOCK", 2)
+    monkeypatch.setattr(tiles, "EDGE_TILE_BLOCK", 2)
     structure = structures(150)["forest"]
     x, y = random_logits(3, 150, seed=80), random_logits(3, 150, seed=81)
     w = torch.randn(3, dtype=torch.float64, generator=torch.Generator().manual_seed(82))
     ref = values_and_grads(x, y, structure, "numba", w)
     xs, ys = x.clone().requires_grad_(), y.clone().requires_grad_()
-    vals = tree_triton.tree_wasserstein_triton(xs, ys, None, structure, algorithm="tiles", block=16, chunk=40)
+    vals = tree_wasserstein_triton(xs, ys, structure,
+                                   options=TritonOptions(algorithm="tiles", block=16, chunk=40))
     (vals * w).sum().backward()
     for a, b in zip((vals, xs.grad, ys.grad), ref, strict=True):
         assert rel_err(a, b) < 1e-12
@@ -666,6 +698,7 @@ def test_edge_launch_sums_tile_offsets_in_blocks(monkeypatch):
     perm = tree.perms[0]
     ref = values_and_grads(x, y, tree, "numba", w)
     xs = x[:, perm].clone().requires_grad_()
-    vals = tree_triton.tree_wasserstein_triton(xs, y[:, perm], None, leaf_tree, algorithm="tiles", block=32, chunk=64)
+    vals = tree_wasserstein_triton(xs, y[:, perm], leaf_tree,
+                                   options=TritonOptions(algorithm="tiles", block=32, chunk=64))
     (vals * w).sum().backward()
     assert rel_err(vals, ref[0]) < 1e-12 and rel_err(xs.grad, ref[1][:, perm]) < 1e-12

@@ -100,6 +100,7 @@ def _ours(config: BenchConfig, structures: dict, tokens: torch.Tensor, points: t
         "k3": lambda a: distance(a, y, "k3", tokens=tokens),
         "js": lambda a: distance(a, y, "js"),
         "tree": lambda a: distance(a, y, "tree", structure=structures["tree"]),
+        "hybrid (top-16)": lambda a: distance(a, y, "hybrid", structure=structures["tree"], points=points, k=16),
         f"forest ({config.trees} trees)": lambda a: distance(a, y, "forest", structure=structures["forest"]),
         f"sliced ({config.directions} dirs)": lambda a: distance(a, y, "sliced", structure=structures["sliced"]),
     }

@@ -17,7 +17,7 @@ dtype, until backward scales it by the incoming gradient (one autograd node for 
 
 Backends: ``"numba"`` (fused CPU kernel, float64 accumulation), ``"torch"`` (vectorised, any
 device; cumsum in the compute dtype), ``"triton"`` (fused GPU kernel, float32 accumulation, see
-:mod:`tokenmover.kernels.tree_triton`), ``"auto"`` (numba on CPU, triton on CUDA when importable,
+:mod:`tokenmover.kernels.triton`), ``"auto"`` (numba on CPU, triton on CUDA when importable,
 torch otherwise).
 
 Leaf order: with ``structure.in_leaf_order()`` and logits whose columns come in member 0's leaf
@@ -38,7 +38,9 @@ from tokenmover.distances._inputs import (
     restore,
 )
 from tokenmover.distances._rowwise import rowwise_chunked
-from tokenmover.kernels import tree_cpu, tree_triton
+from tokenmover.kernels import cpu as tree_cpu
+from tokenmover.kernels.triton import runtime as triton_runtime
+from tokenmover.kernels.triton import tree_wasserstein_triton
 from tokenmover.structures.transport_structure import PackedStructure, TransportStructure
 
 BACKENDS = ("auto", "numba", "torch", "triton")
@@ -93,9 +95,9 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "auto":
         if device.type == "cpu" and tree_cpu.HAVE_NUMBA:
             return "numba"
-        return "triton" if device.type == "cuda" and tree_triton.HAVE_TRITON else "torch"
-    if backend == "triton" and not tree_triton.available(device):
-        raise ValueError(tree_triton.unavailable_reason(device))
+        return "triton" if device.type == "cuda" and triton_runtime.HAVE_TRITON else "torch"
+    if backend == "triton" and not triton_runtime.available(device):
+        raise ValueError(triton_runtime.unavailable_reason(device))
     if backend == "numba" and device.type != "cpu":
         raise ValueError(f"backend='numba' runs on CPU tensors only, got device {device}")
     if backend == "numba" and not tree_cpu.HAVE_NUMBA:
@@ -259,8 +261,8 @@ def tree_wasserstein(
     device = inputs.policy.device
     resolved = resolve_backend(backend, device)
     if resolved == "triton":
-        values = tree_triton.tree_wasserstein_triton(
-            inputs.policy, inputs.ref, inputs.mask, structure, chunk_size=chunk_size
+        values = tree_wasserstein_triton(
+            inputs.policy, inputs.ref, structure, inputs.mask, chunk_size=chunk_size
         )
         return restore(values, inputs)
     weight_dtype = torch.float64 if resolved == "numba" else compute_dtype(inputs.policy, inputs.ref)

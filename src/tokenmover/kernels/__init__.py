@@ -1,1 +1,3 @@
-"""Compute kernels: a fused numba CPU kernel; GPU kernels live beside it with torch fallbacks."""
+"""Compute kernels of the tree / forest / sliced distances: :mod:`~tokenmover.kernels.cpu` (a fused
+numba kernel, the CPU default) and :mod:`~tokenmover.kernels.triton` (GPU kernels); the torch
+backend in :mod:`tokenmover.distances.tree` runs anywhere."""

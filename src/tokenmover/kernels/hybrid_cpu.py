@@ -5,7 +5,7 @@ with ``keep`` (False for a repeated id), ``nu`` (m,), the support masses ``P``, 
 head's dual potentials ``u``, ``v`` (m,) (see :mod:`tokenmover.distances.hybrid`). The tail is
 the tree W1 of ``d' = a' - b'``, where ``d'_j = p_j - q_j`` off the support and
 ``d'_i = (P - Q) nu_i`` on it; ``g = dW_T/dd'`` is the tree potential (difference array +
-prefix sums, as in :mod:`tokenmover.kernels.tree_cpu`).
+prefix sums, as in :mod:`tokenmover.kernels.cpu`).
 
 The gradient of ``H = head + tail`` w.r.t. the probabilities, with ``T = P + Q``, ``D = P - Q``,
 ``<g, nu> = sum_S g_i nu_i`` (same for ``u``, ``v``):

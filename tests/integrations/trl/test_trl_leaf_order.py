@@ -16,12 +16,7 @@ import torch
 from torch import nn
 
 from tokenmover import build_chains, build_cluster_forest
-from tokenmover.fused_head import (
-    LogitHead,
-    leaf_order_pays,
-    leaf_order_view,
-    transport_from_hidden,
-)
+from tokenmover.head import LogitHead, leaf_order_pays, leaf_order_view, transport_from_hidden
 from tokenmover.integrations.trl.config import TransportArguments
 from tokenmover.regularizer import Regularizer
 from tokenmover.structures import TransportStructure, build_cluster_tree
@@ -257,7 +252,7 @@ def _grpo(tiny_dir, tokenizer, tmp_path, **overrides):
 
 
 def test_grpo_adapter_with_leaf_order_gives_the_same_loss_and_gradient(tiny_dir, tokenizer, tmp_path, monkeypatch):
-    from tokenmover import fused_head as transport
+    from tokenmover.head import transport
 
     # the tiny batch (< 2 d positions) would not pay for the row gathers: take the leaf-order path anyway
     monkeypatch.setattr(transport, "leaf_order_pays", lambda *args: True)

@@ -22,7 +22,7 @@ Every adapter reads the same fields (defaults in brackets):
   ``torch`` or ``triton`` backend, with at least 2 x hidden-size completion positions), project the
   hidden states onto the LM-head rows taken in the structure's leaf order, so the logits arrive in
   that order and the distance skips its gather by permutation (same values; see
-  :mod:`tokenmover.fused_head`). False always computes the logits in token order.
+  :mod:`tokenmover.head.leaf_order`). False always computes the logits in token order.
 """
 
 from __future__ import annotations

@@ -32,14 +32,10 @@ from trl import DistillationTrainer
 from trl.trainer.distillation_trainer import _chunked_divergence_loss
 
 from tokenmover.distances.api import distance
-from tokenmover.fused_head import (
-    LogitHead,
-    build_regularizer,
-    global_masked_mean,
-    logits_vocab_size,
-    transport_from_hidden,
-)
+from tokenmover.head import LogitHead, logits_vocab_size, transport_from_hidden
+from tokenmover.integrations.trl._shared import global_masked_mean
 from tokenmover.integrations.trl.config import TransportDistillationConfig
+from tokenmover.integrations.trl.regularizer import build_regularizer
 from tokenmover.structures.transport_structure import TransportStructure
 
 _MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "image_sizes",

@@ -12,7 +12,7 @@ The first part is TRL's, untouched (sigmoid, ipo, hinge, ...). ``D`` is any toke
 How it hooks in: TRL's ``_compute_loss`` runs one policy forward and one reference forward through
 the fused LM head (log-probs only). Forward hooks on both backbones capture their final hidden
 states during those same forwards; the transport term projects the completion positions to logits
-chunk by chunk (:func:`~tokenmover.fused_head.transport_from_hidden`), so it adds no
+chunk by chunk (:func:`~tokenmover.head.transport_from_hidden`), so it adds no
 model forward and no (N, V) tensor. ``precompute_ref_log_probs=True`` is refused together with a
 transport term: TRL then stores only the reference's sequence log-probs, computed before training,
 and runs no reference forward during it, so there is no reference distribution per token to compare
@@ -26,15 +26,10 @@ from __future__ import annotations
 
 from trl import DPOTrainer
 
-from tokenmover.fused_head import (
-    HiddenCapture,
-    LogitHead,
-    backbone,
-    build_regularizer,
-    global_masked_mean,
-    transport_from_hidden,
-)
+from tokenmover.head import HiddenCapture, LogitHead, backbone, transport_from_hidden
+from tokenmover.integrations.trl._shared import global_masked_mean
 from tokenmover.integrations.trl.config import TransportDPOConfig
+from tokenmover.integrations.trl.regularizer import build_regularizer
 from tokenmover.structures.transport_structure import TransportStructure
 
 

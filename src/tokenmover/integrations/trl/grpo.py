@@ -12,7 +12,7 @@ What it changes in :class:`trl.GRPOTrainer` (tested with trl 1.16):
 - **Policy distribution.** TRL's fused LM head collapses the logits to the sampled token's
   log-prob. A forward hook on the backbone captures the policy's hidden states during that same
   forward; the loss projects them (and the reference's) to logits chunk by chunk under activation
-  checkpointing (:func:`~tokenmover.fused_head.transport_from_hidden`).
+  checkpointing (:func:`~tokenmover.head.transport_from_hidden`).
 - **Loss** (``transport_mode="loss"``): ``loss += transport_coef * agg(D)``, where ``agg`` is the
   aggregation TRL applies to its per-token loss for the configured ``loss_type`` (grpo, bnpo,
   dr_grpo, dapo, cispo, vespo, luspo, sapo); i.e. exactly as if ``transport_coef * D_t`` were added
@@ -46,18 +46,10 @@ from accelerate.utils import gather, is_peft_model
 from trl import GRPOTrainer
 from trl.trainer.utils import get_config_model_id, pad, use_adapter
 
-from tokenmover.fused_head import (
-    HiddenCapture,
-    LogitHead,
-    backbone,
-    build_regularizer,
-    completion_hidden,
-    global_masked_mean,
-    global_max,
-    transport_from_hidden,
-    unwrap,
-)
+from tokenmover.head import HiddenCapture, LogitHead, backbone, transport_from_hidden, unwrap
+from tokenmover.integrations.trl._shared import completion_hidden, global_masked_mean, global_max
 from tokenmover.integrations.trl.config import TransportGRPOConfig
+from tokenmover.integrations.trl.regularizer import build_regularizer
 from tokenmover.structures.transport_structure import TransportStructure
 
 REF_HIDDEN_KEY = "transport_ref_hidden"

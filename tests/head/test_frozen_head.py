@@ -4,12 +4,10 @@ in forward (no recomputation in backward) and must equal the checkpointed comput
 from __future__ import annotations
 
 import pytest
-
-pytest.importorskip("trl")
 import torch
 from torch import nn
 
-from tokenmover.fused_head import LogitHead, head_is_frozen, transport_from_hidden
+from tokenmover.head import LogitHead, head_is_frozen, transport_from_hidden
 from tokenmover.regularizer import Regularizer
 from tokenmover.structures import build_cluster_tree
 

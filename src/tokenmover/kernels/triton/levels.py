@@ -1,6 +1,6 @@
 """Triton kernel for structures whose members are all trees: edges by depth level, no V-sized scatter.
 
-The general kernel (:mod:`tokenmover.kernels.tree_triton_jit`) turns each tree's edge signs into
+The general kernel (:mod:`tokenmover.kernels.triton.scatter`) turns each tree's edge signs into
 token gradients with a difference array over V and one more member-order pass that reads and
 writes the per-token gradient at random (``g[perm[pos]] += ...``). For trees, this kernel uses the
 tree itself instead. With ``s_e = w_e sign(mass_e)`` and ``S_e = s_e + S_parent(e)`` (the sum of
@@ -28,18 +28,30 @@ workspaces are written only at edge boundaries and never read back in full.
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
-from tokenmover.kernels.tree_triton_jit import (
+from tokenmover.kernels.triton._common import (
+    _edge_signs,
+    _gradient_levels,
     _member_probs,
-    _probs,
     _row_active,
     _row_lse,
     _signed,
-    _unpack_signs,
     _zero,
     _zero_pass,
+)
+from tokenmover.kernels.triton.packing import TritonStructure
+from tokenmover.kernels.triton.runtime import (
+    GPU_BLOCK,
+    GPU_EBLOCK,
+    GPU_WARPS,
+    INTERPRET_BLOCK,
+    INTERPRET_EBLOCK,
+    MAX_WORKSPACE_BYTES,
+    accumulation_dtype,
+    persistent_grid,
 )
 
 
@@ -73,19 +85,6 @@ def _gather_member(x_row, y_row, lse_x, lse_y, perm_row, flag_row, tw0_ptr, firs
 
 
 @triton.jit
-def _edge_signs(w, mass, pm, e, em, parent_ptr, s_row):
-    """For edges ``e`` (mask ``em``) with ``mass = P(e) - Q(e)`` and ``pm = P(e)`` (the policy's and
-    the reference's mass below the edge): ``s_e = w_e sign(mass_e)``, ``S_e = s_e + S_parent(e)``
-    stored at ``s_row[e + 1]`` (the parent level's S must be stored already); returns ``s_e P(e)``
-    and ``s_e Q(e)``, the edges' terms of ``<p, g>`` and ``<q, g>``."""
-    s = _signed(w, mass)  # w >= 0: edge weights are checked
-    par = tl.load(parent_ptr + e, mask=em, other=0)  # 1 + parent's index, 0: none
-    s_par = tl.load(s_row + par, mask=em, other=0.0)
-    tl.store(s_row + e + 1, s + s_par, mask=em)
-    return s * pm, s * (pm - mass)
-
-
-@triton.jit
 def _edge_levels(es_ptr, ee_ptr, ew_ptr, parent_ptr, level_ptr, l_lo, l_hi, c_row, p_row, s_row,
                  WANT_GRAD: tl.constexpr, ACC: tl.constexpr, EBLOCK: tl.constexpr):
     """Edges of one member, level by level (parents first): W, dots, and S_e = s_e + S_parent."""
@@ -111,37 +110,6 @@ def _edge_levels(es_ptr, ee_ptr, ew_ptr, parent_ptr, level_ptr, l_lo, l_hi, c_ro
                 dot_q += edge_q
         tl.debug_barrier()  # the next level reads this level's S
     return tl.sum(val, 0), tl.sum(dot_p, 0), tl.sum(dot_q, 0)
-
-
-@triton.jit
-def _gradient_levels(x_row, y_row, lse_x, lse_y, tw_ptr, leaf_ptr, s_row, gx_row, gy_row, dot_p, dot_q, scale,
-                     start, end, V, K, sign_row, nw,
-                     WANT_GX: tl.constexpr, WANT_GY: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
-                     SIGNS: tl.constexpr):
-    """Columns [start, end) of a row: g_i = t_i sign(p_i - q_i) + sum_k S[leaf_k(i)], then
-    dW/dx = scale p (g - <p, g>) and dW/dy = -scale q (g - <q, g>) in the logits' dtype
-    (``scale``: the incoming gradient of the row's value, 1 when the gradient is made eagerly).
-
-    SIGNS (not with WANT_GY; ``start`` and ``BLOCK`` multiples of 8): ``sign(p_i - q_i)`` from the
-    ``nw`` sign words at ``sign_row`` (:func:`_unpack_signs`), so the reference's logits are not read."""
-    offs = tl.arange(0, BLOCK)
-    for s0 in range(start, end, BLOCK):
-        idx = s0 + offs
-        msk = idx < end
-        p = _probs(x_row, idx, msk, lse_x, ACC)
-        t = tl.load(tw_ptr + idx, mask=msk, other=0.0).to(ACC)
-        if SIGNS:
-            g = t * _unpack_signs(sign_row, s0, nw, BLOCK).to(ACC)
-        else:
-            q = _probs(y_row, idx, msk, lse_y, ACC)
-            g = _signed(t, p - q)
-        for k in range(K):
-            leaf = tl.load(leaf_ptr + tl.cast(k, tl.int64) * V + idx, mask=msk, other=0)
-            g += tl.load(s_row + leaf, mask=msk, other=0.0)
-        if WANT_GX:
-            tl.store(gx_row + idx, (scale * p * (g - dot_p)).to(gx_row.dtype.element_ty), mask=msk)
-        if WANT_GY:
-            tl.store(gy_row + idx, (-scale * q * (g - dot_q)).to(gy_row.dtype.element_ty), mask=msk)
 
 
 @triton.jit
@@ -209,3 +177,49 @@ def tree_levels_kernel(
             tl.store(bad_ptr + row, tl.zeros([1], tl.int8).sum(0).to(tl.int8))
             _zero_pass(gx_row, gy_row, 0, V, WANT_GX, WANT_GY, BLOCK)
         tl.debug_barrier()
+
+
+def levels_rows(x: torch.Tensor, y: torch.Tensor, active: torch.Tensor | None, ts: TritonStructure, want_gx: bool,
+                want_gy: bool, *, block: int | None = None, num_programs: int | None = None,
+                num_warps: int | None = None, max_workspace_bytes: int = MAX_WORKSPACE_BYTES):
+    """(values (n,), gx, gy, bad flags (n,) int8) of an all-tree structure on (n, V) logits with contiguous rows:
+    a persistent grid of ``num_programs`` programs (default: ``PROGRAMS_PER_SM`` a multiprocessor, within
+    ``max_workspace_bytes``), each owning one row at a time; values in the accumulation dtype,
+    gradients in the logits' dtype (unscaled), ``bad[r]`` 1 (policy) or 2 (reference) for rows with
+    NaN / +Inf or no probability mass."""
+    n, v = x.shape
+    device = x.device
+    acc = accumulation_dtype(x, y)
+    interpret = device.type == "cpu"
+    if block is None:
+        block = INTERPRET_BLOCK if interpret else GPU_BLOCK
+    eblock = INTERPRET_EBLOCK if interpret else GPU_EBLOCK
+    acc_bytes = 8 if acc == torch.float64 else 4
+    out = torch.empty(n, dtype=acc, device=device)
+    bad = torch.zeros(n, dtype=torch.int8, device=device)
+    gx = torch.empty_like(x, memory_format=torch.contiguous_format) if want_gx else None
+    gy = torch.empty_like(y, memory_format=torch.contiguous_format) if want_gy else None
+    dummy = torch.zeros(1, dtype=acc, device=device)
+    act = active.to(torch.int8).contiguous() if active is not None else bad
+    extra = {} if interpret else {"num_warps": num_warps or GPU_WARPS}
+    lv = ts.levels
+    per_program = acc_bytes * (2 * (v + 1) + lv.num_edges + 1)
+    programs = persistent_grid(n, per_program, device, num_programs, max_workspace_bytes)
+    c_ws = torch.empty(programs, v + 1, dtype=acc, device=device)
+    p_ws = torch.empty(programs, v + 1, dtype=acc, device=device)
+    s_ws = torch.empty(programs, lv.num_edges + 1, dtype=acc, device=device)
+    tree_levels_kernel[(programs,)](
+        x, y, x.stride(0), y.stride(0),
+        act,
+        out, bad,
+        gx if want_gx else dummy, gy if want_gy else dummy,
+        gx.stride(0) if want_gx else 0, gy.stride(0) if want_gy else 0,
+        ts.perms, lv.flags, ts.token_weights, lv.token_weights_first, lv.leaf,
+        lv.edge_starts, lv.edge_ends, lv.edge_weights, lv.parent, lv.level_offsets, lv.member_levels,
+        c_ws, p_ws, s_ws,
+        n, v, ts.num_members, lv.num_edges,
+        HAS_MASK=active is not None, WANT_GX=want_gx, WANT_GY=want_gy,
+        ACC=tl.float64 if acc == torch.float64 else tl.float32, BLOCK=block, EBLOCK=eblock,
+        **extra,
+    )
+    return out, gx, gy, bad

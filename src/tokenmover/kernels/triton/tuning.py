@@ -10,7 +10,7 @@ and gradient launches together, keeps the fastest, and caches it per
 
     (device, V, logits dtypes, members, edges, leaf-order logits, gradient wanted, reference's too).
 
-:func:`tokenmover.kernels.tree_triton.tree_wasserstein_triton` calls it on CUDA when no tile
+:func:`~tokenmover.kernels.triton.tree_wasserstein_triton` calls it on CUDA when no tile
 knob (:data:`KNOBS`) is given and ``tune`` is not False; ``TOKENMOVER_TRITON_TUNE=0`` turns that
 default off, and batches of fewer than :data:`TUNE_MIN_ROWS` rows run the defaults untuned.
 The first call for a new shape pays the compiles and a few timed runs of every candidate
@@ -24,9 +24,10 @@ differ between runs when two candidates time alike. For bitwise-reproducible run
 A candidate that cannot run on the card (too many registers or too much shared memory for it)
 is skipped with a warning. If none runs, or the card runs out of memory while timing (it needs
 room for the gradient of up to :data:`TUNE_ROWS` rows), tuning stops with a warning and keeps
-the untuned defaults for that shape (every knob None: ``tree_triton``'s ``TILES_*``, which differ
-by logits order; the first candidate is only token order's): tuning never fails the caller's
-step, and an error of the defaults themselves surfaces from the caller's own launch.
+the untuned defaults for that shape (every knob None: the ``TILES_*`` of
+:mod:`~tokenmover.kernels.triton.tiles`, which differ by logits order; the first candidate is only
+token order's): tuning never fails the caller's step, and an error of the defaults themselves
+surfaces from the caller's own launch.
 """
 
 from __future__ import annotations
@@ -43,20 +44,23 @@ import torch
 logger = logging.getLogger(__name__)
 
 # (positions per tile, warps, scan form, rows per prefix program, positions per program, sign words,
-# log-sum-exp fused into the prefix launch); the first is tree_triton's default (TILES_*)
+# log-sum-exp fused into the prefix launch); the first is the tiles module's default (TILES_*)
 CANDIDATES: tuple[dict, ...] = tuple({"sign_words": True, "fused_lse": False, **c} for c in (
-    {"block": 512, "num_warps": 4, "scan": 3, "row_block": 1, "chunk": 8192},  # the defaults; fastest in token order (H200, session 5)
-    {"block": 256, "num_warps": 1, "scan": 3, "row_block": 1, "chunk": 8192},  # fastest in leaf order (session 5): no block barriers
-    # the same without sign words (session 6 made them the default, untimed): the gradient reads the reference
+    # the defaults; fastest in token order (H200)
+    {"block": 512, "num_warps": 4, "scan": 3, "row_block": 1, "chunk": 8192},
+    # fastest in leaf order (H200): no block barriers
+    {"block": 256, "num_warps": 1, "scan": 3, "row_block": 1, "chunk": 8192},
+    # the same without sign words (their default is untimed on a GPU): the gradient reads the reference
     {"block": 256, "num_warps": 1, "scan": 3, "row_block": 1, "chunk": 8192, "sign_words": False},
     {"block": 256, "num_warps": 1, "scan": 3, "row_block": 1, "chunk": 16384},
     {"block": 256, "num_warps": 2, "scan": 3, "row_block": 2, "chunk": 8192},  # one row per warp
-    # 4 rows of 256 a program: the fewest sm_90 instructions per position since session 6 (32.2 against 34.1)
+    # 4 rows of 256 a program: the fewest sm_90 instructions per position in the prefix kernel
+    # (benchmarks/sass_counts.py: 32.2 against 34.1 for 1 x 256 / 1 warp)
     {"block": 256, "num_warps": 4, "scan": 3, "row_block": 4, "chunk": 8192},
-    {"block": 512, "num_warps": 4, "scan": 2, "row_block": 1, "chunk": 8192},  # the defaults of sessions 2-4
+    {"block": 512, "num_warps": 4, "scan": 2, "row_block": 1, "chunk": 8192},  # the two-level scan
     {"block": 512, "num_warps": 4, "scan": 3, "row_block": 1, "chunk": 4096},
     {"block": 1024, "num_warps": 4, "scan": 4, "row_block": 1, "chunk": 8192},
-    # leaf order of one tree: log-sum-exp and prefix sums in one launch, 8 tiles a program (session 7, untimed:
+    # leaf order of one tree: log-sum-exp and prefix sums in one launch, 8 tiles a program (untimed on a GPU;
     # 81 sm_90 instructions a position against 65 for the two launches, for half their reads of the logits)
     {"block": 256, "num_warps": 4, "scan": 3, "row_block": 1, "chunk": 2048, "fused_lse": True},
 ))
@@ -139,11 +143,7 @@ def tune_tiles(x: torch.Tensor, y: torch.Tensor, active: torch.Tensor | None, ts
 
     ``fixed``: the other "tiles" options (``edge_block``, ``edge_warps``, ...) used for every
     candidate. Returns the knobs of the winner (without its time)."""
-    from tokenmover.kernels.tree_triton import (  # noqa: PLC0415 (circular)
-        _tiles_forward,
-        _tiles_gradient,
-        uses_fused_lse,
-    )
+    from tokenmover.kernels.triton.tiles import tiles_forward, tiles_gradient, uses_fused_lse  # noqa: PLC0415 (imports triton)
 
     key = tune_key(x, y, ts, want_grad, want_ref_grad, fixed)
     if key in _TUNED:
@@ -163,9 +163,9 @@ def tune_tiles(x: torch.Tensor, y: torch.Tensor, active: torch.Tensor | None, ts
         if cand["fused_lse"] and not uses_fused_lse(ts.levels, ts.num_members, cand["row_block"]):
             continue  # would run unfused: the same as another candidate
         def run(cand=cand):
-            _, _, state = _tiles_forward(xs, ys, act, ts, want_grad, policy_only=not want_ref_grad, **fixed, **cand)
+            _, _, state = tiles_forward(xs, ys, act, ts, want_grad, policy_only=not want_ref_grad, **fixed, **cand)
             if want_grad:
-                _tiles_gradient(xs, ys, act, ts.levels, ts, state, None, True, want_ref_grad)
+                tiles_gradient(xs, ys, act, ts.levels, ts, state, None, True, want_ref_grad)
 
         try:
             ms = timer(run, x.device)

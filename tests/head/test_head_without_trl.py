@@ -1,6 +1,5 @@
-"""tokenmover.fused_head needs no TRL: plain PyTorch loops (and GPU benchmarks on machines without
-TRL) use LogitHead and transport_from_hidden directly. The numerical tests of the module are in
-tests/integrations (they also drive the TRL adapters)."""
+"""tokenmover.head needs no TRL: plain PyTorch loops (and GPU benchmarks on machines without TRL)
+use LogitHead and transport_from_hidden directly; tokenmover.fused_head re-exports them."""
 
 from __future__ import annotations
 
@@ -9,7 +8,7 @@ import sys
 import textwrap
 
 
-def test_fused_head_runs_with_trl_unimportable():
+def test_head_runs_with_trl_unimportable():
     code = textwrap.dedent("""
         import sys
         sys.modules["trl"] = None  # any import of trl now fails
@@ -17,7 +16,9 @@ def test_fused_head_runs_with_trl_unimportable():
         from torch import nn
         from tokenmover import build_cluster_tree, distance
         from tokenmover.regularizer import Regularizer
-        from tokenmover.fused_head import LogitHead, transport_from_hidden
+        from tokenmover.head import LogitHead, transport_from_hidden
+        from tokenmover import fused_head
+        assert fused_head.LogitHead is LogitHead and fused_head.transport_from_hidden is transport_from_hidden
 
         torch.manual_seed(0)
         v, d, n = 40, 6, 9
