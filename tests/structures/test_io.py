@@ -224,12 +224,12 @@ def tiny_build(tmp_path_factory):
 
 def _loaders(model_dir):
     """Each loader of a saved structure, as ``path -> TransportStructure``: the library's, the trainer's
-    ``structure_path`` and the TRL adapters' ``transport_structure``."""
+    ``structure_path`` and (where TRL is installed) the TRL adapters' ``transport_structure``."""
+    import importlib.util
     from types import SimpleNamespace
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tokenmover.fused_head import build_regularizer
     from tokenmover.rl.config import GRPOConfig
     from tokenmover.rl.structure import build_structure
 
@@ -241,12 +241,17 @@ def _loaders(model_dir):
         return build_structure(config, model, tokenizer, progress=False)
 
     def trl_adapter(path):
+        from tokenmover.integrations.trl.regularizer import build_regularizer
+
         args = SimpleNamespace(transport_method="tree", transport_structure=str(path), transport_geometry="embeddings",
                                transport_structure_kind="auto", transport_backend="auto", seed=0)
         return build_regularizer(args, model, tokenizer=tokenizer).structure
 
-    return {"from_pretrained": lambda path: TransportStructure.from_pretrained(path, tokenizer=tokenizer),
-            "structure_path": trainer, "transport_structure": trl_adapter}
+    loaders = {"from_pretrained": lambda path: TransportStructure.from_pretrained(path, tokenizer=tokenizer),
+               "structure_path": trainer}
+    if importlib.util.find_spec("trl") is not None:
+        loaders["transport_structure"] = trl_adapter
+    return loaders
 
 
 def test_a_folder_written_by_geometry_build_loads_through_every_loader(tiny_build):
