@@ -61,7 +61,8 @@ def test_loss_and_logged_value_equal_the_distance_on_the_same_logits(tiny_dir, t
     student = _logits(trainer.model, batch)
     with torch.no_grad():
         teacher = _logits(trainer.teacher_model, batch)
-    values = tokenmover.distance(student / 0.8, teacher / 0.8, "tree", mask=mask, structure=trainer.transport.structure)
+    values = tokenmover.distance(student / 0.8, teacher / 0.8, trainer.transport.method, mask=mask,
+                                 **trainer.transport.method_kwargs)
     expected = values[mask]
     assert trainer._metrics["train"]["transport/distance"][-1] == pytest.approx(expected.double().mean().item(), rel=1e-5)
     total = batch["num_items_in_batch"]

@@ -64,7 +64,7 @@ def test_loss_adds_coef_times_the_mean_distance_recomputed_on_the_same_logits(ti
     if target == "chosen":
         selected[half:] = False
     values = tokenmover.distance(_completion_logits(trainer.model, inputs), _completion_logits(trainer.ref_model, inputs),
-                                 "tree", mask=selected, structure=trainer.transport.structure)
+                                 trainer.transport.method, mask=selected, **trainer.transport.method_kwargs)
     expected = values[selected].double().mean().item()
     assert expected > 1e-3
     assert trainer._metrics["train"]["transport/distance"][-1] == pytest.approx(expected, rel=1e-5)

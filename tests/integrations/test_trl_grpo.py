@@ -91,8 +91,8 @@ def test_logged_transport_equals_distance_on_the_same_logits(tiny_dir, tokenizer
     trainer.compute_loss(trainer.model, batch)
     mask = batch["completion_mask"].bool()
     policy_logits, ref_logits = _full_logits(trainer.model, batch), _full_logits(trainer.ref_model, batch)
-    structure = trainer.transport.structure
-    expected = tokenmover.distance(policy_logits, ref_logits, "tree", mask=mask, structure=structure)[mask]
+    expected = tokenmover.distance(policy_logits, ref_logits, trainer.transport.method, mask=mask,
+                                   **trainer.transport.method_kwargs)[mask]
     k3 = tokenmover.distance(policy_logits, ref_logits, "k3", mask=mask, tokens=batch["completion_ids"])[mask]
     metrics = trainer._metrics["train"]
     assert expected.mean().item() > 1e-3
@@ -143,8 +143,8 @@ def test_transport_term_alone_gives_coef_times_the_mean_distance(tiny_dir, token
     perturb_(trainer.model)
     loss = trainer.compute_loss(trainer.model, batch)
     mask = batch["completion_mask"].float()
-    values = tokenmover.distance(_full_logits(trainer.model, batch), _full_logits(trainer.ref_model, batch), "tree",
-                                 mask=mask.bool(), structure=trainer.transport.structure)
+    values = tokenmover.distance(_full_logits(trainer.model, batch), _full_logits(trainer.ref_model, batch),
+                                 trainer.transport.method, mask=mask.bool(), **trainer.transport.method_kwargs)
     expected = 0.5 * ((values * mask).sum(-1) / mask.sum(-1)).mean()
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
@@ -155,8 +155,8 @@ def test_reward_mode_penalises_each_completion_by_its_summed_distance(tiny_dir, 
     batch = _batch(trainer)
     assert "transport_ref_hidden" not in batch
     mask = batch["completion_mask"].bool()
-    values = tokenmover.distance(_full_logits(trainer.model, batch), _full_logits(trainer.ref_model, batch), "tree",
-                                 mask=mask, structure=trainer.transport.structure)
+    values = tokenmover.distance(_full_logits(trainer.model, batch), _full_logits(trainer.ref_model, batch),
+                                 trainer.transport.method, mask=mask, **trainer.transport.method_kwargs)
     expected = -0.5 * (values * mask).sum(-1)
     logged = torch.tensor(list(trainer._logs["rewards"]["transport_penalty"])[-len(PROMPTS):])
     torch.testing.assert_close(logged, expected, rtol=1e-5, atol=1e-6)
@@ -268,8 +268,8 @@ def test_grpo_on_a_peft_policy_with_an_adapted_head_takes_the_reference_without_
     policy_logits = _full_logits(trainer.model, batch)
     with trainer.model.disable_adapter():
         ref_logits = _full_logits(trainer.model, batch)
-    expected = tokenmover.distance(policy_logits, ref_logits, "tree", mask=mask,
-                                   structure=trainer.transport.structure)[mask]
+    expected = tokenmover.distance(policy_logits, ref_logits, trainer.transport.method, mask=mask,
+                                   **trainer.transport.method_kwargs)[mask]
     assert expected.mean().item() > 1e-3
     assert trainer._metrics["train"]["transport/distance"][-1] == pytest.approx(expected.double().mean().item(),
                                                                                 rel=1e-5)

@@ -103,9 +103,26 @@ def test_logit_head_reads_the_config_like_trl():
 
 def _args(**overrides):
     values = dict(transport_method="tree", transport_structure=None, transport_geometry="embeddings",
-                  transport_structure_kind="auto", transport_backend="auto", seed=0)
+                  transport_structure_kind="auto", transport_backend="auto", seed=0, transport_geometry_abtt=0,
+                  transport_top_k=16, transport_scale_to_ground=False)
     values.update(overrides)
     return SimpleNamespace(**values)
+
+
+def test_build_regularizer_defaults_build_the_hybrid_on_scaled_abtt_embeddings():
+    from tokenmover import defaults
+    from tokenmover.geometry.quality import scaled_to_ground
+
+    model = tiny_model(V, 16, 1)
+    args = _args(transport_method=defaults.DEFAULT_METHOD, transport_geometry_abtt=defaults.DEFAULT_ABTT,
+                 transport_top_k=defaults.DEFAULT_TOP_K, transport_scale_to_ground=True)
+    reg = build_regularizer(args, model)
+    assert reg.method == "hybrid" and reg.method_kwargs["k"] == defaults.DEFAULT_TOP_K
+    geometry = VocabGeometry.from_model(model, "input").all_but_the_top(defaults.DEFAULT_ABTT)
+    torch.testing.assert_close(reg.method_kwargs["geometry"].points, geometry.points)
+    expected = scaled_to_ground(geometry.build_structure("tree", seed=0), geometry, seed=0)
+    assert torch.equal(reg.structure.perms, expected.perms)
+    torch.testing.assert_close(reg.structure.edge_weights, expected.edge_weights)
 
 
 def test_build_regularizer_builds_a_tree_from_the_model_embeddings():

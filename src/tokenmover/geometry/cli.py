@@ -195,6 +195,15 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+EVAL_GUIDE = (
+    "How to read it: ROC-AUC 0.5 = no signal, 1 = every synonym pair closer than every random pair "
+    "(SmolLM2's input embeddings after all-but-the-top(2): 0.90 for the ground metric); median ratio "
+    "synonyms/random: 1 = no signal, lower is better; distortion = structure distance / ground distance on "
+    "random pairs, and its Spearman: 1 = the structure orders pairs as the ground metric does. "
+    "'tokenmover geometry fidelity' scores the methods (hybrid included) against human ratings too."
+)
+
+
 def cmd_eval(args) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -227,6 +236,7 @@ def cmd_eval(args) -> int:
                       f"{dist['median_ratio']:.2f} ({dist['p10_ratio']:.2f}-{dist['p90_ratio']:.2f})",
                       f"{dist['spearman']:.3f}")
     console.print(table)
+    console.print(EVAL_GUIDE)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
     return 0
@@ -236,64 +246,81 @@ def cmd_fidelity(args) -> int:
     from tokenmover.geometry.fidelity_report import run
 
     path = run(out_dir=args.out, quick=args.quick, k=args.k, abtt=args.abtt, seed=args.seed,
-               include_mst=args.mst, log=lambda text: print(text, flush=True))
+               include_mst=args.mst, builds=args.builds, log=lambda text: print(text, flush=True))
     print(path.read_text())
     return 0
+
+
+DESCRIPTION = """Vocabulary geometries and transport structures from the shell.
+
+  tokenmover geometry build --tokenizer smollm2 --source input --abtt 2 --structure tree --out runs/geom
+  tokenmover geometry inspect runs/geom
+  tokenmover geometry eval runs/geom
+  tokenmover geometry fidelity --out outputs/fidelity
+
+build writes OUT/geometry.{safetensors,json} and the structures beside it; every loader of the
+library reads that folder. Run 'tokenmover geometry ACTION --help' for each action's options."""
 
 
 def add_parser(subparsers) -> None:
     """Register ``tokenmover geometry`` and its ``build`` / ``inspect`` / ``eval`` sub-commands."""
     parser = subparsers.add_parser("geometry", help="build, inspect and evaluate vocabulary geometries",
-                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                                   description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="geometry_command", metavar="ACTION")
+    defaults = {"formatter_class": argparse.ArgumentDefaultsHelpFormatter}
     sub.required = True
 
-    build = sub.add_parser("build", help="build a geometry (and structures) and save them")
-    build.add_argument("--tokenizer", default="smollm2", help="smollm2 | gpt2 | HF name or folder (default smollm2)")
+    build = sub.add_parser("build", help="build a geometry (and structures) and save them", **defaults)
+    build.add_argument("--tokenizer", default="smollm2", help="smollm2 | gpt2 | HF name or folder")
     build.add_argument("--source", choices=("w2v", "input", "output"), default="w2v",
-                       help="word2vec on a corpus, or the model's input/output embeddings (default w2v)")
+                       help="word2vec on a corpus, or the model's input/output embeddings")
     build.add_argument("--model", default=None, help="model for input/output (default: the tokenizer's), "
                        "or for w2v to place untrained tokens through its embeddings")
     build.add_argument("--corpus", default="shakespeare", help="shakespeare | lee | fortunes | a+b | text file")
-    build.add_argument("--dim", type=int, default=64, help="word2vec dimension (default 64)")
+    build.add_argument("--dim", type=int, default=64, help="word2vec dimension")
     build.add_argument("--abtt", type=int, default=None,
                        help="all-but-the-top: centre and remove this many top principal directions")
     build.add_argument("--pca", type=int, default=None, help="PCA to this dimension")
-    build.add_argument("--metric", default="l2_euclidean", choices=("euclidean", "l2_euclidean", "cosine"))
-    build.add_argument("--structure", default="tree", help="comma list of tree,forest,mst,sliced ('' for none)")
-    build.add_argument("--epochs", type=int, default=10)
-    build.add_argument("--min-count", type=int, default=3)
-    build.add_argument("--window", type=int, default=5)
-    build.add_argument("--sg", type=int, default=0, choices=(0, 1), help="1: skip-gram, 0: CBOW (default)")
-    build.add_argument("--branching", type=int, default=8)
-    build.add_argument("--leaf-size", type=int, default=32)
-    build.add_argument("--n-trees", type=int, default=4)
+    build.add_argument("--metric", default="l2_euclidean", choices=("euclidean", "l2_euclidean", "cosine"),
+                       help="ground metric: l2_euclidean = rows scaled to unit norm, then Euclidean")
+    build.add_argument("--structure", default="tree",
+                       help="structures to build: comma list of tree, forest, mst, sliced ('' for none)")
+    build.add_argument("--epochs", type=int, default=10, help="word2vec epochs")
+    build.add_argument("--min-count", type=int, default=3, help="word2vec: ignore tokens rarer than this")
+    build.add_argument("--window", type=int, default=5, help="word2vec context window")
+    build.add_argument("--sg", type=int, default=0, choices=(0, 1), help="1: skip-gram, 0: CBOW")
+    build.add_argument("--branching", type=int, default=8, help="tree/forest: k-means children per node")
+    build.add_argument("--leaf-size", type=int, default=32, help="tree/forest: tokens per leaf cluster (at most)")
+    build.add_argument("--n-trees", type=int, default=4, help="forest: number of trees")
     build.add_argument("--knn", type=int, default=10, help="neighbours per token for the MST tree")
-    build.add_argument("--n-directions", type=int, default=16)
-    build.add_argument("--directions", default="random", choices=("random", "pca"))
-    build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--n-directions", type=int, default=16, help="sliced: number of chains (1-D projections)")
+    build.add_argument("--directions", default="random", choices=("random", "pca"), help="sliced: projection directions")
+    build.add_argument("--seed", type=int, default=0, help="seed of word2vec and the structures")
     build.add_argument("--workers", type=int, default=1,
-                       help="word2vec threads (default 1: with --seed the build is reproducible; more are faster, "
-                            "not bit-reproducible)")
+                       help="word2vec threads: 1 makes a --seed build reproducible; more are faster, "
+                            "not bit-reproducible")
     build.add_argument("--out", required=True, help="output folder")
     build.add_argument("--overwrite", action="store_true",
                        help="replace a geometry and its structures already in --out (else refused)")
     build.set_defaults(func=cmd_build)
 
-    inspect = sub.add_parser("inspect", help="sizes, metadata, timings and nearest neighbours of a built folder")
-    inspect.add_argument("dir")
+    inspect = sub.add_parser("inspect", help="sizes, metadata, timings and nearest neighbours of a built folder",
+                             **defaults)
+    inspect.add_argument("dir", help="a folder written by geometry build")
     inspect.add_argument("--tokenizer", default=None, help="override the tokenizer recorded at build time")
     inspect.add_argument("--words", default=" king, love, happy, sword, the, 1", help="comma list of tokens")
-    inspect.add_argument("-k", type=int, default=8)
+    inspect.add_argument("-k", type=int, default=8, help="nearest neighbours shown per token")
     inspect.set_defaults(func=cmd_inspect)
 
-    ev = sub.add_parser("eval", help="WordNet synonyms vs random pairs: ROC-AUC, median ratio, tree distortion")
-    ev.add_argument("dir")
-    ev.add_argument("--tokenizer", default=None)
-    ev.add_argument("--leading-space", default="both", choices=("with", "without", "both"))
+    ev = sub.add_parser("eval", help="WordNet synonyms vs random pairs: ROC-AUC, median ratio, tree distortion",
+                        **defaults)
+    ev.add_argument("dir", help="a folder written by geometry build")
+    ev.add_argument("--tokenizer", default=None, help="override the tokenizer recorded at build time")
+    ev.add_argument("--leading-space", default="both", choices=("with", "without", "both"),
+                    help="synonym tokens with a leading space (' happy'), without, or both")
     ev.add_argument("--max-synsets", type=int, default=None, help="only the first N synsets (quick runs)")
-    ev.add_argument("--n-random", type=int, default=20_000)
-    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--n-random", type=int, default=20_000, help="random token pairs to compare against")
+    ev.add_argument("--seed", type=int, default=0, help="seed of the random pairs")
     ev.add_argument("--json", default=None, help="also write the report here")
     ev.set_defaults(func=cmd_eval)
 
@@ -301,12 +328,16 @@ def add_parser(subparsers) -> None:
         "fidelity",
         help="how much of the ground metric's meaning each structure/method keeps (SimLex-999, WordNet), "
              "its accuracy against exact W1 and its cost against KL, on SmolLM2",
+        **defaults,
     )
-    fid.add_argument("--out", default="outputs/fidelity", help="output folder (default outputs/fidelity)")
-    fid.add_argument("--quick", action="store_true", help="fewer pairs and repeats, no V = 262,144 build")
-    fid.add_argument("-k", type=int, default=16, help="top-k of each distribution for the hybrid (default 16)")
+    fid.add_argument("--out", default="outputs/fidelity", help="output folder")
+    fid.add_argument("--quick", action="store_true", help="fewer pairs and repeats (a few minutes)")
+    fid.add_argument("-k", type=int, default=16, help="top-k of each distribution for the hybrid: 1 makes a --seed build reproducible; more are faster, "
+                            "not bit-reproducible")
     fid.add_argument("--abtt", type=int, default=2,
-                     help="all-but-the-top components removed from the embeddings (default 2; 0 keeps them)")
+                     help="all-but-the-top components removed from the embeddings")
     fid.add_argument("--mst", action="store_true", help="also score the kNN spanning tree (minutes to build)")
-    fid.add_argument("--seed", type=int, default=0)
+    fid.add_argument("--builds", default="default", choices=("default", "all", "none"),
+                     help="structures timed at V = 262,144, d = 576: the default tree, all, none")
+    fid.add_argument("--seed", type=int, default=0, help="seed of the structures, pairs and logits")
     fid.set_defaults(func=cmd_fidelity)

@@ -1,7 +1,7 @@
 """``tokenmover geometry fidelity``: the fidelity table of :mod:`tokenmover.geometry.fidelity`, end to end.
 
     tokenmover geometry fidelity --out outputs/fidelity            # SmolLM2, ~10 minutes on 2 cores
-    tokenmover geometry fidelity --quick --out outputs/fidelity    # fewer pairs, no V = 262,144 build
+    tokenmover geometry fidelity --quick --out outputs/fidelity    # fewer pairs and repeats
 
 Writes ``OUT/fidelity.md``, ``fidelity.json`` and ``fidelity.png`` (kept signal and cost per candidate).
 """
@@ -59,8 +59,15 @@ def accuracy_against_exact(model, tokenizer, geometry, built: dict, candidates, 
 
 
 def run(*, out_dir: str | Path, quick: bool = False, k: int = 16, abtt: int = 2, seed: int = 0,
-        include_mst: bool = False, log=print) -> Path:
-    """The full table for SmolLM2-135M-Instruct's input embeddings after all-but-the-top(``abtt``)."""
+        include_mst: bool = False, builds: str = "default", log=print) -> Path:
+    """The full table for SmolLM2-135M-Instruct's input embeddings after all-but-the-top(``abtt``).
+
+    ``builds``: which structures are timed at V = 262,144, d = 576: ``"default"`` (the cluster tree
+    of :mod:`tokenmover.defaults`), ``"all"`` (every candidate's; forests take many minutes on 2
+    cores) or ``"none"``. ``OUT/fidelity.json`` is rewritten after every stage.
+    """
+    if builds not in ("default", "all", "none"):
+        raise ValueError(f"builds must be 'default', 'all' or 'none', got {builds!r}")
     from tokenmover.assets import load_smollm2
     from tokenmover.geometry import VocabGeometry
 
@@ -95,21 +102,33 @@ def run(*, out_dir: str | Path, quick: bool = False, k: int = 16, abtt: int = 2,
 
         rows[c.name] = F.semantic_scores(fn, simlex, synonyms, randoms)
         rows[c.name].update(F.kept_signal(rows[c.name], rows["ground metric"]))
+    data = {
+        "geometry": repr(geometry), "abtt": abtt, "k": k, "seed": seed, "quick": quick, "builds": builds,
+        "n_simlex_pairs": int(simlex["pairs"].shape[0]), "n_synonym_pairs": int(synonyms.shape[0]),
+        "n_random_pairs": int(randoms.shape[0]), "scores": rows, "accuracy": {"n_pairs": 0, "m": 0, "rows": {}},
+        "cost": {}, "build_seconds_smollm2": smollm_build, "build_seconds_262k": {},
+        "torch_threads": torch.get_num_threads(),
+    }
+
+    def save() -> None:
+        data["seconds"] = time.perf_counter() - t_start
+        (out / "fidelity.json").write_text(json.dumps(data, indent=1) + "\n")
+
+    save()
     log("accuracy against exact W1 on real next-token pairs")
-    acc = accuracy_against_exact(model, tokenizer, geometry, built, candidates, n_pairs=60 if quick else 200,
-                                 seed=seed)
+    data["accuracy"] = accuracy_against_exact(model, tokenizer, geometry, built, candidates,
+                                              n_pairs=60 if quick else 200, seed=seed)
+    save()
     log("cost: forward + backward against plain full KL at V = 50,257, N = 1,024")
     cost = F.cost_multiples(candidates, repeats=3 if quick else 5, seed=seed, log=log)
-    build = {} if quick else F.build_seconds(candidates, seed=seed)
-    data = {
-        "geometry": repr(geometry), "abtt": abtt, "k": k, "seed": seed, "quick": quick,
-        "n_simlex_pairs": int(simlex["pairs"].shape[0]), "n_synonym_pairs": int(synonyms.shape[0]),
-        "n_random_pairs": int(randoms.shape[0]), "scores": rows, "accuracy": acc,
-        "cost": {name: {"seconds": c["seconds"], "x_kl": c["x_kl"]} for name, c in cost.items()},
-        "build_seconds_smollm2": smollm_build, "build_seconds_262k": build,
-        "seconds": time.perf_counter() - t_start, "torch_threads": torch.get_num_threads(),
-    }
-    (out / "fidelity.json").write_text(json.dumps(data, indent=1) + "\n")
+    data["cost"] = {name: {"seconds": c["seconds"], "x_kl": c["x_kl"]} for name, c in cost.items()}
+    save()
+    timed = {"none": [], "all": candidates}.get(builds) or [
+        c for c in candidates if (c.structure_kind, c.structure_kwargs) == ("tree", {})]
+    if timed:
+        log(f"build time at V = 262,144, d = 576: {', '.join(c.name for c in timed)}")
+        data["build_seconds_262k"] = F.build_seconds(timed, seed=seed)
+    save()
     (out / "fidelity.md").write_text(markdown(data))
     plot(data, out / "fidelity.png")
     return out / "fidelity.md"
@@ -121,7 +140,8 @@ def _cell(value, spec=".3f") -> str:
 
 def markdown(d: dict) -> str:
     """The fidelity table as markdown."""
-    cmd = "tokenmover geometry fidelity --out DIR" + (" --quick" if d["quick"] else "")
+    cmd = "tokenmover geometry fidelity --out DIR" + (" --quick" if d["quick"] else "") + (
+        f" --builds {d['builds']}" if d.get("builds", "default") != "default" else "")
     head = ("| candidate | SimLex-999 Spearman | kept | WordNet AUC | kept | Spearman vs exact W1 "
             "(calibrated) | fwd+bwd × KL (V = 50,257) | build s (V = 262,144, d = 576) |")
     lines = [

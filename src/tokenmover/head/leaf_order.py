@@ -36,6 +36,7 @@ class _LeafView:
 
 
 _LEAF_VIEWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+LEAF_ORDER_METHODS = ("tree", "forest", "sliced", "hybrid")  # methods whose per-token inputs the twin reorders
 
 
 def leaf_order_pays(regularizer: Regularizer, device: torch.device | str, num_rows: int, hidden_size: int) -> bool:
@@ -53,6 +54,8 @@ def leaf_order_pays(regularizer: Regularizer, device: torch.device | str, num_ro
 
     structure = regularizer.structure
     if structure is None or "structure" not in METHODS[regularizer.method].needs or structure.num_members != 1:
+        return False
+    if regularizer.method not in LEAF_ORDER_METHODS:
         return False
     if num_rows < 2 * hidden_size:
         return False
@@ -78,9 +81,25 @@ def leaf_order_view(regularizer: Regularizer) -> _LeafView | None:
         if torch.equal(order, torch.arange(order.numel(), dtype=order.dtype)):
             return None
         inverse = inverse_permutation(order)
-        view = _LeafView(structure, regularizer.with_structure(structure.in_leaf_order()), order, inverse, {})
+        view = _LeafView(structure, _leaf_order_twin(regularizer, structure, order), order, inverse, {})
         _LEAF_VIEWS[regularizer] = view
     return view
+
+
+def _leaf_order_twin(regularizer: Regularizer, structure: TransportStructure, order: torch.Tensor) -> Regularizer:
+    """``regularizer`` over ``structure.in_leaf_order()``, with per-token inputs (``points=``,
+    ``geometry=``, e.g. the hybrid's ground points) taken in the same column order."""
+    kwargs = regularizer.method_kwargs
+    kwargs.pop("structure")
+    if kwargs.get("points") is not None:
+        kwargs["points"] = torch.as_tensor(kwargs["points"])[order]  # (V, d) in leaf order
+    if kwargs.get("geometry") is not None:
+        geometry = kwargs["geometry"]
+        kwargs["geometry"] = type(geometry)(geometry.points[order], metric=geometry.metric,
+                                            metadata=dict(geometry.metadata))
+    return Regularizer(regularizer.method, mode=regularizer.mode, structure=structure.in_leaf_order(),
+                       chunk_size=regularizer.chunk_size,
+                       allow_probability_like_logits=regularizer.allow_probability_like_logits, **kwargs)
 
 
 def view_indices(view: _LeafView, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,8 +2,10 @@
 
 Every adapter reads the same fields (defaults in brackets):
 
-- ``transport_method`` ["tree"]: any :func:`tokenmover.distance` method (``tree``, ``forest``,
-  ``sliced``, ``kl``, ``js``, ``k3``, ...; see ``tokenmover.available_methods()``).
+- ``transport_method`` ["hybrid"]: any :func:`tokenmover.distance` method (``hybrid``: exact W1
+  under the ground metric on both top-k supports, a tree for the tail; ``tree``, ``forest``,
+  ``sliced``, ``kl``, ``js``, ``k3``, ...; see ``tokenmover.available_methods()``). The defaults
+  come from :mod:`tokenmover.defaults`.
 - ``transport_coef`` [0.0 for GRPO/DPO, 1.0 for distillation]: weight of the transport term. 0 turns
   the adapter into the plain TRL trainer.
 - ``transport_structure`` [None]: folder of a saved :class:`~tokenmover.TransportStructure`
@@ -11,7 +13,11 @@ Every adapter reads the same fields (defaults in brackets):
   ``transport_geometry`` with ``transport_structure_kind``.
 - ``transport_geometry`` ["embeddings"]: ``"embeddings"`` (the model's input embedding rows),
   ``"output_embeddings"`` (its LM-head rows) or a folder of a saved
-  :class:`~tokenmover.geometry.VocabGeometry`.
+  :class:`~tokenmover.geometry.VocabGeometry` (used as saved).
+- ``transport_geometry_abtt`` [2]: all-but-the-top directions removed from an embeddings geometry.
+- ``transport_top_k`` [16]: tokens from the top of each distribution for ``hybrid``.
+- ``transport_scale_to_ground`` [True]: the built structure scaled to the ground metric (median
+  tree / ground distance 1 over random token pairs), so every method is in the ground metric's unit.
 - ``transport_structure_kind`` ["auto"]: ``auto`` (the method's own: a forest for ``forest``, chains
   for ``sliced``, a tree otherwise) | ``tree`` | ``forest`` | ``mst`` | ``sliced``
   (:meth:`VocabGeometry.build_structure`, seeded with ``seed``).
@@ -32,6 +38,13 @@ from dataclasses import dataclass, field
 
 from trl import DistillationConfig, DPOConfig, GRPOConfig
 
+from tokenmover.defaults import (
+    DEFAULT_ABTT,
+    DEFAULT_GEOMETRY,
+    DEFAULT_METHOD,
+    DEFAULT_SCALE_TO_GROUND,
+    DEFAULT_TOP_K,
+)
 from tokenmover.distances.api import METHODS
 from tokenmover.geometry.vocab_geometry import STRUCTURES
 from tokenmover.regularizer import MODES
@@ -45,7 +58,7 @@ class TransportArguments:
     """The ``transport_*`` fields shared by every adapter config (see the module docstring)."""
 
     transport_method: str = field(
-        default="tree",
+        default=DEFAULT_METHOD,
         metadata={"help": f"Distance to the reference/teacher, one of: {', '.join(sorted(METHODS))}."},
     )
     transport_coef: float = field(
@@ -55,8 +68,19 @@ class TransportArguments:
         default=None, metadata={"help": "Folder of a saved TransportStructure (overrides transport_geometry)."}
     )
     transport_geometry: str = field(
-        default="embeddings",
-        metadata={"help": "'embeddings', 'output_embeddings' or a folder of a saved VocabGeometry."},
+        default=DEFAULT_GEOMETRY,
+        metadata={"help": "'embeddings', 'output_embeddings' or a folder of a saved VocabGeometry (used as saved)."},
+    )
+    transport_geometry_abtt: int = field(
+        default=DEFAULT_ABTT,
+        metadata={"help": "All-but-the-top: principal directions removed from an embeddings geometry (0: raw)."},
+    )
+    transport_top_k: int = field(
+        default=DEFAULT_TOP_K, metadata={"help": "Tokens from the top of each distribution for method 'hybrid'."}
+    )
+    transport_scale_to_ground: bool = field(
+        default=DEFAULT_SCALE_TO_GROUND,
+        metadata={"help": "Scale the built structure to the ground metric (median tree/ground distance 1)."},
     )
     transport_structure_kind: str = field(
         default="auto",

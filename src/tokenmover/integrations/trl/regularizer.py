@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tokenmover import defaults
+from tokenmover.defaults import embedding_geometry
 from tokenmover.distances.api import METHODS
 from tokenmover.geometry.vocab_geometry import resolve_structure_kind
 from tokenmover.head.models import logits_vocab_size, unwrap
@@ -17,9 +19,9 @@ def _load_geometry(args, model, tokenizer):
 
     source = args.transport_geometry
     if source == "embeddings":
-        return VocabGeometry.from_model(unwrap(model), "input")
+        return embedding_geometry(unwrap(model), "input", abtt=args.transport_geometry_abtt)
     if source == "output_embeddings":
-        return VocabGeometry.from_model(unwrap(model), "output")
+        return embedding_geometry(unwrap(model), "output", abtt=args.transport_geometry_abtt)
     if Path(source).is_dir():
         return VocabGeometry.from_pretrained(source, tokenizer=tokenizer)
     raise ValueError(
@@ -65,7 +67,11 @@ def build_regularizer(args, model, *, tokenizer=None, structure: TransportStruct
         if not isinstance(structure, TransportStructure):
             raise ValueError(f"transport_structure must be a TransportStructure, got {type(structure).__name__}")
         _check_size("the transport structure", structure.num_tokens, vocab_size)
-        kwargs["structure"] = structure
+        if method == "hybrid" and geometry is None:
+            geometry = _load_geometry(args, model, tok)
+            _check_size(f"the geometry {args.transport_geometry!r}", geometry.num_tokens, vocab_size)
+        kwargs.update(defaults.method_inputs(method, geometry, structure, top_k=args.transport_top_k,
+                                             scale_to_ground=args.transport_scale_to_ground, seed=args.seed))
     if "points" in spec.needs or method == "exact":
         geometry = geometry if geometry is not None else _load_geometry(args, model, tok)
         _check_size(f"the geometry {args.transport_geometry!r}", geometry.num_tokens, vocab_size)
