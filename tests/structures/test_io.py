@@ -241,11 +241,11 @@ def _loaders(model_dir):
         return build_structure(config, model, tokenizer, progress=False)
 
     def trl_adapter(path):
+        from tokenmover.integrations.trl.config import TransportArguments
         from tokenmover.integrations.trl.regularizer import build_regularizer
 
-        args = SimpleNamespace(transport_method="tree", transport_structure=str(path), transport_geometry="embeddings",
-                               transport_structure_kind="auto", transport_backend="auto", seed=0)
-        return build_regularizer(args, model, tokenizer=tokenizer).structure
+        fields = vars(TransportArguments(transport_method="tree", transport_structure=str(path)))
+        return build_regularizer(SimpleNamespace(**fields, seed=0), model, tokenizer=tokenizer).structure
 
     loaders = {"from_pretrained": lambda path: TransportStructure.from_pretrained(path, tokenizer=tokenizer),
                "structure_path": trainer}
