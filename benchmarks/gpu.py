@@ -244,7 +244,7 @@ def check_correctness(structures: dict, v: int, device: torch.device, n: int, sm
         base = "tree" if leaf else name
         if base not in refs:
             x64 = x.detach().double().requires_grad_()
-            ref = distance(x64, y.double(), "tree", structure=structures[base], backend="torch")
+            ref = distance(x64, y.double(), base, structure=structures[base], backend="torch")
             ref.sum().backward()
             refs[base] = (ref.detach(), x64.grad)
         ref, ref_grad = refs[base]

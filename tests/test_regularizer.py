@@ -40,11 +40,12 @@ def _inputs(shape=(3, 5), dtype=torch.float64, seed=1):
 
 
 def _method_kwargs(method, structures, points):
+    kwargs = {}
     if "structure" in METHODS[method].needs:
-        return {"structure": structures[method] if method in structures else structures["tree"]}
-    if "points" in METHODS[method].needs or "points" in METHODS[method].accepts:  # exact, sinkhorn
-        return {"points": points}
-    return {}
+        kwargs["structure"] = structures[method] if method in structures else structures["tree"]
+    if "points" in METHODS[method].needs or "points" in METHODS[method].accepts:  # exact, sinkhorn, hybrid
+        kwargs["points"] = points
+    return kwargs
 
 
 DIFFERENTIABLE = sorted(m for m, spec in METHODS.items() if spec.differentiable)
@@ -204,3 +205,34 @@ def test_bad_configuration_and_input_fail_clearly(structures):
     bad[0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         reg(bad, y)
+
+
+def test_a_misspelt_keyword_is_named_not_reported_as_a_missing_structure(structures):
+    with pytest.raises(ValueError, match=r"does not take \['strucutre'\] \(did you mean structure= instead"):
+        Regularizer("tree", strucutre=structures["tree"])
+    with pytest.raises(ValueError, match=r"did you mean chunk_size= instead of chunksize="):
+        Regularizer("tree", structure=structures["tree"], chunksize=8)
+
+
+@pytest.mark.parametrize(("method", "kind", "message"), [
+    ("sliced", "tree", "method 'sliced' runs on chains.*kind 'tree'"),
+    ("tree", "sliced", "method 'tree' runs on trees.*kind 'chains'.*method='sliced'"),
+    ("tree", "forest", "method 'tree' runs on one tree.*has 3 members.*method='forest'"),
+])
+def test_a_structure_of_another_kind_is_refused_when_the_regularizer_is_made(structures, method, kind, message):
+    with pytest.raises(ValueError, match=message):
+        Regularizer(method, structure=structures[kind])
+    Regularizer("forest", structure=structures["tree"])  # a tree is a forest of one
+
+
+@pytest.mark.parametrize("mode", ["loss", "reward"])
+def test_probabilities_are_refused_unless_allowed(structures, mode):
+    x, y, _, mask = _inputs()
+    reg = Regularizer("tree", mode=mode, structure=structures["tree"])
+    with pytest.raises(ValueError, match="policy_logits .*look like probabilities.*log-probabilities"):
+        reg(x.softmax(-1), y.softmax(-1), mask)
+    torch.testing.assert_close(reg(x.log_softmax(-1), y.log_softmax(-1), mask).penalty, reg(x, y, mask).penalty)
+    allowed = Regularizer("tree", mode=mode, structure=structures["tree"], allow_probability_like_logits=True)
+    out = allowed(x.softmax(-1), y.softmax(-1), mask)
+    assert out.penalty.shape == mask.shape
+    assert allowed.with_structure(structures["tree"]).allow_probability_like_logits

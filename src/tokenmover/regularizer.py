@@ -29,10 +29,13 @@ import torch
 from torch import nn
 
 from tokenmover.distances._inputs import compute_dtype, flatten_inputs
-from tokenmover.distances.api import METHODS, distance
+from tokenmover.distances.api import METHODS, check_method_arguments, distance
+from tokenmover.distances.tree import check_structure_kind
 from tokenmover.structures.transport_structure import TransportStructure
 
 MODES = ("loss", "reward")
+# Regularizer's own keyword arguments, beside the method's (suggested for a misspelt one)
+_OWN_KEYWORDS = ("mode", "structure", "chunk_size", "allow_probability_like_logits")
 
 
 @dataclass
@@ -59,13 +62,17 @@ class Regularizer(nn.Module):
             time; ``k3`` is TRL GRPO's per-token KL), or any method added with ``register_method``
             (e.g. ``sinkhorn``). Default ``"tree"``.
         mode: ``"loss"`` (differentiable) or ``"reward"`` (detached). Default ``"loss"``.
-        structure: the :class:`TransportStructure` over the logits' V tokens (tree methods).
+        structure: the :class:`TransportStructure` over the logits' V tokens (tree methods), of a
+            kind the method runs on (``tree``: one tree; ``forest``: trees; ``sliced``: chains).
         chunk_size: positions per chunk inside the distance (default: the distance's own).
+        allow_probability_like_logits: passed to :func:`tokenmover.distance`, which by default
+            refuses inputs that are plainly probabilities (pass logits or log-probabilities).
         **method_kwargs: other keyword arguments of the method (``backend=``, ``cost=``, ...).
 
     Raises:
-        ValueError: unknown method or mode, a missing structure, a non-differentiable method in
-            loss mode, or keyword arguments the method does not take.
+        ValueError: unknown method or mode, a missing structure or one of a kind the method does
+            not run on, a non-differentiable method in loss mode, or keyword arguments the method
+            does not take (naming the closest valid one).
     """
 
     def __init__(
@@ -75,6 +82,7 @@ class Regularizer(nn.Module):
         mode: str = "loss",
         structure: TransportStructure | None = None,
         chunk_size: int | None = None,
+        allow_probability_like_logits: bool = False,
         **method_kwargs,
     ) -> None:
         super().__init__()
@@ -93,20 +101,15 @@ class Regularizer(nn.Module):
             if not isinstance(structure, TransportStructure):
                 raise ValueError(f"structure must be a TransportStructure, got {type(structure).__name__}")
             given["structure"] = structure
-        missing = [k for k in spec.needs if k != "tokens" and given.get(k) is None]
-        if missing:
-            raise ValueError(f"method {method!r} needs {', '.join(f'{k}=' for k in missing)} ({spec.help})")
-        unknown = set(given) - set(spec.needs) - set(spec.accepts)
-        if unknown:
-            raise ValueError(
-                f"method {method!r} does not take {sorted(unknown)}; it takes {sorted(spec.needs + spec.accepts)}"
-            )
+        check_method_arguments(method, given, own=_OWN_KEYWORDS, ignore_missing=("tokens",))
+        check_structure_kind(method, structure)
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         self.method = method
         self.mode = mode
         self.chunk_size = chunk_size
         self.needs_tokens = "tokens" in spec.needs
+        self.allow_probability_like_logits = bool(allow_probability_like_logits)
         self._kwargs = given
 
     @property
@@ -121,7 +124,8 @@ class Regularizer(nn.Module):
         if self.structure is None:
             raise ValueError(f"method {self.method!r} takes no structure")
         kwargs = {k: v for k, v in self._kwargs.items() if k != "structure"}
-        return Regularizer(self.method, mode=self.mode, structure=structure, chunk_size=self.chunk_size, **kwargs)
+        return Regularizer(self.method, mode=self.mode, structure=structure, chunk_size=self.chunk_size,
+                           allow_probability_like_logits=self.allow_probability_like_logits, **kwargs)
 
     @property
     def method_kwargs(self) -> dict:
@@ -166,7 +170,7 @@ class Regularizer(nn.Module):
         Returns:
             :class:`RegularizerOutput` with ``penalty`` of shape (...).
         """
-        kwargs = dict(self._kwargs)
+        kwargs = dict(self._kwargs, allow_probability_like_logits=self.allow_probability_like_logits)
         if self.needs_tokens:
             if tokens is None:
                 raise ValueError(f"method {self.method!r} needs the sampled token ids: pass tokens=")

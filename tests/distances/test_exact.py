@@ -67,4 +67,4 @@ def test_exact_returns_float64_whatever_the_logits_dtype():
     x = random_logits(2, 10, seed=9, dtype=torch.float32)
     y = random_logits(2, 10, seed=10, dtype=torch.float32)
     assert distance(x, y, "exact", points=points).dtype == torch.float64
-    assert distance(x, y, "tree", structure=build_chains(points, 2)).dtype == torch.float32
+    assert distance(x, y, "sliced", structure=build_chains(points, 2)).dtype == torch.float32

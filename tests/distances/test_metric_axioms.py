@@ -8,6 +8,7 @@ from hypothesis.extra.numpy import arrays
 
 from tests.conftest import random_tree
 from tokenmover import build_chains, build_cluster_tree, distance
+from tokenmover.distances.tree import method_for
 
 V = 24
 POINTS = torch.randn(V, 3, generator=torch.Generator().manual_seed(0))
@@ -23,7 +24,8 @@ logit_rows = arrays(np.float64, (V,), elements=st.floats(-8.0, 8.0, allow_nan=Fa
 def dist(a, b, structure_name):
     if structure_name == "exact":
         return float(distance(a[None], b[None], "exact", points=POINTS)[0])
-    return float(distance(a[None], b[None], "tree", structure=STRUCTURES[structure_name])[0])
+    structure = STRUCTURES[structure_name]
+    return float(distance(a[None], b[None], method_for(structure), structure=structure)[0])
 
 
 @settings(max_examples=40, deadline=None)

@@ -9,7 +9,7 @@ import torch
 
 from tests.conftest import random_logits, random_tree
 from tokenmover import build_chains, build_cluster_forest, build_cluster_tree, distance
-from tokenmover.distances.tree import _fused_torch
+from tokenmover.distances.tree import _fused_torch, method_for
 from tokenmover.structures import TransportStructure
 
 BACKENDS = ["numba", "torch"]
@@ -51,7 +51,7 @@ def test_cluster_tree_and_chains_match_pot(backend):
     points = torch.randn(120, 5, generator=torch.Generator().manual_seed(0))
     x, y = random_logits(3, 120, seed=5), random_logits(3, 120, seed=6)
     for structure in (build_cluster_tree(points, branching=3, leaf_size=6), build_chains(points, 4)):
-        values = distance(x, y, "tree", structure=structure, backend=backend).numpy()
+        values = distance(x, y, method_for(structure), structure=structure, backend=backend).numpy()
         assert np.allclose(values, pot_reference(structure, x, y), rtol=1e-9)
 
 
@@ -66,7 +66,7 @@ def test_gradcheck_float64_both_inputs(backend, rng):
         x = random_logits(3, 9, seed=7).requires_grad_()
         y = random_logits(3, 9, seed=8).requires_grad_()
         assert torch.autograd.gradcheck(
-            lambda a, b, s=structure: distance(a, b, "tree", structure=s, backend=backend), (x, y), atol=1e-7
+            lambda a, b, s=structure: distance(a, b, method_for(s), structure=s, backend=backend), (x, y), atol=1e-7
         )
 
 
@@ -231,10 +231,11 @@ def test_leaf_order_logits_match_token_order_for_every_backend(kind, backend, rn
     order = structure.leaf_order()
     x = random_logits(4, 40, seed=10).requires_grad_(True)
     y = random_logits(4, 40, seed=11)
-    expected = distance(x, y, "tree", structure=structure, backend=backend)
+    method = method_for(structure)
+    expected = distance(x, y, method, structure=structure, backend=backend)
     expected.sum().backward()
     xo = x.detach()[:, order].requires_grad_(True)
-    values = distance(xo, y[:, order], "tree", structure=structure.in_leaf_order(), backend=backend)
+    values = distance(xo, y[:, order], method, structure=structure.in_leaf_order(), backend=backend)
     values.sum().backward()
     torch.testing.assert_close(values, expected.detach(), rtol=0, atol=1e-12)
     torch.testing.assert_close(xo.grad, x.grad[:, order], rtol=0, atol=1e-12)
@@ -274,7 +275,7 @@ def test_bad_rows_are_named_by_their_position_in_the_flattened_input(backend, rn
         distance(x.reshape(2, 5, 8), y.reshape(2, 5, 8), "tree", structure=tree, backend=backend)
 
 
-def test_triton_packing_follows_changes_to_the_structure(rng):
+def test_triton_packing_is_cached_per_structure_and_refuses_in_place_edits(rng):
     from tokenmover.kernels.triton import packing
 
     tree = random_tree(30, rng)
@@ -282,10 +283,9 @@ def test_triton_packing_follows_changes_to_the_structure(rng):
     first = packing.pack_for_triton(tree, cpu, torch.float64)
     assert packing.pack_for_triton(tree, cpu, torch.float64) is first  # cached
     weights = first.levels.edge_weights.clone()
-    tree.edge_weights.mul_(2.0)
-    again = packing.pack_for_triton(tree, cpu, torch.float64)
-    assert again is not first
-    assert torch.allclose(again.levels.edge_weights, 2 * weights)
-    tree.edge_weights = tree.edge_weights / 4
-    halved = packing.pack_for_triton(tree, cpu, torch.float64).levels.edge_weights
-    assert torch.allclose(halved, weights / 2)
+    doubled = packing.pack_for_triton(tree.with_edge_weights(2 * tree.edge_weights), cpu, torch.float64)
+    assert torch.allclose(doubled.levels.edge_weights, 2 * weights)
+    assert torch.equal(packing.pack_for_triton(tree, cpu, torch.float64).levels.edge_weights, weights)
+    tree.edge_weights.mul_(2.0)  # read-only: refused rather than silently ignored
+    with pytest.raises(ValueError, match="changed in place"):
+        packing.pack_for_triton(tree, cpu, torch.float64)

@@ -19,6 +19,7 @@ import torch
 from tests.conftest import random_logits, random_tree
 from tokenmover import TransportStructure, build_chains, build_cluster_tree, distance
 from tokenmover.distances import vocab_parallel as vp
+from tokenmover.distances.tree import method_for
 from tokenmover.regularizer import Regularizer
 
 # at the tiny V of these tests a logits gather would send less: the plan says so, as it should
@@ -96,7 +97,7 @@ def run_threads(structure, x, y, widths, *, mask=None, dtype=torch.float64, chun
 
 def single_process(structure, x, y, *, mask=None, dtype=torch.float64):
     xf, yf = x.to(dtype).clone().requires_grad_(), y.to(dtype).clone().requires_grad_()
-    values = distance(xf, yf, "tree", structure=structure, mask=mask, backend="torch")
+    values = distance(xf, yf, method_for(structure), structure=structure, mask=mask, backend="torch")
     weighted_sum(values).backward()
     return values.detach(), xf.grad, yf.grad
 
@@ -498,7 +499,8 @@ def _gloo_worker(rank: int, world: int, port: int) -> None:
                     yl = y[:, b[rank] : b[rank + 1]].clone().requires_grad_()
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore", UserWarning)
-                        values = distance(xl, yl, "tree", structure=cases[name], mask=m, process_group=group)
+                        values = distance(xl, yl, method_for(cases[name]), structure=cases[name], mask=m,
+                                          process_group=group)
                     weighted_sum(values).backward()
                     ref_values, gx, gy = single_process(cases[name], x, y, mask=m, dtype=dtype)
                     scale = float(ref_values.abs().max())

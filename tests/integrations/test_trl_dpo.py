@@ -113,7 +113,9 @@ def test_refuses_bad_set_ups_at_start_up(tiny_dir, tokenizer, tmp_path):
     with pytest.raises(ValueError, match=f"vocabulary size mismatch.*V={VOCAB - 5}.*V={VOCAB}"):
         TransportDPOTrainer(model=tiny_dir, args=args, train_dataset=_dataset(), processing_class=tokenizer,
                             transport_structure=other)
-    with pytest.raises(ValueError, match="precompute_ref_log_probs"):
+    with pytest.raises(ValueError, match="precompute_ref_log_probs=True cannot be used with a transport term "
+                                         r"\(transport_coef=0.1\): .*runs no reference forward.*full next-token "
+                                         "distribution.*Set precompute_ref_log_probs=False"):
         _trainer(tiny_dir, tokenizer, tmp_path, transport_coef=0.1, precompute_ref_log_probs=True)
     with pytest.raises(ValueError, match="TransportDPOConfig"):
         TransportDPOTrainer(model=tiny_dir, args=DPOConfig(**cpu_kwargs(tmp_path)))

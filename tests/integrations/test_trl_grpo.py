@@ -151,7 +151,6 @@ def test_transport_term_alone_gives_coef_times_the_mean_distance(tiny_dir, token
 
 def test_reward_mode_penalises_each_completion_by_its_summed_distance(tiny_dir, tokenizer, tmp_path):
     trainer = _trainer(tiny_dir, tokenizer, tmp_path, beta=0.0, transport_coef=0.5, transport_mode="reward")
-    assert trainer.reward_func_names[-1] == "transport_penalty"
     perturb_(trainer.model)
     batch = _batch(trainer)
     assert "transport_ref_hidden" not in batch
@@ -164,6 +163,44 @@ def test_reward_mode_penalises_each_completion_by_its_summed_distance(tiny_dir, 
     before = parameters_snapshot(trainer.model)
     trainer.train()
     assert changed(before, trainer.model)
+
+
+def _none_for_odd_prompts(prompts, completions, **kwargs):
+    """None (cannot score) for the prompts starting with an odd word, 1.0 otherwise."""
+    return [None if int(p.split()[0][1:]) % 2 else 1.0 for p in prompts]
+
+
+def _always_none(prompts, completions, **kwargs):
+    return [None] * len(prompts)
+
+
+def test_reward_mode_leaves_the_users_reward_lists_alone(tiny_dir, tokenizer, tmp_path):
+    """The penalty is not one of the user's reward functions: reward_funcs / names / weights are theirs."""
+    trainer = _trainer(tiny_dir, tokenizer, tmp_path, beta=0.0, transport_coef=0.5, transport_mode="reward",
+                       reward_weights=[2.0])
+    lists = (trainer.reward_funcs, trainer.reward_func_names, trainer.reward_weights)
+    assert trainer.reward_func_names == ["even_word_reward"] and trainer.reward_weights.tolist() == [2.0]
+    _batch(trainer)
+    assert (trainer.reward_funcs, trainer.reward_func_names, trainer.reward_weights) == lists
+    assert len(trainer.reward_funcs) == 1 and "transport_penalty" in trainer._logs["rewards"]
+
+
+@pytest.mark.parametrize("reward", [_always_none, _none_for_odd_prompts])
+def test_reward_mode_keeps_trls_rule_for_completions_no_reward_function_scored(tiny_dir, tokenizer, tmp_path,
+                                                                               caplog, reward):
+    """A completion on which every user reward returned None stays unscored (advantage 0) with TRL's
+    warning: the always-present penalty had scored it alone, silently (TRL never warned)."""
+    args = TransportGRPOConfig(**_grpo_kwargs(tmp_path, beta=0.0, transport_coef=0.5, transport_mode="reward"))
+    trainer = TransportGRPOTrainer(model=tiny_dir, reward_funcs=reward, args=args, train_dataset=_dataset(),
+                                   processing_class=tokenizer)
+    perturb_(trainer.model)
+    with caplog.at_level("WARNING"):
+        batch = _batch(trainer)
+    assert "All reward functions returned None" in caplog.text
+    unscored = torch.tensor([reward([p], [""])[0] is None for p in PROMPTS])  # one completion per prompt
+    assert bool((batch["advantages"][unscored] == 0).all())
+    penalty = torch.tensor(list(trainer._logs["rewards"]["transport_penalty"])[-len(PROMPTS):])
+    assert bool(penalty[unscored].isnan().all()) and bool((penalty[~unscored] < 0).all())
 
 
 def test_refuses_a_structure_over_another_vocabulary_at_start_up(tiny_dir, tokenizer, tmp_path):

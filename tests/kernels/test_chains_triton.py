@@ -14,6 +14,7 @@ pytest.importorskip("triton", reason="the triton package is not installed: the G
 
 from tests.conftest import random_logits  # noqa: E402
 from tokenmover import build_chains, build_cluster_tree, distance  # noqa: E402
+from tokenmover.distances.tree import method_for  # noqa: E402
 from tokenmover.kernels.triton import TritonOptions, packing, runtime, tree_wasserstein_triton, wasserstein  # noqa: E402
 from tokenmover.structures import TransportStructure  # noqa: E402
 
@@ -34,7 +35,7 @@ def chains(v, k=3, seed=0):
 
 def reference(x, y, structure, weights, mask=None):
     xr, yr = x.clone().requires_grad_(), y.clone().requires_grad_()
-    values = distance(xr, yr, "tree", structure=structure, backend="numba", mask=mask)
+    values = distance(xr, yr, method_for(structure), structure=structure, backend="numba", mask=mask)
     (values.double() * weights).sum().backward()
     return values.detach(), xr.grad, yr.grad
 

@@ -16,6 +16,7 @@ pytest.importorskip("triton", reason="the triton package is not installed: the G
 
 from tests.conftest import random_logits  # noqa: E402
 from tokenmover import build_cluster_forest, distance  # noqa: E402
+from tokenmover.distances.tree import method_for  # noqa: E402
 from tokenmover.kernels.triton import (  # noqa: E402
     TritonOptions,
     packing,
@@ -122,7 +123,7 @@ def test_tuned_call_matches_numba_with_a_mask(monkeypatch):
     vals = tree_wasserstein_triton(xs, y, structure, mask, options=TritonOptions(tune=True))
     (vals * torch.arange(1.0, 7.0, dtype=torch.float64)).sum().backward()
     xr = x.clone().requires_grad_()
-    ref = distance(xr, y, "tree", structure=structure, backend="numba", mask=mask)
+    ref = distance(xr, y, method_for(structure), structure=structure, backend="numba", mask=mask)
     (ref * torch.arange(1.0, 7.0, dtype=torch.float64)).sum().backward()
     assert float((vals - ref).detach().abs().max()) <= 1e-12 * float(ref.detach().abs().max())
     assert float((xs.grad - xr.grad).abs().max()) <= 1e-12 * float(xr.grad.abs().max())

@@ -45,7 +45,7 @@ def values_and_grads(x, y, structure, backend, weights, **kw):
     """Values and the gradients of sum_r weights_r W_r to both logits."""
     x = x.detach().clone().requires_grad_()
     y = y.detach().clone().requires_grad_()
-    values = distance(x, y, "tree", structure=structure, backend=backend, **kw)
+    values = distance(x, y, tree_module.method_for(structure), structure=structure, backend=backend, **kw)
     (values.double() * weights).sum().backward()
     return values.detach(), x.grad, y.grad
 
@@ -254,12 +254,12 @@ def test_mask_zeroes_values_and_gradients_even_with_garbage_rows():
     mask = torch.tensor([[True, False, True], [False, True, True]])
     x[~mask] = float("nan")  # padding positions may hold anything
     xs, ys = x.clone().requires_grad_(), y.clone().requires_grad_()
-    values = distance(xs, ys, "tree", structure=structure, backend="triton", mask=mask)
+    values = distance(xs, ys, tree_module.method_for(structure), structure=structure, backend="triton", mask=mask)
     values.sum().backward()
     assert values.shape == (2, 3)
     assert torch.all(values[~mask] == 0)
     assert torch.all(xs.grad[~mask] == 0) and torch.all(ys.grad[~mask] == 0)
-    ref = distance(x[mask], y[mask], "tree", structure=structure, backend="numba")
+    ref = distance(x[mask], y[mask], tree_module.method_for(structure), structure=structure, backend="numba")
     assert rel_err(values[mask], ref) < 1e-12
 
 
@@ -317,8 +317,8 @@ def test_no_grad_forward_matches_and_ignores_minus_inf_tokens():
     x, y = random_logits(3, 80, seed=16), random_logits(3, 80, seed=17)
     x[:, :10] = float("-inf")  # masked vocabulary: probability 0
     with torch.no_grad():
-        got = distance(x, y, "tree", structure=structure, backend="triton")
-    ref = distance(x, y, "tree", structure=structure, backend="numba")
+        got = distance(x, y, tree_module.method_for(structure), structure=structure, backend="triton")
+    ref = distance(x, y, tree_module.method_for(structure), structure=structure, backend="numba")
     assert rel_err(got, ref) < 1e-12
 
 
@@ -363,7 +363,7 @@ def test_non_finite_logits_are_found_from_the_log_sum_exp_state(algorithm, dtype
     x[1, 5] = -298.0
     y[2, ::2] = -inf
     got = tree_wasserstein_triton(x, y, structure, options=TritonOptions(algorithm=algorithm, chunk=16))
-    want = distance(x.double(), y.double(), "tree", structure=structure, backend="numba")
+    want = distance(x.double(), y.double(), tree_module.method_for(structure), structure=structure, backend="numba")
     assert rel_err(got, want) < (1e-12 if dtype == torch.float64 else 1e-5)
 
 
@@ -416,7 +416,7 @@ def test_default_call_takes_the_mask_after_the_structure_and_options_as_one_obje
     structure = structures(60)["cluster_tree"]
     x, y = random_logits(3, 60, seed=50), random_logits(3, 60, seed=51)
     mask = torch.tensor([True, False, True])
-    want = distance(x, y, "tree", structure=structure, mask=mask, backend="numba")
+    want = distance(x, y, tree_module.method_for(structure), structure=structure, mask=mask, backend="numba")
     assert rel_err(tree_wasserstein_triton(x, y, structure, mask), want) < 1e-12
     assert rel_err(tree_wasserstein_triton(x, y, structure, mask, options=TritonOptions()), want) < 1e-12
     with pytest.raises(ValueError, match="options must be a TritonOptions, got dict"):
@@ -500,7 +500,7 @@ def test_gradient_reaches_the_logits_without_a_view_copy():
     mask = torch.tensor([True, False, True, True, False])
     w = torch.tensor([1.0, 2.0, -0.5, 3.0, 1.5], dtype=torch.float64)
     ref_x, ref_y = x.clone().requires_grad_(), y.clone().requires_grad_()
-    want = distance(ref_x, ref_y, "tree", structure=structure, backend="numba", mask=mask)
+    want = distance(ref_x, ref_y, tree_module.method_for(structure), structure=structure, backend="numba", mask=mask)
     (want.double() * w).sum().backward()
     cx, cy = x.clone().requires_grad_(), y.clone().requires_grad_()
     got = tree_wasserstein_triton(cx, cy, structure, mask, chunk_size=2)

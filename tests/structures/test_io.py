@@ -99,7 +99,7 @@ def test_truncated_and_invalid_json_are_refused(points, tmp_path):
     (tmp_path / "geometry.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         VocabGeometry.from_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="no tokenmover.structure artifact"):
+    with pytest.raises(ValueError, match="no structure in .*structure files there: none"):
         TransportStructure.from_pretrained(tmp_path)
 
 
@@ -179,3 +179,87 @@ def test_tensors_of_the_wrong_dtype_or_shape_are_refused_at_load(points, tmp_pat
     write_artifact(tmp_path, "structure", tensors, {k: v for k, v in facts.items() if k != "sha256"})
     with pytest.raises(ValueError, match="corrupted structure artifact.*" + message):
         load_structure(tmp_path)
+
+
+# ------------------------------------------------------------------ one layout for every loader
+def test_a_folder_is_read_by_name_by_file_or_by_its_only_structure(points, tmp_path):
+    chains = build_chains(points, 2)
+    chains.save_pretrained(tmp_path, name="structure_sliced")  # what `geometry build` names a structure
+    _same(TransportStructure.from_pretrained(tmp_path), chains)  # the only structure_<kind>
+    _same(TransportStructure.from_pretrained(tmp_path / "structure_sliced.json"), chains)  # a file of it
+    _same(load_structure(tmp_path / "structure_sliced.safetensors"), chains)
+    forest = build_cluster_forest(points, n_trees=2, leaf_size=8)
+    forest.save_pretrained(tmp_path, name="structure_forest")
+    with pytest.raises(ValueError, match=r"holds 2 structures \(structure_forest, structure_sliced\).*"
+                                         r"structure_forest.json, structure_forest.safetensors, structure_sliced.json"):
+        TransportStructure.from_pretrained(tmp_path)
+    _same(TransportStructure.from_pretrained(tmp_path, name="structure_forest"), forest)
+    with pytest.raises(ValueError, match="no structure named 'structure_tree'.*structure files there: structure_forest"):
+        TransportStructure.from_pretrained(tmp_path, name="structure_tree")
+    with pytest.raises(ValueError, match="names the structure 'structure_forest', but name='structure'"):
+        TransportStructure.from_pretrained(tmp_path / "structure_forest.json", name="structure")
+    chains.save_pretrained(tmp_path)  # save_pretrained's default name "structure" is read first
+    _same(TransportStructure.from_pretrained(tmp_path), chains)
+    with pytest.raises(ValueError, match="no such folder"):
+        TransportStructure.from_pretrained(tmp_path / "missing")
+
+
+@pytest.fixture(scope="module")
+def tiny_build(tmp_path_factory):
+    """``tokenmover geometry build`` from a tiny saved Llama's input embeddings: one folder with a
+    single structure (tree) and one with two (tree, sliced)."""
+    from tokenmover.cli import main
+    from tokenmover.rl.models import tiny_model, tiny_tokenizer
+
+    model_dir = tmp_path_factory.mktemp("tiny_llama")
+    tiny_model(64, 32, 1, seed=0).save_pretrained(model_dir)
+    tiny_tokenizer(64).save_pretrained(model_dir)
+    out = {}
+    for label, kinds in (("one", "tree"), ("two", "tree,sliced")):
+        out[label] = tmp_path_factory.mktemp(label)
+        assert main(["geometry", "build", "--tokenizer", str(model_dir), "--source", "input", "--structure", kinds,
+                     "--leaf-size", "8", "--n-directions", "2", "--out", str(out[label]), "--overwrite"]) == 0
+    return model_dir, out
+
+
+def _loaders(model_dir):
+    """Each loader of a saved structure, as ``path -> TransportStructure``: the library's, the trainer's
+    ``structure_path`` and (where TRL is installed) the TRL adapters' ``transport_structure``."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tokenmover.rl.config import GRPOConfig
+    from tokenmover.rl.structure import build_structure
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+
+    def trainer(path):
+        config = GRPOConfig(model_name_or_path=str(model_dir), structure_path=str(path), method="tree")
+        return build_structure(config, model, tokenizer, progress=False)
+
+    def trl_adapter(path):
+        from tokenmover.integrations.trl.config import TransportArguments
+        from tokenmover.integrations.trl.regularizer import build_regularizer
+
+        fields = vars(TransportArguments(transport_method="tree", transport_structure=str(path)))
+        return build_regularizer(SimpleNamespace(**fields, seed=0), model, tokenizer=tokenizer).structure
+
+    loaders = {"from_pretrained": lambda path: TransportStructure.from_pretrained(path, tokenizer=tokenizer),
+               "structure_path": trainer}
+    if importlib.util.find_spec("trl") is not None:
+        loaders["transport_structure"] = trl_adapter
+    return loaders
+
+
+def test_a_folder_written_by_geometry_build_loads_through_every_loader(tiny_build):
+    """`geometry build` writes structure_<kind>.*; every loader had looked for structure.* only."""
+    model_dir, out = tiny_build
+    built = TransportStructure.from_pretrained(out["one"], name="structure_tree")
+    for load in _loaders(model_dir).values():
+        _same(load(out["one"]), built)  # the folder: its only structure
+        _same(load(out["two"] / "structure_tree.json"), built)  # one file of a folder holding two
+        with pytest.raises(ValueError, match="holds 2 structures.*structure_sliced.json"):
+            load(out["two"])

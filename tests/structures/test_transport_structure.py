@@ -1,3 +1,6 @@
+import copy
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -91,6 +94,9 @@ def _structures(rng) -> dict[str, TransportStructure]:
     }
 
 
+METHOD = {"tree": "tree", "forest": "forest", "chains": "sliced"}  # the method of each structure kind
+
+
 @pytest.mark.parametrize("backend", ["numba", "torch"])
 @pytest.mark.parametrize("kind", ["tree", "forest", "chains"])
 def test_relabel_keeps_distances_and_permutes_gradients(kind, backend, rng):
@@ -99,11 +105,11 @@ def test_relabel_keeps_distances_and_permutes_gradients(kind, backend, rng):
     relabelled = structure.relabel(order)
     x = random_logits(5, 30, seed=1).requires_grad_(True)
     y = random_logits(5, 30, seed=2).requires_grad_(True)
-    expected = distance(x, y, "tree", structure=structure, backend=backend)
+    expected = distance(x, y, METHOD[kind], structure=structure, backend=backend)
     expected.sum().backward()
     xo = x.detach()[:, order].requires_grad_(True)
     yo = y.detach()[:, order].requires_grad_(True)
-    values = distance(xo, yo, "tree", structure=relabelled, backend=backend)
+    values = distance(xo, yo, METHOD[kind], structure=relabelled, backend=backend)
     values.sum().backward()
     torch.testing.assert_close(values, expected.detach(), rtol=0, atol=1e-12)
     torch.testing.assert_close(xo.grad, x.grad[:, order], rtol=0, atol=1e-12)
@@ -186,16 +192,16 @@ def test_stack_refuses_structures_relabelled_by_different_orders(rng):
     stacked = TransportStructure.stack([t.relabel(order).relabel(second) for t in trees])
     assert stacked.metadata["relabel_order_sha256"] == forest.metadata["relabel_order_sha256"]
     x, y = random_logits(3, 12, seed=5), random_logits(3, 12, seed=6)
-    expected = distance(x, y, "tree", structure=TransportStructure.stack(trees))
+    expected = distance(x, y, "forest", structure=TransportStructure.stack(trees))
     columns = order[second]
-    got = distance(x[:, columns], y[:, columns], "tree", structure=stacked)
+    got = distance(x[:, columns], y[:, columns], "forest", structure=stacked)
     assert torch.allclose(got, expected, rtol=1e-12)
     with pytest.raises(ValueError, match="relabelled by different orders"):  # same net order, other path
         TransportStructure.stack([trees[0].relabel(columns), trees[1].relabel(order).relabel(second)])
 
 
-def _unvalidated(perm: torch.Tensor, weights_dtype=torch.float64) -> TransportStructure:
-    return TransportStructure(
+def _fields(perm, weights_dtype=torch.float64) -> dict:
+    return dict(
         num_tokens=perm.shape[1],
         perms=perm,
         edge_starts=torch.tensor([0, 2]),
@@ -207,81 +213,118 @@ def _unvalidated(perm: torch.Tensor, weights_dtype=torch.float64) -> TransportSt
 
 
 @pytest.mark.parametrize("backend", ["numba", "torch"])
-def test_a_structure_never_validated_is_validated_before_the_kernels_read_it(backend):
+def test_a_structure_built_unvalidated_is_validated_before_the_kernels_read_it(backend):
     perm = torch.arange(8)[None].clone()
     perm[0, 3] = 10**6  # out of range: the numba kernel would read (and write) out of bounds
     x, y = random_logits(2, 8, seed=1), random_logits(2, 8, seed=2)
+    unchecked = TransportStructure(**_fields(perm), check=False)
     with pytest.raises(ValueError, match="member 0: perm is not a permutation"):
-        distance(x, y, "tree", structure=_unvalidated(perm), backend=backend)
+        distance(x, y, "tree", structure=unchecked, backend=backend)
+    unchecked = TransportStructure(**_fields(torch.arange(8)[None].double()), check=False)
     with pytest.raises(ValueError, match="perms must have dtype torch.int64"):
-        distance(x, y, "tree", structure=_unvalidated(torch.arange(8)[None].double()), backend=backend)
-
-
-def test_validation_runs_once_per_state_of_the_tensors(rng, monkeypatch):
-    calls = []
-    original = TransportStructure.validate
-
-    def counting(self):
-        calls.append(1)
-        return original(self)
-
-    monkeypatch.setattr(TransportStructure, "validate", counting)
-    tree = random_tree(16, rng)  # from_tree validates (1 call) and marks the structure valid
-    x, y = random_logits(2, 16, seed=3), random_logits(2, 16, seed=4)
-    for _ in range(3):
-        for backend in ("numba", "torch"):
-            distance(x, y, "tree", structure=tree, backend=backend)
-    assert len(calls) == 1
-    tree.edge_weights.mul_(2.0)  # in place: validated and packed again, once
-    distance(x, y, "tree", structure=tree)
-    distance(x, y, "tree", structure=tree)
-    assert len(calls) == 2
-    tree.perms[0, :2] = tree.perms[0, 1]  # an in-place change that breaks the structure is caught
-    with pytest.raises(ValueError, match="not a permutation"):
-        distance(x, y, "tree", structure=tree)
+        distance(x, y, "tree", structure=unchecked, backend=backend)
+    with pytest.raises(ValueError, match="member 0: perm is not a permutation"):
+        TransportStructure(**_fields(perm))  # the constructor validates by default
 
 
 @pytest.mark.parametrize("backend", ["numba", "torch"])
-def test_changing_a_field_changes_the_distance(backend, rng):
-    tree = random_tree(20, rng)
-    x, y = random_logits(3, 20, seed=7), random_logits(3, 20, seed=8)
+def test_the_callers_arrays_are_copied_so_editing_them_later_changes_nothing(backend):
+    """from_tree had kept the caller's int64 arrays without a copy: an id edited afterwards reached the
+    numba kernel unvalidated (a segmentation fault for perm[3] = 10**12)."""
+    v = 1000
+    perm, starts, ends = np.arange(v), np.r_[np.arange(v), 0], np.r_[np.arange(1, v + 1), 500]
+    structure = TransportStructure.from_tree(perm, starts, ends, np.ones(v + 1))  # leaves plus one edge [0, 500)
+    x, y = torch.randn(2, v, dtype=torch.float64), torch.randn(2, v, dtype=torch.float64)
+    before = distance(x, y, "tree", structure=structure, backend=backend)
+    perm[3], starts[0], ends[-1] = 10**12, 7, 999
+    assert int(structure.perms[0, 3]) == 3 and int(structure.edge_starts[0]) == 0
+    torch.testing.assert_close(distance(x, y, "tree", structure=structure, backend=backend), before, rtol=0, atol=0)
+    perm_t, weights = torch.arange(v), torch.ones(v + 1, dtype=torch.float64)
+    other = TransportStructure.from_tree(perm_t, np.r_[np.arange(v), 0], np.r_[np.arange(1, v + 1), 500], weights)
+    perm_t[3], weights[0] = 10**12, 5.0  # tensor arguments are copied too
+    assert int(other.perms[0, 3]) == 3 and torch.equal(other.edge_weights, torch.ones(v + 1, dtype=torch.float64))
 
-    def fresh():  # the same tensors in a new structure: nothing cached
-        t = tree
-        return TransportStructure.from_tree(t.perms[0], t.edge_starts, t.edge_ends, t.edge_weights)
 
-    before = distance(x, y, "tree", structure=tree, backend=backend)
-    tree.edge_weights = tree.edge_weights * 2  # replaced
-    assert torch.allclose(distance(x, y, "tree", structure=tree, backend=backend), 2 * before, rtol=1e-12)
-    tree.edge_weights.mul_(3.0)  # changed in place
-    assert torch.allclose(distance(x, y, "tree", structure=tree, backend=backend), 6 * before, rtol=1e-12)
-    tree.perms[0] = tree.perms[0].flip(0)  # a new leaf order, same ranges
-    expected = distance(x, y, "tree", structure=fresh(), backend=backend)
-    assert torch.allclose(distance(x, y, "tree", structure=tree, backend=backend), expected, rtol=1e-12)
-    tree.member_weights = torch.full((1,), 0.5, dtype=torch.float64)
-    assert torch.allclose(distance(x, y, "tree", structure=tree, backend=backend), expected / 2, rtol=1e-12)
+def test_every_constructor_owns_its_tensors(rng):
+    tree = random_tree(12, rng)
+    fields = {name: getattr(tree, name) for name in ("perms", "edge_starts", "edge_ends", "edge_weights",
+                                                     "member_offsets", "member_weights")}
+    made = {
+        "init": TransportStructure(12, *fields.values()),
+        "stack": TransportStructure.stack([tree]),
+        "member": TransportStructure.stack([tree, tree]).member(0),
+        "relabel": tree.relabel(torch.arange(12)),
+        "with_edge_weights": tree.with_edge_weights(fields["edge_weights"]),
+        "copy": copy.deepcopy(tree),
+    }
+    for label, structure in made.items():
+        for name, source in fields.items():
+            mine = getattr(structure, name)
+            assert mine.untyped_storage().data_ptr() != source.untyped_storage().data_ptr(), (label, name)
+
+
+def test_a_structure_is_immutable_and_in_place_edits_are_refused(rng):
+    tree = random_tree(16, rng)
+    x, y = random_logits(2, 16, seed=3), random_logits(2, 16, seed=4)
+    before = distance(x, y, "tree", structure=tree)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        tree.edge_weights = tree.edge_weights * 2
+    doubled = dataclasses.replace(tree, edge_weights=tree.edge_weights * 2)  # the way to change a field
+    torch.testing.assert_close(distance(x, y, "tree", structure=doubled), 2 * before)
+    tree.edge_weights.mul_(2.0)  # in place, on a read-only attribute
+    with pytest.raises(ValueError, match="edge_weights tensor was changed in place.*immutable"):
+        distance(x, y, "tree", structure=tree)
+    other = random_tree(16, rng)
+    other.perms[0, :2] = other.perms[0, 1]
+    with pytest.raises(ValueError, match="perms tensor was changed in place"):
+        distance(x, y, "tree", structure=other, backend="numba")
+
+
+def test_packed_arrays_are_validated_copies_cached_per_device_and_dtype(rng):
+    tree = random_tree(16, rng)
+    packed = tree.packed("cpu", torch.float64)
+    assert tree.packed("cpu", torch.float64) is packed
+    assert tree.packed("cpu", torch.float32) is not packed
+    assert packed.perms.untyped_storage().data_ptr() != tree.perms.untyped_storage().data_ptr()
+    x, y = random_logits(2, 16, seed=3), random_logits(2, 16, seed=4)
+    before = distance(x, y, "tree", structure=tree, backend="numba")
+    tree.perms.numpy()[0, 3] = 10**12  # behind torch's back (no version bump): the packed copy is untouched
+    torch.testing.assert_close(distance(x, y, "tree", structure=tree, backend="numba"), before, rtol=0, atol=0)
+    fresh = random_tree(16, rng)
+    fresh.perms.numpy()[0, 3] = 10**12  # before the first pack: packing validates what it packs
+    with pytest.raises(ValueError, match="not a permutation"):
+        distance(x, y, "tree", structure=fresh, backend="numba")
+
+
+def test_made_under_inference_mode_it_still_works_outside(rng):
+    with torch.inference_mode():
+        tree = random_tree(10, rng)
+        inside = distance(random_logits(2, 10, seed=1), random_logits(2, 10, seed=2), "tree", structure=tree)
+    x = random_logits(2, 10, seed=1).requires_grad_(True)
+    values = distance(x, random_logits(2, 10, seed=2), "tree", structure=tree)
+    values.sum().backward()
+    torch.testing.assert_close(values.detach(), inside)
 
 
 @pytest.mark.parametrize(
     "field, value, message",
     [
-        ("edge_weights", lambda t: t.float(), "edge_weights must have dtype torch.float64"),
-        ("member_weights", lambda t: t.float(), "member_weights must have dtype torch.float64"),
+        ("edge_weights", lambda t: t.to(torch.complex128), "edge_weights must have dtype torch.float64"),
+        ("member_weights", lambda t: t.bool(), "member_weights must have dtype torch.float64"),
         ("perms", lambda t: t.double(), "perms must have dtype torch.int64"),
         ("edge_starts", lambda t: t.double(), "edge_starts must have dtype torch.int64"),
-        ("edge_ends", lambda t: t.int(), "edge_ends must have dtype torch.int64"),
-        ("member_offsets", lambda t: t.int(), "member_offsets must have dtype torch.int64"),
+        ("edge_ends", lambda t: t.bool(), "edge_ends must have dtype torch.int64"),
+        ("member_offsets", lambda t: t.float(), "member_offsets must have dtype torch.int64"),
         ("edge_starts", lambda t: t[:, None], "edge_starts must be 1-D"),
         ("edge_weights", lambda t: t[:, None], "edge_weights must be 1-D"),
         ("perms", lambda t: t[0], "perms must be 2-D"),
-        ("member_weights", lambda t: t.numpy(), "member_weights must be a torch.Tensor"),
+        ("member_weights", lambda t: "weights", "member_weights must be a torch.Tensor"),
     ],
 )
-def test_validate_checks_dtypes_and_dimensions(field, value, message):
+def test_construction_checks_dtypes_and_dimensions(field, value, message):
     tree = small_tree()
-    setattr(tree, field, value(getattr(tree, field)))
     with pytest.raises(ValueError, match=message):
-        tree.validate()
+        dataclasses.replace(tree, **{field: value(getattr(tree, field))})
 
 
 def test_a_hand_built_structure_of_narrower_dtypes_is_widened_exactly(rng):

@@ -85,6 +85,55 @@ def flatten_inputs(
     )
 
 
+# rows of each input that check_not_probabilities reads
+PROBABILITY_CHECK_ROWS = 8
+
+
+def check_not_probabilities(inputs: FlatInputs, rows: int = PROBABILITY_CHECK_ROWS) -> None:
+    """Raise ``ValueError`` when either input is plainly probabilities rather than logits.
+
+    Every distance applies ``softmax`` to its inputs. Probabilities passed by mistake are softmaxed
+    again into a near-uniform distribution, and the distance comes out orders of magnitude too small
+    without any error. An input is refused when each of up to ``rows`` positions (spread evenly
+    over the positions the mask selects) holds a row with every entry in ``[0, 1]`` and a sum
+    within ``tol`` of 1 (``tol`` = 1e-2 for float16/bfloat16, 1e-3 otherwise). Logits never pass for
+    that: log-probabilities are ``<= 0`` and sum far below 1, and raw logits leave ``[0, 1]``. V = 1
+    is not checked (every distribution is the same there).
+
+    Cost: a gather of the ``rows`` rows (a (rows, V) copy, not (N, V)) and one device sync.
+    """
+    n, v = inputs.policy.shape
+    if v < 2:
+        return
+    device = inputs.policy.device
+    if inputs.mask is None:
+        candidates = torch.arange(n, device=device)  # (N,)
+    else:
+        candidates = torch.nonzero(inputs.mask).reshape(-1)  # (M,) the positions that count
+    m = candidates.numel()
+    if m == 0:
+        return
+    pick = candidates[torch.linspace(0, m - 1, min(m, rows), device=device).round().long()]  # (r,)
+    flags = []
+    for x in (inputs.policy, inputs.ref):
+        sample = x.detach().index_select(0, pick).to(compute_dtype(x))  # (r, V)
+        tol = 1e-2 if x.dtype in (torch.float16, torch.bfloat16) else 1e-3
+        in_unit = ((sample >= 0) & (sample <= 1)).all(-1)  # (r,) NaN: False
+        sums_to_one = (sample.sum(-1) - 1).abs() <= tol  # (r,)
+        flags.append((in_unit & sums_to_one).all())
+    policy_flag, ref_flag = torch.stack(flags).tolist()  # one sync
+    if policy_flag or ref_flag:
+        name = "policy_logits" if policy_flag else "ref_logits"
+        both = " (ref_logits too)" if policy_flag and ref_flag else ""
+        raise ValueError(
+            f"{name}{both} look like probabilities, not logits: each of the {pick.numel()} row(s) checked lies in "
+            "[0, 1] and sums to 1. Distances apply softmax to their inputs, so probabilities would be "
+            "softmaxed again into a near-uniform distribution and the distance would come out far too small. "
+            "Pass the logits, or log-probabilities (e.g. probs.log() or logits.log_softmax(-1): "
+            "softmax(log p) = p). If these really are logits, pass allow_probability_like_logits=True."
+        )
+
+
 def default_chunk_size(num_tokens: int) -> int:
     return max(1, _CHUNK_ELEMENTS // max(1, num_tokens))
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import difflib
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -13,6 +14,7 @@ from tokenmover.distances import kl as _kl
 from tokenmover.distances import sinkhorn as _sinkhorn
 from tokenmover.distances import tree as _tree
 from tokenmover.distances import vocab_parallel as _vocab_parallel
+from tokenmover.distances._inputs import check_not_probabilities, flatten_inputs
 
 
 @dataclass(frozen=True)
@@ -46,10 +48,17 @@ def _tree_method(policy_logits, ref_logits, structure, *, process_group=None, **
     return _tree.tree_wasserstein(policy_logits, ref_logits, structure, **kwargs)
 
 
-_TREE_HELP = "exact W1 under a tree metric (a tree, a forest: averaged trees, or chains); needs structure="
 _TREE_ACCEPTS = ("backend", "process_group")
-register_method("tree", Method(_tree_method, ("structure",), _TREE_ACCEPTS, True, _TREE_HELP))
-register_method("forest", Method(_tree_method, ("structure",), _TREE_ACCEPTS, True, _TREE_HELP))
+register_method(
+    "tree",
+    Method(_tree_method, ("structure",), _TREE_ACCEPTS, True,
+           "exact W1 under the tree metric of one tree (kind 'tree', or a one-member forest); needs structure="),
+)
+register_method(
+    "forest",
+    Method(_tree_method, ("structure",), _TREE_ACCEPTS, True,
+           "average of exact tree W1 over the trees of a forest (kind 'forest', or one tree); needs structure="),
+)
 register_method(
     "sliced",
     Method(
@@ -57,7 +66,8 @@ register_method(
         ("structure",),
         _TREE_ACCEPTS,
         True,
-        "sliced W1 on fixed support: average 1-D W1 over the chains of build_chains(); needs structure=",
+        "sliced W1 on fixed support: average 1-D W1 over the chains of build_chains() (kind 'chains'); "
+        "needs structure=",
     ),
 )
 register_method(
@@ -101,6 +111,38 @@ register_method("k2", Method(_kl.k2, ("tokens",), (), True, "sampled-token KL es
 register_method("k3", Method(_kl.k3, ("tokens",), (), True, "sampled-token KL estimator exp(r) - r - 1 (TRL GRPO)"))
 
 
+# distance()'s own keyword arguments, beside each method's (named in messages about unknown ones)
+DISTANCE_KEYWORDS = ("mask", "chunk_size", "allow_probability_like_logits")
+
+
+def check_method_arguments(method: str, given: dict, *, own: Iterable[str] = DISTANCE_KEYWORDS,
+                           ignore_missing: Iterable[str] = ()) -> None:
+    """Raise ``ValueError`` for a keyword ``method`` does not take (naming it, with the closest valid
+    one), then for one it needs that is missing or None (``ignore_missing``: given later, at call time).
+
+    ``given``: the method's keyword arguments; ``own``: the caller's keywords, also suggested.
+    """
+    spec = METHODS[method]
+    takes = sorted(set(spec.needs) | set(spec.accepts))
+    unknown = sorted(set(given) - set(takes))
+    if unknown:
+        valid = sorted(set(takes) | set(own))
+        hints = []
+        for name in unknown:
+            close = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
+            if close:
+                hints.append(f"did you mean {close[0]}= instead of {name}=?")
+        hint = f" ({'; '.join(hints)})" if hints else ""
+        takes_text = ", ".join(f"{k}=" for k in takes) or "no method keyword"
+        raise ValueError(
+            f"method {method!r} does not take {unknown}{hint}; it takes {takes_text} "
+            f"(besides {', '.join(f'{k}=' for k in own)})"
+        )
+    missing = [k for k in spec.needs if k not in set(ignore_missing) and given.get(k) is None]
+    if missing:
+        raise ValueError(f"method {method!r} needs {', '.join(f'{k}=' for k in missing)} ({spec.help})")
+
+
 def distance(
     policy_logits: torch.Tensor,
     ref_logits: torch.Tensor,
@@ -108,6 +150,7 @@ def distance(
     *,
     mask: torch.Tensor | None = None,
     chunk_size: int | None = None,
+    allow_probability_like_logits: bool = False,
     **kwargs,
 ) -> torch.Tensor:
     """Per-position distance between the policy's and the reference's next-token distributions.
@@ -118,7 +161,12 @@ def distance(
         method: one of ``tokenmover.METHODS`` (see ``available_methods()``). Default ``"tree"``.
         mask: optional (...) boolean; False positions get 0 and no gradient.
         chunk_size: positions processed at a time; peak extra memory is O(chunk_size * V).
-        **kwargs: what the method needs or accepts: ``structure`` (tree/forest/sliced),
+        allow_probability_like_logits: skip the check that refuses inputs that are plainly
+            probabilities (a few rows, each in [0, 1] and summing to 1: see
+            :func:`~tokenmover.distances._inputs.check_not_probabilities`). Default False: pass
+            logits or log-probabilities (``softmax(log p) = p``), never probabilities.
+        **kwargs: what the method needs or accepts: ``structure`` (tree/forest/sliced; its
+            ``kind`` must suit the method, :data:`tokenmover.distances.tree.METHOD_KINDS`),
             ``tokens`` (k1/k2/k3: sampled ids, shape (...)), ``cost`` or ``points`` (exact),
             ``backend`` ("auto" | "numba" | "torch" for tree methods), ``process_group`` (tree
             methods: the logits are this rank's slice of a vocabulary sharded over the group, in the
@@ -128,16 +176,20 @@ def distance(
         (...) tensor: float32 (float64 for float64 logits), differentiable w.r.t. the logits,
         for every method except ``exact``, which returns float64 whatever the logits' dtype (a
         reference, solved in float64) and no gradient.
+
+    Raises:
+        ValueError: an unknown method or keyword (naming the closest valid one), a missing one, a
+            structure of a kind the method does not run on, inputs that are plainly probabilities,
+            and whatever the method refuses (shapes, dtypes, NaN, ...).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of: {', '.join(sorted(METHODS))}")
     spec = METHODS[method]
-    missing = [k for k in spec.needs if kwargs.get(k) is None]
-    if missing:
-        raise ValueError(f"method {method!r} needs {', '.join(f'{k}=' for k in missing)} ({spec.help})")
-    unknown = set(kwargs) - set(spec.needs) - set(spec.accepts)
-    if unknown:
-        raise ValueError(f"method {method!r} does not take {sorted(unknown)}; it takes {sorted(spec.needs + spec.accepts)}")
+    check_method_arguments(method, kwargs)
+    if method in _tree.METHOD_KINDS:
+        _tree.check_structure_kind(method, kwargs["structure"])
+    if not allow_probability_like_logits:
+        check_not_probabilities(flatten_inputs(policy_logits, ref_logits, mask))
     if method == "exact":
         return spec.fn(policy_logits, ref_logits, mask=mask, **kwargs)
     return spec.fn(policy_logits, ref_logits, mask=mask, chunk_size=chunk_size, **kwargs)

@@ -45,6 +45,47 @@ from tokenmover.structures.transport_structure import PackedStructure, Transport
 
 BACKENDS = ("auto", "numba", "torch", "triton")
 
+# The structure kinds each tree method runs on: one vocabulary for methods and structures.
+# A tree is a forest of one member, so "forest" runs on trees and "tree" on a one-member forest
+# (e.g. forest.member(k)); chains (sliced Wasserstein, kind "chains", or "chain" for one built by
+# hand) are for "sliced" only. Kinds other than these builders' labels are not checked.
+TREE_KINDS = ("tree", "forest")
+CHAIN_KINDS = ("chains", "chain")
+METHOD_KINDS = {"tree": TREE_KINDS, "forest": TREE_KINDS, "sliced": CHAIN_KINDS}
+
+
+def method_for(structure: TransportStructure) -> str:
+    """The tree method that runs on ``structure``: ``"sliced"`` for chains, ``"tree"`` for one tree
+    (or a one-member structure of another kind), ``"forest"`` otherwise."""
+    if structure.kind in CHAIN_KINDS:
+        return "sliced"
+    return "tree" if structure.num_members == 1 else "forest"
+
+
+def check_structure_kind(method: str, structure) -> None:
+    """Raise ``ValueError`` naming the method, the structure's kind and the method that fits, when
+    ``structure`` is not one ``method`` runs on (:data:`METHOD_KINDS`); "tree" also needs one member."""
+    if method not in METHOD_KINDS or not isinstance(structure, TransportStructure):
+        return  # other methods take no structure; a non-structure is refused by tree_wasserstein
+    kind, members = structure.kind, structure.num_members
+    tree_method = method_for(structure) if kind not in CHAIN_KINDS else "tree"
+    if method == "sliced" and kind in TREE_KINDS:
+        raise ValueError(
+            f"method 'sliced' runs on chains (a structure of kind 'chains', from build_chains() or "
+            f"VocabGeometry.build_structure('sliced')), but this structure is of kind {kind!r} with "
+            f"{members} member(s): use method={tree_method!r}, or build chains for 'sliced'"
+        )
+    if method in ("tree", "forest") and kind in CHAIN_KINDS:
+        raise ValueError(
+            f"method {method!r} runs on trees, but this structure is of kind {kind!r} (sliced-Wasserstein "
+            f"chains): use method='sliced', or build a tree/forest for {method!r}"
+        )
+    if method == "tree" and members != 1:
+        raise ValueError(
+            f"method 'tree' runs on one tree, but this structure of kind {kind!r} has {members} members: "
+            f"use method='forest' (the average of its members' tree distances), or structure.member(k) for one tree"
+        )
+
 
 def resolve_backend(backend: str, device: torch.device) -> str:
     """The kernel ``backend`` ("auto" | "numba" | "torch" | "triton") means on ``device``; ValueError

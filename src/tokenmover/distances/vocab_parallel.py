@@ -335,19 +335,17 @@ _CACHE: dict[int, tuple[weakref.ref, dict]] = {}  # id(structure) -> (its weak r
 
 
 def _cached(structure: TransportStructure, key, build):
-    """``build()`` cached per structure (held weakly: a structure is an unhashable dataclass) and
-    key, rebuilt when the structure's fields changed."""
+    """``build()`` cached per structure (held weakly) and key; a structure is immutable, so an entry
+    never goes stale."""
     slot = _CACHE.get(id(structure))
     if slot is None or slot[0]() is not structure:
         slot = (weakref.ref(structure), {})
         _CACHE[id(structure)] = slot
         weakref.finalize(structure, _CACHE.pop, id(structure), None)
     entries = slot[1]
-    entry = entries.get(key)
-    if entry is None or structure.changed_since(entry[0]):
-        entry = (structure.snapshot(), build())
-        entries[key] = entry
-    return entry[1]
+    if key not in entries:
+        entries[key] = build()
+    return entries[key]
 
 
 def structure_fingerprint(structure: TransportStructure) -> int:

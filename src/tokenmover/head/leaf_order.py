@@ -28,8 +28,7 @@ from tokenmover.structures.transport_structure import TransportStructure, invers
 class _LeafView:
     """A regularizer's structure in member 0's leaf order, built once per regularizer."""
 
-    source: TransportStructure  # the regularizer's own structure (to notice a replaced one)
-    snapshot: tuple  # source.snapshot() when built (to notice changed fields)
+    source: TransportStructure  # the regularizer's own (immutable) structure, to notice a replaced one
     regularizer: Regularizer  # same method/options on source.in_leaf_order()
     order: torch.Tensor  # (V,) int64: token id of each logit column
     inverse: torch.Tensor  # (V,) int64: column of each token id
@@ -77,13 +76,12 @@ def leaf_order_view(regularizer: Regularizer) -> _LeafView | None:
     if structure is None or "structure" not in METHODS[regularizer.method].needs:
         return None
     view = _LEAF_VIEWS.get(regularizer)
-    if view is None or view.source is not structure or structure.changed_since(view.snapshot):
+    if view is None or view.source is not structure:
         order = structure.leaf_order()  # (V,)
         if torch.equal(order, torch.arange(order.numel(), dtype=order.dtype)):
             return None
         inverse = inverse_permutation(order)
-        view = _LeafView(structure, structure.snapshot(), _leaf_order_twin(regularizer, structure, order),
-                         order, inverse, {})
+        view = _LeafView(structure, _leaf_order_twin(regularizer, structure, order), order, inverse, {})
         _LEAF_VIEWS[regularizer] = view
     return view
 
@@ -100,7 +98,8 @@ def _leaf_order_twin(regularizer: Regularizer, structure: TransportStructure, or
         kwargs["geometry"] = type(geometry)(geometry.points[order], metric=geometry.metric,
                                             metadata=dict(geometry.metadata))
     return Regularizer(regularizer.method, mode=regularizer.mode, structure=structure.in_leaf_order(),
-                       chunk_size=regularizer.chunk_size, **kwargs)
+                       chunk_size=regularizer.chunk_size,
+                       allow_probability_like_logits=regularizer.allow_probability_like_logits, **kwargs)
 
 
 def view_indices(view: _LeafView, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -51,6 +51,7 @@ import torch
 
 from tokenmover.distances._rowwise import autograd_chunk, rowwise_chunked
 from tokenmover.distances.api import distance
+from tokenmover.distances.tree import method_for
 from tokenmover.structures.transport_structure import TransportStructure
 
 LOSS_NAME = "tokenmover_tree"
@@ -145,7 +146,7 @@ def transport_topk_values(
 
     def values(x, _unused, rows, _active):
         ref = completed_reference_log_probs(x, topk_log_probs[rows], topk_ids[rows])  # (c, V)
-        return distance(x, ref, "tree", structure=structure, backend=backend)
+        return distance(x, ref, method_for(structure), structure=structure, backend=backend)  # tree or forest
 
     # the reference is made per chunk: the second input is a stride-0 placeholder of the right shape
     placeholder = student_logits.new_zeros(()).expand(student_logits.shape)

@@ -9,6 +9,17 @@ Loading recomputes the checksum and refuses (``ValueError``) a missing, truncate
 mismatched file, so a corrupted artifact never turns into wrong distances. This module holds the
 shared helpers and the :class:`~tokenmover.structures.TransportStructure` artifact; geometries use
 the same helpers (:mod:`tokenmover.geometry.io`).
+
+Structure layout. ``TransportStructure.save_pretrained(DIR)`` writes ``DIR/structure.*``;
+``tokenmover geometry build --out DIR --structure tree,mst`` writes ``DIR/geometry.*`` and one
+``DIR/structure_<kind>.*`` per structure. Every loader (``TransportStructure.from_pretrained``,
+the trainer's ``structure_path``, the TRL adapters' ``transport_structure``) goes through
+:func:`locate_structure`, which reads a path as
+
+- a file of the artifact (``DIR/structure_tree.json`` or ``.safetensors``): that structure;
+- a folder: ``structure.*`` if present, else its only ``structure_<kind>.*``; a folder with several
+  ``structure_<kind>`` and no ``structure.*`` (or none at all) is refused with the list of the
+  structure files it holds, so that one can be named (``name=`` or the path of its file).
 """
 
 from __future__ import annotations
@@ -108,6 +119,53 @@ def _json_int_equals(value: Any, expected: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value == expected
 
 
+def structure_files(folder: Path) -> list[str]:
+    """The names of the structure artifact files (``structure*.json`` / ``.safetensors``) in ``folder``."""
+    if not folder.is_dir():
+        return []
+    return sorted({p.name for pattern in ("structure*.json", "structure*.safetensors") for p in folder.glob(pattern)})
+
+
+def locate_structure(path: str | Path, name: str | None = None) -> tuple[Path, str]:
+    """``(folder, artifact name)`` of the structure that ``path`` (and ``name``) designate.
+
+    ``path`` is a folder or one of an artifact's two files; ``name`` (a folder only) picks an
+    artifact by name. See the module docstring for how a folder is read without a name. Raises
+    ``ValueError`` naming the structure files found when no single structure is designated.
+    """
+    path = Path(path)
+    if path.suffix in (".json", ".safetensors") and not path.is_dir():
+        if name is not None and name != path.stem:
+            raise ValueError(f"{path} names the structure {path.stem!r}, but name={name!r} was given")
+        path, name = path.parent, path.stem
+    if not path.is_dir():
+        raise ValueError(f"no structure at {path}: no such folder (or structure file)")
+    found = structure_files(path)
+    listing = ", ".join(found) if found else "none"
+    if name is not None:
+        if not (path / f"{name}.json").is_file() or not (path / f"{name}.safetensors").is_file():
+            raise ValueError(
+                f"no structure named {name!r} in {path}: expected {name}.json and {name}.safetensors; "
+                f"structure files there: {listing}"
+            )
+        return path, name
+    if (path / "structure.json").is_file():
+        return path, "structure"
+    named = sorted({Path(f).stem for f in found if Path(f).stem.startswith("structure_")})
+    if len(named) == 1:
+        return path, named[0]
+    if not named:
+        raise ValueError(
+            f"no structure in {path}: expected structure.json + structure.safetensors "
+            "(TransportStructure.save_pretrained) or one structure_<kind>.json + .safetensors "
+            f"(tokenmover geometry build --structure KIND); structure files there: {listing}"
+        )
+    raise ValueError(
+        f"{path} holds {len(named)} structures ({', '.join(named)}): name one, e.g. "
+        f"{path / (named[0] + '.json')} as the path or name={named[0]!r}; structure files there: {listing}"
+    )
+
+
 def save_structure(
     structure: TransportStructure,
     folder: str | Path,
@@ -145,12 +203,15 @@ def save_structure(
 def load_structure(
     folder: str | Path,
     *,
-    name: str = "structure",
+    name: str | None = None,
     tokenizer=None,
     vocab_fingerprint: str | None = None,
     num_tokens: int | None = None,
 ) -> TransportStructure:
     """Load and verify a structure saved by :func:`save_structure`.
+
+    ``folder`` and ``name`` are read by :func:`locate_structure` (a folder, or a file of the
+    artifact; without ``name``, the folder's ``structure.*`` or its only ``structure_<kind>.*``).
 
     Refuses (``ValueError``): a checksum mismatch, missing tensors, a vocabulary fingerprint that
     differs from ``tokenizer``'s (or from ``vocab_fingerprint``), a size other than
@@ -160,16 +221,18 @@ def load_structure(
     """
     from tokenmover.geometry.fingerprint import check_fingerprint
 
+    folder, name = locate_structure(folder, name)
     tensors, facts = read_artifact(folder, name, fmt=STRUCTURE_FORMAT, version=STRUCTURE_VERSION)
+    where = folder if name == "structure" else folder / name  # what the messages below name
     missing = [key for key in _STRUCTURE_TENSORS if key not in tensors]
     if missing:
-        raise ValueError(f"corrupted structure artifact in {folder}: missing tensors {missing}")
+        raise ValueError(f"corrupted structure artifact in {where}: missing tensors {missing}")
     stored = facts.get("vocab_fingerprint")
     if vocab_fingerprint is not None and stored is not None and vocab_fingerprint != stored:
         raise ValueError(
-            f"structure in {folder} was built for vocabulary fingerprint {stored}, expected {vocab_fingerprint}"
+            f"structure in {where} was built for vocabulary fingerprint {stored}, expected {vocab_fingerprint}"
         )
-    check_fingerprint(stored, tokenizer, what=f"the structure in {folder}")
+    check_fingerprint(stored, tokenizer, what=f"the structure in {where}")
     v = int(tensors["perms"].shape[1]) if tensors["perms"].dim() == 2 else -1
     if not _json_int_equals(facts.get("num_tokens"), v):
         raise ValueError(f"corrupted structure artifact: perms cover {v} tokens, JSON says {facts.get('num_tokens')}")
@@ -193,22 +256,20 @@ def load_structure(
             f"corrupted structure artifact: metadata must be a JSON object, got {type(metadata).__name__}"
         )
     if num_tokens is not None and v != num_tokens:
-        raise ValueError(f"structure in {folder} covers V={v} tokens, but V={num_tokens} was expected")
+        raise ValueError(f"structure in {where} covers V={v} tokens, but V={num_tokens} was expected")
     if tokenizer is not None and stored is None and v < len(tokenizer):
-        raise ValueError(f"structure in {folder} covers V={v} tokens, fewer than the tokenizer's {len(tokenizer)}")
-    structure = TransportStructure(
-        num_tokens=v,
-        perms=tensors["perms"],
-        edge_starts=tensors["edge_starts"],
-        edge_ends=tensors["edge_ends"],
-        edge_weights=tensors["edge_weights"],
-        member_offsets=tensors["member_offsets"],
-        member_weights=tensors["member_weights"],
-        kind=kind,
-        metadata=dict(metadata or {}),
-    )
+        raise ValueError(f"structure in {where} covers V={v} tokens, fewer than the tokenizer's {len(tokenizer)}")
     try:
-        structure.validate()
+        return TransportStructure(
+            num_tokens=v,
+            perms=tensors["perms"],
+            edge_starts=tensors["edge_starts"],
+            edge_ends=tensors["edge_ends"],
+            edge_weights=tensors["edge_weights"],
+            member_offsets=tensors["member_offsets"],
+            member_weights=tensors["member_weights"],
+            kind=kind,
+            metadata=dict(metadata or {}),
+        )
     except ValueError as err:
-        raise ValueError(f"corrupted structure artifact in {folder}: {err}") from err
-    return structure
+        raise ValueError(f"corrupted structure artifact in {where}: {err}") from err

@@ -34,8 +34,9 @@ the identity: logits that already arrive in that order (LM-head rows projected i
 from __future__ import annotations
 
 import hashlib
+import operator
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -70,9 +71,17 @@ class PackedStructure:
     identity_members: tuple[bool, ...] = ()
 
 
-@dataclass
+@dataclass(frozen=True, eq=False)
 class TransportStructure:
     """K stacked trees/chains over V tokens (see module docstring for the math).
+
+    An immutable value that owns its data: every constructor (``TransportStructure(...)``,
+    :meth:`from_tree`, :meth:`stack`, :meth:`member`, :meth:`with_edge_weights`, :meth:`relabel`,
+    :meth:`from_pretrained`) copies the arrays it is given, so later changes to the caller's arrays
+    never reach the structure. The tensor attributes are the structure's own copies and are
+    **read-only**: fields cannot be reassigned (``FrozenInstanceError``), and a tensor changed in
+    place (``s.edge_weights.mul_(2)``) makes the next distance call raise ``ValueError``; build a new
+    structure instead (:meth:`with_edge_weights`, :meth:`relabel`, ``dataclasses.replace``).
 
     Attributes:
         num_tokens: V.
@@ -81,17 +90,25 @@ class TransportStructure:
         edge_weights: (E,) float64, finite and ``>= 0``.
         member_offsets: (K + 1,) int64; member ``k`` owns edges ``member_offsets[k]:member_offsets[k+1]``.
         member_weights: (K,) float64, finite and ``> 0``; the distance is ``sum_k a_k W_{T_k}``.
-        kind: ``"tree"``, ``"chains"``, ``"forest"`` or any label a builder chooses.
-        metadata: free-form JSON-serialisable facts (builder parameters, timings, seeds).
+        kind: ``"tree"`` (one tree), ``"forest"`` (averaged trees), ``"chains"`` (sliced-Wasserstein
+            chains, :func:`~tokenmover.structures.build_chains`) or any label a builder chooses. The
+            distance methods check it (:data:`tokenmover.distances.tree.METHOD_KINDS`): ``"tree"``
+            runs on one tree (a tree, or a one-member forest), ``"forest"`` on trees and forests,
+            ``"sliced"`` on chains.
+        metadata: free-form JSON-serialisable facts (builder parameters, timings, seeds), copied
+            at construction; the kernels never read it.
             ``metadata["relabelled"] = True`` marks a structure over relabelled token ids
             (:meth:`relabel`), which :meth:`save_pretrained` refuses to save;
             ``metadata["relabel_order_sha256"]`` identifies the relabelling (a SHA-256 chained over
             the orders given to :meth:`relabel`), so that :meth:`stack` can refuse members relabelled
             differently.
+        check: validate at construction (default True; :meth:`validate`). Builders that produce
+            valid structures by construction may pass False; :meth:`packed` validates the arrays it
+            packs in every case, so the kernels never read unvalidated arrays.
 
-    The kernels read :meth:`packed` arrays, built (and the structure validated) once and cached.
-    Replacing a tensor field or changing one in place (``s.edge_weights.mul_(2)``) is noticed by
-    the next :meth:`packed` call, which validates and packs again.
+    Integer index arrays of any integer dtype are widened exactly to int64, float16/bfloat16/
+    float32 (and integer) weights to float64; other dtypes are refused by :meth:`validate`.
+    The kernels read :meth:`packed` arrays, built once per (device, dtype) and cached.
     """
 
     num_tokens: int
@@ -103,20 +120,32 @@ class TransportStructure:
     member_weights: torch.Tensor
     kind: str = "tree"
     metadata: dict[str, Any] = field(default_factory=dict)
-    _packed_cache: dict = field(default_factory=dict, repr=False, compare=False)
+    check: InitVar[bool] = True
+    _packed_cache: dict = field(default_factory=dict, init=False, repr=False)
+    _versions: tuple = field(default=(), init=False, repr=False)
 
-    def __post_init__(self) -> None:
-        # a structure built by hand may hold int32 indices or float32 weights: widened here, exactly,
-        # to the int64 / float64 that validate() and the kernels' packing expect (other dtypes and
-        # devices are left for validate() to name)
-        for name in _TENSOR_FIELDS:
-            t = getattr(self, name)
-            if not isinstance(t, torch.Tensor) or t.device.type != "cpu":
-                continue
-            if name in _INDEX_FIELDS and t.dtype in (torch.int8, torch.uint8, torch.int16, torch.int32):
-                setattr(self, name, t.to(torch.int64))
-            elif name not in _INDEX_FIELDS and t.dtype in (torch.float16, torch.bfloat16, torch.float32):
-                setattr(self, name, t.to(torch.float64))
+    def __post_init__(self, check: bool) -> None:
+        # tensors made under torch.inference_mode() keep no version counter and refuse later in-place
+        # use: the owned copies are ordinary tensors whatever mode the caller is in
+        with torch.inference_mode(False):
+            for name in _TENSOR_FIELDS:
+                object.__setattr__(self, name, _owned_copy(name, getattr(self, name)))
+        try:
+            num_tokens = operator.index(self.num_tokens)
+        except TypeError:
+            raise ValueError(f"num_tokens must be an integer, got {type(self.num_tokens).__name__}") from None
+        object.__setattr__(self, "num_tokens", int(num_tokens))
+        object.__setattr__(self, "metadata", dict(self.metadata or {}))
+        if not isinstance(self.kind, str):
+            raise ValueError(f"kind must be a string, got {type(self.kind).__name__}")
+        if check:
+            self.validate()
+        object.__setattr__(self, "_versions", self._tensor_versions())
+
+    def __reduce__(self):
+        # copy/deepcopy/pickle rebuild through the constructor (fresh copies, fresh version record)
+        fields = tuple(getattr(self, name) for name in _TENSOR_FIELDS)
+        return (_rebuild, (type(self), self.num_tokens, fields, self.kind, self.metadata))
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -131,12 +160,17 @@ class TransportStructure:
         metadata: dict[str, Any] | None = None,
         validate: bool = True,
     ) -> TransportStructure:
-        """One member from a leaf order and its edge ranges/weights."""
-        perm_t = torch.as_tensor(np.asarray(perm), dtype=torch.int64).reshape(1, -1)  # (1, V)
-        starts_t = torch.as_tensor(np.asarray(starts), dtype=torch.int64).reshape(-1)  # (E,)
-        ends_t = torch.as_tensor(np.asarray(ends), dtype=torch.int64).reshape(-1)  # (E,)
-        weights_t = torch.as_tensor(np.asarray(weights), dtype=torch.float64).reshape(-1)  # (E,)
-        structure = cls(
+        """One member from a leaf order and its edge ranges/weights.
+
+        The arrays are copied (the structure never shares memory with the caller's arrays) and,
+        with ``validate=True`` (default), checked at once; with ``validate=False`` the check is left
+        to :meth:`packed`, which runs it before any kernel reads the arrays.
+        """
+        perm_t = _owned_array("perm", "perms", perm).reshape(1, -1)  # (1, V)
+        starts_t = _owned_array("starts", "edge_starts", starts).reshape(-1)  # (E,)
+        ends_t = _owned_array("ends", "edge_ends", ends).reshape(-1)  # (E,)
+        weights_t = _owned_array("weights", "edge_weights", weights).reshape(-1)  # (E,)
+        return cls(
             num_tokens=int(perm_t.shape[1]),
             perms=perm_t,
             edge_starts=starts_t,
@@ -146,10 +180,8 @@ class TransportStructure:
             member_weights=torch.ones(1, dtype=torch.float64),
             kind=kind,
             metadata=dict(metadata or {}),
+            check=validate,
         )
-        if validate:
-            structure.validate()
-        return structure
 
     @classmethod
     def stack(
@@ -199,7 +231,7 @@ class TransportStructure:
             weights = torch.as_tensor(member_weights, dtype=torch.float64).reshape(-1)
             if weights.numel() != k_total:
                 raise ValueError(f"member_weights has {weights.numel()} entries for {k_total} members")
-        structure = cls(
+        return cls(
             num_tokens=sizes.pop(),
             perms=perms,
             edge_starts=torch.cat([m.edge_starts for m in members]),
@@ -210,8 +242,6 @@ class TransportStructure:
             kind=kind,
             metadata=dict(metadata or {}, **relabel_extra),
         )
-        structure.validate()
-        return structure
 
     # ------------------------------------------------------------------ properties
     @property
@@ -223,26 +253,29 @@ class TransportStructure:
         return int(self.edge_starts.numel())
 
     def member(self, k: int) -> TransportStructure:
-        """Member ``k`` alone, as a one-member structure (weight 1)."""
+        """Member ``k`` alone, as a one-member structure (weight 1, same kind)."""
+        if not 0 <= k < self.num_members:
+            raise ValueError(f"member must lie in [0, {self.num_members}), got {k}")
         lo, hi = int(self.member_offsets[k]), int(self.member_offsets[k + 1])
         return TransportStructure(
             num_tokens=self.num_tokens,
-            perms=self.perms[k : k + 1].clone(),
-            edge_starts=self.edge_starts[lo:hi].clone(),
-            edge_ends=self.edge_ends[lo:hi].clone(),
-            edge_weights=self.edge_weights[lo:hi].clone(),
+            perms=self.perms[k : k + 1],
+            edge_starts=self.edge_starts[lo:hi],
+            edge_ends=self.edge_ends[lo:hi],
+            edge_weights=self.edge_weights[lo:hi],
             member_offsets=torch.tensor([0, hi - lo], dtype=torch.int64),
             member_weights=torch.ones(1, dtype=torch.float64),
             kind=self.kind,
             metadata=dict(self.metadata),
+            check=False,  # a member of a valid structure is valid; packed() validates in any case
         )
 
     def with_edge_weights(self, edge_weights: torch.Tensor | np.ndarray) -> TransportStructure:
-        """The same ranges with new (e.g. calibrated) edge weights."""
-        new = torch.as_tensor(np.asarray(edge_weights), dtype=torch.float64).reshape(-1)
+        """The same ranges with new (e.g. calibrated) edge weights (copied and validated)."""
+        new = _owned_array("edge_weights", "edge_weights", edge_weights).reshape(-1)
         if new.numel() != self.num_edges:
             raise ValueError(f"expected {self.num_edges} edge weights, got {new.numel()}")
-        structure = TransportStructure(
+        return TransportStructure(
             num_tokens=self.num_tokens,
             perms=self.perms,
             edge_starts=self.edge_starts,
@@ -253,8 +286,6 @@ class TransportStructure:
             kind=self.kind,
             metadata=dict(self.metadata),
         )
-        structure.validate()
-        return structure
 
     # ------------------------------------------------------------------ relabelling
     def relabel(self, order: Sequence[int] | np.ndarray | torch.Tensor) -> TransportStructure:
@@ -290,7 +321,6 @@ class TransportStructure:
         digest.update(order_t.numpy().astype("<i8").tobytes())
         identity = bool(torch.equal(order_t, torch.arange(v, dtype=torch.int64)))
         label = previous if identity and previous else digest.hexdigest()  # an identity relabel changes no id
-        # perms stay permutations and the ranges are untouched, so the structure stays valid.
         return TransportStructure(
             num_tokens=v,
             perms=inverse.to(self.perms.device)[self.perms],  # (K, V): new id of the token at each position
@@ -301,6 +331,7 @@ class TransportStructure:
             member_weights=self.member_weights,
             kind=self.kind,
             metadata=dict(self.metadata, relabelled=True, relabel_order_sha256=label),
+            check=False,  # perms stay permutations, ranges are untouched; packed() validates in any case
         )
 
     def leaf_order(self) -> torch.Tensor:
@@ -318,7 +349,8 @@ class TransportStructure:
 
     # ------------------------------------------------------------------ artifacts
     def save_pretrained(self, folder, *, name: str = "structure", vocab_fingerprint: str | None = None):
-        """Save as ``folder/NAME.safetensors`` + ``NAME.json`` (see :mod:`tokenmover.structures.io`).
+        """Save as ``folder/NAME.safetensors`` + ``NAME.json`` (see :mod:`tokenmover.structures.io`;
+        ``tokenmover geometry build`` names its structures ``structure_<kind>``).
 
         Refuses (``ValueError``) a relabelled structure: its token ids are not the tokenizer's, and a
         loader checking the tokenizer fingerprint could not tell. Save the original and call
@@ -329,8 +361,15 @@ class TransportStructure:
         return save_structure(self, folder, name=name, vocab_fingerprint=vocab_fingerprint)
 
     @classmethod
-    def from_pretrained(cls, folder, *, name: str = "structure", tokenizer=None, num_tokens: int | None = None):
-        """Load a saved structure; refuses corrupted files and another tokenizer's vocabulary."""
+    def from_pretrained(cls, folder, *, name: str | None = None, tokenizer=None, num_tokens: int | None = None):
+        """Load a saved structure; refuses corrupted files and another tokenizer's vocabulary.
+
+        ``folder``: a folder, or one of the artifact's files (``DIR/structure_tree.json``). Without
+        ``name``, a folder's ``structure.*`` (``save_pretrained``'s default name) or else its only
+        ``structure_<kind>.*`` (what ``tokenmover geometry build`` writes) is loaded; several, or none,
+        raise ``ValueError`` listing the structure files found
+        (:func:`tokenmover.structures.io.locate_structure`).
+        """
         from tokenmover.structures.io import load_structure
 
         return load_structure(folder, name=name, tokenizer=tokenizer, num_tokens=num_tokens)
@@ -346,98 +385,42 @@ class TransportStructure:
         each member's ranges are laminar (nested or disjoint); edge and member weights are finite,
         edge weights ``>= 0``, member weights ``> 0``; offsets are consistent.
         """
-        state = self.snapshot()
-        v = self.num_tokens
-        if v < 1:
-            raise ValueError(f"a structure needs at least one token, got num_tokens={v}")
-        for name in _TENSOR_FIELDS:
-            t = getattr(self, name)
-            if not isinstance(t, torch.Tensor):
-                raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-            want = torch.int64 if name in _INDEX_FIELDS else torch.float64
-            if t.dtype != want:
-                raise ValueError(f"{name} must have dtype {want}, got {t.dtype}")
-            dims = 2 if name == "perms" else 1
-            if t.dim() != dims:
-                raise ValueError(f"{name} must be {dims}-D, got shape {tuple(t.shape)}")
-            if t.device.type != "cpu":
-                raise ValueError(f"{name} must be a CPU tensor (packed() moves it), got {t.device}")
-        if self.perms.dim() != 2 or self.perms.shape[1] != v:
-            raise ValueError(f"perms must have shape (K, {v}), got {tuple(self.perms.shape)}")
-        k = self.perms.shape[0]
-        expected = torch.arange(v, dtype=torch.int64)
-        for i in range(k):
-            if not torch.equal(torch.sort(self.perms[i]).values, expected):
-                raise ValueError(
-                    f"member {i}: perm is not a permutation of 0..{v - 1} (missing or repeated token ids)"
-                )
-        n_edges = self.edge_starts.numel()
-        if self.edge_ends.numel() != n_edges or self.edge_weights.numel() != n_edges:
-            raise ValueError(
-                "edge_starts, edge_ends and edge_weights must have the same length, got "
-                f"{self.edge_starts.numel()}, {self.edge_ends.numel()}, {self.edge_weights.numel()}"
-            )
-        offsets = self.member_offsets
-        if offsets.numel() != k + 1 or int(offsets[0]) != 0 or int(offsets[-1]) != n_edges:
-            raise ValueError(f"member_offsets must run from 0 to {n_edges} with {k + 1} entries")
-        if bool((offsets[1:] < offsets[:-1]).any()):
-            raise ValueError("member_offsets must be non-decreasing")
-        if self.member_weights.numel() != k:
-            raise ValueError(f"member_weights needs {k} entries, got {self.member_weights.numel()}")
-        if not bool(torch.isfinite(self.member_weights).all()) or bool((self.member_weights <= 0).any()):
-            raise ValueError("member_weights must be finite and > 0")
-        if not bool(torch.isfinite(self.edge_weights).all()):
-            raise ValueError("edge weights must be finite (found NaN or Inf)")
-        if bool((self.edge_weights < 0).any()):
-            raise ValueError(f"edge weights must be >= 0, min is {float(self.edge_weights.min()):g}")
-        if n_edges and (bool((self.edge_starts < 0).any()) or bool((self.edge_ends > v).any())):
-            raise ValueError(f"edge ranges must lie in [0, {v}]")
-        if bool((self.edge_starts >= self.edge_ends).any()):
-            bad = int(torch.nonzero(self.edge_starts >= self.edge_ends)[0])
-            raise ValueError(
-                f"edge {bad} has an empty range [{int(self.edge_starts[bad])}, {int(self.edge_ends[bad])})"
-            )
-        for i in range(k):
-            lo, hi = int(offsets[i]), int(offsets[i + 1])
-            _check_laminar(self.edge_starts[lo:hi].numpy(), self.edge_ends[lo:hi].numpy(), member=i)
-        self._packed_cache["validated"] = state
+        _check_fields(self.num_tokens, {name: getattr(self, name) for name in _TENSOR_FIELDS})
 
     # ------------------------------------------------------------------ kernels' view
-    def snapshot(self) -> tuple:
-        """An opaque record of the tensor fields as they are now, for :meth:`changed_since`: what a
-        cache derived from this structure (the packed arrays, the leaf-order twin) checks before
-        reuse. ``num_tokens`` and each tensor field with its version counter (bumped by in-place
-        changes); the tensors themselves are held, so a replaced field is told apart by identity
-        (``is``), never by a reused ``id()``."""
-        return (self.num_tokens, tuple((t, _version(t)) for t in (getattr(self, n) for n in _TENSOR_FIELDS)))
-
-    def changed_since(self, snapshot: tuple) -> bool:
-        """Whether a tensor field was replaced or changed in place since :meth:`snapshot` gave
-        ``snapshot`` (or ``num_tokens`` changed)."""
-        return not _same_state(snapshot, self.snapshot())
-
     def packed(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> PackedStructure:
-        """The kernel arrays on ``device`` with weights in ``dtype`` (cached).
+        """The kernel arrays on ``device`` with weights in ``dtype``, built once per (device, dtype).
 
-        The structure is validated (:meth:`validate`, ``ValueError``) once per state of its fields,
-        not on every call. The cache is keyed on each tensor field's identity and version counter,
-        so replacing a field (``s.edge_weights = w``) or changing it in place (``s.edge_weights.mul_(2)``)
-        validates and packs again on the next call. (Inference-mode tensors keep no version counter:
-        in-place changes made to them under ``torch.inference_mode()`` are not noticed.)
+        The arrays are derived from the structure's own copies, checked by :meth:`validate` right
+        before packing, and never share memory with the attributes. Raises ``ValueError`` if a
+        tensor attribute was changed in place since the structure was built (it is read-only).
         """
+        self._check_unchanged()
         key = (str(torch.device(device)), dtype)
-        state = self.snapshot()
-        entry = self._packed_cache.get(key)
-        if entry is None or not _same_state(entry[0], state):
-            if not _same_state(self._packed_cache.get("validated"), state):
-                self.validate()
-            cache = self._packed_cache
-            for stale in [k for k, e in cache.items() if k != "validated" and not _same_state(e[0], state)]:
-                del cache[stale]  # built from tensors that changed since
-            self._packed_cache[key] = (state, self._pack(torch.device(device), dtype))
-        return self._packed_cache[key][1]
+        packed = self._packed_cache.get(key)
+        if packed is None:
+            self.validate()  # what the kernels will read, whatever happened to the attributes
+            packed = self._packed_cache[key] = self._pack(torch.device(device), dtype)
+        return packed
+
+    def _tensor_versions(self) -> tuple[int, ...]:
+        return tuple(getattr(self, name)._version for name in _TENSOR_FIELDS)
+
+    def _check_unchanged(self) -> None:
+        changed = [n for n, a, b in zip(_TENSOR_FIELDS, self._versions, self._tensor_versions()) if a != b]
+        if changed:
+            raise ValueError(
+                f"the structure's {', '.join(changed)} tensor was changed in place after it was built; a "
+                "TransportStructure is immutable (its tensors are read-only): build a new one instead, e.g. "
+                "structure.with_edge_weights(w), structure.relabel(order), TransportStructure.from_tree(...) "
+                "or dataclasses.replace(structure, ...)"
+            )
 
     def _pack(self, device: torch.device, dtype: torch.dtype) -> PackedStructure:
+        with torch.inference_mode(False):  # ordinary tensors, usable in and out of inference mode
+            return self._pack_arrays(device, dtype)
+
+    def _pack_arrays(self, device: torch.device, dtype: torch.dtype) -> PackedStructure:
         v = self.num_tokens
         token_weights = torch.zeros(v, dtype=torch.float64)  # (V,)
         starts, ends, weights, offsets = [], [], [], [0]
@@ -460,7 +443,7 @@ class TransportStructure:
             offsets.append(offsets[-1] + int(keep.sum()))
         return PackedStructure(
             num_tokens=v,
-            perms=self.perms.to(device),
+            perms=self.perms.to(device, copy=True),  # never the attribute itself
             token_weights=token_weights.to(device=device, dtype=dtype),
             edge_starts=torch.cat(starts).to(device),
             edge_ends=torch.cat(ends).to(device),
@@ -507,18 +490,107 @@ class TransportStructure:
         )
 
 
-def _version(t: torch.Tensor) -> int | None:
-    try:
-        return getattr(t, "_version", None)  # None for a non-tensor (validate() refuses it)
-    except RuntimeError:  # inference-mode tensors have no version counter
-        return None
+def _owned_copy(name: str, value: Any) -> torch.Tensor | Any:
+    """A CPU tensor that shares no memory with ``value`` (a tensor, numpy array or sequence).
+
+    Index fields of any integer dtype are widened exactly to int64, weight fields of a narrower float
+    or an integer dtype to float64; anything else (a bool, a float index array, a non-numeric value)
+    is returned as converted for :meth:`TransportStructure.validate` to name.
+    """
+    if isinstance(value, torch.Tensor):
+        t = value.detach().to("cpu")
+        t = t.clone(memory_format=torch.contiguous_format) if _shares_memory(t, value) else t.contiguous()
+    else:
+        try:
+            array = np.array(value)  # a copy
+        except (TypeError, ValueError):
+            return value
+        if array.dtype.kind not in "biuf":
+            return value
+        if not array.dtype.isnative:
+            array = array.astype(array.dtype.newbyteorder("="))
+        t = torch.from_numpy(np.ascontiguousarray(array))
+    if name in _INDEX_FIELDS:
+        if not t.dtype.is_floating_point and not t.dtype.is_complex and t.dtype not in (torch.bool, torch.int64):
+            t = t.to(torch.int64)
+    elif t.dtype in (torch.float16, torch.bfloat16, torch.float32) or (
+        not t.dtype.is_floating_point and not t.dtype.is_complex and t.dtype != torch.bool
+    ):
+        t = t.to(torch.float64)
+    return t
 
 
-def _same_state(a: tuple | None, b: tuple) -> bool:
-    """Whether two :meth:`TransportStructure.snapshot` tuples describe the same, unchanged tensors."""
-    if a is None or a[0] != b[0]:
-        return False
-    return all(ta is tb and va == vb for (ta, va), (tb, vb) in zip(a[1], b[1]))
+def _owned_array(argument: str, name: str, value: Any) -> torch.Tensor:
+    """:func:`_owned_copy` of an argument that must be array-like (``ValueError`` naming it otherwise)."""
+    t = _owned_copy(name, value)
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{argument} must be a tensor, a numpy array or a sequence of numbers, got {type(value).__name__}")
+    return t
+
+
+def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.device == b.device and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def _rebuild(cls, num_tokens: int, fields: tuple, kind: str, metadata: dict) -> TransportStructure:
+    return cls(num_tokens, *fields, kind=kind, metadata=metadata, check=False)
+
+
+def _check_fields(v: int, fields: dict[str, Any]) -> None:
+    """:meth:`TransportStructure.validate` on the arrays ``fields`` (keyed by field name) over ``v`` tokens."""
+    if v < 1:
+        raise ValueError(f"a structure needs at least one token, got num_tokens={v}")
+    for name in _TENSOR_FIELDS:
+        t = fields[name]
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor (or an array), got {type(t).__name__}")
+        want = torch.int64 if name in _INDEX_FIELDS else torch.float64
+        if t.dtype != want:
+            raise ValueError(f"{name} must have dtype {want}, got {t.dtype}")
+        dims = 2 if name == "perms" else 1
+        if t.dim() != dims:
+            raise ValueError(f"{name} must be {dims}-D, got shape {tuple(t.shape)}")
+        if t.device.type != "cpu":
+            raise ValueError(f"{name} must be a CPU tensor (packed() moves it), got {t.device}")
+    perms, starts, ends = fields["perms"], fields["edge_starts"], fields["edge_ends"]
+    edge_weights, offsets, member_weights = fields["edge_weights"], fields["member_offsets"], fields["member_weights"]
+    if perms.shape[1] != v:
+        raise ValueError(f"perms must have shape (K, {v}), got {tuple(perms.shape)}")
+    k = perms.shape[0]
+    if k < 1:
+        raise ValueError("a structure needs at least one member, got perms of shape (0, V)")
+    expected = torch.arange(v, dtype=torch.int64)
+    for i in range(k):
+        if not torch.equal(torch.sort(perms[i]).values, expected):
+            raise ValueError(
+                f"member {i}: perm is not a permutation of 0..{v - 1} (missing or repeated token ids)"
+            )
+    n_edges = starts.numel()
+    if ends.numel() != n_edges or edge_weights.numel() != n_edges:
+        raise ValueError(
+            "edge_starts, edge_ends and edge_weights must have the same length, got "
+            f"{starts.numel()}, {ends.numel()}, {edge_weights.numel()}"
+        )
+    if offsets.numel() != k + 1 or int(offsets[0]) != 0 or int(offsets[-1]) != n_edges:
+        raise ValueError(f"member_offsets must run from 0 to {n_edges} with {k + 1} entries")
+    if bool((offsets[1:] < offsets[:-1]).any()):
+        raise ValueError("member_offsets must be non-decreasing")
+    if member_weights.numel() != k:
+        raise ValueError(f"member_weights needs {k} entries, got {member_weights.numel()}")
+    if not bool(torch.isfinite(member_weights).all()) or bool((member_weights <= 0).any()):
+        raise ValueError("member_weights must be finite and > 0")
+    if not bool(torch.isfinite(edge_weights).all()):
+        raise ValueError("edge weights must be finite (found NaN or Inf)")
+    if bool((edge_weights < 0).any()):
+        raise ValueError(f"edge weights must be >= 0, min is {float(edge_weights.min()):g}")
+    if n_edges and (bool((starts < 0).any()) or bool((ends > v).any())):
+        raise ValueError(f"edge ranges must lie in [0, {v}]")
+    if bool((starts >= ends).any()):
+        bad = int(torch.nonzero(starts >= ends)[0])
+        raise ValueError(f"edge {bad} has an empty range [{int(starts[bad])}, {int(ends[bad])})")
+    for i in range(k):
+        lo, hi = int(offsets[i]), int(offsets[i + 1])
+        _check_laminar(starts[lo:hi].numpy(), ends[lo:hi].numpy(), member=i)
 
 
 def centred_float32(x: torch.Tensor, rows: int = 16384) -> torch.Tensor:

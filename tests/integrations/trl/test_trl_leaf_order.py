@@ -7,6 +7,8 @@ states and the LM head match the token-order computation.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 pytest.importorskip("trl")
@@ -178,19 +180,24 @@ def test_leaf_order_view_is_built_once_and_only_where_it_helps():
     assert leaf_order_view(Regularizer("tree", structure=structure.in_leaf_order())) is None
 
 
-def test_leaf_order_view_follows_changes_to_the_structure():
-    """A replaced field of the regularizer's structure rebuilds its leaf-order twin (a stale twin
-    would compute with the old weights); an unchanged structure keeps it."""
+def test_leaf_order_view_is_built_once_per_regularizer_over_an_immutable_structure():
+    """The twin is cached per regularizer; the structure cannot change under it (its fields cannot be
+    reassigned, and a tensor changed in place is refused when the distance packs it), and a
+    regularizer over new weights gets its own twin with those weights."""
     structure = _structure("tree")
     reg = Regularizer("tree", structure=structure, backend="torch")
     view = leaf_order_view(reg)
-    structure.edge_weights = 2 * structure.edge_weights
-    fresh = leaf_order_view(reg)
-    assert fresh is not view and leaf_order_view(reg) is fresh
-    assert torch.equal(fresh.regularizer.structure.edge_weights, structure.edge_weights)
+    assert leaf_order_view(reg) is view
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        structure.edge_weights = 2 * structure.edge_weights
+    doubled = reg.with_structure(structure.with_edge_weights(2 * structure.edge_weights))
+    fresh = leaf_order_view(doubled)
+    assert fresh is not view and leaf_order_view(reg) is view
+    assert torch.equal(fresh.regularizer.structure.edge_weights, 2 * structure.edge_weights)
     x, y = torch.randn(3, V, dtype=torch.float64), torch.randn(3, V, dtype=torch.float64)
     o = fresh.order
-    assert torch.allclose(fresh.regularizer(x[:, o], y[:, o]).penalty, reg(x, y).penalty, rtol=1e-12)
+    assert torch.allclose(fresh.regularizer(x[:, o], y[:, o]).penalty, doubled(x, y).penalty, rtol=1e-12)
+    assert torch.allclose(doubled(x, y).penalty, 2 * reg(x, y).penalty, rtol=1e-12)
 
 
 def test_leaf_order_is_used_by_default_only_where_it_pays():

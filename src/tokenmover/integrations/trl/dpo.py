@@ -13,8 +13,10 @@ How it hooks in: TRL's ``_compute_loss`` runs one policy forward and one referen
 the fused LM head (log-probs only). Forward hooks on both backbones capture their final hidden
 states during those same forwards; the transport term projects the completion positions to logits
 chunk by chunk (:func:`~tokenmover.head.transport_from_hidden`), so it adds no
-model forward and no (N, V) tensor. ``precompute_ref_log_probs=True`` stores only sequence
-log-probs, so it is refused together with a transport term.
+model forward and no (N, V) tensor. ``precompute_ref_log_probs=True`` is refused together with a
+transport term: TRL then stores only the reference's sequence log-probs, computed before training,
+and runs no reference forward during it, so there is no reference distribution per token to compare
+with (precomputing those would take a V-sized vector per dataset token).
 
 Logged: ``transport/distance`` (mean D over the tokens in the term), ``transport/chosen`` and, with
 ``transport_on="both"``, ``transport/rejected``.
@@ -50,8 +52,12 @@ class TransportDPOTrainer(DPOTrainer):
             raise ValueError(f"args must be a TransportDPOConfig, got {type(args).__name__}")
         if args.transport_coef != 0 and args.precompute_ref_log_probs:
             raise ValueError(
-                "precompute_ref_log_probs=True keeps only the reference's sequence log-probs, but the transport "
-                "term needs its full next-token distribution: set precompute_ref_log_probs=False"
+                "precompute_ref_log_probs=True cannot be used with a transport term (transport_coef="
+                f"{args.transport_coef}): TRL then computes only the reference's sequence log-probs, once, before "
+                "training, and runs no reference forward during it, while the transport term compares the policy "
+                "with the reference's full next-token distribution at every completion token (read from the "
+                "reference forward of each batch; precomputing it would store a V-sized vector per token of the "
+                "dataset). Set precompute_ref_log_probs=False (the default), or transport_coef=0 for plain DPO."
             )
         super().__init__(model, ref_model, args, *pos, **kwargs)
         self.transport_coef = float(args.transport_coef)

@@ -17,9 +17,15 @@ What it changes in :class:`trl.GRPOTrainer` (tested with trl 1.16):
   aggregation TRL applies to its per-token loss for the configured ``loss_type`` (grpo, bnpo,
   dr_grpo, dapo, cispo, vespo, luspo, sapo); i.e. exactly as if ``transport_coef * D_t`` were added
   to the per-token loss next to ``beta * k3_t``.
-- **Reward** (``transport_mode="reward"``): an extra reward function ``transport_penalty``
-  returns ``-transport_coef * sum_t D_t`` per completion (policy at sampling time, no gradient);
-  TRL then builds the group advantages from the penalised reward. Refused with TRL's
+- **Reward** (``transport_mode="reward"``): an extra reward column ``transport_penalty``,
+  ``-transport_coef * sum_t D_t`` per completion (policy at sampling time, no gradient, weight 1);
+  TRL then builds the group advantages from the penalised reward and logs the column as
+  ``rewards/transport_penalty/*``. It is not one of the user's reward functions: ``reward_funcs``,
+  ``reward_func_names`` and ``reward_weights`` keep only the user's (the entry is listed only while
+  a batch is scored). TRL's rule for a completion on which every reward function returned None
+  holds for the user's functions: TRL warns ("All reward functions returned None ...") and the
+  completion stays unscored (its penalty is set to NaN as well, so its advantage is 0) instead of
+  being scored by the penalty alone. Refused with TRL's
   ``multi_objective_aggregation="normalize_then_sum"``, which normalises each reward function
   within its group, the penalty included, so that ``transport_coef`` would cancel out.
 - **Logging.** ``transport/distance`` (mean D over completion tokens), ``transport/distance_max``
@@ -33,8 +39,10 @@ untested here.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
-from accelerate.utils import is_peft_model
+from accelerate.utils import gather, is_peft_model
 from trl import GRPOTrainer
 from trl.trainer.utils import get_config_model_id, pad, use_adapter
 
@@ -97,11 +105,7 @@ class TransportGRPOTrainer(GRPOTrainer):
         self._capture_logps = False
         self._captured_logps = None
         self._last_generation = None
-        if self.transport_mode == "reward":
-            self.reward_funcs.append(self._transport_penalty_reward)
-            self.reward_func_names.append("transport_penalty")
-            self.reward_processing_classes.append(None)
-            self.reward_weights = torch.cat([self.reward_weights, torch.ones(1)])
+        self._penalty_listed = False  # True while a batch is scored in reward mode
 
     # ------------------------------------------------------------------------------------ reference
     def _ref_backbone(self):
@@ -128,7 +132,10 @@ class TransportGRPOTrainer(GRPOTrainer):
         return torch.cat(pieces)
 
     def _generate_and_score_completions(self, inputs):
-        if self.transport is None or self.transport_mode != "loss":
+        if self.transport is not None and self.transport_mode == "reward":
+            with self._transport_penalty_listed():
+                return super()._generate_and_score_completions(inputs)
+        if self.transport is None:
             return super()._generate_and_score_completions(inputs)
         body, adapter = self._ref_backbone()
         reuse_trl_forward = self.beta != 0.0 and adapter is None  # TRL runs the reference itself
@@ -217,6 +224,43 @@ class TransportGRPOTrainer(GRPOTrainer):
             self._metrics[mode]["transport/k3"].append(global_masked_mean(k3, self.accelerator))
 
     # ------------------------------------------------------------------------------------ reward mode
+    @contextmanager
+    def _transport_penalty_listed(self):
+        """The penalty as TRL's last reward function (weight 1) while a batch is scored: TRL sums,
+        normalises and logs it with the others. The user's own lists are restored afterwards."""
+        saved = (self.reward_funcs, self.reward_func_names, self.reward_processing_classes, self.reward_weights)
+        self.reward_funcs = [*saved[0], self._transport_penalty_reward]
+        self.reward_func_names = [*saved[1], "transport_penalty"]
+        self.reward_processing_classes = [*saved[2], None]
+        self.reward_weights = torch.cat([saved[3], torch.ones(1, dtype=saved[3].dtype)])
+        self._penalty_listed = True
+        try:
+            yield
+        finally:
+            self.reward_funcs, self.reward_func_names, self.reward_processing_classes, self.reward_weights = saved
+            self._penalty_listed = False
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        """TRL's rewards of the user's functions, then the penalty as the last column (gathered like them).
+
+        TRL runs only the user's functions, so its "All reward functions returned None" warning and
+        its unscored completions (every reward NaN: advantage 0) work as in plain TRL; the penalty of
+        such a completion is NaN too, so that the penalty alone never scores it.
+        """
+        if not self._penalty_listed:
+            return super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        listed = (self.reward_funcs, self.reward_func_names, self.reward_processing_classes)
+        self.reward_funcs, self.reward_func_names, self.reward_processing_classes = (x[:-1] for x in listed)
+        try:
+            user = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)  # (N, K) gathered
+        finally:
+            self.reward_funcs, self.reward_func_names, self.reward_processing_classes = listed
+        local = self._transport_penalty_reward(prompts, completions, completion_ids=completion_ids_list)
+        penalty = gather(torch.tensor(local, dtype=torch.float32, device=user.device))  # (N,)
+        unscored = torch.isnan(user).all(dim=1)  # every user reward None
+        penalty = penalty.masked_fill(unscored, float("nan"))
+        return torch.cat([user, penalty[:, None]], dim=1)  # (N, K + 1)
+
     def _generate(self, prompts):
         result = super()._generate(prompts)
         self._last_generation = (result[0], result[1])  # prompt ids, completion ids (lists)
