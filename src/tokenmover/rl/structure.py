@@ -7,7 +7,9 @@ from which ``resolved_structure_kind()`` is built for the regularizer. With ``st
 auto`` (the default) each structure-based distance in ``log_distances`` gets its own method's
 structure (a forest for ``forest``, chains for ``sliced``, a tree otherwise; built once per kind
 from the same geometry), so that ``distance/forest`` is a forest's W1; an explicit
-``structure_kind``, a ``structure_path`` or a structure handed to the trainer serves every method.
+``structure_kind`` serves every method that runs on it (a logged method of another family, e.g.
+``sliced`` beside a tree, gets its own); a ``structure_path`` or a structure handed to the trainer
+serves every method.
 
 The structure must cover the *logits'* V (``logits_vocab_size(model)``), which may exceed the
 tokenizer's length; the word2vec geometry is given the model so that its V matches.
@@ -95,6 +97,8 @@ def method_inputs(config, model, tokenizer, *, structure=None, progress: bool = 
         kwargs = {}
         if m in needs_structure:
             kind = resolve_structure_kind("auto", m) if per_method and m != config.method else None
+            if kind is None and m != config.method and not config.structure_path and not _runs_on(m, structure):
+                kind = resolve_structure_kind("auto", m)  # a logged method of another family gets its own
             if kind is not None and kind not in by_kind:
                 by_kind[kind] = build_structure(config, model, tokenizer, geometry=geometry, kind=kind)
             kwargs["structure"] = structure if kind is None else by_kind[kind]
@@ -105,6 +109,17 @@ def method_inputs(config, model, tokenizer, *, structure=None, progress: bool = 
                                                  scale_to_ground=config.scale_to_ground, seed=config.seed))
         out[m] = kwargs
     return out
+
+
+def _runs_on(method: str, structure) -> bool:
+    """Whether ``method`` runs on ``structure`` (the distance's kind rule)."""
+    from tokenmover.distances.tree import check_structure_kind
+
+    try:
+        check_structure_kind(method, structure)
+    except ValueError:
+        return False
+    return True
 
 
 def build_structure(config, model, tokenizer, *, geometry=None, progress: bool = True,
