@@ -130,6 +130,14 @@ def test_control_token_avoids_every_partner_of_w(tok):
     seen = {synonym_swaps.control_token(q, big, large, PairSet("p", syn, pool), 5, rng) for _ in range(30)}
     assert seen == set(ids(tok, "cat", "dog"))  # never 'huge', although it is the closest in rank
     assert synonym_swaps.control_token(q, big, large, PairSet("p", syn, np.array([big, large, huge])), 5, rng) is None
+    # with a probability bound, only controls within the factor of q_s qualify; none -> None
+    assert synonym_swaps.control_token(q, big, large, PairSet("p", syn, pool), 5, rng, max_q_ratio=1.25) is None
+    q2 = toy_q(tok, {"big": 0.3, "large": 0.2, "huge": 0.19, "red": 0.17, "cat": 0.01, "dog": 0.009})
+    with_red = PairSet("p", syn, np.array(ids(tok, "big", "large", "huge", "red", "cat", "dog")))
+    seen = {synonym_swaps.control_token(q2, big, large, with_red, 5, rng, max_q_ratio=1.25) for _ in range(10)}
+    assert seen == {tok.index["red"]}
+    with pytest.raises(ValueError, match="max_q_ratio"):
+        synonym_swaps.control_token(q2, big, large, with_red, 5, rng, max_q_ratio=0.5)
 
 
 # ----------------------------------------------------------------------------- penalties

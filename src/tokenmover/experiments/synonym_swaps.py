@@ -26,8 +26,10 @@ The last two are the *sense-safe* sets. Per context and pair set (:func:`find_pa
   (``wordnet_topk``: among those in the top-k);
 - ``r``: a control of similar reference probability: among the set's pool (every token of the
   set's source pairs: WordNet's single-token words; SimLex-999's words of any rating) minus ``w``
-  and all of ``w``'s partners, the ``2 * window`` tokens closest in reference rank to ``s``, one at
-  random. So ``q_r ~ q_s`` and KL-type penalties see nearly the same numbers for both moves;
+  and all of ``w``'s partners, the tokens with ``q_r / q_s`` within a factor ``max_q_ratio``
+  (default 1.25), and of those the ``2 * window`` (default 4) closest in reference rank to ``s``,
+  one at random; a context without such a token is skipped. So ``q_r ~ q_s`` and KL-type
+  penalties see nearly the same numbers for both moves;
 - shift: ``p = q`` with ``m = share * q_w`` moved from ``w`` to the receiver (``s`` or ``r``).
 
 Exact W1 of such a move: ``p - q = m (δ_recv - δ_w)`` and W1 depends on ``p - q`` only
@@ -209,18 +211,29 @@ def choose_pair(q_row: torch.Tensor, pair_set: PairSet, min_prob: float,
 
 
 def control_token(q_row: torch.Tensor, w: int, s: int, pair_set: PairSet, window: int,
-                  rng: np.random.Generator) -> int | None:
-    """A rank-matched control for ``s``: from the pool minus ``w`` and every partner of ``w``."""
-    exclude = {w, s, *pair_set.partners.get(w, ())}
-    if np.isin(pair_set.pool, list(exclude)).all():
+                  rng: np.random.Generator, max_q_ratio: float | None = None) -> int | None:
+    """A rank-matched control for ``s``: from the pool minus ``w`` and every partner of ``w``.
+
+    With ``max_q_ratio``, only tokens with ``1 / max_q_ratio <= q_r / q_s <= max_q_ratio`` qualify
+    (near the top of the distribution the closest ranks can be far apart in probability). None
+    when no token qualifies.
+    """
+    exclude = [w, s, *pair_set.partners.get(w, ())]
+    pool = pair_set.pool[~np.isin(pair_set.pool, exclude)]
+    if max_q_ratio is not None:
+        if max_q_ratio < 1.0:
+            raise ValueError(f"max_q_ratio must be >= 1, got {max_q_ratio}")
+        log_gap = (torch.log(q_row[torch.from_numpy(pool)]) - torch.log(q_row[s])).abs().numpy()
+        pool = pool[log_gap <= np.log(max_q_ratio)]
+    if pool.size == 0:
         return None
-    return rank_matched_token(q_row, s, pair_set.pool, exclude, window, rng)
+    return rank_matched_token(q_row, s, pool, set(), window, rng)
 
 
 # ----------------------------------------------------------------------------- contexts
 def find_pair_contexts(model, tokenizer, pair_sets: dict[str, PairSet], texts: list[str], *, n_contexts: int,
-                       min_prob: float = 0.02, max_per_text: int = 2, window: int = 25, seed: int = 0,
-                       max_tokens: int = 32) -> dict[str, dict]:
+                       min_prob: float = 0.02, max_per_text: int = 2, window: int = 25,
+                       max_q_ratio: float | None = None, seed: int = 0, max_tokens: int = 32) -> dict[str, dict]:
     """Contexts with a ``(w, s, r)`` triple for each pair set, from one pass over ``texts``.
 
     At most ``max_per_text`` positions per text and set (random positions), up to ``n_contexts``
@@ -242,7 +255,7 @@ def find_pair_contexts(model, tokenizer, pair_sets: dict[str, PairSet], texts: l
                 pair = choose_pair(q[pos], pair_sets[name], min_prob, rng)
                 if pair is None:
                     continue
-                r = control_token(q[pos], pair[0], pair[1], pair_sets[name], window, rng)
+                r = control_token(q[pos], pair[0], pair[1], pair_sets[name], window, rng, max_q_ratio)
                 if r is None:
                     continue
                 for key, value in zip(("logits", "w", "s", "r", "text"),
@@ -392,10 +405,10 @@ def paired_ratio_bootstrap(penalties: dict, *, n_boot: int = 1000, level: float 
 PLANS = {
     "quick": {"n_contexts": 64, "shares": [0.5], "n_boot": 1000, "structures": ["tree", "sliced"], "n_trees": 4,
               "n_directions": 16, "hybrid_k": 16, "top_k": 50, "simlex_min_rating": 7.0, "min_prob": 0.02,
-              "max_per_text": 2, "window": 2, "texts_per_context": 4},
+              "max_per_text": 2, "window": 2, "max_q_ratio": 1.25, "texts_per_context": 4},
     "full": {"n_contexts": 192, "shares": [0.25, 0.5, 0.9], "n_boot": 1000, "structures": ["tree", "forest", "sliced"],
              "n_trees": 4, "n_directions": 16, "hybrid_k": 16, "top_k": 50, "simlex_min_rating": 7.0,
-             "min_prob": 0.02, "max_per_text": 2, "window": 2, "texts_per_context": 4},
+             "min_prob": 0.02, "max_per_text": 2, "window": 2, "max_q_ratio": 1.25, "texts_per_context": 4},
 }
 
 
@@ -406,7 +419,7 @@ def measure(model, tokenizer, pair_sets: dict[str, PairSet], texts: list[str], p
     log(f"geometry: {geometry.num_tokens} tokens, d = {geometry.dim}; finding contexts in up to {len(texts)} texts")
     ctxs = find_pair_contexts(model, tokenizer, pair_sets, texts, n_contexts=plan["n_contexts"],
                               min_prob=plan["min_prob"], max_per_text=plan["max_per_text"],
-                              window=plan["window"], seed=seed)
+                              window=plan["window"], max_q_ratio=plan["max_q_ratio"], seed=seed)
     log("contexts: " + ", ".join(f"{name} {c['logits'].shape[0]}" for name, c in ctxs.items()))
     structures = default_structures(geometry, plan["structures"], seed=seed, n_trees=plan["n_trees"],
                                     n_directions=plan["n_directions"], log=log)
@@ -527,7 +540,8 @@ def _markdown(d: dict, quick: bool) -> str:
         "At each context (a next-token distribution q of the model on a Shakespeare line) a token `w` "
         f"of the pair set with q_w >= {plan['min_prob']} gives `share * q_w` either to its partner `s` or to "
         f"a control `r`: one of the {2 * plan['window']} tokens of the set's pool (minus w's partners) closest "
-        "in reference rank to `s`. "
+        f"in reference rank to `s`, with q_r / q_s within a factor {plan['max_q_ratio']} (contexts without one are "
+        "skipped). "
         "Ratio = mean penalty(synonym) / mean penalty(control); < 1: the synonym move costs less. 95% "
         f"percentile bootstrap CI over contexts ({plan['n_boot']} resamples, shared by all methods, so "
         "`hybrid / exact` has a paired CI).", "",
