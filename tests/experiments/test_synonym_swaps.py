@@ -268,6 +268,7 @@ def test_measure_runs_end_to_end_on_a_tiny_model(tok):
     assert set(data["pair_sets"]) == {"wordnet", "wordnet_topk"}
     for res in data["pair_sets"].values():
         assert res["n_contexts"] == 6
+        assert res["per_context"]["share"] == 0.9 and len(res["per_context"]["penalties"]["exact"][0]) == 6
         for sr in res["shares"].values():
             rows = sr["rows"]
             assert set(rows) == {"kl", "js", "k3", "uld", "tree", "sliced", "hybrid", "exact"}

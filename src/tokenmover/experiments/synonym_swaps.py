@@ -431,17 +431,21 @@ def measure(model, tokenizer, pair_sets: dict[str, PairSet], texts: list[str], p
         rows_idx = torch.arange(n)
         d_ws = geometry.pair_distances(ctx["w"], ctx["s"])
         d_wr = geometry.pair_distances(ctx["w"], ctx["r"])
-        shares = {}
+        shares, per_context = {}, {}
+        main_share = plan["shares"][len(plan["shares"]) // 2]
         for share in plan["shares"]:
             log(f"{name}, share {share}: {len(fns) + 1} penalties on {n} contexts")
             pen = swap_penalties(ctx["logits"], ctx["w"], ctx["s"], ctx["r"], share, fns, geometry=geometry)
             rows = paired_ratio_bootstrap(pen, n_boot=plan["n_boot"], seed=seed)
             support = {"synonym": float(in_hybrid_support(ctx["logits"], ctx["w"], ctx["s"], share,
                                                           plan["hybrid_k"]).mean()),
-                       "random": float(in_hybrid_support(ctx["logits"], ctx["w"], ctx["r"], share,
-                                                         plan["hybrid_k"]).mean())}
-            shares[str(share)] = {"rows": rows, "hybrid_exact_fraction": support,
-                                  "per_context": {k: [v[0].tolist(), v[1].tolist()] for k, v in pen.items()}}
+                       "control": float(in_hybrid_support(ctx["logits"], ctx["w"], ctx["r"], share,
+                                                          plan["hybrid_k"]).mean())}
+            shares[str(share)] = {"rows": rows, "hybrid_exact_fraction": support}
+            if share == main_share:  # 6 significant digits: enough to redo the bootstrap
+                per_context = {"share": share, **{k: ctx[k].tolist() for k in ("w", "s", "r")},
+                               "penalties": {k: [[float(f"{x:.6g}") for x in v[0]], [float(f"{x:.6g}") for x in v[1]]]
+                                             for k, v in pen.items()}}
         sets[name] = {
             "description": pair_sets[name].description, "n_pairs": pair_sets[name].n_pairs,
             "pool_size": int(pair_sets[name].pool.size), "n_contexts": n,
@@ -455,6 +459,7 @@ def measure(model, tokenizer, pair_sets: dict[str, PairSet], texts: list[str], p
             "examples": [{"context": t[-80:], "w": a, "s": b, "r": c}
                          for t, (a, b, c) in zip(ctx["text"][:10], ctx["words"][:10])],
             "shares": shares,
+            "per_context": per_context,
         }
     return {"geometry": {"source": "input embeddings, all-but-the-top(2)", "metric": geometry.metric,
                          "num_tokens": geometry.num_tokens, "dim": geometry.dim},
@@ -502,8 +507,9 @@ def _plot(data: dict, path: Path) -> None:
             err = np.array([[rows[k]["ratio"] - rows[k]["ci_low"] for k in names],
                             [rows[k]["ci_high"] - rows[k]["ratio"] for k in names]])
             offset = (j - (len(shares) - 1) / 2) * 0.22
-            line = ax.errorbar(x + offset, est, yerr=err, fmt="o", ms=4, capsize=2, label=f"share {share}")
-            ax.axhspan(rows["exact"]["ci_low"], rows["exact"]["ci_high"], color=line[0].get_color(), alpha=0.12)
+            ax.errorbar(x + offset, est, yerr=err, fmt="o", ms=4, capsize=2, label=f"share {share}")
+        exact = res["shares"][shares[0]]["rows"]["exact"]  # the same at every share: m d(w, .) / m d(w, .)
+        ax.axhspan(exact["ci_low"], exact["ci_high"], color="0.5", alpha=0.2, lw=0)
         ax.axhline(1.0, color="k", lw=0.8, ls="--")
         ax.set_xticks(x)
         ax.set_xticklabels(names, rotation=45, ha="right", fontsize=8)
@@ -563,7 +569,7 @@ def _markdown(d: dict, quick: bool) -> str:
             crit.append([name, share, f"{ex['ratio']:.4g} {_ci(ex)}", f"{hy['ratio']:.4g} {_ci(hy)}",
                          "yes" if hy["inside_reference_ci"] else "**no**",
                          f"{hy['vs_reference']:.4g} {_ci(hy, 'vs_reference')}",
-                         f"{frac['synonym']:.2f} / {frac['random']:.2f}"])
+                         f"{frac['synonym']:.2f} / {frac['control']:.2f}"])
     lines += [common.md_table(["pair set", "share", "exact ratio [CI]", "hybrid ratio [CI]",
                                "hybrid inside exact CI", "hybrid / exact [paired CI]", "in S (syn / control)"],
                               crit), ""]
