@@ -524,7 +524,7 @@ def _plot(data: dict, path: Path) -> None:
 
 
 def _ci(row: dict, prefix: str = "ci") -> str:
-    return f"[{row[prefix + '_low']:.3g}, {row[prefix + '_high']:.3g}]"
+    return f"[{row[prefix + '_low']:.4g}, {row[prefix + '_high']:.4g}]"
 
 
 def _markdown(d: dict, quick: bool) -> str:
