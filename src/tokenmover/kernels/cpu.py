@@ -27,11 +27,67 @@ except ImportError:  # pragma: no cover - numba is a hard dependency, kept optio
     HAVE_NUMBA = False
 
 
+def _members_potential(d, g, perms, e_start, e_end, e_w, offsets, is_prefix, prefix_w):
+    """``sum_k W_k`` of one row's ``d`` over the members (chains and ranges), adding each member's
+    potential into ``g``: ``g[i] += sum over member edges above i of w_e sign(mass_e)``."""
+    v = d.shape[0]
+    k_members = perms.shape[0]
+    total = 0.0
+    c = np.empty(v + 1, np.float64)
+    diff = np.zeros(v + 1, np.float64)
+    kp = 0
+    for k in range(k_members):
+        if is_prefix[k]:
+            # chain: W_k = sum_j w_j |C[j]|, dW/dd[perm[i]] = sum_{j > i} w_j sign(C[j])
+            acc = 0.0
+            for i in range(v):
+                acc += d[perms[k, i]]
+                w = prefix_w[kp, i + 1]
+                if acc > 0.0:
+                    total += w * acc
+                    c[i + 1] = w
+                elif acc < 0.0:
+                    total -= w * acc
+                    c[i + 1] = -w
+                else:
+                    c[i + 1] = 0.0
+            acc = 0.0
+            for i in range(v - 1, -1, -1):
+                acc += c[i + 1]
+                g[perms[k, i]] += acc
+            kp += 1
+            continue
+        lo = offsets[k]
+        hi = offsets[k + 1]
+        if lo == hi:
+            continue
+        c[0] = 0.0
+        for i in range(v):
+            c[i + 1] = c[i] + d[perms[k, i]]
+        for e in range(lo, hi):
+            m = c[e_end[e]] - c[e_start[e]]
+            w = e_w[e]
+            if m > 0.0:
+                total += w * m
+                diff[e_start[e]] += w
+                diff[e_end[e]] -= w
+            elif m < 0.0:
+                total -= w * m
+                diff[e_start[e]] -= w
+                diff[e_end[e]] += w
+        acc = 0.0
+        for i in range(v):
+            acc += diff[i]
+            diff[i] = 0.0
+            g[perms[k, i]] += acc
+        diff[v] = 0.0
+    return total
+
+
 def _tree_rows(
     p, q, active, perms, token_w, e_start, e_end, e_w, offsets, is_prefix, prefix_w, want_gx, want_gy, out, bad
 ):
     n, v = p.shape
-    k_members = perms.shape[0]
     for r in prange(n):
         if not active[r]:
             out[r] = 0.0
@@ -60,54 +116,7 @@ def _tree_rows(
             bad[r] = flag
             out[r] = np.nan
             continue
-        c = np.empty(v + 1, np.float64)
-        diff = np.zeros(v + 1, np.float64)
-        kp = 0
-        for k in range(k_members):
-            if is_prefix[k]:
-                # chain: W_k = sum_j w_j |C[j]|, dW/dd[perm[i]] = sum_{j > i} w_j sign(C[j])
-                acc = 0.0
-                for i in range(v):
-                    acc += d[perms[k, i]]
-                    w = prefix_w[kp, i + 1]
-                    if acc > 0.0:
-                        total += w * acc
-                        c[i + 1] = w
-                    elif acc < 0.0:
-                        total -= w * acc
-                        c[i + 1] = -w
-                    else:
-                        c[i + 1] = 0.0
-                acc = 0.0
-                for i in range(v - 1, -1, -1):
-                    acc += c[i + 1]
-                    g[perms[k, i]] += acc
-                kp += 1
-                continue
-            lo = offsets[k]
-            hi = offsets[k + 1]
-            if lo == hi:
-                continue
-            c[0] = 0.0
-            for i in range(v):
-                c[i + 1] = c[i] + d[perms[k, i]]
-            for e in range(lo, hi):
-                m = c[e_end[e]] - c[e_start[e]]
-                w = e_w[e]
-                if m > 0.0:
-                    total += w * m
-                    diff[e_start[e]] += w
-                    diff[e_end[e]] -= w
-                elif m < 0.0:
-                    total -= w * m
-                    diff[e_start[e]] -= w
-                    diff[e_end[e]] += w
-            acc = 0.0
-            for i in range(v):
-                acc += diff[i]
-                diff[i] = 0.0
-                g[perms[k, i]] += acc
-            diff[v] = 0.0
+        total += members_potential(d, g, perms, e_start, e_end, e_w, offsets, is_prefix, prefix_w)
         out[r] = total
         if want_gx:  # overwrite p's row with dW/dx = p * (g - <p, g>)
             dot = 0.0
@@ -124,6 +133,7 @@ def _tree_rows(
 
 
 if HAVE_NUMBA:
+    members_potential = numba.njit(cache=True, nogil=True)(_members_potential)
     tree_rows = numba.njit(parallel=True, cache=True, nogil=True)(_tree_rows)
 else:  # pragma: no cover
-    tree_rows = None
+    members_potential = tree_rows = None

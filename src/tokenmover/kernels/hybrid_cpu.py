@@ -5,7 +5,7 @@ with ``keep`` (False for a repeated id), ``nu`` (m,), the support masses ``P``, 
 head's dual potentials ``u``, ``v`` (m,) (see :mod:`tokenmover.distances.hybrid`). The tail is
 the tree W1 of ``d' = a' - b'``, where ``d'_j = p_j - q_j`` off the support and
 ``d'_i = (P - Q) nu_i`` on it; ``g = dW_T/dd'`` is the tree potential (difference array +
-prefix sums, as in :mod:`tokenmover.kernels.cpu`).
+prefix sums: :func:`tokenmover.kernels.cpu.members_potential`).
 
 The gradient of ``H = head + tail`` w.r.t. the probabilities, with ``T = P + Q``, ``D = P - Q``,
 ``<g, nu> = sum_S g_i nu_i`` (same for ``u``, ``v``):
@@ -24,13 +24,11 @@ from __future__ import annotations
 
 import numpy as np
 
-try:
+from tokenmover.kernels.cpu import HAVE_NUMBA, members_potential
+
+if HAVE_NUMBA:
     import numba
     from numba import prange
-
-    HAVE_NUMBA = True
-except ImportError:  # pragma: no cover - numba is a hard dependency
-    HAVE_NUMBA = False
 
 
 def _hybrid_tail_rows(
@@ -39,7 +37,6 @@ def _hybrid_tail_rows(
 ):
     n, v = p.shape
     m = ids.shape[1]
-    k_members = perms.shape[0]
     for r in prange(n):
         if not active[r]:
             out[r] = 0.0
@@ -76,53 +73,7 @@ def _hybrid_tail_rows(
             elif dj < 0.0:
                 total -= t * dj
                 g[j] = -t
-        c = np.empty(v + 1, np.float64)
-        diff = np.zeros(v + 1, np.float64)
-        kp = 0
-        for k in range(k_members):
-            if is_prefix[k]:
-                acc = 0.0
-                for i in range(v):
-                    acc += d[perms[k, i]]
-                    w = prefix_w[kp, i + 1]
-                    if acc > 0.0:
-                        total += w * acc
-                        c[i + 1] = w
-                    elif acc < 0.0:
-                        total -= w * acc
-                        c[i + 1] = -w
-                    else:
-                        c[i + 1] = 0.0
-                acc = 0.0
-                for i in range(v - 1, -1, -1):
-                    acc += c[i + 1]
-                    g[perms[k, i]] += acc
-                kp += 1
-                continue
-            lo = offsets[k]
-            hi = offsets[k + 1]
-            if lo == hi:
-                continue
-            c[0] = 0.0
-            for i in range(v):
-                c[i + 1] = c[i] + d[perms[k, i]]
-            for e in range(lo, hi):
-                mass = c[e_end[e]] - c[e_start[e]]
-                w = e_w[e]
-                if mass > 0.0:
-                    total += w * mass
-                    diff[e_start[e]] += w
-                    diff[e_end[e]] -= w
-                elif mass < 0.0:
-                    total -= w * mass
-                    diff[e_start[e]] -= w
-                    diff[e_end[e]] += w
-            acc = 0.0
-            for i in range(v):
-                acc += diff[i]
-                diff[i] = 0.0
-                g[perms[k, i]] += acc
-            diff[v] = 0.0
+        total += members_potential(d, g, perms, e_start, e_end, e_w, offsets, is_prefix, prefix_w)
         out[r] = total
         if not (want_gx or want_gy):
             continue
