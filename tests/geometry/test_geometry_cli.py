@@ -72,3 +72,19 @@ def test_help_is_plain_text_and_shows_every_default(capsys):
     text = " ".join(capsys.readouterr().out.split())
     for option, default in (("--branching", "8"), ("--leaf-size", "32"), ("--n-trees", "4"), ("--metric", "l2_euclidean")):
         assert f"{option}" in text and f"(default: {default})" in text
+
+
+def test_fidelity_only_builds_times_the_default_tree(capsys, monkeypatch):
+    from tokenmover.cli import main
+    from tokenmover.geometry import fidelity
+
+    calls = []
+
+    def fake_build_seconds(candidates, seed=0):
+        calls.append([c.name for c in candidates])
+        return {c.name: 1.5 for c in candidates}
+
+    monkeypatch.setattr(fidelity, "build_seconds", fake_build_seconds)
+    assert main(["geometry", "fidelity", "--only-builds"]) == 0
+    assert calls == [["tree", "hybrid (top-16, tree tail)"]]
+    assert "tree: built and scaled to the ground metric in 1.5 s" in capsys.readouterr().out

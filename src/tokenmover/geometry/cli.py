@@ -245,6 +245,18 @@ def cmd_eval(args) -> int:
 def cmd_fidelity(args) -> int:
     from tokenmover.geometry.fidelity_report import run
 
+    if args.only_builds:
+        import os
+
+        from tokenmover.geometry import fidelity
+
+        candidates = fidelity.default_candidates(args.k) if args.builds == "all" else [
+            c for c in fidelity.default_candidates(args.k) if (c.structure_kind, c.structure_kwargs) == ("tree", {})]
+        for name, seconds in fidelity.build_seconds(candidates, seed=args.seed).items():
+            print(f"{name}: built and scaled to the ground metric in {seconds:.1f} s at V = 262,144, d = 576 "
+                  f"(load average {os.getloadavg()[0]:.1f})")
+        return 0
+
     path = run(out_dir=args.out, quick=args.quick, k=args.k, abtt=args.abtt, seed=args.seed,
                include_mst=args.mst, builds=args.builds, log=lambda text: print(text, flush=True))
     print(path.read_text())
@@ -339,5 +351,7 @@ def add_parser(subparsers) -> None:
     fid.add_argument("--mst", action="store_true", help="also score the kNN spanning tree (minutes to build)")
     fid.add_argument("--builds", default="default", choices=("default", "all", "none"),
                      help="structures timed at V = 262,144, d = 576: the default tree, all, none")
+    fid.add_argument("--only-builds", action="store_true",
+                     help="only time the --builds structures at V = 262,144, d = 576 (synthetic points)")
     fid.add_argument("--seed", type=int, default=0, help="seed of the structures, pairs and logits")
     fid.set_defaults(func=cmd_fidelity)
