@@ -127,11 +127,13 @@ logit_rows = arrays(np.float64, (V,), elements=st.floats(-8.0, 8.0, allow_nan=Fa
 @given(x=logit_rows, y=logit_rows, k=st.integers(1, 8))
 def test_symmetric_non_negative_and_zero_on_the_diagonal(x, y, k):
     x, y = torch.from_numpy(x)[None], torch.from_numpy(y)[None]
-    dxy = float(tm.distance(x, y, "hybrid", structure=TREE, points=POINTS, k=k)[0])
-    dyx = float(tm.distance(y, x, "hybrid", structure=TREE, points=POINTS, k=k)[0])
+    # hypothesis draws any logits, one-hot rows such as (1, 0, ..., 0) included: they are logits here
+    kw = {"structure": TREE, "points": POINTS, "k": k, "allow_probability_like_logits": True}
+    dxy = float(tm.distance(x, y, "hybrid", **kw)[0])
+    dyx = float(tm.distance(y, x, "hybrid", **kw)[0])
     assert dxy >= -1e-12
     assert dxy == pytest.approx(dyx, rel=1e-9, abs=1e-12)
-    assert float(tm.distance(x, x, "hybrid", structure=TREE, points=POINTS, k=k)[0]) == pytest.approx(0.0, abs=1e-12)
+    assert float(tm.distance(x, x, "hybrid", **kw)[0]) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_geometry_argument_uses_its_ground_metric():
