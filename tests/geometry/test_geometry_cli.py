@@ -88,3 +88,18 @@ def test_fidelity_only_builds_times_the_default_tree(capsys, monkeypatch):
     assert main(["geometry", "fidelity", "--only-builds"]) == 0
     assert calls == [["tree", "hybrid (top-16, tree tail)"]]
     assert "tree: built and scaled to the ground metric in 1.5 s" in capsys.readouterr().out
+
+
+def test_eval_plot_draws_synonym_and_random_histograms(tmp_path):
+    import numpy as np
+    import torch
+
+    from tokenmover import VocabGeometry, build_cluster_tree
+    from tokenmover.geometry.cli import _plot_eval
+
+    points = torch.randn(80, 4, generator=torch.Generator().manual_seed(0))
+    geometry = VocabGeometry.from_array(points, metric="euclidean")
+    structures = {"tree": build_cluster_tree(points, branching=3, leaf_size=4)}
+    path = tmp_path / "eval.png"
+    _plot_eval(geometry, structures, np.array([[0, 1], [2, 3], [4, 5]]), 200, 0, path)
+    assert path.stat().st_size > 5_000

@@ -204,6 +204,36 @@ EVAL_GUIDE = (
 )
 
 
+def _plot_eval(geometry, structures: dict, synonyms, n_random: int, seed: int, path: Path) -> None:
+    """Histograms of synonym and random-pair distances (each over its metric's median random
+    distance) for the ground metric and each structure: the overlap is what ROC-AUC scores."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from tokenmover.geometry.quality import random_pairs, tree_pair_distances
+
+    syn = np.asarray(synonyms, dtype=np.int64).reshape(-1, 2)
+    rand = random_pairs(syn.reshape(-1), n_random, seed=seed)
+    fns = {"ground": lambda a, b: geometry.pair_distances(a, b).double().numpy()}
+    fns.update({name: (lambda s: lambda a, b: tree_pair_distances(s, a, b))(st) for name, st in structures.items()})
+    fig, axes = plt.subplots(1, len(fns), figsize=(3.6 * len(fns), 3.0), squeeze=False)
+    for ax, (name, fn) in zip(axes[0], fns.items()):
+        d_rand = fn(rand[:, 0], rand[:, 1])
+        scale = max(float(np.median(d_rand)), 1e-300)
+        bins = np.linspace(0.0, 2.0, 41)
+        ax.hist(np.clip(d_rand / scale, 0, 2), bins=bins, density=True, alpha=0.5, label="random pairs")
+        ax.hist(np.clip(fn(syn[:, 0], syn[:, 1]) / scale, 0, 2), bins=bins, density=True, alpha=0.5,
+                label="synonyms")
+        ax.set(title=name, xlabel="distance / median random distance")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def cmd_eval(args) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -237,6 +267,9 @@ def cmd_eval(args) -> int:
                       f"{dist['spearman']:.3f}")
     console.print(table)
     console.print(EVAL_GUIDE)
+    if args.plot:
+        _plot_eval(geometry, structures, pairs["pairs"], args.n_random, args.seed, Path(args.plot))
+        console.print(f"wrote {args.plot}")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
     return 0
@@ -334,6 +367,7 @@ def add_parser(subparsers) -> None:
     ev.add_argument("--n-random", type=int, default=20_000, help="random token pairs to compare against")
     ev.add_argument("--seed", type=int, default=0, help="seed of the random pairs")
     ev.add_argument("--json", default=None, help="also write the report here")
+    ev.add_argument("--plot", default=None, help="also draw synonym vs random distance histograms to this PNG")
     ev.set_defaults(func=cmd_eval)
 
     fid = sub.add_parser(
