@@ -94,8 +94,8 @@ def _forget(key_id: int) -> None:
 def pack_for_triton(structure: TransportStructure, device: torch.device, dtype: torch.dtype) -> TritonStructure:
     """The kernel's view of ``structure`` on ``device`` with weights in ``dtype`` (cached).
 
-    Converted again whenever :meth:`TransportStructure.packed` gives new arrays (it validates and
-    repacks a structure whose tensor fields were replaced or changed in place)."""
+    Converted once per ``(structure, device, dtype)``: a structure is immutable, and
+    :meth:`TransportStructure.packed` refuses one whose tensors were changed in place."""
     key = (id(structure), str(device), dtype)
     packed = structure.packed(device, dtype)
     entry = _CACHE.get(key)
