@@ -29,10 +29,10 @@ def add_parser(subparsers) -> None:
 
     demo = subparsers.add_parser(
         "demo",
-        help="SmolLM2-135M + word2vec tree geometry + VADER reward: k3 KL vs tree Wasserstein, with a report",
+        help="SmolLM2-135M + VADER reward: k3 KL vs the default hybrid transport distance, with a report",
         description="Two short GRPO runs of SmolLM2-135M-Instruct toward positive sentiment (VADER), one "
-        "regularised by TRL's k3 KL, one by tree Wasserstein on a word2vec geometry; writes a markdown + "
-        "PNG report. About 20 min on 2 CPU cores (--quick: about 5 min).",
+        "regularised by TRL's k3 KL, one by the default hybrid transport distance on the model's embeddings "
+        "(all-but-the-top(2)); writes a markdown + PNG report. About 20 min on 2 CPU cores (--quick: about 5 min).",
     )
     demo.add_argument("--quick", action="store_true", help="fewer, shorter steps (about 5 minutes on 2 cores)")
     demo.add_argument("--output-dir", default="outputs/demo", help="where the report, CSVs and PNG go (default outputs/demo)")
