@@ -161,3 +161,17 @@ def test_bad_input_is_named(backend):
     small = build_cluster_tree(POINTS[:20], branching=3, leaf_size=4)
     with pytest.raises(ValueError, match="vocabulary size mismatch"):
         tm.distance(y, y, "hybrid", structure=small, points=POINTS, k=3)
+
+
+def test_ground_points_are_resolved_once_and_again_after_an_in_place_change():
+    from tokenmover.distances.sinkhorn import _resolve_points
+
+    points = POINTS.clone()
+    first, _ = _resolve_points(points, None, "l2_euclidean", V, torch.device("cpu"), torch.float64)
+    again, _ = _resolve_points(points, None, "l2_euclidean", V, torch.device("cpu"), torch.float64)
+    assert again is first  # the same geometry every training step: normalised once
+    points[3] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        _resolve_points(points, None, "l2_euclidean", V, torch.device("cpu"), torch.float64)
+    with pytest.raises(ValueError, match=r"points must have shape \(41, d\)"):
+        _resolve_points(POINTS, None, "euclidean", V + 1, torch.device("cpu"), torch.float64)

@@ -82,6 +82,7 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
+import weakref
 
 import torch
 
@@ -101,7 +102,13 @@ _CHUNK_ELEMENTS = 1 << 24
 
 
 def _resolve_points(points, geometry, metric: str | None, v: int, device, dtype) -> tuple[torch.Tensor, str]:
-    """The ground points (V, d) on ``device``/``dtype`` (detached) and the metric to use."""
+    """The ground points (V, d) on ``device``/``dtype`` (detached) and the metric to use.
+
+    A points tensor is checked, converted and (for ``l2_euclidean`` / ``cosine``) normalised once
+    per (device, dtype, metric) and reused while it is not changed in place: a training loop
+    passes the same geometry every step, and the O(V d) pass cost 80-130 ms a call at
+    V = 50,257, d = 576 on a 2-core CPU.
+    """
     if geometry is not None:
         if points is not None:
             raise ValueError("give either points= or geometry=, not both")
@@ -110,11 +117,30 @@ def _resolve_points(points, geometry, metric: str | None, v: int, device, dtype)
         points = geometry.points
         metric = metric or getattr(geometry, "metric", "euclidean")
     if points is None:
-        raise ValueError("method 'sinkhorn' needs the ground points: points= (V, d) or geometry=")
+        raise ValueError("this method needs the ground points: points= (V, d) or geometry=")
     metric = metric or "euclidean"
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}; choose one of {METRICS}")
-    pts = torch.as_tensor(points).detach()
+    if not isinstance(points, torch.Tensor):
+        return _checked_points(torch.as_tensor(points), metric, v, device, dtype), metric
+    key = (v, str(device), dtype, metric, points._version)
+    cached = _RESOLVED_POINTS.get(id(points))
+    if cached is None or cached[0]() is not points or cached[1] != key:
+        if cached is None:
+            weakref.finalize(points, _RESOLVED_POINTS.pop, id(points), None)
+        cached = (weakref.ref(points), key, _checked_points(points, metric, v, device, dtype))
+        _RESOLVED_POINTS[id(points)] = cached
+    return cached[2], metric
+
+
+# id(points) -> (weak reference to points, (V, device, dtype, metric, version), resolved points);
+# an entry goes when its points tensor is freed (tensors compare elementwise, so not a WeakKeyDictionary)
+_RESOLVED_POINTS: dict[int, tuple] = {}
+
+
+def _checked_points(points: torch.Tensor, metric: str, v: int, device, dtype) -> torch.Tensor:
+    """``points`` checked against V, detached, on ``device``/``dtype``, unit rows for l2_euclidean / cosine."""
+    pts = points.detach()
     if pts.dim() != 2 or pts.shape[0] != v:
         raise ValueError(f"points must have shape ({v}, d) to match the logits' V={v}, got {tuple(pts.shape)}")
     if not pts.is_floating_point():
@@ -127,7 +153,7 @@ def _resolve_points(points, geometry, metric: str | None, v: int, device, dtype)
         if bool((norms == 0).any()):
             raise ValueError(f"metric {metric!r} needs non-zero points; {int((norms == 0).sum())} are zero")
         pts = pts / norms
-    return pts, metric
+    return pts
 
 
 def pairwise_cost(x: torch.Tensor, y: torch.Tensor, metric: str) -> torch.Tensor:
