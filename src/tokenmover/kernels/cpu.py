@@ -84,6 +84,16 @@ def _members_potential(d, g, perms, e_start, e_end, e_w, offsets, is_prefix, pre
     return total
 
 
+def _softmax_backward(probs, grad, scale):
+    """Overwrite a probability row with ``scale * probs * (grad - <probs, grad>)``: the gradient
+    w.r.t. the logits of ``scale * <grad, softmax(logits)>``."""
+    dot = 0.0
+    for j in range(probs.shape[0]):
+        dot += probs[j] * grad[j]
+    for j in range(probs.shape[0]):
+        probs[j] = scale * probs[j] * (grad[j] - dot)
+
+
 def _tree_rows(
     p, q, active, perms, token_w, e_start, e_end, e_w, offsets, is_prefix, prefix_w, want_gx, want_gy, out, bad
 ):
@@ -119,21 +129,14 @@ def _tree_rows(
         total += members_potential(d, g, perms, e_start, e_end, e_w, offsets, is_prefix, prefix_w)
         out[r] = total
         if want_gx:  # overwrite p's row with dW/dx = p * (g - <p, g>)
-            dot = 0.0
-            for j in range(v):
-                dot += p[r, j] * g[j]
-            for j in range(v):
-                p[r, j] = p[r, j] * (g[j] - dot)
+            softmax_backward(p[r], g, 1.0)
         if want_gy:  # overwrite q's row with dW/dy = -q * (g - <q, g>)
-            dot = 0.0
-            for j in range(v):
-                dot += q[r, j] * g[j]
-            for j in range(v):
-                q[r, j] = -q[r, j] * (g[j] - dot)
+            softmax_backward(q[r], g, -1.0)
 
 
 if HAVE_NUMBA:
     members_potential = numba.njit(cache=True, nogil=True)(_members_potential)
+    softmax_backward = numba.njit(cache=True, nogil=True)(_softmax_backward)
     tree_rows = numba.njit(parallel=True, cache=True, nogil=True)(_tree_rows)
 else:  # pragma: no cover
-    members_potential = tree_rows = None
+    members_potential = softmax_backward = tree_rows = None

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tokenmover.kernels.cpu import HAVE_NUMBA, members_potential
+from tokenmover.kernels.cpu import HAVE_NUMBA, members_potential, softmax_backward
 
 if HAVE_NUMBA:
     import numba
@@ -104,22 +104,12 @@ def _hybrid_tail_rows(
             for s in range(m):
                 if keep[r, s]:
                     gp[ids[r, s]] = gp_s[s]
-            dot = 0.0
-            for j in range(v):
-                dot += p[r, j] * gp[j]
-            for j in range(v):
-                p[r, j] = p[r, j] * (gp[j] - dot)
-        if want_gy:  # dH/dy = q * (G^q - <q, G^q>), G^q = -g off S
-            for j in range(v):
-                g[j] = -g[j]
+            softmax_backward(p[r], gp, 1.0)
+        if want_gy:  # dH/dy = q * (G^q - <q, G^q>), G^q = -g off S: -q * (g' - <q, g'>) with g' = -G^q
             for s in range(m):
                 if keep[r, s]:
-                    g[ids[r, s]] = gq_s[s]
-            dot = 0.0
-            for j in range(v):
-                dot += q[r, j] * g[j]
-            for j in range(v):
-                q[r, j] = q[r, j] * (g[j] - dot)
+                    g[ids[r, s]] = -gq_s[s]
+            softmax_backward(q[r], g, -1.0)
 
 
 if HAVE_NUMBA:
