@@ -79,3 +79,15 @@ def test_cost_multiples_times_every_candidate_against_kl():
     assert out["kl"]["x_kl"] == 1.0
     assert all(len(row["all"]) == 2 and row["seconds"] > 0 for row in out.values())
     assert len(logs) == 3
+
+
+def test_timed_candidates_follow_builds():
+    from tokenmover.geometry.cli import BUILDS
+
+    candidates = F.default_candidates(16)
+    assert F.BUILDS == BUILDS
+    assert [c.name for c in F.timed_candidates(candidates, "default")] == ["tree", "hybrid (top-16, tree tail)"]
+    assert F.timed_candidates(candidates, "all") == candidates
+    assert F.timed_candidates(candidates, "none") == []
+    with pytest.raises(ValueError, match="builds must be one of"):
+        F.timed_candidates(candidates, "some")

@@ -275,6 +275,9 @@ def cmd_eval(args) -> int:
     return 0
 
 
+BUILDS = ("default", "all", "none")  # tokenmover.geometry.fidelity.BUILDS (not imported at CLI start-up)
+
+
 def cmd_fidelity(args) -> int:
     from tokenmover.geometry.fidelity_report import run
 
@@ -283,8 +286,7 @@ def cmd_fidelity(args) -> int:
 
         from tokenmover.geometry import fidelity
 
-        candidates = fidelity.default_candidates(args.k) if args.builds == "all" else [
-            c for c in fidelity.default_candidates(args.k) if (c.structure_kind, c.structure_kwargs) == ("tree", {})]
+        candidates = fidelity.timed_candidates(fidelity.default_candidates(args.k), args.builds)
         for name, seconds in fidelity.build_seconds(candidates, seed=args.seed).items():
             print(f"{name}: built and scaled to the ground metric in {seconds:.1f} s at V = 262,144, d = 576 "
                   f"(load average {os.getloadavg()[0]:.1f})")
@@ -383,7 +385,7 @@ def add_parser(subparsers) -> None:
     fid.add_argument("--abtt", type=int, default=2,
                      help="all-but-the-top components removed from the embeddings")
     fid.add_argument("--mst", action="store_true", help="also score the kNN spanning tree (minutes to build)")
-    fid.add_argument("--builds", default="default", choices=("default", "all", "none"),
+    fid.add_argument("--builds", default="default", choices=BUILDS,
                      help="structures timed at V = 262,144, d = 576: the default tree, all, none")
     fid.add_argument("--only-builds", action="store_true",
                      help="only time the --builds structures at V = 262,144, d = 576 (synthetic points)")

@@ -209,6 +209,21 @@ def cost_multiples(candidates: list[Candidate], *, num_tokens: int = 50_257, pos
             for name, t in times.items()}
 
 
+BUILDS = ("default", "all", "none")
+
+
+def timed_candidates(candidates: list[Candidate], builds: str) -> list[Candidate]:
+    """The candidates whose structures ``builds`` times: ``"default"`` those on the default cluster
+    tree (:mod:`tokenmover.defaults`), ``"all"`` every one, ``"none"`` none."""
+    if builds not in BUILDS:
+        raise ValueError(f"builds must be one of {BUILDS}, got {builds!r}")
+    if builds == "none":
+        return []
+    if builds == "all":
+        return list(candidates)
+    return [c for c in candidates if (c.structure_kind, c.structure_kwargs) == ("tree", {})]
+
+
 def build_seconds(candidates: list[Candidate], *, num_tokens: int = 262_144, dim: int = 576,
                   seed: int = 0) -> dict:
     """Build time of each candidate's structure over ``num_tokens`` synthetic points of ``dim`` dimensions."""

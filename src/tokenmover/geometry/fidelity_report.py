@@ -66,8 +66,7 @@ def run(*, out_dir: str | Path, quick: bool = False, k: int = 16, abtt: int = 2,
     of :mod:`tokenmover.defaults`), ``"all"`` (every candidate's; forests take many minutes on 2
     cores) or ``"none"``. ``OUT/fidelity.json`` is rewritten after every stage.
     """
-    if builds not in ("default", "all", "none"):
-        raise ValueError(f"builds must be 'default', 'all' or 'none', got {builds!r}")
+    F.timed_candidates([], builds)  # refuses an unknown value before the long run
     from tokenmover.assets import load_smollm2
     from tokenmover.geometry import VocabGeometry
 
@@ -123,8 +122,7 @@ def run(*, out_dir: str | Path, quick: bool = False, k: int = 16, abtt: int = 2,
     cost = F.cost_multiples(candidates, repeats=3 if quick else 5, seed=seed, log=log)
     data["cost"] = {name: {"seconds": c["seconds"], "x_kl": c["x_kl"]} for name, c in cost.items()}
     save()
-    timed = {"none": [], "all": candidates}.get(builds) or [
-        c for c in candidates if (c.structure_kind, c.structure_kwargs) == ("tree", {})]
+    timed = F.timed_candidates(candidates, builds)
     if timed:
         log(f"build time at V = 262,144, d = 576: {', '.join(c.name for c in timed)}")
         data["build_seconds_262k"] = F.build_seconds(timed, seed=seed)
