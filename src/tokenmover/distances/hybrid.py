@@ -236,7 +236,7 @@ def _numba_chunk_fn(packed, points, metric: str, k: int):
                 p[~active] = 0.0
             if want_gy:
                 q[~active] = 0.0
-        out = (head.to(dtype) + tail) * (act.to(dtype))
+        out = head.to(dtype) + tail  # both 0 on inactive rows
         return out, (p if want_gx else None), (q if want_gy else None)
 
     return chunk_fn
